@@ -1,0 +1,34 @@
+"""Settings shared by every service: where Kafka, Redis and the blob store are, and how to log.
+
+Each service has its own class (consumer, bots, trainer) that extends these; all read `SKILL_*` variables and
+an optional `.env`. Secrets are SecretStr so they never reach a log line or a repr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import Topics
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "consumer" / "pipeline" / "tiny"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="host:port[,host:port]")
+    topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    redis_url: str | None = Field(default=None, description="unset: in-process cache and limits only")
+    redis_prefix: str = "skill:"
+    blob_url: str = Field(default="file://./out/blobs", description="file:///path or s3://bucket/prefix")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables /metrics and /healthz")
+    log_format: Literal["json", "text"] = "text"
+    log_level: str = "INFO"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
