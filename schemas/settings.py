@@ -14,13 +14,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import Topics
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "consumer" / "pipeline" / "tiny"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The embedded default: a tiny SD trained by this project on procedural skill icons (models/skill-icons).
+EMBEDDED_MODEL_DIR = REPO_ROOT / "models" / "skill-icons"
+# Before that model exists, or where it was not shipped, `skillgen model tiny` builds a random one here.
+RANDOM_TINY_DIR = REPO_ROOT / ".cache" / "models" / "tiny-random"
+
+
+def default_model() -> str:
+    if (EMBEDDED_MODEL_DIR / "model_index.json").exists():
+        return str(EMBEDDED_MODEL_DIR)
+    return str(RANDOM_TINY_DIR)
 
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore")
 
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="host:port[,host:port]")
+    # Apache Kafka supports idempotent producers; the embedded Tansu broker (memory storage) answers
+    # InitProducerId with an error, so the demo and the tests turn this off. Keep it on in production.
+    kafka_idempotence: bool = True
     topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     redis_url: str | None = Field(default=None, description="unset: in-process cache and limits only")
     redis_prefix: str = "skill:"

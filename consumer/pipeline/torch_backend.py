@@ -21,7 +21,9 @@ class TorchBackend:
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "fp16"):
         from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
 
+        diffusers_logging.disable_progress_bar()  # services log lines, not progress bars
         self.device = pick_device(device)
         # fp16 matmuls on a CPU are slow and lossy: precision applies where the hardware has it.
         self.dtype = torch.float16 if precision == "fp16" and self.device.type == "cuda" else torch.float32

@@ -1,0 +1,68 @@
+"""Follow `skill.events` for the requests a front-end itself sent (the console, tests, the demo)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer
+
+from schemas.codec import CodecError, decode
+from schemas.messages import JobEvent
+from schemas.settings import CommonSettings
+
+log = logging.getLogger("skillgen.events")
+
+
+class EventFollower:
+    """Reads every partition of the events topic from its end (no consumer group: nothing to commit) and
+    routes each event to the queue of the request id that is waiting for it."""
+
+    def __init__(self, settings: CommonSettings):
+        self.settings = settings
+        self._queues: dict[str, asyncio.Queue[JobEvent]] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+        )
+        await self._consumer.start()
+        topic = self.settings.topics.events
+        parts = self._consumer.partitions_for_topic(topic) or set()
+        for _ in range(50):
+            if parts:
+                break
+            await asyncio.sleep(0.1)
+            await self._consumer._client.force_metadata_update()  # topic created a moment ago
+            parts = self._consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            raise RuntimeError(f"topic {topic} does not exist: run `skillgen topics ensure`")
+        from aiokafka import TopicPartition
+
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the end positions now, so nothing produced after start() is missed
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._pump())
+
+    def watch(self, request_id: str) -> asyncio.Queue[JobEvent]:
+        return self._queues.setdefault(request_id, asyncio.Queue())
+
+    async def _pump(self) -> None:
+        async for record in self._consumer:
+            try:
+                event = decode(record.value, JobEvent, record.headers)
+            except CodecError as exc:
+                log.warning("skipping undecodable event at %s@%d: %s", record.partition, record.offset, exc)
+                continue
+            q = self._queues.get(event.request_id)
+            if q is not None:
+                q.put_nowait(event)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()

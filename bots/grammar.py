@@ -1,0 +1,178 @@
+"""The one `/skill` command grammar, shared by the Discord, Slack and console front-ends.
+
+    /skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4]
+           [--adapter name[@vN]] [--scheduler dpmpp|euler|lcm]
+    /skill help
+
+Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
+` --name` and its value runs to the next option. Every error says exactly what to change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from schemas.codec import describe
+from schemas.messages import MAX_SIDE_PX, MIN_SIDE_PX, AdapterRef, GenerateRequest, Origin
+
+HELP = """\
+**/skill** draws a skill image and posts it here.
+`/skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] [--adapter name[@vN]]`
+• `--no` things to keep out of the picture  • `--ar` aspect ratio, or `--size` exact WxH (multiples of 8, 64-1024)
+• `--steps` 1-50  • `--seed` 0-4294967295 for a repeatable image  • `--n` images, 1-4
+• `--adapter` one of your team's LoRA adapters, latest version or `name@v2`
+Example: `/skill a drummer's paradiddle, top view --ar 16:9 --n 2`"""
+
+OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler")
+_OPT_RE = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)(?=\s|=|$)=?")
+_COMMAND_RE = re.compile(r"^\s*/?skill\b\s*", re.IGNORECASE)
+
+
+class CommandError(ValueError):
+    """A message for the person who typed the command (shown only to them)."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-deployment defaults: the embedded tiny model draws 64x64, SD 1.5 512x512."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance: float = 7.5
+    scheduler: str = "dpmpp"
+
+
+@dataclass
+class Parsed:
+    prompt: str
+    options: dict[str, str] = field(default_factory=dict)
+    help: bool = False
+
+
+def split(text: str) -> Parsed:
+    """Split `/skill ...` (the leading `/skill` optional) into the prompt and raw option strings."""
+    body = _COMMAND_RE.sub("", text, count=1).strip()
+    if body.lower() in ("help", "--help", "-h", "?"):
+        return Parsed(prompt="", help=True)
+    matches = list(_OPT_RE.finditer(body))
+    prompt = body[: matches[0].start()].strip() if matches else body
+    options: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        name = m.group(1).lower()
+        if name not in OPTIONS:
+            raise CommandError(f"unknown option --{name}; options are " + ", ".join(f"--{o}" for o in OPTIONS))
+        if name in options:
+            raise CommandError(f"--{name} is given twice; keep one")
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(body)
+        value = body[m.end() : end].strip()
+        if not value:
+            raise CommandError(f"--{name} needs a value, e.g. " + _EXAMPLES[name])
+        options[name] = value
+    if "ar" in options and "size" in options:
+        raise CommandError("use either --ar or --size, not both")
+    return Parsed(prompt=prompt, options=options)
+
+
+_EXAMPLES = {
+    "no": "--no blurry, text",
+    "ar": "--ar 16:9",
+    "size": "--size 512x768",
+    "steps": "--steps 20",
+    "seed": "--seed 42",
+    "n": "--n 2",
+    "adapter": "--adapter team-style@v2",
+    "scheduler": "--scheduler euler",
+}
+
+
+def _int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,10}", value):
+        raise CommandError(f"--{name} must be a whole number, got {value!r}; e.g. {_EXAMPLES[name]}")
+    return int(value)
+
+
+def _round8(x: float) -> int:
+    return max(MIN_SIDE_PX, min(MAX_SIDE_PX, int(round(x / 8)) * 8))
+
+
+def size_for(options: dict[str, str], defaults: Defaults) -> tuple[int, int]:
+    if "size" in options:
+        m = re.fullmatch(r"([0-9]{1,5})\s*[xX×]\s*([0-9]{1,5})", options["size"])
+        if not m:
+            raise CommandError(f"--size must look like 512x768, got {options['size']!r}")
+        return int(m.group(1)), int(m.group(2))
+    if "ar" in options:
+        m = re.fullmatch(r"([0-9]{1,3})\s*:\s*([0-9]{1,3})", options["ar"])
+        if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+            raise CommandError(f"--ar must look like 16:9, got {options['ar']!r}")
+        ratio = int(m.group(1)) / int(m.group(2))
+        if not 1 / 4 <= ratio <= 4:
+            raise CommandError(f"--ar {options['ar']} is too extreme; use a ratio between 1:4 and 4:1")
+        area = defaults.width * defaults.height  # keep the model's native pixel count
+        return _round8(math.sqrt(area * ratio)), _round8(math.sqrt(area / ratio))
+    return defaults.width, defaults.height
+
+
+def to_request(parsed: Parsed, origin: Origin, defaults: Defaults = Defaults(), **extra) -> GenerateRequest:
+    """Build the request; every validation error becomes one CommandError naming the option to change."""
+    o = parsed.options
+    width, height = size_for(o, defaults)
+    fields = {
+        "origin": origin,
+        "prompt": parsed.prompt,
+        "negative_prompt": o.get("no", ""),
+        "width": width,
+        "height": height,
+        "steps": _int("steps", o["steps"]) if "steps" in o else defaults.steps,
+        "num_images": _int("n", o["n"]) if "n" in o else 1,
+        "seed": _int("seed", o["seed"]) if "seed" in o else None,
+        "guidance": defaults.guidance,
+        "scheduler": o.get("scheduler", defaults.scheduler),
+        **extra,
+    }
+    try:
+        if "adapter" in o:
+            fields["adapter"] = AdapterRef.parse(o["adapter"])
+        return GenerateRequest(**fields)
+    except ValidationError as exc:
+        raise CommandError(_friendly(exc)) from None
+    except ValueError as exc:  # AdapterRef.parse
+        raise CommandError(f"--adapter: {exc}") from None
+
+
+_FIELD_TO_OPTION = {
+    "prompt": "the prompt",
+    "negative_prompt": "--no",
+    "width": "--size/--ar width",
+    "height": "--size/--ar height",
+    "steps": "--steps",
+    "num_images": "--n",
+    "seed": "--seed",
+    "adapter": "--adapter",
+    "scheduler": "--scheduler",
+}
+
+
+def _friendly(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        where = _FIELD_TO_OPTION.get(key, key)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error" and key == "scheduler":
+            msg = "must be one of dpmpp, euler, lcm"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or describe(exc)
+
+
+def parse(text: str, origin: Origin, defaults: Defaults = Defaults(), **extra) -> GenerateRequest | None:
+    """A request, or None for `/skill help`; raises CommandError with a message for the sender."""
+    parsed = split(text)
+    if parsed.help:
+        return None
+    return to_request(parsed, origin, defaults, **extra)

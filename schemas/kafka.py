@@ -1,0 +1,80 @@
+"""Kafka clients configured the one way every service uses them.
+
+Producers use acks=all and are idempotent where the broker supports it (a retried send is never written twice;
+see CommonSettings.kafka_idempotence); consumers never auto-commit:
+a service commits an offset only after the job's terminal event is produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from schemas.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: CommonSettings, **kw) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_idempotence=settings.kafka_idempotence,
+        acks="all",
+        linger_ms=kw.pop("linger_ms", 2),
+        **kw,
+    )
+
+
+def make_consumer(settings: CommonSettings, *topics: str, group: str | None, **kw) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset=kw.pop("auto_offset_reset", "earliest"),
+        **kw,
+    )
+
+
+async def ensure_topics(settings: CommonSettings, partitions: int = 4, replication: int = 1, timeout_s: float = 30) -> list[str]:
+    """Create the request, event and dead-letter topics that do not exist yet; return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in settings.topics.all() if t not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=replication) for t in wanted]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another replica of this service created them first
+        return wanted
+    finally:
+        await admin.close()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--partitions", type=int, default=4, help="partitions per topic (default 4): bounds consumer parallelism")
+    parser.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
+
+
+def run(args) -> int:
+    settings = CommonSettings()
+    created = asyncio.run(ensure_topics(settings, args.partitions, args.replication))
+    for t in settings.topics.all():
+        print(f"{t}\t{'created' if t in created else 'exists'}")
+    return 0

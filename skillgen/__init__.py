@@ -1,0 +1,1 @@
+"""skillgen: skill images on demand. The command line lives in skillgen.cli."""

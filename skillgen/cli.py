@@ -1,0 +1,122 @@
+"""`skillgen`: one entry point, one subcommand per service or tool.
+
+Each command's module is imported only when that command runs, so `skillgen bot slack` never imports torch
+and `skillgen --help` is instant. A module backs a command with `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# command path -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("demo",): ("skillgen.demo", "run the whole system locally on the embedded default and draw one image"),
+    ("consumer",): ("consumer.worker", "GPU consumer: skill.generate -> images -> skill.events"),
+    ("bot", "console"): ("bots.console", "local front-end: /skill lines on stdin, PNGs in ./out"),
+    ("topics", "ensure"): ("schemas.kafka", "create the request, event and dead-letter topics"),
+    ("model", "tiny"): ("consumer.pipeline.tiny", "build a tiny random Stable Diffusion offline (diffusers format)"),
+}
+# Commands whose module is written by a later issue register here when it lands; see README.
+OPTIONAL_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bot", "discord"): ("bots.discord_bot", "Discord bot: /skill slash command (gateway)"),
+    ("bot", "slack"): ("bots.slack_bot", "Slack bot: /skill slash command (Socket Mode or HTTP)"),
+    ("bot", "delivery"): ("bots.delivery", "post results from skill.events back to Discord and Slack"),
+    ("trainer",): ("trainer.worker", "LoRA fine-tune worker: skill.finetune -> adapter registry"),
+    ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and replay them"),
+    ("safety", "check"): ("consumer.safety", "read prompts on stdin, print allow or block<TAB>reason"),
+    ("export", "onnx"): ("consumer.pipeline.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
+    ("model", "train-icons"): ("trainer.base_model", "train the embedded skill-icon model from scratch"),
+    ("bench", "pipeline"): ("consumer.pipeline.bench", "benchmark the inference backends side by side"),
+    ("bench", "consumer"): ("consumer.bench", "benchmark the consumer service (batching, cache hits)"),
+    ("bench", "trainer"): ("trainer.bench", "benchmark LoRA training quality and speed"),
+    ("bench", "quality"): ("trainer.quality", "measure how well the embedded model follows colour/background words"),
+}
+
+
+def _available() -> dict[tuple[str, ...], tuple[str, str]]:
+    found = dict(COMMANDS)
+    for path, (module, help_) in OPTIONAL_COMMANDS.items():
+        if importlib.util.find_spec(module.split(".")[0]) and _module_exists(module):
+            found[path] = (module, help_)
+    return found
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, no usage dump
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, tuple[str, ...] | None]:
+    """The parser, with arguments added only for the command that argv names."""
+    commands = _available()
+    parser = _Parser(prog="skillgen", description="Skill images on demand: bots -> Kafka -> Stable Diffusion consumers.")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    chosen = None
+    for path, (module, help_) in sorted(commands.items()):
+        if len(path) == 1:
+            leaf = subs.add_parser(path[0], help=help_, description=help_)
+        else:
+            if path[0] not in groups:
+                g = subs.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
+            leaf = groups[path[0]].add_parser(path[1], help=help_, description=help_)
+        leaf.set_defaults(_module=module, _path=path)
+        if list(path) == argv[: len(path)]:
+            chosen = path
+            importlib.import_module(module).add_arguments(leaf)
+    return parser, chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, chosen = build_parser(argv)
+    args = parser.parse_args(argv)
+    if chosen is None or not hasattr(args, "_module"):
+        parser.print_help()
+        return 0 if not argv else 2
+    from schemas.logs import setup
+    from schemas.settings import CommonSettings
+
+    try:
+        common = CommonSettings()
+        setup(common.log_format, common.log_level)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the person, the traceback only when asked for
+        import os
+
+        if os.environ.get("SKILL_DEBUG"):
+            raise
+        print(f"skillgen {' '.join(chosen)}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from schemas.codec import describe
+
+        return f"invalid settings: {describe(exc)} (check the SKILL_* environment variables or .env)"
+    from aiokafka.errors import KafkaConnectionError
+
+    if isinstance(exc, KafkaConnectionError):
+        return f"cannot reach Kafka ({exc}); is SKILL_KAFKA_BOOTSTRAP right and the broker up?"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
