@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import CodecError, decode
+from schemas.kafka import partitions_of
 from schemas.messages import JobEvent
 from schemas.settings import CommonSettings
 
@@ -29,17 +30,10 @@ class EventFollower:
         )
         await self._consumer.start()
         topic = self.settings.topics.events
-        parts = self._consumer.partitions_for_topic(topic) or set()
-        for _ in range(50):
-            if parts:
-                break
-            await asyncio.sleep(0.1)
-            await self._consumer._client.force_metadata_update()  # topic created a moment ago
-            parts = self._consumer.partitions_for_topic(topic) or set()
+        parts = await partitions_of(self.settings, topic)
         if not parts:
+            await self._consumer.stop()
             raise RuntimeError(f"topic {topic} does not exist: run `skillgen topics ensure`")
-        from aiokafka import TopicPartition
-
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)

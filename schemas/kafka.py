@@ -67,6 +67,20 @@ async def ensure_topics(settings: CommonSettings, partitions: int = 4, replicati
         await admin.close()
 
 
+async def partitions_of(settings: CommonSettings, topic: str) -> list[int]:
+    """The topic's partition ids, asked of the broker (a consumer without a subscription knows none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for t in described:
+        if t["topic"] == topic and t["error_code"] == 0:
+            return sorted(p["partition"] for p in t["partitions"])
+    return []
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic (default 4): bounds consumer parallelism")
     parser.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
