@@ -193,7 +193,7 @@ async def reprocess(
     from consumer.safety import ImagePolicy, PromptPolicy
     from schemas.blobstore import BlobStore
 
-    prompt_policy, image_policy = PromptPolicy(), ImagePolicy()
+    prompt_policy, image_policy = PromptPolicy.from_settings(), ImagePolicy.from_settings()
     blobs = BlobStore(settings.blob_url)
     outcomes: Counter = Counter()
     producer = None
@@ -207,7 +207,7 @@ async def reprocess(
                 outcomes["undecodable (skipped)"] += 1
                 continue
             origin = channel or req.origin
-            verdict = prompt_policy.check(req.prompt + "\n" + req.negative_prompt)
+            verdict = prompt_policy.check(req.prompt)  # negative prompts name what to avoid: not checked
             if not verdict.allowed:
                 outcomes["blocked"] += 1
                 await _emit(producer, settings, req, origin, EventKind.blocked, message=verdict.reason)
@@ -219,6 +219,11 @@ async def reprocess(
             seeds = image_seeds(req)
             images = await asyncio.to_thread(engine.generate, spec, [Sample(req.prompt, req.negative_prompt, s) for s in seeds])
             decisions = await asyncio.to_thread(image_policy.check, images)
+            failed = [d for d in decisions if d.category == "check_failed"]
+            if failed:  # a checker error fails the whole request closed
+                outcomes["failed (safety check)"] += 1
+                await _emit(producer, settings, req, origin, EventKind.failed, message=failed[0].reason)
+                continue
             kept = [(img, s) for img, s, d in zip(images, seeds, decisions) if d.allowed]
             if not kept:
                 outcomes["blocked"] += 1
