@@ -74,6 +74,13 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+async def _offsets_at(consumer: AIOKafkaConsumer, tps: list[TopicPartition], when: datetime, end: dict) -> dict:
+    """The first offset at or after `when` per partition; the end offset where no record is that recent.
+    (Kafka answers None there; some compatible brokers answer a timestamp of -1.)"""
+    found = await consumer.offsets_for_times({tp: _ms(when) for tp in tps})
+    return {tp: (found[tp].offset if found[tp] is not None and found[tp].timestamp >= 0 else end[tp]) for tp in tps}
+
+
 async def select(settings: ConsumerSettings, sel: Selection) -> list[Picked]:
     topic = settings.topics.generate if sel.source == "generate" else settings.topics.dlq(settings.topics.generate)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
@@ -93,11 +100,9 @@ async def select(settings: ConsumerSettings, sel: Selection) -> list[Picked]:
         start = dict(begin)
         stop = dict(end)
         if sel.since is not None:
-            found = await consumer.offsets_for_times({tp: _ms(sel.since) for tp in tps})
-            start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+            start = await _offsets_at(consumer, tps, sel.since, end)
         if sel.until is not None:
-            found = await consumer.offsets_for_times({tp: _ms(sel.until) for tp in tps})
-            stop = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+            stop = await _offsets_at(consumer, tps, sel.until, end)
         if sel.start_offset is not None:
             start = {tp: max(begin[tp], sel.start_offset) for tp in tps}
         if sel.end_offset is not None:

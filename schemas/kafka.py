@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from schemas.settings import CommonSettings
+from schemas.topics import DLQ_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,17 @@ def make_consumer(settings: CommonSettings, *topics: str, group: str | None, **k
     )
 
 
-async def ensure_topics(settings: CommonSettings, partitions: int = 4, replication: int = 1, timeout_s: float = 30) -> list[str]:
-    """Create the request, event and dead-letter topics that do not exist yet; return the names created."""
+async def ensure_topics(
+    settings: CommonSettings,
+    partitions: int = 4,
+    replication: int = 1,
+    timeout_s: float = 30,
+    retention_hours: float | None = None,
+    dlq_retention_hours: float | None = None,
+) -> list[str]:
+    """Create the request, event and dead-letter topics that do not exist yet; return the names created.
+
+    Retention is per topic when given (DLQs usually keep records longer, for replay after a fix)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -58,13 +68,25 @@ async def ensure_topics(settings: CommonSettings, partitions: int = 4, replicati
         if wanted:
             try:
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=replication) for t in wanted]
+                    [
+                        NewTopic(
+                            t,
+                            num_partitions=partitions,
+                            replication_factor=replication,
+                            topic_configs=_retention(dlq_retention_hours if t.endswith(DLQ_SUFFIX) else retention_hours),
+                        )
+                        for t in wanted
+                    ]
                 )
             except TopicAlreadyExistsError:
                 pass  # another replica of this service created them first
         return wanted
     finally:
         await admin.close()
+
+
+def _retention(hours: float | None) -> dict[str, str]:
+    return {} if hours is None else {"retention.ms": str(int(hours * 3600 * 1000))}
 
 
 async def partitions_of(settings: CommonSettings, topic: str) -> list[int]:
@@ -84,11 +106,21 @@ async def partitions_of(settings: CommonSettings, topic: str) -> list[int]:
 def add_arguments(parser) -> None:
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic (default 4): bounds consumer parallelism")
     parser.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
+    parser.add_argument("--retention-hours", type=float, help="retention of request/event topics (default: the broker's)")
+    parser.add_argument("--dlq-retention-hours", type=float, help="retention of the .dlq topics (default: the broker's)")
 
 
 def run(args) -> int:
     settings = CommonSettings()
-    created = asyncio.run(ensure_topics(settings, args.partitions, args.replication))
+    created = asyncio.run(
+        ensure_topics(
+            settings,
+            args.partitions,
+            args.replication,
+            retention_hours=args.retention_hours,
+            dlq_retention_hours=args.dlq_retention_hours,
+        )
+    )
     for t in settings.topics.all():
         print(f"{t}\t{'created' if t in created else 'exists'}")
     return 0

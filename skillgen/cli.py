@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bot", "console"): ("bots.console", "local front-end: /skill lines on stdin, PNGs in ./out"),
     ("topics", "ensure"): ("schemas.kafka", "create the request, event and dead-letter topics"),
     ("model", "tiny"): ("consumer.pipeline.tiny", "build a tiny random Stable Diffusion offline (diffusers format)"),
+    ("safety", "check"): ("consumer.safety", "read prompts on stdin, print allow or block<TAB>reason"),
     ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and list, reprocess or republish them"),
 }
 # Commands whose module is written by a later issue register here when it lands; see README.
@@ -26,7 +27,6 @@ OPTIONAL_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bot", "slack"): ("bots.slack_bot", "Slack bot: /skill slash command (Socket Mode or HTTP)"),
     ("bot", "delivery"): ("bots.delivery", "post results from skill.events back to Discord and Slack"),
     ("trainer",): ("trainer.worker", "LoRA fine-tune worker: skill.finetune -> adapter registry"),
-    ("safety", "check"): ("consumer.safety", "read prompts on stdin, print allow or block<TAB>reason"),
     ("export", "onnx"): ("consumer.pipeline.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
     ("model", "train-icons"): ("trainer.base_model", "train the embedded skill-icon model from scratch"),
     ("bench", "pipeline"): ("consumer.pipeline.bench", "benchmark the inference backends side by side"),

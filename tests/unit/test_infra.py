@@ -1,0 +1,469 @@
+"""The ops files cannot run here (no Docker engine, no cluster): check them against their schemas, against each
+other and against the code they start, so a renamed command, topic, metric or variable fails here first."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from schemas import topics
+from schemas.settings import CommonSettings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+DOCKERFILES = sorted(INFRA.glob("Dockerfile.*"))
+K8S = INFRA / "k8s"
+
+# The SKILL_* settings the services read: the project's shared list (CommonSettings and the per-service classes).
+SKILL_VARS = {
+    "SKILL_KAFKA_BOOTSTRAP", "SKILL_KAFKA_IDEMPOTENCE", "SKILL_TOPIC_PREFIX", "SKILL_REDIS_URL", "SKILL_REDIS_PREFIX",
+    "SKILL_BLOB_URL",
+    "SKILL_MODEL", "SKILL_BACKEND", "SKILL_PRECISION", "SKILL_DEVICE", "SKILL_MAX_BATCH", "SKILL_MAX_WAIT_MS",
+    "SKILL_METRICS_PORT", "SKILL_LOG_FORMAT", "SKILL_LOG_LEVEL", "SKILL_ADAPTER_URL",
+    "SKILL_DISCORD_TOKEN", "SKILL_DISCORD_APPLICATION_ID", "SKILL_SLACK_BOT_TOKEN", "SKILL_SLACK_SIGNING_SECRET",
+    "SKILL_SLACK_APP_TOKEN", "SKILL_SLACK_MODE", "SKILL_SLACK_PORT",
+}
+SECRETS = {v for v in SKILL_VARS if v.endswith(("_TOKEN", "_SECRET", "_APPLICATION_ID"))}
+
+# What the services expose on SKILL_METRICS_PORT; the dashboard may use these and nothing else.
+METRICS = {
+    "skill_batch_size": "histogram", "skill_queue_wait_seconds": "histogram",
+    "skill_generation_seconds": "histogram", "skill_request_latency_seconds": "histogram",
+    "skill_cache_hits_total": "counter", "skill_cache_misses_total": "counter", "skill_blocked_total": "counter",
+    "skill_dlq_total": "counter", "skill_consumer_lag": "gauge", "skill_trainer_progress_ratio": "gauge",
+    "skill_trainer_jobs_total": "counter",
+}
+
+
+@cache
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def services() -> dict[str, dict]:
+    return compose()["services"]
+
+
+def app_services() -> dict[str, dict]:
+    """The services that run a skillgen image (entrypoint `skillgen`)."""
+    return {n: s for n, s in services().items() if s.get("image", "").startswith("skillgen-")}
+
+
+def one_shot(svc: dict) -> bool:
+    return svc.get("restart") == "no"
+
+
+def long_running_apps() -> dict[str, dict]:
+    return {
+        n: s for n, s in app_services().items() if not one_shot(s) and s["environment"]["SKILL_METRICS_PORT"] != "0"
+    }
+
+
+@cache
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def k8s(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == kind}
+
+
+def k8s_containers() -> list[dict]:
+    return [
+        c
+        for d in k8s_docs()
+        if d["kind"] in ("Deployment", "Job")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def configmap() -> dict[str, str]:
+    return k8s("ConfigMap")["skillgen-config"]["data"]
+
+
+# --- compose.yaml -----------------------------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_spec():
+    assert COMPOSE_SCHEMA.exists(), f"{COMPOSE_SCHEMA} is missing: CI and developers have ../shared beside the checkout"
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_file_stays_readable_by_docker_compose_1_29():
+    top = {k for k in compose() if not k.startswith("x-")}
+    unknown_to_1_29 = top - {"services", "volumes", "networks", "configs", "secrets"}
+    assert not unknown_to_1_29, f"docker-compose 1.29 rejects top-level {unknown_to_1_29}"
+
+
+def test_kafka_runs_in_kraft_mode_from_the_official_image_with_a_healthcheck():
+    kafka = services()["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = kafka["environment"]
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "zookeeper" not in json.dumps(kafka).lower()
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come from `skillgen topics ensure` only"
+    assert "kafka-broker-api-versions.sh" in " ".join(kafka["healthcheck"]["test"])
+
+
+def test_every_app_service_waits_for_healthy_kafka_and_provisioned_topics():
+    topics_svc = services()["topics"]
+    assert topics_svc["command"][:2] == ["topics", "ensure"] and one_shot(topics_svc)
+    assert topics_svc["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name, svc in app_services().items():
+        if one_shot(svc):
+            continue
+        deps = svc["depends_on"]
+        assert deps["topics"]["condition"] == "service_completed_successfully", name
+        assert deps["kafka"]["condition"] == "service_healthy", name
+
+
+def test_redis_keeps_an_append_only_file_on_a_volume():
+    redis = services()["redis"]
+    cmd = redis["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def commands_by_profile(profile: str) -> set[str]:
+    return {
+        " ".join(s["command"][:2] if s["command"][0] == "bot" else s["command"][:1])
+        for s in app_services().values()
+        if profile in s.get("profiles", []) and not one_shot(s)
+    }
+
+
+def test_cpu_and_gpu_profiles_run_the_same_workers():
+    assert commands_by_profile("cpu") == commands_by_profile("gpu") == {"consumer", "trainer"}
+
+
+def test_cpu_profile_builds_the_tiny_model_before_the_workers_load_it():
+    tiny = services()["model-tiny"]
+    assert tiny["command"] == ["model", "tiny", "--out", "/models/tiny"] and one_shot(tiny)
+    for name, svc in app_services().items():
+        if "cpu" in svc.get("profiles", []) and not one_shot(svc):
+            assert svc["environment"]["SKILL_MODEL"] == "/models/tiny", name
+            assert svc["environment"]["SKILL_DEVICE"] == "cpu", name
+            assert svc["depends_on"]["model-tiny"]["condition"] == "service_completed_successfully", name
+            assert "deploy" not in svc, f"{name} must run on a machine without a GPU"
+
+
+def gpu_devices(svc: dict) -> list[dict]:
+    return svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_gpu_services_reserve_an_nvidia_gpu_and_consumers_one_each():
+    gpu = {n: s for n, s in app_services().items() if s["image"].startswith("skillgen-gpu")}
+    assert gpu
+    pinned = []
+    for name, svc in gpu.items():
+        if one_shot(svc):
+            continue
+        (device,) = gpu_devices(svc)
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        assert svc["environment"]["SKILL_DEVICE"] == "cuda", name
+        if svc["command"] == ["consumer"]:
+            # A count reservation gives every replica the same first GPU; one service per device id does not.
+            assert "count" not in device and len(device["device_ids"]) == 1, name
+            pinned += device["device_ids"]
+    assert len(pinned) >= 2 and len(pinned) == len(set(pinned)), pinned
+
+
+def test_topic_partitions_leave_room_for_every_compose_consumer():
+    cmd = services()["topics"]["command"]
+    partitions = int(cmd[cmd.index("--partitions") + 1])
+    consumers = [s for s in app_services().values() if s["command"] == ["consumer"]]
+    assert partitions >= len(consumers)
+
+
+def mounts(svc: dict) -> dict[str, str]:
+    return {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
+
+
+def test_models_adapters_and_blobs_live_on_named_volumes():
+    declared = set(compose()["volumes"])
+    assert {"models", "adapters", "blobs"} <= declared
+    for name, svc in app_services().items():
+        env = svc.get("environment", {})
+        for var, url in (("SKILL_BLOB_URL", "file:///data/blobs"), ("SKILL_ADAPTER_URL", "file:///data/adapters")):
+            assert env.get(var, url) == url, name
+        for target, source in mounts(svc).items():
+            assert source in declared or source.startswith("./"), f"{name} mounts undeclared volume {source}"
+        if svc["command"][0] in ("consumer", "trainer"):
+            assert {"/models", "/data/adapters", "/data/blobs"} <= set(mounts(svc)), name
+
+
+def test_prometheus_scrapes_every_long_running_service_and_only_those():
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    scraped = {}
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            scraped.update({name: sd["port"] for name in sd["names"]})
+    expected = {n: int(s["environment"]["SKILL_METRICS_PORT"]) for n, s in long_running_apps().items()}
+    assert scraped == expected
+    assert services()["prometheus"]["volumes"][0].startswith("./infra/prometheus/prometheus.yml:")
+
+
+def test_long_running_services_have_a_healthcheck_on_the_metrics_port():
+    for name, svc in long_running_apps().items():
+        test = " ".join(svc["healthcheck"]["test"])
+        assert f":{svc['environment']['SKILL_METRICS_PORT']}/healthz" in test, name
+
+
+# --- Grafana ----------------------------------------------------------------------------------------------
+
+
+def dashboard() -> dict:
+    return json.loads((INFRA / "grafana" / "dashboards" / "skillgen.json").read_text())
+
+
+def test_dashboard_is_provisioned_where_compose_mounts_it():
+    provider = yaml.safe_load((INFRA / "grafana" / "provisioning" / "dashboards" / "skillgen.yml").read_text())
+    grafana = mounts(services()["grafana"])
+    (path,) = [p["options"]["path"] for p in provider["providers"]]
+    assert grafana[path] == "./infra/grafana/dashboards"
+    assert grafana["/etc/grafana/provisioning"] == "./infra/grafana/provisioning"
+    datasources = yaml.safe_load((INFRA / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (ds,) = datasources["datasources"]
+    assert ds["url"] == "http://prometheus:9090"
+    panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
+    assert {p["datasource"]["uid"] for p in panels} == {ds["uid"]}
+    assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
+
+
+def test_dashboard_shows_every_metric_and_invents_none():
+    exprs = [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    used = set()
+    for expr in exprs:
+        for name in re.findall(r"\bskill_[a-z_]+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert base in METRICS, f"{name} in {expr!r} is not a metric the services expose"
+            if name != base:
+                assert METRICS[base] == "histogram", f"{name}: only histograms have _bucket/_sum/_count"
+            used.add(base)
+    assert used == set(METRICS)
+    for expr in exprs:  # a counter is read through rate() or increase(), never as a raw total
+        for name in re.findall(r"\bskill_[a-z_]+_total\b", expr):
+            assert re.search(rf"(rate|increase)\({name}\[", expr), expr
+
+
+# --- .env.example -----------------------------------------------------------------------------------------
+
+
+def env_example() -> dict[str, tuple[str, bool, str]]:
+    """name -> (value, set (not commented out), the comment line above it)."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    found = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"(# )?([A-Z][A-Z0-9_]*)=(.*)", line)
+        if m:
+            above = next((ln for ln in reversed(lines[:i]) if not re.fullmatch(r"# [A-Z][A-Z0-9_]*=.*", ln)), "")
+            found[m[2]] = (m[3], m[1] is None, above)
+    return found
+
+
+def test_env_example_documents_every_setting_and_leaves_secrets_empty():
+    env = env_example()
+    assert {f"SKILL_{name.upper()}" for name in CommonSettings.model_fields} <= SKILL_VARS
+    assert SKILL_VARS <= set(env), SKILL_VARS - set(env)
+    for name, (value, is_set, comment) in env.items():
+        assert comment.startswith("# ") and len(comment) > 10, f"{name} needs a comment line above it"
+        if name in SECRETS or name.endswith("PASSWORD"):
+            assert is_set and value == "", f"{name}: secrets are listed, empty"
+        elif name.startswith("SKILL_"):
+            assert not is_set, f"{name}: an empty or set value overrides the default; leave it commented"
+
+
+def test_env_example_starts_profiles_that_exist():
+    profiles = {p for svc in services().values() for p in svc.get("profiles", [])}
+    wanted = env_example()["COMPOSE_PROFILES"][0].split(",")
+    assert set(wanted) <= profiles and "cpu" in wanted, "a fresh `docker compose up` runs the cpu profile"
+
+
+def test_every_variable_compose_interpolates_is_in_env_example():
+    text = (ROOT / "compose.yaml").read_text()
+    interpolated = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", text))
+    assert interpolated <= set(env_example()), interpolated - set(env_example())
+
+
+def test_ops_files_set_only_known_settings():
+    named = set()
+    for svc in services().values():
+        named |= {k for k in svc.get("environment", {}) if k.startswith("SKILL_")}
+    named |= set(configmap())
+    for c in k8s_containers():
+        named |= {e["name"] for e in c.get("env", [])}
+        named |= {e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", []) if "valueFrom" in e}
+    assert named <= SKILL_VARS, named - SKILL_VARS
+
+
+# --- Dockerfiles ------------------------------------------------------------------------------------------
+
+
+def dockerfile(name: str) -> str:
+    return (INFRA / f"Dockerfile.{name}").read_text()
+
+
+def test_bots_image_installs_no_torch():
+    text = dockerfile("bots")
+    assert '".[bots]"' in text
+    installs = re.findall(r"pip install (.+)", text)
+    assert installs and not re.search(r"torch|\[ml|\[gpu|onnxruntime", " ".join(installs)), installs
+    assert "find_spec('torch') is not None" in text, "the build fails if a dependency pulled torch in"
+
+
+def test_gpu_image_has_onnxruntime_gpu_with_tensorrt_and_cpu_image_has_neither():
+    gpu, cpu = dockerfile("gpu"), dockerfile("cpu")
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", gpu, re.M) and "ARG CUDA_IMAGE=nvidia/cuda:" in gpu
+    assert '".[gpu]"' in gpu and "onnxruntime-gpu==" in gpu and "tensorrt-cu" in gpu
+    assert "TensorrtExecutionProvider" in gpu, "the build asserts the GPU build of onnxruntime won"
+    assert '".[ml]"' in cpu and "download.pytorch.org/whl/cpu" in cpu
+    assert "onnxruntime-gpu" not in cpu and "tensorrt" not in cpu
+
+
+def test_images_install_torch_first_within_the_range_pyproject_allows():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (torch_req,) = [r for r in extras["ml"] if re.match(r"torch\b", r)]
+    for name in ("gpu", "cpu"):
+        text = dockerfile(name)
+        assert f'"{torch_req}"' in text, f"Dockerfile.{name} must install {torch_req} (pyproject's ml extra)"
+        assert text.index(torch_req) < text.index("pip install \".["), f"Dockerfile.{name}: torch goes first"
+
+
+def test_every_copied_path_exists_and_is_in_the_build_context():
+    allowed = {ln[1:].rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines(), "the context is an allow-list"
+    for path in DOCKERFILES:
+        for line in re.findall(r"^COPY (?!--from)(.+)$", path.read_text(), re.M):
+            *sources, _dest = line.split()
+            for src in sources:
+                assert src.rstrip("/") in allowed, f"{path.name}: {src} is excluded by .dockerignore"
+                assert (ROOT / src).exists(), f"{path.name}: COPY {src}, which does not exist"
+
+
+# --- Kubernetes -------------------------------------------------------------------------------------------
+
+
+def test_k8s_manifests_are_well_formed_and_all_in_the_kustomization():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    for doc in k8s_docs():
+        assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
+    image_names = {i["name"] for i in kustomization["images"]}
+    assert {c["image"] for c in k8s_containers()} <= image_names
+
+
+def test_k8s_workloads_run_skillgen_with_limits_probes_and_their_own_labels():
+    for kind in ("Deployment", "Job"):
+        for name, doc in k8s(kind).items():
+            pod = doc["spec"]["template"]
+            if kind == "Deployment":
+                assert doc["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), name
+            mounted_volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+            for c in pod["spec"]["containers"]:
+                assert c["command"][0] == "skillgen", name
+                assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
+                gpu = c["image"] == "skillgen-gpu"
+                assert (c["resources"]["limits"].get("nvidia.com/gpu") == 1) == gpu, name
+                for m in c.get("volumeMounts", []):
+                    claim = mounted_volumes[m["name"]]["persistentVolumeClaim"]["claimName"]
+                    assert claim in k8s("PersistentVolumeClaim"), f"{name}: no claim {claim}"
+                assert {"configMapRef": {"name": "skillgen-config"}} in c["envFrom"], name
+                if kind == "Deployment":
+                    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+                    (port,) = c["ports"]
+                    assert port["containerPort"] == int(configmap()["SKILL_METRICS_PORT"]), name
+
+
+def test_keda_scales_consumers_on_the_lag_of_their_group_on_skill_generate():
+    (scaled,) = k8s("ScaledObject").values()
+    assert scaled["apiVersion"].startswith("keda.sh/")
+    target = k8s("Deployment")[scaled["spec"]["scaleTargetRef"]["name"]]
+    assert target["spec"]["template"]["spec"]["containers"][0]["command"] == ["skillgen", "consumer"]
+    (trigger,) = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    names = topics.Topics(configmap()["SKILL_TOPIC_PREFIX"])
+    assert trigger["type"] == "kafka"
+    assert all(isinstance(v, str) for v in meta.values()), "the CRD types trigger metadata as map[string]string"
+    assert meta["consumerGroup"] == names.group(topics.CONSUMER_GROUP) == "consumers"
+    assert meta["topic"] == names.generate == "skill.generate"
+    assert int(meta["lagThreshold"]) > 0
+    assert meta["bootstrapServers"] == configmap()["SKILL_KAFKA_BOOTSTRAP"]
+    job_cmd = k8s("Job")["topics-ensure"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert job_cmd[:3] == ["skillgen", "topics", "ensure"]
+    partitions = int(job_cmd[job_cmd.index("--partitions") + 1])
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= partitions
+
+
+# --- every command the ops files run exists in the CLI ----------------------------------------------------
+
+
+def skillgen_commands() -> set[str]:
+    found = {"skillgen " + " ".join(s["command"]) for s in app_services().values()}
+    for c in k8s_containers():
+        found.add(shlex.join(c["command"]))
+    for path in DOCKERFILES:
+        text = path.read_text()
+        entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M)[1])
+        cmd = json.loads(re.search(r"^CMD (.+)$", text, re.M)[1])
+        assert entry == ["skillgen"], path.name
+        found.add(shlex.join(entry + cmd))
+        found |= {m.strip() for m in re.findall(r"(?:&&|RUN)\s+(skillgen [^&\n\\]+)", text)}
+    return found
+
+
+def test_the_ops_files_run_the_expected_commands():
+    assert {c.split(" --")[0] for c in skillgen_commands()} == {
+        "skillgen", "skillgen topics ensure", "skillgen model tiny", "skillgen consumer", "skillgen trainer",
+        "skillgen bot discord", "skillgen bot slack", "skillgen bot delivery", "skillgen bot console",
+    }
+
+
+@pytest.mark.parametrize("command", sorted(skillgen_commands()))
+def test_command_exists_in_the_cli(command):
+    args = shlex.split(command)[1:]
+    path = list(itertools.takewhile(lambda a: not a.startswith("-"), args))
+    done = subprocess.run(
+        [sys.executable, "-m", "skillgen.cli", *path, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"`skillgen {' '.join(path)} --help`: {done.stderr.strip() or done.stdout.strip()}"
+    for option in (a.split("=")[0] for a in args if a.startswith("--")):
+        # whole words only: argparse would accept an abbreviation, but the next option added may make it ambiguous
+        assert re.search(rf"(?<![\w-]){option}(?![\w-])", done.stdout), f"`{command}`: the CLI has no {option}"
+
+
+# --- optional extra check ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="OPTIONAL extra check, not run: Debian's docker-compose 1.29 is not installed "
+    "(the required check is test_compose_file_matches_the_compose_spec)",
+)
+def test_optional_docker_compose_1_29_accepts_the_compose_file():
+    done = subprocess.run(
+        ["docker-compose", "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
