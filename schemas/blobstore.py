@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import uuid
 
 import fsspec
 
@@ -35,7 +36,7 @@ class BlobStore:
         path = posixpath.join(self.root, rel)
         if not self.fs.exists(path):
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique per writer: two threads may race on one blob
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
             self.fs.mv(tmp, path)  # readers never see a half-written blob

@@ -63,7 +63,7 @@ def describe(exc: ValidationError) -> str:
     """One line a person can read: each failing field and why."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "message"
+        where = ".".join(str(p) for p in err["loc"]) or "(whole record)"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)

@@ -12,7 +12,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from schemas.settings import CommonSettings
 from schemas.topics import DLQ_SUFFIX
@@ -66,20 +66,21 @@ async def ensure_topics(
         existing = set(await admin.list_topics())
         wanted = [t for t in settings.topics.all() if t not in existing]
         if wanted:
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            t,
-                            num_partitions=partitions,
-                            replication_factor=replication,
-                            topic_configs=_retention(dlq_retention_hours if t.endswith(DLQ_SUFFIX) else retention_hours),
-                        )
-                        for t in wanted
-                    ]
-                )
-            except TopicAlreadyExistsError:
-                pass  # another replica of this service created them first
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        t,
+                        num_partitions=partitions,
+                        replication_factor=replication,
+                        topic_configs=_retention(dlq_retention_hours if t.endswith(DLQ_SUFFIX) else retention_hours),
+                    )
+                    for t in wanted
+                ]
+            )
+            # Errors come back per topic rather than raised; "already exists" means another replica won the race.
+            errors = [(t, code) for t, code, *_ in response.topic_errors if code not in (0, TopicAlreadyExistsError.errno)]
+            if errors:
+                raise KafkaError(f"could not create topics: {errors}")
         return wanted
     finally:
         await admin.close()

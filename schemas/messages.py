@@ -36,7 +36,7 @@ def new_request_id() -> str:
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Platform(StrEnum):
@@ -65,7 +65,7 @@ class AdapterRef(_Message):
     """A LoRA adapter by name, optionally pinned to a version (`name@v3`)."""
 
     name: str
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=999_999)
 
     @field_validator("name")
     @classmethod

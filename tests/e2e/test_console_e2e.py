@@ -21,13 +21,6 @@ from schemas.messages import EventKind
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from consumer.pipeline.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 async def test_console_request_becomes_a_png_of_the_requested_size(skill_env, tiny_model, tmp_path):
     csettings = ConsumerSettings(model=str(tiny_model), device="cpu", progress_interval_s=0)
     engine = await asyncio.to_thread(load_engine_from, csettings)

@@ -111,11 +111,8 @@ async def test_republish_twice_copies_once_and_never_commits_the_live_group(skil
 
 
 @pytest.mark.slow
-async def test_reprocess_writes_fresh_images_to_the_sink(skill_env, tmp_path, monkeypatch):
-    from consumer.pipeline.tiny import build_tiny
-
-    model = build_tiny(tmp_path / "tiny")
-    monkeypatch.setenv("SKILL_MODEL", str(model))
+async def test_reprocess_writes_fresh_images_to_the_sink(skill_env, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKILL_MODEL", str(tiny_model))
     monkeypatch.setenv("SKILL_DEVICE", "cpu")
     settings = ConsumerSettings()
     reqs = await publish(settings, ["a chef's knife skill icon", "nude figure"])

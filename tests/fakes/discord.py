@@ -1,0 +1,315 @@
+"""A fake Discord: the REST API (v10) and the gateway WebSocket, enough for discord.py and for delivery.
+
+`fake.invoke("skill", {"prompt": ...})` dispatches an INTERACTION_CREATE to the connected bot, as Discord does
+when someone runs a slash command; `fake.click(custom_id, message_id)` does the same for a button. Every REST
+call is recorded (`fake.calls`); messages are kept in `fake.messages`, so a test reads what a channel shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from aiohttp import WSMsgType, web
+
+from tests.fakes.common import Call, Recorder, Server, Upload, now, read_body
+
+DISCORD_EPOCH_MS = 1420070400000
+APPLICATION_ID = "111111111111111111"
+BOT_TOKEN = "fake-discord-bot-token"
+GUILD_ID = "222222222222222222"
+CHANNEL_ID = "333333333333333333"
+THREAD_ID = "444444444444444444"
+USER_ID = "555555555555555555"
+_counter = itertools.count(1)
+
+
+def snowflake(at_ms: int | None = None) -> str:
+    at_ms = int(time.time() * 1000) if at_ms is None else at_ms
+    return str(((at_ms - DISCORD_EPOCH_MS) << 22) | (next(_counter) % 4096))
+
+
+def _iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+BOT_USER = {"id": "666666666666666666", "username": "skillgen", "discriminator": "0", "global_name": None,
+            "avatar": None, "bot": True}
+
+
+@dataclass
+class Message:
+    id: str
+    channel_id: str
+    via: str  # "interaction", "followup" or "bot"
+    content: str = ""
+    files: list[Upload] = field(default_factory=list)
+    components: list = field(default_factory=list)
+    flags: int = 0
+    deleted: bool = False
+    interaction_token: str | None = None
+    edits: int = 0
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.flags & 64)
+
+    @property
+    def pngs(self) -> list[Upload]:
+        return [f for f in self.files if f.is_png]
+
+    def payload(self, guild_id: str | None) -> dict:
+        return {
+            "id": self.id, "channel_id": self.channel_id, **({"guild_id": guild_id} if guild_id else {}),
+            "author": BOT_USER, "content": self.content, "timestamp": _iso(), "edited_timestamp": None,
+            "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [], "embeds": [],
+            "attachments": [
+                {"id": str(i), "filename": f.filename, "size": len(f.data), "url": f"https://cdn.invalid/{f.filename}",
+                 "proxy_url": f"https://cdn.invalid/{f.filename}", "content_type": "image/png"}
+                for i, f in enumerate(self.files)
+            ],
+            "pinned": False, "type": 0, "flags": self.flags, "components": self.components,
+            "application_id": APPLICATION_ID, "webhook_id": APPLICATION_ID if self.via != "bot" else None,
+        }
+
+
+@dataclass
+class Interaction:
+    id: str
+    token: str
+    channel_id: str
+    guild_id: str
+    user_id: str
+    callbacks: list[int] = field(default_factory=list)  # response types the bot answered with
+    original: Message | None = None
+
+
+class FakeDiscord(Recorder):
+    def __init__(self, bot_token: str = BOT_TOKEN):
+        super().__init__()
+        self.bot_token = bot_token
+        self.messages: dict[str, Message] = {}
+        self.interactions: dict[str, Interaction] = {}
+        self.dead_tokens: set[str] = set()  # interaction tokens that answer 404 Unknown Webhook
+        self.commands: list[dict] = []
+        self.identified = asyncio.Event()
+        self._sockets: list[web.WebSocketResponse] = []
+        self._seq = 0
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest)])
+        self.server = Server(app)
+
+    async def start(self) -> FakeDiscord:
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        await self.server.stop()
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.server.base}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/gateway"
+
+    def settings(self) -> dict[str, str]:
+        """SKILL_* values that point a bot or delivery here."""
+        return {
+            "SKILL_DISCORD_TOKEN": self.bot_token,
+            "SKILL_DISCORD_APPLICATION_ID": APPLICATION_ID,
+            "SKILL_DISCORD_API_BASE": self.api_base,
+            "SKILL_DISCORD_GATEWAY_URL": self.gateway_url,
+        }
+
+    # -- what a test reads -----------------------------------------------------------------------------------
+    def channel(self, channel_id: str) -> list[Message]:
+        """Messages that everyone in the channel sees (not deleted, not ephemeral)."""
+        return [m for m in self.messages.values() if m.channel_id == channel_id and not m.deleted and not m.ephemeral]
+
+    def ephemeral_to(self, interaction: Interaction) -> list[Message]:
+        return [m for m in self.messages.values() if m.interaction_token == interaction.token and m.ephemeral]
+
+    # -- what Discord sends the bot ------------------------------------------------------------------------
+    async def invoke(self, name: str, options: dict[str, object], *, channel_id: str = CHANNEL_ID,
+                     guild_id: str = GUILD_ID, user_id: str = USER_ID, thread: bool = False,
+                     permissions: str = "0", created_ms: int | None = None) -> Interaction:
+        """Someone runs `/name` with these options: INTERACTION_CREATE (type 2) goes to the bot."""
+        types = {str: 3, int: 4, bool: 5}
+        data = {"id": snowflake(), "name": name, "type": 1,
+                "options": [{"name": k, "type": types[type(v)], "value": v} for k, v in options.items()]}
+        return await self._interact(2, data, channel_id, guild_id, user_id, thread, permissions, created_ms)
+
+    async def click(self, custom_id: str, message: Message, *, user_id: str = USER_ID,
+                    guild_id: str = GUILD_ID) -> Interaction:
+        """Someone clicks a button on `message`: INTERACTION_CREATE (type 3)."""
+        data = {"custom_id": custom_id, "component_type": 2}
+        thread = message.channel_id == THREAD_ID
+        return await self._interact(3, data, message.channel_id, guild_id, user_id, thread, "0", None,
+                                    message=message.payload(guild_id))
+
+    async def _interact(self, kind: int, data: dict, channel_id: str, guild_id: str, user_id: str, thread: bool,
+                        permissions: str, created_ms: int | None, message: dict | None = None) -> Interaction:
+        await asyncio.wait_for(self.identified.wait(), 20)
+        interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id)
+        self.interactions[interaction.token] = interaction
+        channel = {"id": channel_id, "guild_id": guild_id, "name": "general", "type": 0, "position": 0,
+                   "permission_overwrites": [], "nsfw": False, "parent_id": None}
+        if thread:
+            channel.update(type=11, name="a thread", parent_id=CHANNEL_ID, owner_id=user_id, message_count=1,
+                           member_count=1, thread_metadata={"archived": False, "auto_archive_duration": 1440,
+                                                            "archive_timestamp": _iso(), "locked": False})
+        payload = {
+            "id": interaction.id, "application_id": APPLICATION_ID, "type": kind, "token": interaction.token,
+            "version": 1, "guild_id": guild_id, "channel_id": channel_id, "channel": channel, "data": data,
+            "member": {"user": {"id": user_id, "username": "player", "discriminator": "0", "global_name": None,
+                                "avatar": None},
+                       "roles": [], "joined_at": _iso(), "deaf": False, "mute": False, "permissions": permissions,
+                       "flags": 0},
+            "locale": "en-US", "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
+            "authorizing_integration_owners": {"0": guild_id}, "context": 0, "attachment_size_limit": 8388608,
+        }
+        if message is not None:
+            payload["message"] = message
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return interaction
+
+    async def dispatch(self, event: str, data: dict) -> None:
+        self._seq += 1
+        for ws in list(self._sockets):
+            await ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
+
+    # -- gateway -----------------------------------------------------------------------------------------
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                frame = json.loads(msg.data)
+                if frame["op"] == 1:  # heartbeat
+                    await ws.send_str(json.dumps({"op": 11}))
+                elif frame["op"] == 2:  # identify
+                    if frame["d"]["token"] != self.bot_token:
+                        await ws.close(code=4004, message=b"Authentication failed.")
+                        break
+                    self._seq += 1
+                    await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": self._seq, "d": {
+                        "v": 10, "user": BOT_USER, "guilds": [], "session_id": "fake-session",
+                        "resume_gateway_url": self.gateway_url, "application": {"id": APPLICATION_ID, "flags": 0},
+                        "private_channels": [], "relationships": [],
+                    }}))
+                    self.identified.set()
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    # -- REST --------------------------------------------------------------------------------------------------
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body, files = await read_body(request)
+        fault = self.fault_for(request.method, path)
+        if fault is not None:
+            status, headers, answer = fault.status, fault.headers, fault.body or {"message": "fault", "code": 0}
+        else:
+            status, headers, answer = self._serve(request, path, body, files)
+        await self.record(Call(request.method, path, now(), status, dict(request.headers), body, files))
+        if status == 204:
+            return web.Response(status=204, headers=headers)
+        # discord.py parses a body as JSON only when the content type is exactly this, as Discord sends it.
+        return web.Response(body=json.dumps(answer).encode(), status=status,
+                            headers={**headers, "Content-Type": "application/json"})
+
+    def _serve(self, request: web.Request, path: str, body: dict, files: list[Upload]) -> tuple[int, dict, object]:
+        parts = path.strip("/").split("/")
+        method = request.method
+        unauthorized = (401, {}, {"message": "401: Unauthorized", "code": 0})
+        bot_auth = request.headers.get("Authorization") == f"Bot {self.bot_token}"
+
+        if parts[0] == "interactions" and method == "POST":  # /interactions/{id}/{token}/callback
+            interaction = self.interactions.get(parts[2])
+            if interaction is None:
+                return 404, {}, {"message": "Unknown interaction", "code": 10062}
+            return self._callback(interaction, body, files)
+        if parts[0] == "webhooks":  # /webhooks/{app}/{token}[/messages/@original]
+            interaction = self.interactions.get(parts[2])
+            if interaction is None or interaction.token in self.dead_tokens:
+                return 404, {}, {"message": "Unknown Webhook", "code": 10015}
+            return self._webhook(interaction, method, parts[3:], body, files)
+        if not bot_auth:
+            return unauthorized
+        if path == "/users/@me" and method == "GET":
+            return 200, {}, BOT_USER
+        if path == "/oauth2/applications/@me":
+            return 200, {}, {"id": APPLICATION_ID, "name": "skillgen", "description": "", "icon": None,
+                             "bot_public": True, "bot_require_code_grant": False, "owner": BOT_USER,
+                             "team": None, "verify_key": "0" * 64, "flags": 0, "summary": ""}
+        if parts[0] == "applications" and parts[-1] == "commands" and method == "PUT":
+            self.commands = [{**c, "id": snowflake(), "application_id": APPLICATION_ID, "version": snowflake()}
+                             for c in body["_list"]] if "_list" in body else []
+            return 200, {}, self.commands
+        if parts[0] == "channels" and parts[2:] == ["messages"] and method == "POST":
+            msg = self._new_message(parts[1], "bot", body, files)
+            return 200, {}, msg.payload(None)
+        if path == "/users/@me/channels" and method == "POST":
+            return 200, {}, {"id": f"dm-{body['recipient_id']}", "type": 1, "recipients": [], "last_message_id": None}
+        return 404, {}, {"message": f"fake Discord does not serve {method} {path}", "code": 0}
+
+    def _new_message(self, channel_id: str, via: str, body: dict, files: list[Upload],
+                     token: str | None = None) -> Message:
+        msg = Message(snowflake(), channel_id, via, body.get("content") or "", files,
+                      body.get("components") or [], int(body.get("flags") or 0), interaction_token=token)
+        self.messages[msg.id] = msg
+        return msg
+
+    def _callback(self, interaction: Interaction, body: dict, files: list[Upload]) -> tuple[int, dict, object]:
+        kind = body["type"]
+        if interaction.callbacks:
+            return 400, {}, {"message": "Interaction has already been acknowledged.", "code": 40060}
+        interaction.callbacks.append(kind)
+        data = body.get("data") or {}
+        if kind in (4, 5):  # a message, or "thinking..." to be edited later
+            msg = self._new_message(interaction.channel_id, "interaction", data, files, interaction.token)
+            interaction.original = msg
+            resource = {"type": kind, **({"message": msg.payload(interaction.guild_id)} if kind == 4 else {})}
+            return 200, {}, {"interaction": {"id": interaction.id, "type": 2, "response_message_id": msg.id,
+                                             "response_message_loading": kind == 5,
+                                             "response_message_ephemeral": msg.ephemeral},
+                             "resource": resource}
+        return 200, {}, {"interaction": {"id": interaction.id, "type": 3}, "resource": {"type": kind}}
+
+    def _webhook(self, interaction: Interaction, method: str, rest: list[str], body: dict,
+                 files: list[Upload]) -> tuple[int, dict, object]:
+        if rest == ["messages", "@original"]:
+            msg = interaction.original
+            if msg is None or msg.deleted:
+                return 404, {}, {"message": "Unknown Message", "code": 10008}
+            if method == "DELETE":
+                msg.deleted = True
+                return 204, {}, None
+            if method == "PATCH":
+                if "content" in body:
+                    msg.content = body["content"] or ""
+                if "components" in body:
+                    msg.components = body["components"] or []
+                if files or "attachments" in body:
+                    msg.files = files
+                msg.edits += 1
+                return 200, {}, msg.payload(interaction.guild_id)
+            if method == "GET":
+                return 200, {}, msg.payload(interaction.guild_id)
+        if not rest and method == "POST":  # a follow-up message
+            msg = self._new_message(interaction.channel_id, "followup", body, files, interaction.token)
+            return 200, {}, msg.payload(interaction.guild_id)
+        return 404, {}, {"message": "fake Discord does not serve this webhook call", "code": 0}

@@ -1,0 +1,155 @@
+"""`/skill-train` parsing, who may train, the requests it builds, and `/skill-adapters` per team."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from schemas.codec import decode, encode
+from schemas.messages import EventKind, FineTuneRequest, JobEvent, Origin
+from trainer.commands import (
+    Cancel,
+    FineTuneCancel,
+    Help,
+    Member,
+    NotAllowed,
+    Train,
+    TrainCommandError,
+    cancel_request,
+    check_allowed,
+    describe_adapters,
+    finetune_key,
+    finetune_request,
+    parse,
+    progress_text,
+    train_command,
+)
+from trainer.registry import Registry
+from trainer.settings import TeamPolicy, TrainCommandSettings
+from tests.unit.test_registry import record
+
+pytestmark = pytest.mark.unit
+
+DISCORD = Origin(platform="discord", team_id="111", channel_id="c1", user_id="u1")
+SLACK = Origin(platform="slack", team_id="T01", channel_id="C1", user_id="U1")
+URL = "https://cdn.discordapp.com/attachments/1/2/drum.png"
+
+
+def settings(**kw) -> TrainCommandSettings:
+    return TrainCommandSettings(_env_file=None, **kw)
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+
+def test_parses_a_train_command_with_free_text_caption():
+    assert parse("/skill-train team-style --trigger zq --steps 300 --caption a drummer's grip, top view") == Train(
+        "team-style", "zq", 300, "a drummer's grip, top view"
+    )
+    assert parse("team-style") == Train("team-style")
+
+
+def test_parses_cancel_and_help():
+    assert parse("/skill-train cancel team-style") == Cancel("team-style")
+    assert parse("") == Help() == parse("help")
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Team Style", "give one adapter name first"),
+        ("BadName!", "lowercase letters"),
+        ("cancel", "usage: /skill-train cancel <name>"),
+        ("cancel a b", "usage"),
+        ("x --steps many", "--steps must be a whole number"),
+        ("x --trigger two words", "--trigger must be one word"),
+        ("x --seed 4", "unknown option --seed"),
+        ("x --steps 1 --steps 2", "--steps is given twice"),
+        ("x --caption", "--caption needs a value"),
+    ],
+)
+def test_bad_commands_say_what_to_change(text, reason):
+    with pytest.raises(TrainCommandError, match=reason):
+        parse(text)
+
+
+def test_reserved_words_are_not_adapter_names():
+    with pytest.raises(TrainCommandError, match="reserved"):
+        train_command("help")
+
+
+# ----------------------------------------------------------------------------------------------- permission
+
+
+def test_discord_members_train_with_a_configured_role():
+    permissions = {"111": TeamPolicy(discord_role_ids={"42"})}
+    check_allowed(permissions, DISCORD, Member("u1", role_ids=frozenset({"7", "42"})))
+    with pytest.raises(NotAllowed, match="training roles"):
+        check_allowed(permissions, DISCORD, Member("u1", role_ids=frozenset({"7"})))
+
+
+def test_slack_admins_listed_users_and_user_groups_may_train_when_configured():
+    permissions = {"T01": TeamPolicy(slack_admins=True, slack_user_ids={"U9"}, slack_usergroup_ids={"S1"})}
+    check_allowed(permissions, SLACK, Member("U1", is_admin=True))
+    check_allowed(permissions, SLACK, Member("U9"))
+    check_allowed(permissions, SLACK, Member("U2", usergroup_ids=frozenset({"S1"})))
+    with pytest.raises(NotAllowed, match="workspace's trainers"):
+        check_allowed(permissions, SLACK, Member("U2", usergroup_ids=frozenset({"S2"})))
+    with pytest.raises(NotAllowed):
+        check_allowed({"T01": TeamPolicy(slack_user_ids={"U9"})}, SLACK, Member("U1", is_admin=True))
+
+
+def test_a_team_without_a_policy_cannot_train_and_one_team_policy_does_not_open_another():
+    permissions = {"222": TeamPolicy(discord_role_ids={"42"})}
+    with pytest.raises(NotAllowed, match="not enabled for this team"):
+        check_allowed(permissions, DISCORD, Member("u1", role_ids=frozenset({"42"})))
+
+
+def test_permissions_come_from_the_environment_as_json(monkeypatch):
+    monkeypatch.setenv("SKILL_TRAIN_PERMISSIONS", '{"111": {"discord_role_ids": ["42"]}}')
+    assert settings().train_permissions == {"111": TeamPolicy(discord_role_ids={"42"})}
+
+
+# ------------------------------------------------------------------------------------------------- messages
+
+
+def test_builds_the_finetune_request_that_the_codec_carries():
+    req = finetune_request(parse("team-style --trigger zq --steps 300"), DISCORD, [URL], settings())
+    assert (req.adapter, req.trigger, req.steps, req.image_urls) == ("team-style", "zq", 300, [URL])
+    value, headers = encode(req)
+    assert decode(value, FineTuneRequest, headers) == req
+    assert finetune_key(req) == b"111/team-style"
+    assert finetune_request(Train("x"), DISCORD, [URL], settings(default_train_steps=200)).steps == 200
+
+
+def test_request_errors_are_for_the_person():
+    with pytest.raises(TrainCommandError, match="attach the training images"):
+        finetune_request(Train("x"), DISCORD, [], settings())
+    with pytest.raises(TrainCommandError, match="downloads only come from"):
+        finetune_request(Train("x"), DISCORD, ["https://evil.example/a.png"], settings())
+    with pytest.raises(TrainCommandError, match="steps"):
+        finetune_request(Train("x", steps=5), DISCORD, [URL], settings())
+
+
+def test_cancel_is_a_message_of_its_own_for_the_team():
+    msg = cancel_request(Cancel("team-style"), DISCORD)
+    value, headers = encode(msg)
+    assert decode(value, FineTuneCancel, headers) == msg
+    assert (msg.origin.team_id, msg.adapter) == ("111", "team-style")
+
+
+def test_adapters_are_listed_for_the_asking_team_only(tmp_path):
+    registry = Registry((tmp_path / "adapters").as_uri())
+    weights = save({"a.lora.down.weight": np.zeros((2, 2), np.float32)})
+    registry.publish("111", "team-style", weights, record())
+    registry.publish("111", "team-style", weights, record())
+    text = describe_adapters(registry, "111")
+    assert "`team-style`: v1, v2 (latest v2: trigger `zq`, 500 steps on 12 images, by <@u1>" in text
+    assert "no adapters yet" in describe_adapters(registry, "222")
+
+
+def test_progress_lines_show_step_loss_and_time_left():
+    event = JobEvent(request_id="r", kind=EventKind.progress, origin=DISCORD, job="finetune", adapter="team-style",
+                     step=120, total_steps=500, loss=0.08412, eta_s=185)
+    assert progress_text(event) == "Training `team-style`: step 120/500 · loss 0.0841 · about 3 min left"
