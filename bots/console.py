@@ -12,6 +12,7 @@ from pathlib import Path
 from bots.events import EventFollower
 from bots.grammar import CommandError, HELP, parse
 from bots.settings import BotSettings
+from consumer.safety.prompt import PromptPolicy
 from schemas.blobstore import BlobStore
 from schemas.codec import encode
 from schemas.kafka import make_producer
@@ -35,6 +36,7 @@ class ConsoleBot:
         self.origin = Origin(platform=Platform.console, team_id="local", channel_id="console", user_id=user)
         self.blobs = BlobStore(settings.blob_url)
         self.follower = EventFollower(settings)
+        self.policy = PromptPolicy.from_settings()  # the consumer's own, run early; the consumer stays authoritative
 
     async def __aenter__(self) -> "ConsoleBot":
         self.producer = make_producer(self.settings)
@@ -55,6 +57,9 @@ class ConsoleBot:
         req = parse(line, self.origin, self.settings.defaults)
         if req is None:
             return None
+        decision = self.policy.check(req.prompt)
+        if not decision.allowed:
+            raise CommandError(decision.reason)
         self.follower.watch(req.request_id)
         value, headers = encode(req)
         # Keyed by content so identical requests meet on one partition (and one consumer) to be coalesced.

@@ -5,19 +5,22 @@
     /skill help
 
 Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
-` --name` and its value runs to the next option. Every error says exactly what to change.
+` --name` and its value runs to the next option. Discord's typed fields come in through `from_options` and
+meet the same checks. Every error says exactly what to change.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from bots.errors import Refusal
 from schemas.codec import describe
-from schemas.messages import MAX_SIDE_PX, MIN_SIDE_PX, AdapterRef, GenerateRequest, Origin
+from schemas.messages import MAX_SIDE_PX, MIN_SIDE_PX, AdapterRef, GenerateRequest, Origin, Platform
 
 HELP = """\
 **/skill** draws a skill image and posts it here.
@@ -32,8 +35,13 @@ _OPT_RE = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)(?=\s|=|$)=?")
 _COMMAND_RE = re.compile(r"^\s*/?skill\b\s*", re.IGNORECASE)
 
 
-class CommandError(ValueError):
+class CommandError(Refusal, ValueError):
     """A message for the person who typed the command (shown only to them)."""
+
+
+def help_text(platform: Platform) -> str:
+    """HELP in the platform's markup: Slack's mrkdwn bolds with one asterisk, Discord's Markdown with two."""
+    return HELP.replace("**", "*") if platform == Platform.slack else HELP
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,12 @@ class Parsed:
     help: bool = False
 
 
-def split(text: str) -> Parsed:
-    """Split `/skill ...` (the leading `/skill` optional) into the prompt and raw option strings."""
-    body = _COMMAND_RE.sub("", text, count=1).strip()
+def split(text: str, *, command: bool = True) -> Parsed:
+    """Split `/skill ...` (the leading `/skill` optional) into the prompt and raw option strings.
+
+    `command=False` for text that never carries the command word (Slack's `text`, Discord's prompt field), so
+    a prompt that starts with the word "skill" keeps it."""
+    body = (_COMMAND_RE.sub("", text, count=1) if command else text).strip()
     if body.lower() in ("help", "--help", "-h", "?"):
         return Parsed(prompt="", help=True)
     matches = list(_OPT_RE.finditer(body))
@@ -78,6 +89,25 @@ def split(text: str) -> Parsed:
     return Parsed(prompt=prompt, options=options)
 
 
+def from_options(prompt: str, options: Mapping[str, object | None]) -> Parsed:
+    """Parsed from typed options (Discord's slash-command fields) plus whatever `--options` the prompt field
+    itself carries, so `/skill prompt:a cat --ar 16:9` and `/skill prompt:a cat ar:16:9` mean the same."""
+    parsed = split(prompt, command=False)
+    for name, value in options.items():
+        if value is None or value == "":
+            continue
+        if name not in OPTIONS:
+            raise CommandError(f"unknown option {name!r}; options are " + ", ".join(OPTIONS))
+        if name in parsed.options:
+            raise CommandError(f"{name} is given twice, as a field and as --{name} in the prompt; keep one")
+        parsed.options[name] = str(value).strip()
+    if "ar" in parsed.options and "size" in parsed.options:
+        raise CommandError("use either ar or size, not both")
+    if parsed.help and parsed.options:
+        raise CommandError("`help` takes no options; write a prompt to draw, or just `help`")
+    return parsed
+
+
 _EXAMPLES = {
     "no": "--no blurry, text",
     "ar": "--ar 16:9",
@@ -91,9 +121,10 @@ _EXAMPLES = {
 
 
 def _int(name: str, value: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,10}", value):
+    if not re.fullmatch(r"[0-9]+", value):
         raise CommandError(f"--{name} must be a whole number, got {value!r}; e.g. {_EXAMPLES[name]}")
-    return int(value)
+    # Digits past 12 only make the number larger than any limit; the request's own check names the limit.
+    return int(value) if len(value) <= 12 else 10**12
 
 
 def _round8(x: float) -> int:
@@ -135,14 +166,17 @@ def to_request(parsed: Parsed, origin: Origin, defaults: Defaults = Defaults(), 
         "scheduler": o.get("scheduler", defaults.scheduler),
         **extra,
     }
-    try:
-        if "adapter" in o:
+    if "adapter" in o:
+        try:
             fields["adapter"] = AdapterRef.parse(o["adapter"])
+        except ValidationError as exc:
+            raise CommandError("--adapter: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+        except ValueError as exc:
+            raise CommandError(f"--adapter: {exc}") from None
+    try:
         return GenerateRequest(**fields)
     except ValidationError as exc:
         raise CommandError(_friendly(exc)) from None
-    except ValueError as exc:  # AdapterRef.parse
-        raise CommandError(f"--adapter: {exc}") from None
 
 
 _FIELD_TO_OPTION = {
@@ -170,9 +204,11 @@ def _friendly(exc: ValidationError) -> str:
     return "; ".join(parts) or describe(exc)
 
 
-def parse(text: str, origin: Origin, defaults: Defaults = Defaults(), **extra) -> GenerateRequest | None:
+def parse(
+    text: str | Parsed, origin: Origin, defaults: Defaults = Defaults(), **extra
+) -> GenerateRequest | None:
     """A request, or None for `/skill help`; raises CommandError with a message for the sender."""
-    parsed = split(text)
+    parsed = split(text) if isinstance(text, str) else text
     if parsed.help:
         return None
     return to_request(parsed, origin, defaults, **extra)

@@ -1,13 +1,43 @@
+"""Settings of the front-ends and of delivery. Every field reads `SKILL_<FIELD>` (or `.env`); tokens are SecretStr.
+
+The API base URLs default to the real services; tests point them at local fakes, and nothing else changes.
+"""
+
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from bots.grammar import Defaults
 from schemas.settings import CommonSettings
 
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class DiscordAccess(CommonSettings):
+    discord_token: SecretStr | None = None
+    discord_application_id: str | None = None
+    # discord.py and delivery send every REST call here (API version included).
+    discord_api_base: str = "https://discord.com/api/v10"
+
+
+class SlackAccess(CommonSettings):
+    slack_bot_token: SecretStr | None = None
+    # slack_sdk's base_url: every Web API method is this plus its name.
+    slack_api_base: str = "https://slack.com/api/"
+
 
 class BotSettings(CommonSettings):
-    """What every front-end shares: the defaults a bare `/skill <prompt>` gets for this deployment's model."""
+    """What every front-end shares: the defaults a bare `/skill <prompt>` gets for this deployment's model,
+    rate limits and quotas, and who is exempt from them."""
 
     default_width: int = Field(default=512, ge=64, le=1024, multiple_of=8)
     default_height: int = Field(default=512, ge=64, le=1024, multiple_of=8)
@@ -15,8 +45,55 @@ class BotSettings(CommonSettings):
     default_guidance: float = Field(default=7.5, ge=0, le=20)
     default_scheduler: str = Field(default="dpmpp", pattern="^(dpmpp|euler|lcm)$")
 
+    # 0 turns a limit off. Rates count requests; daily quotas count images (--n 4 uses four).
+    rate_user_per_min: int = Field(default=6, ge=0)
+    rate_team_per_min: int = Field(default=60, ge=0)
+    quota_user_per_day: int = Field(default=200, ge=0)
+    quota_team_per_day: int = Field(default=2000, ge=0)
+    # "discord:<user id>" or "slack:<user id>", comma-separated: never rate limited.
+    admins: CommaList = []
+    # How long Re-roll and Variations keep working on a result.
+    remember_s: int = Field(default=7 * 86400, ge=60)
+    # Modules that add commands to the bots (see bots/extensions.py), comma-separated.
+    bot_extensions: CommaList = []
+
+    _split = field_validator("admins", "bot_extensions", mode="before")(_split_commas)
+
     @property
     def defaults(self) -> Defaults:
         return Defaults(
             self.default_width, self.default_height, self.default_steps, self.default_guidance, self.default_scheduler
         )
+
+
+class DiscordSettings(BotSettings, DiscordAccess):
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    # Set to register the commands in one server only: instant, where global registration takes up to an hour.
+    discord_guild_id: str | None = None
+    discord_sync_commands: bool = True
+
+
+class SlackSettings(BotSettings, SlackAccess):
+    slack_signing_secret: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_mode: Literal["socket", "http"] = "socket"
+    slack_port: int = Field(default=3000, ge=1, le=65535)
+    slack_path: str = "/slack/events"
+    slack_command: str = Field(default="/skill", pattern=r"^/[a-z0-9_-]{1,31}$")
+
+
+class DeliverySettings(DiscordAccess, SlackAccess):
+    # Progress edits per message: at most one per this many seconds.
+    edit_interval_s: float = Field(default=2.0, ge=0)
+    # A 429 asking to wait longer than this re-queues the event instead of waiting in line.
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+    # Tries per pass for a 5xx or a broken connection, with backoff_s doubling in between.
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_s: float = Field(default=0.5, ge=0)
+    # Passes through the topic (re-queues) before an event goes to the dead-letter topic.
+    max_requeues: int = Field(default=20, ge=0)
+    # A delivery that crashed mid-post holds its lease this long before another may take over.
+    lease_s: float = Field(default=60.0, gt=0)
+    marker_ttl_s: int = Field(default=7 * 86400, ge=60)
+    # Interaction tokens die after 15 minutes; past this age, results go to the channel with the bot token.
+    webhook_max_age_s: float = Field(default=14 * 60, gt=0, le=15 * 60)

@@ -45,8 +45,11 @@ class BlobStore:
     def get(self, ref: BlobRef) -> bytes:
         if not ref.url.startswith(self.url + "/"):
             raise BlobError(f"{ref.url} is outside this store ({self.url})")
-        with self.fs.open(posixpath.join(self.root, ref.url[len(self.url) + 1 :]), "rb") as f:
-            data = f.read()
+        try:
+            with self.fs.open(posixpath.join(self.root, ref.url[len(self.url) + 1 :]), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise BlobError(f"blob {ref.url} is missing from the store") from None
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise BlobError(f"blob {ref.url} does not match its sha256: refusing corrupt data")
         return data

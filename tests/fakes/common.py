@@ -41,6 +41,7 @@ class Fault:
     headers: dict[str, str]
     body: dict
     times: int
+    when: Callable[[dict, list[Upload]], bool] | None = None
 
 
 class Recorder:
@@ -52,12 +53,18 @@ class Recorder:
         self._changed = asyncio.Condition()
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1,
-             headers: dict[str, str] | None = None, body: dict | None = None) -> None:
-        """Answer the next `times` calls whose path matches `path_regex` with `status` instead of serving them."""
-        self.faults.append(Fault(method.upper(), re.compile(path_regex), status, headers or {}, body or {}, times))
+             headers: dict[str, str] | None = None, body: dict | None = None,
+             when: Callable[[dict, list[Upload]], bool] | None = None) -> None:
+        """Answer the next `times` calls whose path matches `path_regex` (and whose body and files satisfy
+        `when`) with `status` instead of serving them."""
+        self.faults.append(Fault(method.upper(), re.compile(path_regex), status, headers or {}, body or {}, times,
+                                 when))
 
-    def fault_for(self, method: str, path: str) -> Fault | None:
+    def fault_for(self, method: str, path: str, body: dict | None = None,
+                  files: list[Upload] | None = None) -> Fault | None:
         for fault in self.faults:
+            if fault.when is not None and not fault.when(body or {}, files or []):
+                continue
             if fault.times > 0 and fault.method == method and fault.path.search(path):
                 fault.times -= 1
                 return fault

@@ -182,6 +182,13 @@ class FakeDiscord(Recorder):
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction
 
+    def deferred(self, *, channel_id: str = CHANNEL_ID, guild_id: str = GUILD_ID, user_id: str = USER_ID) -> Interaction:
+        """An interaction a bot has already deferred ("thinking..."), for testing delivery without a bot."""
+        interaction = Interaction(snowflake(), secrets.token_urlsafe(24), channel_id, guild_id, user_id, [5])
+        interaction.original = self._new_message(channel_id, "interaction", {}, [], interaction.token)
+        self.interactions[interaction.token] = interaction
+        return interaction
+
     async def dispatch(self, event: str, data: dict) -> None:
         self._seq += 1
         for ws in list(self._sockets):
@@ -219,7 +226,7 @@ class FakeDiscord(Recorder):
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
         body, files = await read_body(request)
-        fault = self.fault_for(request.method, path)
+        fault = self.fault_for(request.method, path, body, files)
         if fault is not None:
             status, headers, answer = fault.status, fault.headers, fault.body or {"message": "fault", "code": 0}
         else:

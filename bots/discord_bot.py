@@ -1,0 +1,196 @@
+"""`skillgen bot discord`: the /skill slash command over the Discord gateway (discord.py).
+
+Discord wants an answer to an interaction within 3 seconds. A refusal (a bad option, a blocked prompt, a rate
+limit) is answered at once, ephemeral, saying what to change. Anything else is deferred ("thinking..."),
+edited to "queued", and published; delivery (bots/delivery.py) then edits that same response through the
+interaction webhook as events arrive and attaches the images, with Re-roll and Variations buttons whose clicks
+come back here. The bot needs no privileged intents: interactions arrive on the gateway regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import discord
+import discord.http
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from bots import extensions, grammar, metrics, render
+from bots.errors import BotError, Refusal
+from bots.intake import Intake
+from bots.settings import DiscordSettings
+from schemas.logs import job
+from schemas.messages import MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerateRequest, Origin, Platform
+from schemas.observability import metrics_server
+
+log = logging.getLogger("skillgen.discord")
+
+QUEUE_DOWN = "❌ Your request could not be queued (the queue is unreachable). Try again in a minute."
+
+
+def configure_endpoints(settings: DiscordSettings) -> None:
+    """Point discord.py at settings' REST base and gateway. discord.py has no per-client setting for these;
+    its own API-version switch sets the same class attribute, so one process talks to one Discord."""
+    discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def origin_of(interaction: discord.Interaction) -> Origin:
+    channel = interaction.channel
+    in_thread = isinstance(channel, discord.Thread)
+    return Origin(
+        platform=Platform.discord,
+        team_id=str(interaction.guild_id or f"dm-{interaction.user.id}"),
+        channel_id=str(interaction.channel_id),
+        user_id=str(interaction.user.id),
+        thread_id=str(interaction.channel_id) if in_thread else None,
+        interaction_token=interaction.token,
+        application_id=str(interaction.application_id),
+        # The token's 15 minutes run from the interaction's creation, which its snowflake id records.
+        created_at=interaction.created_at,
+    )
+
+
+def is_admin(interaction: discord.Interaction) -> bool:
+    return interaction.guild_id is not None and interaction.permissions.administrator
+
+
+class SkillBot(discord.Client):
+    """The Discord front-end. `intake` publishes; `tree` holds /skill and any extension's commands."""
+
+    def __init__(self, settings: DiscordSettings, intake: Intake, **options):
+        app_id = int(settings.discord_application_id) if settings.discord_application_id else None
+        # Guilds (not privileged) keeps channels and threads resolvable; nothing else is needed for commands.
+        super().__init__(intents=discord.Intents(guilds=True), application_id=app_id, **options)
+        self.settings = settings
+        self.intake = intake
+        self.tree = app_commands.CommandTree(self)
+        self.tree.add_command(_skill_command(self))
+        extensions.setup_discord(self, settings.bot_extensions)
+
+    async def setup_hook(self) -> None:
+        if not self.settings.discord_sync_commands:
+            return
+        guild = discord.Object(id=int(self.settings.discord_guild_id)) if self.settings.discord_guild_id else None
+        if guild is not None:
+            self.tree.copy_global_to(guild=guild)
+        synced = await self.tree.sync(guild=guild)
+        log.info("registered %s %s", ", ".join("/" + c.name for c in synced), f"in guild {guild.id}" if guild else "globally")
+
+    async def on_skill(self, interaction: discord.Interaction, prompt: str, options: dict[str, object]) -> None:
+        origin = origin_of(interaction)
+        try:
+            req = await self.intake.admit(grammar.from_options(prompt, options), origin, admin=is_admin(interaction))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        if req is None:
+            metrics.COMMANDS.labels("discord", "help").inc()
+            await interaction.response.send_message(grammar.help_text(Platform.discord), ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        await self.start_job(interaction, req)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Re-roll and Variations clicks; app commands are the tree's."""
+        if interaction.type is not discord.InteractionType.component or not interaction.data:
+            return
+        parsed = render.parse_custom_id(str(interaction.data.get("custom_id", "")))
+        if parsed is None:
+            return  # another feature's component
+        action, request_id = parsed
+        try:
+            req = await self.intake.remix(request_id, action, origin_of(interaction), admin=is_admin(interaction))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        await self.start_job(interaction, req)
+
+    async def start_job(self, interaction: discord.Interaction, req: GenerateRequest) -> None:
+        # "queued" is written before publishing so it can never land after delivery's first edit.
+        # Only the author may be pinged: a prompt that quotes <@someone> must not reach them.
+        only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
+        await interaction.edit_original_response(content=render.queued(req), allowed_mentions=only_author)
+        try:
+            await self.intake.publish(req)
+        except Exception:
+            log.exception("publish failed", extra=job(req.request_id))
+            metrics.COMMANDS.labels("discord", "queue_down").inc()
+            await interaction.edit_original_response(content=QUEUE_DOWN)
+            return
+        metrics.COMMANDS.labels("discord", "queued").inc()
+
+
+def _skill_command(bot: SkillBot) -> app_commands.Command:
+    @app_commands.command(name="skill", description="Draw a skill image (write help for how)")
+    @app_commands.describe(
+        prompt="what to draw; may also carry options, e.g. a cellist's bow hold --ar 16:9",
+        no="things to keep out of the picture",
+        ar="aspect ratio, e.g. 16:9 (or use size)",
+        size="exact size WxH, multiples of 8 from 64 to 1024, e.g. 512x768",
+        steps=f"denoising steps, 1-{MAX_STEPS}",
+        seed="a seed for a repeatable image",
+        n=f"how many images, 1-{MAX_IMAGES}",
+        adapter="one of your team's LoRA adapters: name or name@v2",
+    )
+    async def skill(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 1000],
+        no: str | None = None,
+        ar: str | None = None,
+        size: str | None = None,
+        steps: app_commands.Range[int, 1, MAX_STEPS] | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        n: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        options = {"no": no, "ar": ar, "size": size, "steps": steps, "seed": seed, "n": n, "adapter": adapter}
+        await bot.on_skill(interaction, prompt, options)
+
+    return skill
+
+
+async def serve(settings: DiscordSettings, stop: asyncio.Event | None = None) -> None:
+    """Run the bot until `stop` is set (or SIGTERM/SIGINT)."""
+    if settings.discord_token is None:
+        raise BotError("set SKILL_DISCORD_TOKEN to the bot token (docs/chat-apps.md says where to find it)")
+    configure_endpoints(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    async with Intake.open(settings) as intake:
+        bot = SkillBot(settings, intake)
+        def health() -> tuple[bool, str]:
+            ok = bot.is_ready() and not bot.is_closed()
+            return ok, "connected to the gateway" if ok else "not connected to the gateway"
+
+        async with metrics_server(settings.metrics_port, health=health), bot:
+            runner = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            await bot.close()
+            await runner  # raises what ended it, if not the stop
+
+
+def add_arguments(parser) -> None:
+    parser.description = (
+        "Discord bot: the /skill slash command over the gateway. Needs SKILL_DISCORD_TOKEN (and "
+        "SKILL_DISCORD_GUILD_ID to register commands in one server instantly); see docs/chat-apps.md."
+    )
+
+
+def run(args) -> int:
+    asyncio.run(serve(DiscordSettings()))
+    return 0

@@ -1,0 +1,110 @@
+"""From a person's command to a published request, the same for every chat front-end.
+
+Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
+rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for a while
+(SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel
+
+from bots import grammar, render
+from bots.errors import Refusal
+from bots.keys import partition_key
+from bots.kv import Store
+from bots.ratelimit import RateLimiter
+from bots.settings import BotSettings
+from consumer.safety.prompt import PromptPolicy
+from schemas.codec import encode
+from schemas.kafka import make_producer
+from schemas.logs import job
+from schemas.messages import MAX_IMAGES, MAX_SEED, GenerateRequest, Origin
+
+log = logging.getLogger("skillgen.intake")
+
+FORGOTTEN = (
+    "I no longer have the request behind this button (results can be re-rolled for a limited time); "
+    "run /skill again with the same prompt."
+)
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: BotSettings,
+        producer: AIOKafkaProducer,
+        store: Store,
+        limiter: RateLimiter | None = None,
+        policy: PromptPolicy | None = None,
+    ):
+        self.settings = settings
+        self.producer = producer
+        self.store = store
+        self.limiter = limiter or RateLimiter.from_settings(settings, store)
+        self.policy = policy or PromptPolicy.from_settings()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: BotSettings) -> AsyncIterator[Intake]:
+        store = Store.from_settings(settings)
+        producer = make_producer(settings)
+        try:
+            await producer.start()
+            try:
+                yield cls(settings, producer, store)
+            finally:
+                await producer.stop()
+        finally:
+            await store.close()
+
+    async def admit(self, command: str | grammar.Parsed, origin: Origin, *, admin: bool = False) -> GenerateRequest | None:
+        """The request a command asks for, or None for help. Raises Refusal with a message for the sender."""
+        req = grammar.parse(command, origin, self.settings.defaults)
+        if req is None:
+            return None
+        self.check_prompt(req.prompt)
+        await self.limiter.admit(origin, req.num_images, admin=admin)
+        return req
+
+    async def remix(self, request_id: str, action: str, origin: Origin, *, admin: bool = False) -> GenerateRequest:
+        """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
+        on behalf of whoever clicked, in the channel they clicked in."""
+        raw = await self.store.get(f"req:{request_id}")
+        if raw is None:
+            raise Refusal(FORGOTTEN)
+        old = GenerateRequest.model_validate_json(raw)
+        fields = old.model_dump(exclude={"request_id", "created_at", "origin", "seed", "reroll", "num_images"})
+        req = GenerateRequest(
+            **fields,
+            origin=origin,
+            seed=secrets.randbelow(MAX_SEED + 1),
+            reroll=min(old.reroll + 1, 1_000_000),
+            num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
+        )
+        self.check_prompt(req.prompt)  # the policy may have changed since
+        await self.limiter.admit(origin, req.num_images, admin=admin)
+        return req
+
+    def check_prompt(self, prompt: str) -> None:
+        decision = self.policy.check(prompt)
+        if not decision.allowed:
+            log.info("prompt refused early (%s)", decision.category)
+            raise Refusal(decision.reason)
+
+    async def publish(self, req: GenerateRequest) -> None:
+        # Remembered first: the buttons on its result can appear before a slow write here would finish.
+        await self.store.put(f"req:{req.request_id}", req.model_dump_json(), self.settings.remember_s)
+        await self.send(self.settings.topics.generate, req, key=partition_key(req))
+        log.info("published %r", req.prompt[:60], extra=job(req.request_id, platform=req.origin.platform.value))
+
+    async def send(self, topic: str, msg: BaseModel, key: bytes) -> None:
+        """Publish any message (extensions use this for their own requests, e.g. fine-tunes)."""
+        value, headers = encode(msg)
+        await self.producer.send_and_wait(topic, value, key=key, headers=headers)

@@ -1,0 +1,9 @@
+"""What the chat front-ends and delivery count (served on SKILL_METRICS_PORT by schemas.observability)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+COMMANDS = Counter("skill_bot_commands_total", "Commands received by the chat front-ends", ["platform", "outcome"])
+POSTS = Counter("skill_delivery_posts_total", "Final results posted by delivery", ["platform", "kind", "outcome"])
+RETRIES = Counter("skill_delivery_retries_total", "Delivery waits, retries and re-queues", ["platform", "reason"])

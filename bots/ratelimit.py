@@ -1,0 +1,151 @@
+"""Rate limits and quotas per person and per team, shared by every bot replica through Redis.
+
+Each limit is a sliding window: at most `count` units in any `window_s`. A request is admitted only if every
+limit has room, and then counts against all of them at once (one Lua script, so two replicas cannot both take
+the last slot). When one is full the person is told when the oldest use that blocks them leaves the window.
+Without Redis, or while it is down, the same windows are kept in this process.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+from redis.exceptions import RedisError
+
+from bots.errors import RateLimited, Refusal
+from bots.kv import Store
+from schemas.messages import Origin
+
+# KEYS: one sorted set per limit (member = one unit, score = time in ms).
+# ARGV: count, window_ms, cost for each key, then a unique id for this call's members.
+# Returns {1} when admitted, or {0, wait_ms, index of the limit that waits longest}.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait, which = 0, 0
+for i, key in ipairs(KEYS) do
+  local count, window, cost = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local used = redis.call('ZCARD', key)
+  if used + cost > count then
+    local nth = used + cost - count - 1
+    local oldest = redis.call('ZRANGE', key, nth, nth, 'WITHSCORES')
+    local at = tonumber(oldest[2]) + window
+    if at - now > wait then wait, which = at - now, i end
+  end
+end
+if wait > 0 then return {0, wait, which} end
+local uid = ARGV[#ARGV]
+for i, key in ipairs(KEYS) do
+  local window, cost = tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  for j = 1, cost do redis.call('ZADD', key, now, uid .. ':' .. j) end
+  redis.call('PEXPIRE', key, window)
+end
+return {1}
+"""
+
+
+@dataclass(frozen=True)
+class Limit:
+    scope: Literal["user", "team"]
+    count: int
+    window_s: int
+    unit: Literal["requests", "images"]
+
+    def describe(self) -> str:
+        per = {60: "minute", 3600: "hour", 86400: "day"}.get(self.window_s, f"{self.window_s} seconds")
+        whose = "your" if self.scope == "user" else "your team's"
+        return f"{whose} limit of {self.count} {self.unit} per {per}"
+
+
+def limits_from(settings) -> list[Limit]:
+    wanted = [
+        Limit("user", settings.rate_user_per_min, 60, "requests"),
+        Limit("team", settings.rate_team_per_min, 60, "requests"),
+        Limit("user", settings.quota_user_per_day, 86400, "images"),
+        Limit("team", settings.quota_team_per_day, 86400, "images"),
+    ]
+    return [limit for limit in wanted if limit.count > 0]
+
+
+class RateLimiter:
+    def __init__(self, limits: list[Limit], store: Store, admins: set[str] = frozenset()):
+        self.limits = limits
+        self.store = store
+        self.admins = set(admins)
+        self._local: dict[str, deque[float]] = defaultdict(deque)
+
+    @classmethod
+    def from_settings(cls, settings, store: Store) -> RateLimiter:
+        return cls(limits_from(settings), store, set(settings.admins))
+
+    def is_admin(self, origin: Origin) -> bool:
+        return f"{origin.platform.value}:{origin.user_id}" in self.admins
+
+    async def admit(self, origin: Origin, images: int, *, admin: bool = False) -> None:
+        """Count one request of `images` images against every limit, or raise RateLimited and count nothing."""
+        if admin or self.is_admin(origin) or not self.limits:
+            return
+        for limit in self.limits:
+            if limit.unit == "images" and images > limit.count:
+                raise Refusal(f"--n {images} is more than {limit.describe()}; ask for at most {limit.count}")
+        keys = [self._key(limit, origin) for limit in self.limits]
+        costs = [images if limit.unit == "images" else 1 for limit in self.limits]
+        wait_s, which = await self._admit(keys, costs)
+        if wait_s > 0:
+            retry_at = time.time() + wait_s
+            at = datetime.fromtimestamp(retry_at, timezone.utc).strftime("%H:%M:%S UTC")
+            raise RateLimited(
+                f"You have reached {self.limits[which].describe()}. "
+                f"Try again in {_duration(wait_s)} (at {at}).",
+                retry_at,
+            )
+
+    def _key(self, limit: Limit, origin: Origin) -> str:
+        who = origin.user_id if limit.scope == "user" else origin.team_id
+        return f"rl:{limit.scope}:{origin.platform.value}:{origin.team_id}:{who}:{limit.unit}:{limit.window_s}"
+
+    async def _admit(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
+        redis = self.store.redis
+        if redis is not None:
+            argv: list[object] = []
+            for limit, cost in zip(self.limits, costs):
+                argv += [limit.count, limit.window_s * 1000, cost]
+            try:
+                result = await redis.eval(_ADMIT, len(keys), *(self.store.key(k) for k in keys), *argv, uuid.uuid4().hex)
+            except (RedisError, OSError) as exc:
+                self.store.degraded(exc)
+            else:
+                return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)
+        return self._admit_local(keys, costs)
+
+    def _admit_local(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
+        now = time.monotonic()
+        wait, which = 0.0, 0
+        for i, (limit, key, cost) in enumerate(zip(self.limits, keys, costs)):
+            uses = self._local[key]
+            while uses and uses[0] <= now - limit.window_s:
+                uses.popleft()
+            if len(uses) + cost > limit.count:
+                at = uses[len(uses) + cost - limit.count - 1] + limit.window_s
+                if at - now > wait:
+                    wait, which = at - now, i
+        if wait > 0:
+            return wait, which
+        for key, cost in zip(keys, costs):
+            self._local[key].extend([now] * cost)
+        return 0.0, 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, int(seconds + 0.999))
+    if seconds < 120:
+        return f"{seconds} seconds"
+    if seconds < 7200:
+        return f"{round(seconds / 60)} minutes"
+    return f"{seconds / 3600:.1f} hours"

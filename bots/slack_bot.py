@@ -1,0 +1,203 @@
+"""`skillgen bot slack`: the /skill slash command and the result buttons, with slack-bolt's AsyncApp.
+
+Socket Mode (SKILL_SLACK_MODE=socket, the default: no public URL needed, SKILL_SLACK_APP_TOKEN) or HTTP mode
+(SKILL_SLACK_MODE=http on SKILL_SLACK_PORT, SKILL_SLACK_SIGNING_SECRET). In HTTP mode Bolt checks every
+request's signature and timestamp and answers 401 to a bad one before any listener runs.
+
+A command is acked within Slack's 3 seconds, with the refusal (what to change) or an ephemeral "queued".
+Then a status message goes to the channel (in the thread, when Slack says the command came from one),
+and the request is published carrying that message's ts: delivery keeps it current with chat.update and
+uploads the images next to it. Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
+command's trigger_id is claimed first, so a retry never becomes a second job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bots import extensions, grammar, metrics, render
+from bots.errors import BotError, Refusal
+from bots.intake import Intake
+from bots.settings import SlackSettings
+from schemas.logs import job
+from schemas.messages import GenerateRequest, Origin, Platform
+from schemas.observability import metrics_server
+
+log = logging.getLogger("skillgen.slack")
+
+CLAIM_TTL_S = 3600  # Slack retries within minutes; an hour is plenty
+QUEUE_DOWN = "❌ Your request could not be queued (the queue is unreachable). Try again in a minute."
+CANNOT_POST = {
+    "not_in_channel": "I am not in this channel: add me with `/invite @skillgen`, then run the command again.",
+    "channel_not_found": "I cannot see this channel: add me with `/invite @skillgen`, then run the command again.",
+    "is_archived": "This channel is archived, so I cannot post the result here.",
+}
+
+
+class SlackFrontEnd:
+    """The listeners; `register(app)` wires them into a Bolt app."""
+
+    def __init__(self, settings: SlackSettings, intake: Intake):
+        self.settings = settings
+        self.intake = intake
+
+    def register(self, app: AsyncApp) -> None:
+        app.command(self.settings.slack_command)(self.on_command)
+        for action_id in render.SLACK_ACTION_IDS.values():
+            app.action(action_id)(self.on_button)
+
+    async def on_command(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
+        # Every invocation has its own trigger_id, and a retry repeats it.
+        claim = f"slack:cmd:{command['team_id']}:{command['trigger_id']}"
+        if not await self.intake.store.add(claim, "", CLAIM_TTL_S):
+            # A retry of a command we already took: the first delivery of it owns the job.
+            metrics.COMMANDS.labels("slack", "retry").inc()
+            await ack(text=(await self.intake.store.get(claim)) or "Already received.", response_type="ephemeral")
+            return
+        origin = Origin(
+            platform=Platform.slack,
+            team_id=command["team_id"],
+            channel_id=command["channel_id"],
+            user_id=command["user_id"],
+            thread_id=command.get("thread_ts") or None,
+        )
+        try:
+            req = await self.intake.admit(grammar.split(command.get("text") or "", command=False), origin)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "refused").inc()
+            await self._ack(ack, claim, str(exc))
+            return
+        if req is None:
+            metrics.COMMANDS.labels("slack", "help").inc()
+            await self._ack(ack, claim, grammar.help_text(Platform.slack))
+            return
+        await self._ack(ack, claim, render.queued(req))
+        await self.start_job(client, respond, req)
+
+    async def _ack(self, ack, claim: str, text: str) -> None:
+        await ack(text=text, response_type="ephemeral")
+        await self.intake.store.put(claim, text, CLAIM_TTL_S)  # what a retry of this command is answered
+
+    async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
+        await ack()
+        name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
+        container = body.get("container") or {}
+        origin = Origin(
+            platform=Platform.slack,
+            team_id=(body.get("team") or {}).get("id") or body["user"]["team_id"],
+            channel_id=(body.get("channel") or {}).get("id") or container["channel_id"],
+            user_id=body["user"]["id"],
+            thread_id=container.get("thread_ts") or (body.get("message") or {}).get("thread_ts"),
+        )
+        try:
+            req = await self.intake.remix(action["value"], name, origin)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "refused").inc()
+            await respond(text=str(exc), response_type="ephemeral", replace_original=False)
+            return
+        await self.start_job(client, respond, req)
+
+    async def start_job(self, client: AsyncWebClient, respond, req: GenerateRequest) -> None:
+        """Post the status message, then publish with its ts, so delivery edits the message the person sees."""
+        origin = req.origin
+        text = render.queued(req)
+        try:
+            posted = await client.chat_postMessage(
+                channel=origin.channel_id, thread_ts=origin.thread_id, text=text, blocks=render.slack_blocks(text)
+            )
+        except SlackApiError as exc:
+            error = exc.response.get("error", "")
+            log.warning("cannot post the status message: %s", error, extra=job(req.request_id))
+            await respond(text=CANNOT_POST.get(error, f"I cannot post here ({error})."), response_type="ephemeral")
+            return
+        req = req.model_copy(update={"origin": origin.model_copy(update={"status_message_id": posted["ts"]})})
+        try:
+            await self.intake.publish(req)
+        except Exception:
+            log.exception("publish failed", extra=job(req.request_id))
+            metrics.COMMANDS.labels("slack", "queue_down").inc()
+            await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=QUEUE_DOWN, blocks=[])
+            return
+        metrics.COMMANDS.labels("slack", "queued").inc()
+
+
+def check(settings: SlackSettings) -> None:
+    """Refuse to start without what the chosen mode needs, before connecting to anything."""
+    if settings.slack_bot_token is None:
+        raise BotError("set SKILL_SLACK_BOT_TOKEN to the bot token, xoxb-... (docs/chat-apps.md)")
+    if settings.slack_mode == "http" and settings.slack_signing_secret is None:
+        raise BotError("HTTP mode checks every request's signature: set SKILL_SLACK_SIGNING_SECRET")
+    if settings.slack_mode == "socket" and settings.slack_app_token is None:
+        raise BotError("Socket Mode needs SKILL_SLACK_APP_TOKEN, an app-level token xapp-... (docs/chat-apps.md)")
+
+
+def build_app(settings: SlackSettings, intake: Intake) -> AsyncApp:
+    check(settings)
+    client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_base)
+    secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else ""
+    # process_before_response=False: Bolt answers Slack as soon as ack() is called and the listener goes on.
+    app = AsyncApp(client=client, signing_secret=secret, process_before_response=False)
+    SlackFrontEnd(settings, intake).register(app)
+    extensions.setup_slack(app, intake, settings.bot_extensions)
+    return app
+
+
+async def serve(settings: SlackSettings, stop: asyncio.Event | None = None, ready=None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT); `ready()` is called once Slack can reach the bot."""
+    check(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    async with Intake.open(settings) as intake:
+        app = build_app(settings, intake)
+        if settings.slack_mode == "socket":
+            handler = AsyncSocketModeHandler(app, settings.slack_app_token.get_secret_value())
+            await handler.connect_async()
+            try:
+                def connected() -> tuple[bool, str]:
+                    session = handler.client.current_session
+                    ok = session is not None and not session.closed
+                    return ok, "Socket Mode connected" if ok else "Socket Mode disconnected"
+
+                async with metrics_server(settings.metrics_port, health=connected):
+                    if ready:
+                        ready()
+                    await stop.wait()
+            finally:
+                await handler.close_async()
+        else:
+            runner = web.AppRunner(app.web_app(path=settings.slack_path), access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, "0.0.0.0", settings.slack_port).start()
+                log.info("listening for Slack on :%d%s", settings.slack_port, settings.slack_path)
+                async with metrics_server(settings.metrics_port):
+                    if ready:
+                        ready()
+                    await stop.wait()
+            finally:
+                await runner.cleanup()
+
+
+def add_arguments(parser) -> None:
+    parser.description = (
+        "Slack bot: the /skill slash command, in Socket Mode (SKILL_SLACK_APP_TOKEN) or HTTP mode "
+        "(SKILL_SLACK_MODE=http, SKILL_SLACK_SIGNING_SECRET, SKILL_SLACK_PORT); see docs/chat-apps.md."
+    )
+
+
+def run(args) -> int:
+    asyncio.run(serve(SlackSettings()))
+    return 0

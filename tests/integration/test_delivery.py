@@ -1,0 +1,261 @@
+"""Delivery against fake Discord and Slack servers, a real broker and Redis: each result is posted once, to
+the right place, through rate limits, server errors, dead webhooks, expired tokens, restarts and bad events."""
+
+import asyncio
+import uuid
+
+import pytest
+
+from bots.markers import Markers
+from bots.kv import Store
+from schemas.codec import header
+from schemas.messages import EventKind, JobEvent
+from tests.fakes import discord as fd
+from tests.fakes import slack as fs
+from tests.fakes.discord import FakeDiscord
+from tests.fakes.records import TopicReader
+from tests.fakes.slack import FakeSlack
+from tests.fakes.world import World, event
+
+Q, S, P, OK, FAIL, BLOCK = (EventKind.queued, EventKind.started, EventKind.progress, EventKind.succeeded,
+                            EventKind.failed, EventKind.blocked)
+
+
+@pytest.fixture
+async def world(skill_env):
+    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
+    yield World(skill_env, discord, slack)
+    await discord.stop()
+    await slack.stop()
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def original_edits(fake: FakeDiscord, token: str, *, with_files: bool | None = None):
+    def match(c) -> bool:
+        return (c.method == "PATCH" and c.path.endswith(f"/{token}/messages/@original") and c.status == 200
+                and (with_files is None or bool(c.files) == with_files))
+    return match
+
+
+async def test_discord_status_then_images_on_the_original_response_exactly_once(world):
+    it = world.discord.deferred()
+    o, r = world.discord_origin(it), rid()
+    images = [world.image(1), world.image(2)]
+    async with world.running(edit_interval_s=10):  # wide, so a slow machine still sees one burst
+        await world.send(event(o, Q, r, queue_position=3), event(o, S, r),
+                         *[event(o, P, r, step=i, total_steps=20) for i in range(1, 6)],
+                         event(o, OK, r, blobs=images))
+        [final] = await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+        await world.send(event(o, OK, r, blobs=images), event(o, P, r, step=19, total_steps=20))  # a redelivery
+        await asyncio.sleep(1.5)
+    assert [f.filename for f in final.files] == [f"skill-{r[:8]}-1.png", f"skill-{r[:8]}-2.png"]
+    assert all(f.is_png for f in final.files)
+    assert final.body["components"][0]["components"][0]["custom_id"] == f"skill:reroll:{r}"
+    assert final.body["allowed_mentions"] == {"parse": [], "users": [fd.USER_ID]}
+    assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=True))) == 1
+    # The burst of seven status events made one edit (throttled); the late progress made none.
+    assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=False))) == 1
+    assert it.original.content.startswith(f"✅ <@{fd.USER_ID}> *a drummer's paradiddle* (seed 1, 2)")
+    assert [m.id for m in world.discord.channel(fd.CHANNEL_ID)] == [it.original.id]
+
+
+async def test_a_429_retry_after_2_leads_to_one_post_at_least_2_seconds_later(world):
+    it = world.discord.deferred()
+    world.discord.fail("PATCH", r"/messages/@original$", 429, headers={"Retry-After": "2"},
+                       body={"message": "You are being rate limited.", "retry_after": 2.0, "global": False})
+    async with world.running():
+        await world.send(event(world.discord_origin(it), OK, rid(), blobs=[world.image()]))
+        [limited] = await world.discord.wait_for(lambda c: c.status == 429)
+        [posted] = await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+    assert posted.at - limited.at >= 2
+    assert len(world.discord.matching(lambda c: c.method == "PATCH")) == 2
+
+
+async def test_a_very_long_retry_after_requeues_the_event_instead_of_dropping_it(world):
+    it = world.discord.deferred()
+    world.discord.fail("PATCH", r"/messages/@original$", 429, headers={"Retry-After": "3"},
+                       body={"message": "You are being rate limited.", "retry_after": 3.0, "global": True})
+    async with world.running(max_retry_after_s=1):
+        await world.send(event(world.discord_origin(it), OK, rid(), blobs=[world.image()]))
+        [limited] = await world.discord.wait_for(lambda c: c.status == 429)
+        [posted] = await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+    assert posted.at - limited.at >= 3
+    async with TopicReader(world.env.vars["SKILL_KAFKA_BOOTSTRAP"], world.env.topics.events, JobEvent) as reader:
+        await reader.settle(0.5)
+    # Produced again with its due time, waited for at most 1 s per pass, counted as one re-queue.
+    requeued = reader.headers[1:]
+    assert requeued and all(header(h, "delivery-requeues") == "1" for h in requeued)
+    due = {float(header(h, "deliver-after")) for h in requeued}
+    assert len(due) == 1
+
+
+async def test_server_errors_are_retried_with_backoff(world):
+    it = world.discord.deferred()
+    world.discord.fail("PATCH", r"/messages/@original$", 502, times=2)
+    async with world.running(backoff_s=0.3):
+        await world.send(event(world.discord_origin(it), OK, rid(), blobs=[world.image()]))
+        await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+    first, second, third = world.discord.matching(lambda c: c.method == "PATCH")
+    assert (first.status, second.status, third.status) == (502, 502, 200)
+    assert second.at - first.at >= 0.3 and third.at - second.at >= 0.6
+
+
+async def test_a_webhook_that_answered_404_is_not_used_again_and_the_result_goes_to_the_channel(world):
+    it = world.discord.deferred(channel_id=fd.THREAD_ID)
+    world.discord.dead_tokens.add(it.token)
+    o, r = world.discord_origin(it), rid()
+    async with world.running(edit_interval_s=0):
+        await world.send(event(o, S, r))
+        await world.discord.wait_for(lambda c: c.status == 404)
+        await world.send(event(o, P, r, step=5, total_steps=20), event(o, OK, r, blobs=[world.image()]))
+        [post] = await world.discord.wait_for(lambda c: c.path == f"/channels/{fd.THREAD_ID}/messages")
+    assert post.headers["Authorization"] == f"Bot {world.discord.bot_token}" and post.files[0].is_png
+    assert len(world.discord.matching(lambda c: "/webhooks/" in c.path)) == 1
+    [msg] = world.discord.channel(fd.THREAD_ID)[1:]  # after the dead "thinking..." response
+    assert msg.via == "bot" and msg.pngs
+
+
+async def test_after_15_minutes_results_go_to_the_channel_with_the_bot_token(world):
+    it = world.discord.deferred()
+    async with world.running():
+        await world.send(event(world.discord_origin(it, age_s=16 * 60), OK, rid(), blobs=[world.image()]))
+        await world.discord.wait_for(lambda c: c.path == f"/channels/{fd.CHANNEL_ID}/messages")
+    assert world.discord.matching(lambda c: "/webhooks/" in c.path) == []
+
+
+async def test_blocked_results_reach_only_the_person_and_nothing_stays_in_the_channel(world):
+    fresh, old = world.discord.deferred(), world.discord.deferred()
+    async with world.running():
+        await world.send(event(world.discord_origin(fresh), BLOCK, rid()),
+                         event(world.discord_origin(old, age_s=20 * 60), BLOCK, rid()))
+        [followup] = await world.discord.wait_for(lambda c: c.path == f"/webhooks/{fd.APPLICATION_ID}/{fresh.token}")
+        [dm] = await world.discord.wait_for(lambda c: c.path == f"/channels/dm-{fd.USER_ID}/messages")
+    assert followup.body["flags"] == 64 and "graphic violence" in followup.body["content"]
+    assert "graphic violence" in dm.body["content"]
+    assert fresh.original.deleted
+    assert not any("violence" in m.content or m.files for m in world.discord.channel(fd.CHANNEL_ID))
+
+
+async def test_failed_results_say_why(world):
+    it = world.discord.deferred()
+    async with world.running():
+        await world.send(event(world.discord_origin(it), FAIL, rid()))
+        await world.discord.wait_for(original_edits(world.discord, it.token))
+    assert "could not draw *a drummer's paradiddle*: the adapter team-style@v9 does not exist" in it.original.content
+
+
+async def test_slack_status_updates_then_the_image_in_the_thread_once(world):
+    o, r = world.slack_origin(thread_ts="1700000000.000300"), rid()
+    async with world.running(edit_interval_s=10):
+        await world.send(event(o, Q, r, queue_position=2), event(o, P, r, step=5, total_steps=20),
+                         event(o, OK, r, blobs=[world.image(3)]))
+        await world.slack.wait_for(lambda c: c.path == "files.completeUploadExternal")
+        await world.send(event(o, OK, r, blobs=[world.image(3)]))  # a redelivery
+        await asyncio.sleep(1.5)
+    [shared] = world.slack.pngs(fs.CHANNEL_ID, "1700000000.000300")
+    assert shared.filename == f"skill-{r[:8]}-1.png"
+    status = world.slack.messages[o.status_message_id]
+    assert status.edits[0] == f"⏳ <@{fs.USER_ID}> queued, position 2: _a drummer's paradiddle_"
+    assert status.text.startswith("✅") and [b["type"] for b in status.blocks] == ["section", "actions"]
+    assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r]
+    assert len(status.edits) == 2  # queued (the progress was throttled), then done
+
+
+async def test_slack_429_on_upload_waits_and_posts_once(world):
+    o = world.slack_origin()
+    world.slack.fail("POST", r"^files\.getUploadURLExternal$", 429, headers={"Retry-After": "2"},
+                     body={"ok": False, "error": "ratelimited"})
+    async with world.running():
+        await world.send(event(o, OK, rid(), blobs=[world.image()]))
+        [limited] = await world.slack.wait_for(lambda c: c.status == 429)
+        [done] = await world.slack.wait_for(lambda c: c.path == "files.completeUploadExternal")
+    assert done.at - limited.at >= 2 and len(world.slack.pngs(fs.CHANNEL_ID)) == 1
+
+
+async def test_slack_blocked_and_failed(world):
+    blocked, failed = world.slack_origin(), world.slack_origin()
+    async with world.running():
+        await world.send(event(blocked, BLOCK, rid()), event(failed, FAIL, rid()))
+        await world.slack.wait_for(lambda c: c.path == "chat.postEphemeral")
+        await world.slack.wait_for(lambda c: c.path == "chat.update")
+    assert world.slack.messages[blocked.status_message_id].deleted
+    [note] = world.slack.ephemerals
+    assert note.user == fs.USER_ID and "graphic violence" in note.text
+    assert "does not exist" in world.slack.messages[failed.status_message_id].text
+    assert world.slack.files == []
+
+
+async def test_a_lease_left_by_a_crash_runs_out_and_the_post_still_happens(world, redis_server):
+    it, done_it = world.discord.deferred(), world.discord.deferred()
+    r, done_r = rid(), rid()
+    store = Store.from_settings(world.settings())
+    markers = Markers(store, lease_s=1.5, done_ttl_s=60)
+    assert await markers.take(r, OK) is not None  # taken, then the process died before posting
+    await markers.done(await markers.take(done_r, OK))  # posted and marked, then died before committing
+    async with world.running(lease_s=1.5):
+        await world.send(event(world.discord_origin(done_it), OK, done_r, blobs=[world.image()]),
+                         event(world.discord_origin(it), OK, r, blobs=[world.image()]))
+        await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+        await asyncio.sleep(0.5)
+    assert world.discord.matching(original_edits(world.discord, done_it.token)) == []
+    await store.close()
+
+
+async def test_one_bad_event_never_stops_the_service(world):
+    it = world.discord.deferred()
+    o = world.discord_origin(it)
+    missing = world.image(9).model_copy(update={"url": world.image(9).url.replace(".png", "-gone.png")})
+    async with world.running():
+        await world.send_raw(b"\xff not json")
+        await world.send(event(o, OK, rid(), blobs=[missing]))
+        await world.send(event(o.model_copy(update={"interaction_token": None, "channel_id": "404404"}), FAIL, rid()))
+        world.discord.fail("POST", r"^/channels/404404/messages$", 404, body={"message": "Unknown Channel",
+                                                                               "code": 10003})
+        good = world.discord.deferred()
+        await world.send(event(world.discord_origin(good), OK, rid(), blobs=[world.image()]))
+        await world.discord.wait_for(original_edits(world.discord, good.token, with_files=True))
+    async with TopicReader(world.env.vars["SKILL_KAFKA_BOOTSTRAP"], world.env.topics.dlq(world.env.topics.events),
+                           JobEvent) as dlq:
+        records = []  # read raw: one of them is not JSON at all
+        for _ in range(20):
+            records += [r for rs in (await dlq.consumer.getmany(timeout_ms=250)).values() for r in rs]
+            if len(records) >= 3:
+                break
+    errors = sorted(header(r.headers, "error").split(":")[0] for r in records)
+    assert errors == ["CodecError", "FileNotFoundError", "NotFound"]
+
+
+async def test_fine_tune_events_use_the_trainers_words_and_post_no_weights(world):
+    o, r = world.slack_origin(), rid()
+    weights = world.blobs.put(b"\x00" * 64, content_type="application/octet-stream")
+    async with world.running():
+        await world.send(event(o, P, r, job="finetune", adapter="team-style", prompt=None, step=40, total_steps=200,
+                               loss=0.1234),
+                         event(o, OK, r, job="finetune", adapter="team-style", prompt=None, blobs=[weights],
+                               message="Adapter `team-style` v1 is ready: use it with --adapter team-style"))
+        await world.slack.wait_for(lambda c: c.path == "chat.update", count=2)
+        await asyncio.sleep(0.5)
+    first, last = world.slack.messages[o.status_message_id].edits
+    assert "Training `team-style`: step 40/200 · loss 0.1234" in first
+    assert "Adapter `team-style` v1 is ready" in last
+    assert world.slack.files == [] and world.slack.matching(lambda c: c.path.startswith("files.")) == []
+
+
+@pytest.mark.unit
+def test_status_edits_are_at_most_one_per_2_seconds_per_message(tmp_path, monkeypatch):
+    from bots import delivery as module
+    from bots.delivery import Delivery
+    from bots.settings import DeliverySettings
+    from schemas.blobstore import BlobStore
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    d = Delivery(DeliverySettings(), {}, Store(None), BlobStore(tmp_path.as_uri()))
+    assert d._edit_allowed("a") and d._edit_allowed("b")
+    clock[0] += 1.9
+    assert not d._edit_allowed("a")
+    clock[0] += 0.2
+    assert d._edit_allowed("a") and not d._edit_allowed("a")

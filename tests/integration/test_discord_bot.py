@@ -1,0 +1,119 @@
+"""The Discord front-end: the real discord.py client on a fake Discord (REST and gateway), publishing to a
+real broker. /skill defers within 3 seconds, refusals are ephemeral, and the result buttons start new jobs."""
+
+import asyncio
+import time
+
+import pytest
+
+from bots import discord_bot, render
+from bots.intake import FORGOTTEN
+from bots.settings import DiscordSettings
+from schemas.messages import GenerateRequest
+from tests.fakes.discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, THREAD_ID, USER_ID, FakeDiscord
+from tests.fakes.records import TopicReader
+
+ADMINISTRATOR = str(1 << 3)
+
+
+@pytest.fixture
+async def bot(skill_env):
+    fake = await FakeDiscord().start()
+    settings = DiscordSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake.settings().items()},
+                               rate_user_per_min=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(discord_bot.serve(settings, stop))
+    await asyncio.wait_for(fake.identified.wait(), 15)
+    async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate,
+                           GenerateRequest) as fake.requests:
+        yield fake
+    stop.set()
+    await task
+    await fake.stop()
+
+
+def callback_of(fake: FakeDiscord, interaction):
+    return lambda c: c.method == "POST" and c.path.startswith(f"/interactions/{interaction.id}/")
+
+
+async def test_skill_defers_within_3_seconds_says_queued_and_publishes(bot):
+    t0 = time.monotonic()
+    it = await bot.invoke("skill", {"prompt": "a violinist's bow hold --ar 16:9", "n": 2, "seed": 42})
+    [callback] = await bot.wait_for(callback_of(bot, it))
+    assert callback.at - t0 < 3 and callback.body["type"] == 5  # deferred, "thinking..."
+    [req] = await bot.requests.wait(1)
+    assert (req.prompt, req.num_images, req.seed) == ("a violinist's bow hold", 2, 42) and req.width > req.height
+    o = req.origin
+    assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("discord", GUILD_ID, CHANNEL_ID, USER_ID)
+    assert (o.interaction_token, o.application_id, o.thread_id) == (it.token, APPLICATION_ID, None)
+    assert abs(o.created_at.timestamp() - time.time()) < 10  # from the interaction's snowflake
+    assert it.original.content == f"⏳ <@{USER_ID}> queued (2 images): *a violinist's bow hold*"
+    assert not it.original.ephemeral
+    [edit] = bot.matching(lambda c: c.method == "PATCH")
+    assert [str(u) for u in edit.body["allowed_mentions"]["users"]] == [USER_ID] and edit.body["allowed_mentions"]["parse"] == []
+
+
+async def test_the_command_is_registered_with_typed_options(bot):
+    [skill] = bot.commands
+    options = {o["name"]: o for o in skill["options"]}
+    assert skill["name"] == "skill" and options["prompt"]["required"]
+    assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter"}
+    assert (options["n"]["min_value"], options["n"]["max_value"]) == (1, 4)
+
+
+async def test_a_command_in_a_thread_is_answered_in_the_thread(bot):
+    await bot.invoke("skill", {"prompt": "a skater's ollie"}, channel_id=THREAD_ID, thread=True)
+    [req] = await bot.requests.wait(1)
+    assert req.origin.channel_id == req.origin.thread_id == THREAD_ID
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"prompt": "a cat", "size": "500x512"}, "--size/--ar width: must be a multiple of 8"),
+        ({"prompt": "a cat --n 2", "n": 3}, "n is given twice"),
+        ({"prompt": "a gory beheading"}, "Your prompt was blocked: it asks for graphic violence or gore."),
+        ({"prompt": "help"}, "**/skill** draws a skill image"),
+    ],
+)
+async def test_refusals_and_help_are_ephemeral_and_publish_nothing(bot, options, says):
+    it = await bot.invoke("skill", options)
+    [callback] = await bot.wait_for(callback_of(bot, it))
+    assert callback.body["type"] == 4 and callback.body["data"]["flags"] & 64
+    assert says in callback.body["data"]["content"]
+    assert await bot.requests.settle(0.5) == []
+
+
+async def test_over_the_rate_limit_is_told_when_to_retry_and_admins_are_not_limited(bot):
+    for i in range(2):  # one at a time: discord.py handles interactions concurrently
+        done = await bot.invoke("skill", {"prompt": f"study {i}"})
+        await bot.wait_for(callback_of(bot, done))
+    it = await bot.invoke("skill", {"prompt": "one too many"})
+    [callback] = await bot.wait_for(callback_of(bot, it))
+    assert "You have reached your limit of 2 requests per minute. Try again in" in callback.body["data"]["content"]
+    await bot.invoke("skill", {"prompt": "an admin's study"}, permissions=ADMINISTRATOR)
+    assert sorted(r.prompt for r in await bot.requests.wait(3)) == ["an admin's study", "study 0", "study 1"]
+
+
+async def test_reroll_and_variations_buttons_start_new_jobs(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler's cascade", "seed": 11})
+    [original] = await bot.requests.wait(1)
+    first.original.components = render.discord_buttons(original.request_id)  # as delivery leaves it
+    for action in (render.REROLL, render.VARIATIONS):
+        it = await bot.click(render.custom_id(action, original.request_id), first.original, user_id="777")
+        [callback] = await bot.wait_for(callback_of(bot, it))
+        assert callback.body["type"] == 5
+    remixes = [r for r in await bot.requests.wait(3) if r.request_id != original.request_id]
+    reroll, vary = sorted(remixes, key=lambda r: r.num_images)
+    for req in (reroll, vary):
+        assert req.prompt == original.prompt and req.seed != original.seed and req.origin.user_id == "777"
+        assert req.origin.interaction_token not in (None, first.token)
+    assert (reroll.num_images, reroll.reroll, vary.num_images) == (1, 1, 4)
+
+
+async def test_a_button_on_a_forgotten_request_says_so(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler"})
+    await bot.requests.wait(1)
+    it = await bot.click(render.custom_id(render.REROLL, "f" * 32), first.original)
+    [callback] = await bot.wait_for(callback_of(bot, it))
+    assert callback.body["data"]["flags"] & 64 and callback.body["data"]["content"] == FORGOTTEN

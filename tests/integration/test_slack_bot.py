@@ -1,0 +1,164 @@
+"""The Slack front-end: the real Bolt app (HTTP mode and Socket Mode) against a fake Slack, publishing to a
+real broker. Signed requests, retries and refusals behave as Slack and the person expect."""
+
+import asyncio
+import json
+import time
+from urllib.parse import parse_qsl, quote
+
+import aiohttp
+import pytest
+
+from bots import render, slack_bot
+from bots.settings import SlackSettings
+from schemas.messages import GenerateRequest
+from skillgen.embedded import free_port
+from tests.fakes.records import TopicReader
+from tests.fakes.slack import CHANNEL_ID, SIGNING_SECRET, USER_ID, FakeSlack, sign
+
+
+@pytest.fixture
+async def fake_slack():
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def bot(skill_env, fake_slack):
+    """A running bot in HTTP mode; `bot.url` takes Slack's requests, `bot.requests` reads skill.generate."""
+    port = free_port()
+    settings = SlackSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake_slack.settings().items()},
+                             slack_mode="http", slack_port=port, rate_user_per_min=3)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(slack_bot.serve(settings, stop, ready.set))
+    await asyncio.wait_for(ready.wait(), 15)
+
+    class Bot:
+        url = f"http://127.0.0.1:{port}{settings.slack_path}"
+        fake = fake_slack
+
+        async def post(self, body: str, headers: dict | None = None) -> tuple[int, dict | str, float]:
+            t0 = time.monotonic()
+            async with self.http.post(self.url, data=body, headers=headers or sign(body)) as resp:
+                text = await resp.text()
+                try:
+                    answer = json.loads(text) if text else ""
+                except ValueError:
+                    answer = text
+                return resp.status, answer, time.monotonic() - t0
+
+        async def command(self, text: str, **kw) -> tuple[int, dict | str, float]:
+            return await self.post(fake_slack.command_body(text, **kw))
+
+    b = Bot()
+    async with aiohttp.ClientSession() as b.http, TopicReader(
+        skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate, GenerateRequest
+    ) as b.requests:
+        yield b
+    stop.set()
+    await task
+
+
+async def test_a_command_is_acked_queued_and_published_with_its_status_message(bot):
+    status, answer, took_s = await bot.command("a drummer's paradiddle --n 2", thread_ts="1700000000.000100")
+    assert status == 200 and took_s < 3
+    assert answer["response_type"] == "ephemeral" and "queued (2 images)" in answer["text"]
+    [req] = await bot.requests.wait(1)
+    assert req.prompt == "a drummer's paradiddle" and req.num_images == 2
+    o = req.origin
+    assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("slack", "T0FAKE", CHANNEL_ID, USER_ID)
+    assert o.thread_id == "1700000000.000100"
+    [status_msg] = bot.fake.visible(CHANNEL_ID, "1700000000.000100")
+    assert o.status_message_id == status_msg.ts and "queued" in status_msg.text
+
+
+async def test_a_slack_retry_of_the_same_command_creates_no_second_job(bot):
+    body = bot.fake.command_body("a violinist's bow hold")
+    first = await bot.post(body)
+    retry = await bot.post(body, {**sign(body), "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    assert first[0] == retry[0] == 200 and retry[1]["text"] == first[1]["text"]
+    assert len(await bot.requests.settle()) == 1
+    assert len(bot.fake.visible(CHANNEL_ID)) == 1
+
+
+async def test_bad_signatures_and_stale_timestamps_get_401_and_publish_nothing(bot):
+    body = bot.fake.command_body("a forged command")
+    assert (await bot.post(body, sign(body, secret="not-the-secret")))[0] == 401
+    stale = bot.fake.command_body("a replayed command")
+    assert (await bot.post(stale, sign(stale, SIGNING_SECRET, timestamp=int(time.time()) - 6 * 60)))[0] == 401
+    unsigned = bot.fake.command_body("an unsigned command")
+    assert (await bot.post(unsigned, {"Content-Type": "application/x-www-form-urlencoded"}))[0] == 401
+    await bot.command("the real one")
+    assert [r.prompt for r in await bot.requests.settle()] == ["the real one"]
+    assert [m.text for m in bot.fake.visible(CHANNEL_ID)] == [f"⏳ <@{USER_ID}> queued: _the real one_"]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("a cat --steps 99", "--steps: Input should be less than or equal to 50"),
+        ("a cat --colour red", "unknown option --colour"),
+        ("a nude figure study", "Your prompt was blocked: it asks for sexual content or nudity."),
+        ("help", "*/skill* draws a skill image"),
+    ],
+)
+async def test_refusals_and_help_answer_only_the_sender(bot, text, says):
+    status, answer, _ = await bot.command(text)
+    assert status == 200 and answer["response_type"] == "ephemeral" and says in answer["text"]
+    assert await bot.requests.settle(0.5) == [] and bot.fake.visible(CHANNEL_ID) == []
+
+
+async def test_over_the_rate_limit_the_person_is_told_when_to_retry(bot):
+    for i in range(3):
+        await bot.command(f"study {i}")
+    _, answer, _ = await bot.command("one too many")
+    assert "You have reached your limit of 3 requests per minute. Try again in" in answer["text"]
+    assert len(await bot.requests.settle()) == 3
+
+
+async def test_reroll_and_variations_buttons_publish_new_seeds_in_the_same_thread(bot):
+    await bot.command("a juggler's cascade --seed 11", thread_ts="1700000000.000200")
+    [original] = await bot.requests.wait(1)
+    status_msg = bot.fake.visible(CHANNEL_ID, "1700000000.000200")[0]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id)  # as delivery leaves it
+    for action in ("skill_reroll", "skill_vary"):
+        payload = bot.fake.button_payload(status_msg, action, user_id="U0OTHER")
+        body = "payload=" + quote(json.dumps(payload))
+        status, _, took_s = await bot.post(body)
+        assert status == 200 and took_s < 3
+    remixes = [r for r in await bot.requests.wait(3) if r.request_id != original.request_id]
+    # different keys, so possibly different partitions: tell them apart by size, not by order
+    reroll, vary = sorted(remixes, key=lambda r: r.num_images)
+    for req in (reroll, vary):
+        assert req.prompt == original.prompt and req.seed != original.seed and req.request_id != original.request_id
+        assert req.origin.user_id == "U0OTHER" and req.origin.thread_id == "1700000000.000200"
+    assert reroll.num_images == 1 and reroll.reroll == 1 and vary.num_images == 4
+    assert len(bot.fake.visible(CHANNEL_ID, "1700000000.000200")) == 3
+
+
+async def test_a_channel_the_bot_cannot_post_in_gets_instructions_and_no_job(bot):
+    bot.fake.fail("POST", r"^chat\.postMessage$", 200, body={"ok": False, "error": "not_in_channel"})
+    await bot.command("a lonely drummer")
+    await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+    assert "add me with `/invite @skillgen`" in bot.fake.ephemerals[-1].text
+    assert await bot.requests.settle(0.5) == []
+
+
+async def test_socket_mode_takes_commands_over_the_websocket(skill_env, fake_slack):
+    settings = SlackSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake_slack.settings().items()},
+                             slack_mode="socket")
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(slack_bot.serve(settings, stop, ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), 15)
+        body = dict(parse_qsl(fake_slack.command_body("a cellist")))
+        ack = await fake_slack.send_socket("slash_commands", body)
+        assert "queued" in ack["payload"]["text"]
+        async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate,
+                               GenerateRequest) as reader:
+            [req] = await reader.wait(1)
+        assert req.prompt == "a cellist" and req.origin.status_message_id
+    finally:
+        stop.set()
+        await task
