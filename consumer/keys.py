@@ -1,11 +1,26 @@
-"""What makes two requests the same picture: the seed a request gets when it names none, and the batch key."""
+"""What makes two requests the same picture: the seed a request gets when it names none, the cache key,
+the batch key, and the adapter a request resolves to."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
-from schemas.messages import MAX_SEED, GenerateRequest
+from pydantic import BaseModel, ConfigDict, Field
+
+from consumer.pipeline.errors import AdapterError
+from schemas.messages import MAX_SEED, AdapterRef, GenerateRequest
+
+log = logging.getLogger("skillgen.consumer")
+
+# Bump when the meaning of a cached value changes: old entries then simply stop matching.
+CACHE_KEY_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt")
+_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def _digest(obj) -> bytes:
@@ -37,3 +52,107 @@ def seed_of(req: GenerateRequest) -> int:
 def image_seeds(req: GenerateRequest) -> list[int]:
     base = seed_of(req)
     return [(base + i) % (MAX_SEED + 1) for i in range(req.num_images)]
+
+
+# -- adapters ---------------------------------------------------------------------------------------------
+
+
+class ResolvedAdapter(BaseModel):
+    """A LoRA adapter pinned to one version: what the registry answers for `name[@vN]` in a team."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int = Field(ge=1)
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def key(self) -> str:
+        """The name the backend loads it under; a new version gets a new key, so batches never mix them."""
+        return f"{self.name}-v{self.version}-{self.sha256[:12]}"
+
+
+# (adapter named by the request, the requester's team id) -> the version to use. Raises AdapterError with a
+# message for the requester. The trainer's adapter registry provides the real one.
+AdapterResolver = Callable[[AdapterRef, str], ResolvedAdapter]
+
+
+def no_registry(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
+    raise AdapterError(f"adapter {ref} cannot be used: adapter registry not configured on this consumer")
+
+
+# -- keys -------------------------------------------------------------------------------------------------
+
+
+def cache_key(req: GenerateRequest, model: str, adapter: ResolvedAdapter | None) -> str:
+    """Hash of everything that decides the pixels. `model` names the model and its weights (see
+    `model_identity`); the adapter enters by version and weights hash, never by name alone."""
+    body = {
+        "v": CACHE_KEY_VERSION,
+        "model": model,
+        **content(req),
+        "adapter": adapter.model_dump(include={"name", "version", "sha256"}) if adapter else None,
+        "seeds": image_seeds(req),
+    }
+    return _digest(body).hex()
+
+
+class BatchKey(NamedTuple):
+    """Requests share a batch only when all of these match; `solo` gives a request a batch of its own."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    adapter: str | None = None
+    solo: str | None = None
+
+
+def batch_key(req: GenerateRequest, adapter: ResolvedAdapter | None) -> BatchKey:
+    return BatchKey(req.width, req.height, req.steps, req.guidance, req.scheduler, adapter.key if adapter else None)
+
+
+# -- the model's identity ------------------------------------------------------------------------------------
+
+
+def weights_sha256(model: str) -> str | None:
+    """SHA-256 over the files a diffusers pipeline loads from `model` (a directory, or a hub id already in
+    the local hub cache): model_index.json and each component folder's configs, vocabularies and
+    safetensors. None when the files cannot be found."""
+    root = Path(model)
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any hub failure means: no local files to hash
+            return None
+    index = root / "model_index.json"
+    if not index.is_file():
+        return None
+    components = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0]]
+    files = [index] + sorted(
+        p
+        for c in components
+        if (root / c).is_dir()
+        for p in (root / c).rglob("*")
+        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.startswith(".")
+    )
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_identity(model: str, backend: str, precision: str) -> str:
+    """What the cache key knows about the model: its id, its weights' hash, and the backend and precision,
+    which move pixels too."""
+    digest = weights_sha256(model)
+    if digest is None:
+        log.warning("cannot hash the weights of %s: cache keys use its name alone", model)
+    return f"{model}|{digest or 'unhashed'}|{backend}|{precision}"

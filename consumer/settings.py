@@ -11,10 +11,34 @@ class ConsumerSettings(CommonSettings):
     model: str = Field(default_factory=default_model, description="diffusers directory or hub id")
     backend: Literal["torch", "onnx"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "fp16"] = "fp16"
+    precision: Literal["fp32", "fp16", "int8"] = "fp16"  # int8: onnx backend only
+    # The trainer's adapter registry (file:// or s3://); unset: a request naming an adapter fails, saying so.
+    adapter_url: str | None = None
+    # Batching: a batch leaves when it holds max_batch images or its oldest request waited max_wait_ms.
     max_batch: int = Field(default=8, ge=1, le=64)
     max_wait_ms: int = Field(default=50, ge=0, le=10_000)
+    # Records taken from Kafka and not yet answered; past this the partitions are paused, not left unpolled.
+    max_pending: int = Field(default=64, ge=1, le=10_000)
     max_retries: int = Field(default=2, ge=0, le=10)
     retry_backoff_ms: int = Field(default=200, ge=0)
     progress_interval_s: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=60.0, ge=0)
+    # Cache: L1 in this process, L2 in Redis (when SKILL_REDIS_URL is set); every L2 key expires.
+    l1_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    # Single flight across consumers: a holder renews its lease every lease_ttl_s / 3; a killed holder's
+    # lease lapses after lease_ttl_s and a waiting consumer takes the work over.
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    lease_poll_ms: int = Field(default=100, ge=10)
+    # After a Redis error, Redis is left alone this long: a down Redis costs one timeout, not one per request.
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    redis_retry_s: float = Field(default=2.0, ge=0)
+    # Tansu answers a fetch only when fetch_max_wait_ms runs out, so this bounds the pickup latency there;
+    # Apache Kafka answers as soon as a record arrives.
+    fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    kafka_rebalance_timeout_ms: int = Field(default=60_000, ge=1000)
+    # TEST HOOK, never set in production: SIGKILL this process right after the terminal event of the Nth
+    # record is produced and before its offset is committed (0 = off). Only the at-least-once test uses it.
+    test_kill_after_terminal: int = Field(default=0, ge=0)

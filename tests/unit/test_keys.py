@@ -1,0 +1,109 @@
+"""Cache keys hash everything that decides the pixels and nothing else; batch keys group compatible requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumer.keys import (
+    BatchKey,
+    ResolvedAdapter,
+    batch_key,
+    cache_key,
+    image_seeds,
+    model_identity,
+    no_registry,
+    seed_of,
+    weights_sha256,
+)
+from consumer.pipeline import AdapterError
+from schemas.messages import AdapterRef, GenerateRequest, Origin
+
+pytestmark = pytest.mark.unit
+
+ORIGIN = Origin(platform="console", team_id="t1", channel_id="c", user_id="u")
+MODEL = "models/x|abc|torch|fp16"
+V1 = ResolvedAdapter(name="ink", version=1, path="/a/ink/v1", sha256="1" * 64)
+V2 = ResolvedAdapter(name="ink", version=2, path="/a/ink/v2", sha256="2" * 64)
+
+
+def req(**kw) -> GenerateRequest:
+    fields = {"prompt": "a drummer's paradiddle", "width": 64, "height": 64, "steps": 4, **kw}
+    return GenerateRequest(origin=ORIGIN, **fields)
+
+
+def test_a_request_without_a_seed_gets_one_from_its_content():
+    assert seed_of(req()) == seed_of(req())
+    assert seed_of(req()) != seed_of(req(negative_prompt="blur"))
+    assert seed_of(req(reroll=1)) != seed_of(req())
+    assert seed_of(req(seed=7)) == 7
+    assert image_seeds(req(seed=7, num_images=3)) == [7, 8, 9]
+
+
+def test_identical_requests_share_a_cache_key_whoever_sends_them():
+    other = Origin(platform="slack", team_id="t2", channel_id="d", user_id="v")
+    a, b = req(), GenerateRequest(**{**req().model_dump(), "origin": other, "request_id": "other"})
+    assert cache_key(a, MODEL, None) == cache_key(b, MODEL, None)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "a violinist's bow hold"},
+        {"negative_prompt": "blurry"},
+        {"seed": 1},
+        {"width": 128},
+        {"height": 128},
+        {"steps": 5},
+        {"scheduler": "euler"},
+        {"guidance": 3.0},
+        {"num_images": 2},
+        {"reroll": 1},
+    ],
+)
+def test_every_field_that_decides_the_pixels_changes_the_cache_key(change):
+    assert cache_key(req(**change), MODEL, None) != cache_key(req(), MODEL, None)
+
+
+def test_model_weights_and_adapter_version_change_the_cache_key():
+    base = cache_key(req(), MODEL, None)
+    assert cache_key(req(), "models/x|abd|torch|fp16", None) != base
+    assert cache_key(req(), "models/x|abc|onnx|fp16", None) != base
+    with_v1 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V1)
+    with_v2 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V2)
+    assert len({base, with_v1, with_v2}) == 3
+    retrained = V1.model_copy(update={"sha256": "3" * 64})
+    assert cache_key(req(adapter=AdapterRef(name="ink")), MODEL, retrained) != with_v1
+
+
+def test_batch_key_groups_by_shape_and_adapter_version_not_by_prompt_or_seed():
+    assert batch_key(req(seed=1), None) == batch_key(req(prompt="juggling", seed=2), None)
+    assert batch_key(req(), None) == BatchKey(64, 64, 4, 7.5, "dpmpp", None)
+    differing = [req(width=128), req(steps=5), req(scheduler="euler"), req(guidance=2.0)]
+    assert len({batch_key(r, None) for r in [req(), *differing]}) == 5
+    assert batch_key(req(), V1) != batch_key(req(), V2) != batch_key(req(), None)
+    assert V1.key != V2.key and "." not in V1.key  # torch module names cannot hold dots
+
+
+def test_without_a_registry_an_adapter_fails_with_a_clear_message():
+    with pytest.raises(AdapterError, match="adapter registry not configured"):
+        no_registry(AdapterRef.parse("ink@v2"), "t1")
+
+
+def test_weights_hash_covers_the_components_files(tmp_path):
+    index = {"_class_name": "X", "unet": ["diffusers", "U"], "safety_checker": [None, None]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * 100)
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "README.md").write_text("not a weight")
+    first = weights_sha256(str(tmp_path))
+    (tmp_path / "README.md").write_text("still not a weight")
+    assert weights_sha256(str(tmp_path)) == first
+    weights.write_bytes(b"\x00" * 99 + b"\x01")
+    assert weights_sha256(str(tmp_path)) not in (None, first)
+    assert weights_sha256(str(tmp_path / "missing")) is None
+    identity = model_identity(str(tmp_path), "torch", "fp32")
+    assert identity.endswith("|torch|fp32") and weights_sha256(str(tmp_path)) in identity
