@@ -26,7 +26,10 @@ class EventFollower:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=50,  # some brokers answer a fetch only when this runs out: it bounds event latency
         )
         await self._consumer.start()
         topic = self.settings.topics.events

@@ -48,7 +48,14 @@ async def demo(prompt: str, out: Path, timeout_s: float) -> int:
     with EmbeddedBroker() as bootstrap:
         timings["start broker"] = time.perf_counter() - t - sum(timings.values())
         common = {"kafka_bootstrap": bootstrap, "kafka_idempotence": False, "blob_url": f"file://{out.resolve()}/blobs"}
-        csettings = ConsumerSettings(model=model, **common)
+        # Tansu makes a new group's first join wait half the session timeout: a short one starts the demo sooner.
+        csettings = ConsumerSettings(
+            model=model,
+            kafka_session_timeout_ms=2000,
+            kafka_heartbeat_interval_ms=200,
+            kafka_rebalance_timeout_ms=2000,
+            **common,
+        )
         await ensure_topics(csettings, partitions=2)
         mark = time.perf_counter()
         engine = await asyncio.to_thread(load_engine_from, csettings)
