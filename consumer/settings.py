@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -12,6 +13,13 @@ class ConsumerSettings(CommonSettings):
     backend: Literal["torch", "onnx"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp16"  # int8: onnx backend only
+    # onnx backend: where exports and TensorRT engines are cached (default ~/.cache/skillgen/onnx), which
+    # execution provider to use (auto: TensorRT > CUDA > CPU), and how many fused adapters stay in memory.
+    onnx_cache_dir: Path | None = None
+    onnx_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = "auto"
+    max_cached_adapters: int = Field(default=4, ge=1, le=64)
+    # Resolution cap (width x height) a request may ask for on this deployment's GPU.
+    max_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
     # The trainer's adapter registry (file:// or s3://); unset: a request naming an adapter fails, saying so.
     adapter_url: str | None = None
     # Batching: a batch leaves when it holds max_batch images or its oldest request waited max_wait_ms.

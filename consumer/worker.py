@@ -625,8 +625,25 @@ def _log_lost_event(delivery: asyncio.Future) -> None:
 
 def load_engine_from(settings: ConsumerSettings):
     from consumer.pipeline import load_engine
+    from schemas.messages import MAX_IMAGES
 
-    return load_engine(settings.model, settings.backend, settings.device, settings.precision)
+    trt_profile = None
+    if settings.backend == "onnx":
+        from consumer.pipeline.onnx_backend import TrtProfile
+
+        # A batch holds max_batch images, or one request's images when that is more.
+        trt_profile = TrtProfile(max_batch=max(settings.max_batch, MAX_IMAGES))
+    return load_engine(
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.precision,
+        cache_dir=settings.onnx_cache_dir,
+        provider=settings.onnx_provider,
+        max_cached_adapters=settings.max_cached_adapters,
+        max_pixels=settings.max_pixels,
+        trt_profile=trt_profile,
+    )
 
 
 def registry_resolver(adapter_url: str) -> AdapterResolver:

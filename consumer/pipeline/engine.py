@@ -8,6 +8,7 @@ from its own generator, so an image depends on its own request and never on its 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from consumer.pipeline.errors import PipelineError
+from consumer.pipeline.errors import DoesNotFit, PipelineError
+from consumer.pipeline.memory import SLICED, TILED, Geometry, MemoryPolicy, headroom_bytes, is_out_of_memory, plan_level
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = {
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -49,12 +53,14 @@ class BatchSpec:
 class Backend(Protocol):
     """The three networks of Stable Diffusion, behind whatever runtime runs them."""
 
+    name: str
     device: torch.device
     dtype: torch.dtype
     scheduler_config: dict
     vae_scale_factor: int
     vae_scaling_factor: float
     latent_channels: int
+    geometry: Geometry
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor: ...
 
@@ -64,7 +70,14 @@ class Backend(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def load_adapter(self, key: str, path) -> None: ...
+
     def use_adapter(self, adapter: str | None) -> None: ...
+
+    def set_memory_savings(self, level: int) -> None: ...
+
+    @property
+    def slices_decode(self) -> bool: ...
 
 
 ProgressFn = Callable[[int, int], None]
@@ -73,7 +86,7 @@ ProgressFn = Callable[[int, int], None]
 @dataclass
 class Engine:
     backend: Backend
-    _scheduler_classes: dict = field(default_factory=dict, init=False, repr=False)
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
 
     def make_scheduler(self, name: str):
         import diffusers
@@ -85,6 +98,69 @@ class Engine:
         # A fresh scheduler per batch: multistep schedulers keep state between steps.
         return getattr(diffusers, cls_name).from_config({**self.backend.scheduler_config, **extra})
 
+    def check(self, spec: BatchSpec) -> None:
+        f = self.backend.vae_scale_factor
+        if spec.width % f or spec.height % f:
+            raise PipelineError(f"width and height must be multiples of {f}, got {spec.width}x{spec.height}")
+        if spec.width * spec.height > self.memory.max_pixels:
+            raise DoesNotFit(
+                f"{spec.width}x{spec.height} is above this worker's cap of {self.memory.max_pixels} pixels per image; "
+                "ask for a smaller size"
+            )
+
+    def generate(
+        self,
+        spec: BatchSpec,
+        samples: Sequence[Sample],
+        progress: ProgressFn | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """Images for `samples`, in order. On an out-of-memory error the batch is retried with memory savings on,
+        then split in halves (each sample's randomness is its own, so splitting changes no image); only a single
+        image that does not fit with every saving raises DoesNotFit."""
+        if not samples:
+            return []
+        self.check(spec)
+        be = self.backend
+        be.use_adapter(spec.adapter)
+        level = plan_level(
+            be.geometry,
+            headroom_bytes(be.device),
+            self.memory.headroom_fraction,
+            spec.width,
+            spec.height,
+            len(samples),
+            spec.guidance > 1.0,
+        )
+        return self._fit(spec, list(samples), latents, level, _Progress(progress, len(samples)))
+
+    def _fit(self, spec, samples, latents, level, tracker) -> list[Image.Image]:
+        try:
+            images = self._run(spec, samples, latents, level, tracker.chunk(len(samples)))
+            tracker.finish(len(samples))
+            return images
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("out of memory at batch %d, savings level %d: %s", len(samples), level, exc)
+        # Retried outside the except block, so the failed attempt's tensors are already freed.
+        release_cached_memory(self.backend.device)
+        if level < SLICED:
+            return self._fit(spec, samples, latents, SLICED, tracker)
+        if len(samples) > 1:
+            half = len(samples) // 2
+            head = None if latents is None else latents[:half]
+            tail = None if latents is None else latents[half:]
+            return self._fit(spec, samples[:half], head, level, tracker) + self._fit(
+                spec, samples[half:], tail, level, tracker
+            )
+        if level < TILED:
+            return self._fit(spec, samples, latents, TILED, tracker)
+        raise DoesNotFit(
+            f"a {spec.width}x{spec.height} image does not fit in {self.backend.device.type} memory even alone, "
+            "with attention slicing and VAE tiling; ask for a smaller size"
+        )
+
     def initial_latents(self, spec: BatchSpec, samples: Sequence[Sample]) -> tuple[torch.Tensor, list[torch.Generator]]:
         f = self.backend.vae_scale_factor
         shape = (1, self.backend.latent_channels, spec.height // f, spec.width // f)
@@ -94,30 +170,19 @@ class Engine:
         return latents, gens
 
     @torch.inference_mode()
-    def generate(
-        self,
-        spec: BatchSpec,
-        samples: Sequence[Sample],
-        progress: ProgressFn | None = None,
-        latents: torch.Tensor | None = None,
-    ) -> list[Image.Image]:
-        if not samples:
-            return []
-        f = self.backend.vae_scale_factor
-        if spec.width % f or spec.height % f:
-            raise PipelineError(f"width and height must be multiples of {f}, got {spec.width}x{spec.height}")
+    def _run(self, spec, samples, latents, level, progress: ProgressFn) -> list[Image.Image]:
         be = self.backend
-        be.use_adapter(spec.adapter)
+        be.set_memory_savings(level)
         scheduler = self.make_scheduler(spec.scheduler)
         scheduler.set_timesteps(spec.steps, device=be.device)
 
         cfg = spec.guidance > 1.0
-        prompts = [s.prompt for s in samples]
-        emb = be.encode_text(be.tokenize(prompts))
+        emb = be.encode_text(be.tokenize([s.prompt for s in samples]))
         if cfg:
             neg = be.encode_text(be.tokenize([s.negative_prompt for s in samples]))
             emb = torch.cat([neg, emb])
 
+        # Fresh generators on every attempt: a retry after an OOM repeats exactly the same randomness.
         init, gens = self.initial_latents(spec, samples)
         # The scheduler math runs in fp32 on the backend's device, so latents never leave it between steps.
         latents = (init if latents is None else latents).to(be.device) * scheduler.init_noise_sigma
@@ -130,10 +195,41 @@ class Engine:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + spec.guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, generator=gens, return_dict=True).prev_sample
-            if progress is not None:
-                progress(i + 1, n)
-        images = be.decode((latents / be.vae_scaling_factor).to(be.dtype)).float().cpu()
+            progress(i + 1, n)
+        scaled = (latents / be.vae_scaling_factor).to(be.dtype)
+        if be.slices_decode:
+            images = torch.cat([be.decode(z[None]).float().cpu() for z in scaled])
+        else:
+            images = be.decode(scaled).float().cpu()
         return to_pil(images)
+
+
+class _Progress:
+    """Reports (step, steps) over the whole request even when the engine splits it into smaller batches."""
+
+    def __init__(self, fn: ProgressFn | None, n_samples: int):
+        self.fn, self.n_samples = fn, n_samples
+        self.done = 0  # sample-steps of finished chunks
+        self.last = 0
+        self.steps = 0
+
+    def chunk(self, k: int) -> ProgressFn:
+        def report(i: int, n: int) -> None:
+            self.steps = n
+            step = (self.done + k * i) // self.n_samples
+            if self.fn is not None and step > self.last:
+                self.last = step
+                self.fn(step, n)
+
+        return report
+
+    def finish(self, k: int) -> None:
+        self.done += k * self.steps
+
+
+def release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -13,5 +13,9 @@ class AdapterError(PipelineError):
     pass
 
 
+class ExportError(PipelineError):
+    """An ONNX export could not be built or its output directory cannot be used."""
+
+
 class DoesNotFit(PipelineError):
     """The request cannot be generated within the device's memory, even alone and with every saving switched on."""

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from consumer.pipeline.errors import AdapterError, ModelLoadError
+from consumer.pipeline.lora import weights_file
+from consumer.pipeline.memory import SLICED, TILED, Geometry
 
 
 def pick_device(device: str) -> torch.device:
@@ -29,7 +31,7 @@ class TorchBackend:
         self.dtype = torch.float16 if precision == "fp16" and self.device.type == "cuda" else torch.float32
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(model), dtype=self.dtype, safety_checker=None, requires_safety_checker=False
+                str(model), dtype=self.dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a diffusers Stable Diffusion from {model}: {exc}") from exc
@@ -41,8 +43,17 @@ class TorchBackend:
         self.vae_scale_factor = pipe.vae_scale_factor
         self.vae_scaling_factor = pipe.vae.config.scaling_factor
         self.latent_channels = pipe.unet.config.in_channels
+        heads = pipe.unet.config.num_attention_heads or pipe.unet.config.attention_head_dim
+        self.geometry = Geometry(
+            attention_heads=max(heads) if isinstance(heads, (list, tuple)) else heads,
+            vae_channels=pipe.vae.config.block_out_channels[0],
+            dtype_bytes=torch.finfo(self.dtype).bits // 8,
+            # SDPA's flash and memory-efficient kernels never hold the score matrix.
+            materializes_attention=False,
+        )
         self._adapters: set[str] = set()
         self._active: str | None = None
+        self._savings = 0
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer
@@ -59,17 +70,35 @@ class TorchBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latents).sample
 
+    # -- memory ----------------------------------------------------------------------------------------------
+    def set_memory_savings(self, level: int) -> None:
+        if level == self._savings:
+            return
+        if level >= SLICED:
+            self.pipe.enable_attention_slicing()
+        else:
+            self.pipe.disable_attention_slicing()
+        if level >= TILED:
+            self.pipe.vae.enable_tiling()
+        else:
+            self.pipe.vae.disable_tiling()
+        self._savings = level
+
+    @property
+    def slices_decode(self) -> bool:
+        return self._savings >= SLICED
+
     # -- LoRA -----------------------------------------------------------------------------------------------
     def load_adapter(self, key: str, path: str | Path) -> None:
         """Load a diffusers-format LoRA (safetensors only) under `key`; loading a key twice is a no-op."""
         if key in self._adapters:
             return
-        path = Path(path)
-        weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
-        if weights.suffix != ".safetensors" or not weights.exists():
-            raise AdapterError(f"adapter {key!r}: expected a .safetensors LoRA file at {weights}")
+        weights = weights_file(path)
         try:
-            self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=key)
+            # use_safetensors=True: otherwise diffusers may fall back to unpickling a .bin lying beside the file.
+            self.pipe.load_lora_weights(
+                str(weights.parent), weight_name=weights.name, adapter_name=key, use_safetensors=True
+            )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise AdapterError(f"adapter {key!r} does not fit this model: {exc}") from exc
         self._adapters.add(key)

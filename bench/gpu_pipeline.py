@@ -1,0 +1,237 @@
+"""GPU benchmark: SD 1.5 architecture (random weights) at 512x512, 20 steps, batch 1/4/8, fp16:
+torch eager (SDPA) vs ONNX Runtime CUDA EP vs ONNX Runtime TensorRT EP, all through the same Engine loop.
+
+    python -m bench.gpu_pipeline --json bench/results/gpu_pipeline.json          # on a GPU machine, < 8 minutes
+    python -m bench.gpu_pipeline --smoke                                         # CPU-sized path, tiny model
+
+Prints latency, images/s, peak GPU memory and the share of the GPU's peak fp16 FLOP/s that the UNet work reached.
+One SD 1.5 UNet forward at 64x64 latents is about 803 GFLOP; guidance doubles it; the count leaves out the text
+encoder and the VAE, so the share is a lower bound. Setup (model build, ONNX export, TensorRT engine build) is
+timed apart from the runs. A `--budget-s` guard skips the backends that would start after the budget is spent.
+Needs torch with CUDA and onnxruntime-gpu (with TensorRT libraries for the TensorRT rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+UNET_GFLOP_64x64 = 803.0
+# Dense fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; --peak-tflops overrides.
+PEAK_FP16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
+
+
+def build_sd15(out: Path, device: str) -> Path:
+    """SD 1.5's text encoder (CLIP ViT-L/14 text), UNet and VAE configurations with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from consumer.pipeline.tiny import SD15_SCHEDULER, write_clip_tokenizer
+
+    torch.manual_seed(0)
+    write_clip_tokenizer(out / "tokenizer")
+    with torch.device(device):  # random init of 1.1 B parameters is minutes on a CPU, seconds on a GPU
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"), unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to("cpu").save_pretrained(out, safe_serialization=True)
+    return out
+
+
+class PeakDeviceMemory:
+    """Peak memory in use on the GPU (every allocator: torch's and ONNX Runtime's) while the block runs."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def _used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        self.peak = self._used()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def peak_tflops(override: float | None) -> float | None:
+    import torch
+
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FP16_TFLOPS.items() if k in name), None)
+
+
+def run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, sd15: bool):
+    import torch
+
+    from consumer.pipeline.bench import mean_psnr
+    from consumer.pipeline.engine import BatchSpec, Sample
+
+    for batch in batches:
+        samples = [Sample("a cellist's vibrato, close-up", seed=100 + i) for i in range(batch)]
+        engine.generate(BatchSpec(width=size, height=size, steps=2), samples)  # warm-up (and TensorRT build)
+        latencies = []
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mem = PeakDeviceMemory(device)
+        else:
+            from consumer.pipeline.bench import PeakRss
+
+            mem = PeakRss()
+        with mem:
+            for _ in range(runs):
+                start = time.perf_counter()
+                images = engine.generate(BatchSpec(width=size, height=size, steps=steps), samples)
+                latencies.append(time.perf_counter() - start)
+        median = statistics.median(latencies)
+        # The FLOP count is SD 1.5's; the smoke model's would be meaningless.
+        unet_gflop = UNET_GFLOP_64x64 * (size / 512) ** 2 * 2 * batch * steps if sd15 else None
+        tflops = None if unet_gflop is None else unet_gflop / median / 1000
+        share = None if peak is None or tflops is None else tflops / peak
+        ref = reference.setdefault(batch, images)
+        rows.append(
+            {
+                "backend": label, "width": size, "height": size, "steps": steps, "batch": batch,
+                "latency_ms_median": round(median * 1000, 1), "images_per_s": round(batch / median, 3),
+                "peak_mem_mb": round(mem.peak / 2**20, 1), "unet_tflops": None if tflops is None else round(tflops, 2),
+                "share_of_peak": None if share is None else round(share, 4),
+                "psnr_db_vs_torch": mean_psnr(images, ref),
+            }
+        )
+        print(format_row(rows[-1]), flush=True)
+
+
+def format_row(r: dict) -> str:
+    share = "-" if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}%"
+    tflops = "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.2f}"
+    return (
+        f"{r['backend']:14s} {r['batch']:5d} {r['latency_ms_median']:10.1f} {r['images_per_s']:8.2f} "
+        f"{r['peak_mem_mb']:9.0f} {tflops:>8s} {share:>7s} {r['psnr_db_vs_torch']:7.1f}"
+    )
+
+
+HEADER = (
+    f"{'backend':14s} {'batch':>5s} {'ms/batch':>10s} {'img/s':>8s} {'peakMB':>9s} {'TFLOP/s':>8s} {'%peak':>7s} "
+    f"{'PSNR':>7s}"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, not the GPU")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="skip backends that would start after this")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16 peak, when not in the built-in table")
+    parser.add_argument("--workdir", type=Path, help="keep the model and exports here (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from consumer.pipeline import load_engine
+    from consumer.pipeline.onnx_backend import TrtProfile
+
+    started = time.perf_counter()
+    if args.smoke:
+        device, precision, size, steps, batches, runs = torch.device("cpu"), "fp32", 64, 2, (1, 2), 1
+        backends = [("torch", {}), ("onnx-cpu", {"provider": "cpu"})]
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --smoke for the CPU-sized path", file=sys.stderr)
+            return 2
+        device, precision, size, steps, batches, runs = torch.device("cuda", 0), "fp16", 512, 20, (1, 4, 8), 2
+        backends = [("torch", {}), ("onnx-cuda", {"provider": "cuda"}), ("onnx-tensorrt", {"provider": "tensorrt"})]
+    peak = None if args.smoke else peak_tflops(args.peak_tflops)
+
+    with tempfile.TemporaryDirectory(prefix="skillgen-gpu-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        if args.smoke:
+            from consumer.pipeline.tiny import build_tiny
+
+            model = build_tiny(work / "model")
+        else:
+            model = build_sd15(work / "model", "cuda")
+        setup = {"build_model_s": round(time.perf_counter() - t0, 1)}
+        print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; peak fp16 {peak} TFLOP/s")
+        print(HEADER, flush=True)
+        rows: list[dict] = []
+        skipped: dict[str, str] = {}
+        reference: dict = {}
+        for label, kwargs in backends:
+            if time.perf_counter() - started > args.budget_s:
+                skipped[label] = f"budget of {args.budget_s:.0f}s spent"
+                continue
+            t0 = time.perf_counter()
+            try:
+                if label == "torch":
+                    engine = load_engine(model, "torch", device.type, precision)
+                else:
+                    profile = TrtProfile(min_side_px=size, opt_side_px=size, max_side_px=size, max_batch=max(batches))
+                    engine = load_engine(
+                        model, "onnx", device.type, precision, cache_dir=work / "onnx", trt_profile=profile, **kwargs
+                    )
+            except Exception as exc:  # a missing provider or library is a result to report, not a crash
+                skipped[label] = f"{type(exc).__name__}: {exc}"
+                print(f"{label}: skipped ({skipped[label][:200]})", flush=True)
+                continue
+            setup[f"{label}_load_s"] = round(time.perf_counter() - t0, 1)
+            run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, sd15=not args.smoke)
+            del engine
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result = {"rows": rows, "setup_s": setup, "skipped": skipped, "total_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
