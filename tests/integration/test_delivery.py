@@ -225,7 +225,7 @@ async def test_one_bad_event_never_stops_the_service(world):
             if len(records) >= 3:
                 break
     errors = sorted(header(r.headers, "error").split(":")[0] for r in records)
-    assert errors == ["CodecError", "FileNotFoundError", "NotFound"]
+    assert errors == ["BlobError", "CodecError", "NotFound"]
 
 
 async def test_fine_tune_events_use_the_trainers_words_and_post_no_weights(world):
