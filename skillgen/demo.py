@@ -66,7 +66,9 @@ async def demo(prompt: str, out: Path, timeout_s: float) -> int:
         await asyncio.wait({consumer_task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if consumer_task.done():
             consumer_task.result()  # raises what stopped it
-        bsettings = BotSettings(default_width=64, default_height=64, default_steps=20, **common)
+        # The embedded model draws 64x64 icons; guidance 2.5 is where it follows colour and background words best
+        # (models/skill-icons/TRAINING.md).
+        bsettings = BotSettings(default_width=64, default_height=64, default_steps=20, default_guidance=2.5, **common)
         try:
             async with ConsoleBot(bsettings, out) as bot:
                 print(f"> {prompt}", flush=True)
