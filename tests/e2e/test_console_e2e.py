@@ -87,3 +87,34 @@ def test_demo_writes_a_png_and_leaves_nothing_running(tmp_path):
     assert len(written) == 1 and Path(written[0]).exists()
     assert "stage timings:" in out.stdout
     assert _tansu_pids() <= before
+
+
+@pytest.mark.parametrize(
+    "prompt, color, light",
+    [
+        ("a red football skill icon on a light background", "red", True),
+        ("a blue guitar skill icon on a dark background", "blue", False),
+        ("a green laptop skill icon on a dark background", "green", False),
+    ],
+)
+async def test_the_embedded_model_draws_what_the_console_asked_for(skill_env, tmp_path, prompt, color, light):
+    """Through the whole system with the shipped model: the picture, not just a PNG, is checked."""
+    from schemas.settings import EMBEDDED_MODEL_DIR
+    from trainer.quality import background_is_light, dominant_color
+
+    csettings = ConsumerSettings(model=str(EMBEDDED_MODEL_DIR), device="cpu")
+    engine = await asyncio.to_thread(load_engine_from, csettings)
+    worker = Worker(csettings, engine)
+    task = asyncio.create_task(worker.run())
+    try:
+        bot_settings = BotSettings(default_width=64, default_height=64, default_steps=20, default_guidance=2.5)
+        async with ConsoleBot(bot_settings, tmp_path / "out") as bot:
+            req = await bot.submit(f"/skill {prompt} --seed 3")
+            result = await bot.wait(req, timeout_s=120)
+    finally:
+        worker.stop()
+        await task
+    assert result.final.kind == EventKind.succeeded, result.final.message
+    with Image.open(result.paths[0]) as img:
+        assert dominant_color(img.convert("RGB")) == color
+        assert background_is_light(img.convert("RGB")) is light
