@@ -26,7 +26,7 @@ from trainer.commands import (
     train_command,
 )
 from trainer.registry import Registry
-from trainer.settings import TeamPolicy, TrainCommandSettings
+from trainer.settings import TeamPolicy, TrainCommandSettings, TrainerSettings
 from tests.unit.test_registry import record
 
 pytestmark = pytest.mark.unit
@@ -104,6 +104,14 @@ def test_a_team_without_a_policy_cannot_train_and_one_team_policy_does_not_open_
     permissions = {"222": TeamPolicy(discord_role_ids={"42"})}
     with pytest.raises(NotAllowed, match="not enabled for this team"):
         check_allowed(permissions, DISCORD, Member("u1", role_ids=frozenset({"42"})))
+
+
+def test_trainer_settings_nest_under_double_underscores(monkeypatch):
+    monkeypatch.setenv("SKILL_LORA__UNET_RANK", "16")
+    monkeypatch.setenv("SKILL_LORA__UNET_TARGETS", '["to_q", "conv1"]')
+    monkeypatch.setenv("SKILL_INGEST__MAX_IMAGES", "20")
+    s = TrainerSettings(_env_file=None)
+    assert (s.lora.unet_rank, s.lora.unet_targets, s.lora.text_rank, s.ingest.max_images) == (16, ["to_q", "conv1"], 4, 20)
 
 
 def test_permissions_come_from_the_environment_as_json(monkeypatch):

@@ -1,0 +1,314 @@
+"""Chat to adapter, end to end: `/skill-train` through trainer.commands, a real broker, the trainer service and
+the real consumer, on the tiny model. The chat is faked at the commands layer (what the bots call); images come
+from a local HTTP server that only these tests put on the download allowlist."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from PIL import Image, ImageDraw
+
+import consumer.pipeline.tiny as tiny
+from consumer.keys import ResolvedAdapter
+from consumer.pipeline import load_engine
+from consumer.pipeline.errors import AdapterError
+from consumer.safety import ImagePolicy
+from consumer.settings import ConsumerSettings
+from consumer.worker import Worker
+from schemas.blobstore import BlobStore
+from schemas.codec import decode, encode, header
+from schemas.kafka import make_producer
+from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
+from tests.harness import FAST_GROUP
+from trainer.commands import (
+    Cancel,
+    Member,
+    cancel_topic,
+    cancel_request,
+    check_allowed,
+    describe_adapters,
+    finetune_key,
+    finetune_request,
+    parse,
+    progress_text,
+)
+from trainer.ingest import IngestLimits
+from trainer.registry import Registry, RegistryError
+from trainer.settings import LoraRecipe, TeamPolicy, TrainCommandSettings, TrainerSettings
+from trainer.worker import TrainerWorker
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+GUILD = Origin(platform="discord", team_id="111", channel_id="c1", user_id="u1")
+OTHER_GUILD = Origin(platform="discord", team_id="222", channel_id="c9", user_id="u9")
+TRAINER_ROLE = Member("u1", role_ids=frozenset({"42"}))
+PERMISSIONS = {"111": TeamPolicy(discord_role_ids={"42"})}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request, tmp_path_factory) -> Path:
+    version = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
+    cache = getattr(request.config, "cache", None)
+    path = Path(cache.mkdir(f"skillgen-tiny-{version}")) if cache else tmp_path_factory.mktemp("tiny")
+    if not (path / "model_index.json").exists():
+        tiny.build_tiny(path)
+    return path
+
+
+def red_circle_png(i: int) -> bytes:
+    image = Image.new("RGB", (64, 64), (15, 15, 15))
+    ImageDraw.Draw(image).ellipse((6 + 2 * i, 6, 58, 58 - 2 * i), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def attachments() -> AsyncIterator[tuple[list[str], IngestLimits]]:
+    """Three red circles on a local server, and the download policy that lets the trainer fetch them."""
+    app = web.Application()
+    for i in range(3):
+        body = red_circle_png(i)
+
+        async def serve(request, body=body):
+            return web.Response(body=body, content_type="image/png")
+
+        app.router.add_get(f"/{i}.png", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    limits = IngestLimits(allowed_hosts=(f"127.0.0.1:{port}",), require_https=False, allow_private_addresses=True)
+    yield [f"http://127.0.0.1:{port}/{i}.png" for i in range(3)], limits
+    await runner.cleanup()
+
+
+def trainer_settings(model: Path, tmp: Path, limits: IngestLimits, **kw) -> TrainerSettings:
+    fast = {
+        "fetch_max_wait_ms": 20,
+        "kafka_session_timeout_ms": FAST_GROUP["session_timeout_ms"],
+        "kafka_heartbeat_interval_ms": FAST_GROUP["heartbeat_interval_ms"],
+        "kafka_rebalance_timeout_ms": FAST_GROUP["rebalance_timeout_ms"],
+        "lora": LoraRecipe(lr=1e-2, batch_size=1),
+    }
+    return TrainerSettings(
+        _env_file=None, model=str(model), device="cpu", adapter_url=(tmp / "adapters").as_uri(),
+        work_dir=tmp / "work", progress_interval_s=0, sample_images=2, sample_steps=2, ingest=limits,
+        **{**fast, **kw},
+    )
+
+
+@asynccontextmanager
+async def running(worker) -> AsyncIterator:
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(ready.set))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()
+    assert ready.is_set(), "the worker did not get ready in 60 s"
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 120)
+
+
+class Chat:
+    """The fake chat: publishes what the bots would and reads every event of the test's topics."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.topics = settings.topics
+        self.events: list[JobEvent] = []
+
+    async def __aenter__(self) -> Chat:
+        self.producer = make_producer(self.settings)
+        await self.producer.start()
+        self.reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                       fetch_max_wait_ms=20)
+        await self.reader.start()
+        tps = [TopicPartition(self.topics.events, p) for p in range(4)]
+        self.reader.assign(tps)
+        await self.reader.seek_to_beginning(*tps)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.reader.stop()
+        await self.producer.stop()
+
+    async def publish(self, topic: str, msg, key: bytes) -> None:
+        value, headers = encode(msg)
+        await self.producer.send_and_wait(topic, value, key=key, headers=headers)
+
+    async def until(self, request_id: str, done, timeout_s: float = 150) -> list[JobEvent]:
+        """This request's events, read until `done(event)` is true for one of them."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                mine = [e for e in self.events if e.request_id == request_id]
+                if any(done(e) for e in mine):
+                    return mine
+                for records in (await self.reader.getmany(timeout_ms=200)).values():
+                    self.events += [decode(r.value, JobEvent, r.headers) for r in records]
+
+    async def terminal(self, request_id: str) -> list[JobEvent]:
+        return await self.until(request_id, lambda e: e.kind.terminal)
+
+
+def registry_resolver(registry: Registry):
+    """The consumer's adapter resolver over the trainer's registry (what `skillgen consumer` wires)."""
+
+    def resolve(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
+        try:
+            resolved = registry.resolve(team_id, ref)
+        except RegistryError as exc:
+            raise AdapterError(str(exc)) from None
+        return ResolvedAdapter(name=ref.name, version=resolved.version, path=resolved.path, sha256=resolved.sha256)
+
+    return resolve
+
+
+def png_pixels(blobs: BlobStore, event: JobEvent) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(blobs.get(event.blobs[0]))), dtype=np.int16)
+
+
+async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    registry = Registry(settings.adapter_url)
+    blobs = BlobStore(settings.blob_url)
+
+    # The chat side: who may train, then the request the bot publishes.
+    cmd = parse("/skill-train circles --trigger zq --steps 10 --caption a red circle")
+    check_allowed(PERMISSIONS, GUILD, TRAINER_ROLE)
+    commands = TrainCommandSettings(_env_file=None, train_permissions=PERMISSIONS, ingest=limits)
+    req = finetune_request(cmd, GUILD, urls, commands)
+
+    async with Chat(settings) as chat, running(TrainerWorker(settings)):
+        await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        events = await chat.terminal(req.request_id)
+
+    kinds = [e.kind for e in events]
+    assert kinds[0] == EventKind.started and kinds[-1] == EventKind.succeeded, [progress_text(e) for e in events]
+    progress = [e for e in events if e.kind == EventKind.progress]
+    assert progress and all(e.total_steps == 10 and e.loss is not None and e.job == "finetune" for e in progress)
+    assert [e.step for e in progress] == sorted(e.step for e in progress)
+    assert any(e.eta_s is not None for e in progress)
+    done = events[-1]
+    assert done.adapter == "circles@v1" and "--adapter circles" in done.message
+    grid = Image.open(io.BytesIO(blobs.get(done.blobs[0])))
+    assert grid.size == (128, 128)  # two sample images, base row over adapter row
+
+    meta = registry.meta("111", "circles", 1)
+    assert (meta.training.steps, meta.training.images, meta.training.trigger) == (10, 3, "zq")
+    assert meta.training.trained_by.user_id == "u1" and len(meta.training.loss_curve) == 10
+    assert "`circles`: v1" in describe_adapters(registry, "111")
+    assert "no adapters yet" in describe_adapters(registry, "222")
+
+    # The same prompt and seed with and without the adapter; and from a team the adapter does not belong to.
+    consumer_settings = ConsumerSettings(
+        model=str(tiny_model), device="cpu", precision="fp32", fetch_max_wait_ms=20,
+        kafka_session_timeout_ms=FAST_GROUP["session_timeout_ms"],
+        kafka_heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
+        kafka_rebalance_timeout_ms=FAST_GROUP["rebalance_timeout_ms"],
+    )
+    common = {"prompt": "a zq picture, a red circle", "width": 64, "height": 64, "steps": 4, "seed": 5}
+    plain = GenerateRequest(origin=GUILD, **common)
+    adapted = GenerateRequest(origin=GUILD, adapter=AdapterRef.parse("circles"), **common)
+    pinned = GenerateRequest(origin=GUILD, adapter=AdapterRef.parse("circles@v1"), **common)
+    foreign = GenerateRequest(origin=OTHER_GUILD, adapter=AdapterRef.parse("circles"), **common)
+    engine = await asyncio.to_thread(load_engine, tiny_model, "torch", "cpu", "fp32")
+    worker = Worker(consumer_settings, engine, image_policy=ImagePolicy(), resolve_adapter=registry_resolver(registry))
+    async with Chat(consumer_settings) as chat, running(worker):
+        for r in (plain, adapted, pinned, foreign):
+            await chat.publish(skill_env.topics.generate, r, r.request_id.encode())
+        answers = {r.request_id: (await chat.terminal(r.request_id))[-1] for r in (plain, adapted, pinned, foreign)}
+
+    assert [answers[r.request_id].kind for r in (plain, adapted, pinned)] == [EventKind.succeeded] * 3
+    base_px, adapted_px = png_pixels(blobs, answers[plain.request_id]), png_pixels(blobs, answers[adapted.request_id])
+    assert np.abs(adapted_px - base_px).mean() > 1.0
+    assert np.array_equal(png_pixels(blobs, answers[pinned.request_id]), adapted_px)
+    refused = answers[foreign.request_id]
+    assert refused.kind == EventKind.failed and "no adapter named 'circles'" in refused.message
+
+
+async def test_poison_records_go_to_the_dlq_and_refused_inputs_say_why(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    bad_host = finetune_request(parse("style"), GUILD, ["https://cdn.discordapp.com/x.png"], TrainCommandSettings(_env_file=None))
+    too_many = finetune_request(parse("style2"), GUILD, urls, TrainCommandSettings(_env_file=None, ingest=limits))
+    dlq = AIOKafkaConsumer(bootstrap_servers=skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], enable_auto_commit=False)
+    await dlq.start()
+    tps = [TopicPartition(skill_env.topics.dlq(skill_env.topics.finetune), p) for p in range(4)]
+    dlq.assign(tps)
+    await dlq.seek_to_beginning(*tps)
+    strict = limits.model_copy(update={"max_images": 2})
+    try:
+        async with Chat(settings) as chat, running(TrainerWorker(settings.model_copy(update={"ingest": strict}))):
+            await chat.producer.send_and_wait(skill_env.topics.finetune, b"{not json", key=b"x")
+            for r in (bad_host, too_many):
+                await chat.publish(skill_env.topics.finetune, r, finetune_key(r))
+            refused_host = (await chat.terminal(bad_host.request_id))[-1]
+            refused_count = (await chat.terminal(too_many.request_id))[-1]
+            async with asyncio.timeout(30):
+                dead = []
+                while not dead:
+                    dead = [r for part in (await dlq.getmany(timeout_ms=200)).values() for r in part]
+    finally:
+        await dlq.stop()
+    assert refused_host.kind == EventKind.failed and "downloads only come from 127.0.0.1" in refused_host.message
+    assert refused_count.kind == EventKind.failed and "3 files sent; at most 2" in refused_count.message
+    assert dead[0].value == b"{not json" and "CodecError" in header(list(dead[0].headers), "error")
+
+
+async def test_cancel_stops_a_running_training(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    req = finetune_request(parse("long-one --steps 5000"), GUILD, urls,
+                           TrainCommandSettings(_env_file=None, ingest=limits))
+    async with Chat(settings) as chat, running(TrainerWorker(settings)) as trainer:
+        await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        await chat.until(req.request_id, lambda e: e.kind == EventKind.progress)
+        stop = cancel_request(Cancel("long-one"), GUILD)
+        await chat.publish(cancel_topic(skill_env.topics), stop, b"111/long-one")
+        events = await chat.terminal(req.request_id)
+        async with asyncio.timeout(10):
+            while trainer.finished < 1:  # committed: the record will not come back
+                await asyncio.sleep(0.05)
+    last = events[-1]
+    assert last.kind == EventKind.failed and "cancelled by <@u1> at step" in last.message
+    assert max(e.step or 0 for e in events) < 5000
+    assert Registry(settings.adapter_url).adapters("111") == {}
+    assert not (settings.work_dir / req.request_id).exists()
+
+
+async def test_a_stopped_trainer_leaves_the_job_uncommitted_and_the_next_one_resumes_it(
+    skill_env, tiny_model, attachments, tmp_path
+):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits, lora=LoraRecipe(lr=1e-2, batch_size=1, checkpoint_every=2))
+    req = finetune_request(parse("resumed --steps 12"), GUILD, urls, TrainCommandSettings(_env_file=None, ingest=limits))
+    async with Chat(settings) as chat:
+        async with running(TrainerWorker(settings)) as first:
+            await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+            await chat.until(req.request_id, lambda e: e.kind == EventKind.progress and e.step >= 3)
+        paused = await chat.until(req.request_id, lambda e: e.message and "paused" in e.message)
+        assert first.finished == 0  # nothing committed: the record comes back to the group
+        async with running(TrainerWorker(settings)):
+            events = await chat.terminal(req.request_id)
+    after = events[len(paused):]
+    steps_after = [e.step for e in after if e.kind == EventKind.progress]
+    assert after[-1].kind == EventKind.succeeded and after[-1].adapter == "resumed@v1"
+    assert steps_after[0] > 2, steps_after  # resumed from a checkpoint, not from step 1
+    assert Registry(settings.adapter_url).versions("111", "resumed") == [1]

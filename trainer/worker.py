@@ -1,0 +1,409 @@
+"""The trainer service (`skillgen trainer`): `skill.finetune` in, adapters into the registry, events out.
+
+One job at a time per process (one process per GPU). A job can run for an hour, so the worker never leaves
+its consumer group meanwhile: it pauses every assigned partition and keeps polling (heartbeats and the poll
+interval stay alive), and commits the record's offset only after the job's terminal event is produced, then
+resumes. Training runs in a worker thread. A record that cannot be decoded goes to the DLQ; a refused input,
+a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
+stops without committing: the record comes back and training resumes from that checkpoint.
+
+Cancels arrive on `<prefix>skill.finetune.cancel`, which every trainer reads from its end without a group: the
+trainer running that team's adapter stops it, and each trainer remembers the cancel for jobs still queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from schemas.blobstore import BlobStore
+from schemas.codec import CodecError, decode, encode
+from schemas.kafka import make_consumer, make_producer
+from schemas.logs import job
+from schemas.messages import EventKind, FineTuneRequest, JobEvent
+from schemas.observability import metrics_server
+from schemas.topics import TRAINER_GROUP
+from trainer import TrainerError
+from trainer.commands import FineTuneCancel, cancel_topic, mention
+from trainer.ingest import Example, dataset_sha256, ingest
+from trainer.registry import AdapterMeta, Registry, TrainedBy, TrainingRecord
+from trainer.settings import TrainerSettings
+
+log = logging.getLogger("skillgen.trainer")
+
+SHUTDOWN = "the trainer is shutting down"
+CANCEL_MEMORY = 10_000
+HEALTHY_LOOP_S = 30.0
+
+
+class TrainerMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.jobs = Counter("skill_trainer_jobs", "Fine-tune records answered, by outcome", ["outcome"], registry=r)
+        self.steps = Counter("skill_trainer_steps", "Training steps run", registry=r)
+        self.running = Gauge("skill_trainer_running", "1 while a job is training", registry=r)
+
+
+@dataclass
+class Running:
+    req: FineTuneRequest
+    stop_reason: str | None = None
+
+
+class TrainerWorker:
+    """`await TrainerWorker(settings).run(ready)` until `stop()`."""
+
+    def __init__(self, settings: TrainerSettings, blobs: BlobStore | None = None, registry: Registry | None = None):
+        self.settings = settings
+        self.topics = settings.topics
+        self.blobs = blobs or BlobStore(settings.blob_url)
+        self.registry = registry or Registry(settings.adapter_url)
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training")
+        self._stop = asyncio.Event()
+        self._running: Running | None = None
+        self._cancels: dict[tuple[str, str], datetime] = {}
+        self._base_sha256: str | None = None
+        self._state = "starting"
+        self._loop_seen = time.monotonic()
+        self.metrics = TrainerMetrics()
+        self.finished = 0  # records answered or dead-lettered, and committed
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._running is not None:
+            self._running.stop_reason = SHUTDOWN
+
+    def health(self) -> tuple[bool, str]:
+        if self._state != "running":
+            return False, self._state
+        silent_s = time.monotonic() - self._loop_seen
+        if silent_s > HEALTHY_LOOP_S:
+            return False, f"the poll loop has been silent for {silent_s:.0f}s"
+        running = self._running
+        return True, f"ok: training {running.req.adapter}" if running else "ok: idle"
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        from trainer.lora import base_model_sha256
+
+        s = self.settings
+        self._base_sha256 = await asyncio.to_thread(base_model_sha256, s.model)
+        await self._ensure_cancel_topic()
+        self.producer = make_producer(s)
+        await self.producer.start()
+        cancels = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                   fetch_max_wait_ms=s.fetch_max_wait_ms)
+        consumer = make_consumer(
+            s, self.topics.finetune, group=self.topics.group(TRAINER_GROUP), max_poll_records=1,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+            rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
+        )
+        follower: asyncio.Task | None = None
+        try:
+            await cancels.start()
+            await self._from_the_end(cancels)  # before `ready`: a cancel sent after start is never missed
+            follower = asyncio.create_task(self._follow_cancels(cancels))
+            await consumer.start()
+            try:
+                async with metrics_server(s.metrics_port, self.metrics.registry, self.health):
+                    self._state = "running"
+                    log.info("trainer ready on %s (base %s)", self.topics.finetune, s.model)
+                    if ready:
+                        ready()
+                    await self._consume(consumer)
+            finally:
+                self._state = "stopping"
+                await consumer.stop()  # leaves the group so the partitions move at once
+        finally:
+            if follower:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+            await cancels.stop()
+            await self.producer.stop()
+            self._gpu.shutdown(wait=True)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        while not self._stop.is_set():
+            self._loop_seen = time.monotonic()
+            batches = await consumer.getmany(timeout_ms=500, max_records=1)
+            for tp, records in batches.items():
+                for record in records:
+                    if await self._while_polling(consumer, self.handle(record)):
+                        await self._commit(consumer, tp, record.offset + 1)
+                        self.finished += 1
+
+    async def _while_polling(self, consumer: AIOKafkaConsumer, work) -> bool:
+        """Run `work` with every partition paused, polling meanwhile so the group keeps this member."""
+        task = asyncio.create_task(work)
+        try:
+            while not task.done():
+                consumer.pause(*consumer.assignment())  # again each time: a rebalance may have brought new ones
+                await asyncio.wait({task}, timeout=0.5)
+                for tp, early in (await consumer.getmany(timeout_ms=0)).items():
+                    consumer.seek(tp, early[0].offset)  # assigned mid-poll, before its pause: read it again later
+                self._loop_seen = time.monotonic()
+            return task.result()
+        finally:
+            consumer.resume(*consumer.assignment())
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except KafkaError as exc:
+            # The partition moved during the job; its new owner gets the record, finds the published
+            # version by request id and answers again without training.
+            log.warning("could not commit %s[%d]@%d: %s", tp.topic, tp.partition, offset, exc)
+
+    async def _ensure_cancel_topic(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            topic = cancel_topic(self.topics)
+            if topic not in await admin.list_topics():
+                await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        except KafkaError as exc:
+            log.warning("could not create %s (%s); relying on the broker to create it", cancel_topic(self.topics), exc)
+        finally:
+            await admin.close()
+
+    async def _from_the_end(self, cancels: AIOKafkaConsumer) -> None:
+        topic = cancel_topic(self.topics)
+        parts: set[int] = set()
+        async with asyncio.timeout(30):
+            while not parts:
+                await cancels._client.force_metadata_update()  # the topic may have been created a moment ago
+                parts = cancels.partitions_for_topic(topic) or set()
+                if not parts:
+                    await asyncio.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        cancels.assign(tps)
+        await cancels.seek_to_end(*tps)
+        for tp in tps:  # resolve the positions now, so nothing produced after this is skipped
+            await cancels.position(tp)
+
+    async def _follow_cancels(self, cancels: AIOKafkaConsumer) -> None:
+        async for record in cancels:
+            try:
+                msg = decode(record.value, FineTuneCancel, record.headers)
+            except CodecError as exc:
+                log.warning("ignoring an undecodable cancel at %d: %s", record.offset, exc)
+                continue
+            self.cancel(msg)
+
+    def cancel(self, msg: FineTuneCancel) -> None:
+        """Stop the running job of that team's adapter, and refuse its queued ones asked before the cancel."""
+        team, name = msg.origin.team_id, msg.adapter
+        if len(self._cancels) >= CANCEL_MEMORY:
+            self._cancels.pop(next(iter(self._cancels)))
+        self._cancels[(team, name)] = msg.created_at
+        running = self._running
+        if running is not None and (running.req.origin.team_id, running.req.adapter) == (team, name):
+            running.stop_reason = f"cancelled by {mention(msg.origin.platform, msg.origin.user_id)}"
+            log.info("cancel requested", extra=job(running.req.request_id, by=msg.origin.user_id))
+
+    # -- one record ---------------------------------------------------------------------------------------
+    async def handle(self, record: ConsumerRecord) -> bool:
+        """Answer one record; True when its offset may be committed."""
+        try:
+            req = decode(record.value, FineTuneRequest, record.headers)
+        except CodecError as exc:
+            await self.dead_letter(record, exc)
+            self.metrics.jobs.labels("dead-lettered").inc()
+            return True
+        ctx = job(req.request_id, adapter=req.adapter, team=req.origin.team_id)
+        cancelled_at = self._cancels.get((req.origin.team_id, req.adapter))
+        if cancelled_at is not None and req.created_at <= cancelled_at:
+            await self.emit(req, EventKind.failed, message=f"Training of `{req.adapter}` was cancelled before it started.")
+            self.metrics.jobs.labels("cancelled").inc()
+            return True
+        done = await asyncio.to_thread(self.registry.find_request, req.origin.team_id, req.adapter, req.request_id)
+        if done is not None:  # a redelivery of a job that already published
+            await self.succeeded(req, done)
+            self.metrics.jobs.labels("succeeded").inc()
+            return True
+        await self.emit(req, EventKind.started, message=f"Training `{req.adapter}`: fetching {len(req.image_urls)} files")
+        self._running = Running(req, SHUTDOWN if self._stop.is_set() else None)
+        self.metrics.running.set(1)
+        workdir = self.settings.work_dir / req.request_id
+        try:
+            examples = await ingest(req.image_urls, req.trigger, req.caption, self.settings.ingest, self._slack_token())
+            log.info("ingested %d images", len(examples), extra=ctx)
+            meta = await asyncio.get_running_loop().run_in_executor(
+                self._gpu, self._train_and_publish, req, examples, workdir, self._progress_fn(req)
+            )
+        except Exception as exc:  # noqa: BLE001 - every outcome is answered; only a shutdown is not
+            return await self._failed(record, req, exc, workdir)
+        finally:
+            self._running = None
+            self.metrics.running.set(0)
+        shutil.rmtree(workdir, ignore_errors=True)
+        log.info("published %s", meta.key, extra=ctx)
+        await self.succeeded(req, meta)
+        self.metrics.jobs.labels("succeeded").inc()
+        return True
+
+    async def _failed(self, record: ConsumerRecord, req: FineTuneRequest, exc: Exception, workdir: Path) -> bool:
+        from trainer.lora import Stopped
+
+        ctx = job(req.request_id, adapter=req.adapter)
+        if isinstance(exc, Stopped) and exc.reason == SHUTDOWN:
+            log.info("stopped at step %d for shutdown; the checkpoint stays for the next owner", exc.step, extra=ctx)
+            await self.emit(req, EventKind.progress, step=exc.step, total_steps=req.steps,
+                            message=f"Training `{req.adapter}` paused at step {exc.step}: the trainer is restarting")
+            return False
+        shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(exc, Stopped):
+            outcome, message = "cancelled", f"Training of `{req.adapter}` was {exc.reason} at step {exc.step}/{req.steps}."
+        elif isinstance(exc, TrainerError):  # refused input or a run that cannot work: the message says why
+            outcome, message = "refused", f"Training of `{req.adapter}` failed: {exc}"
+        else:
+            log.exception("training failed", extra=ctx)
+            await self.dead_letter(record, exc)
+            outcome, message = "failed", f"Training of `{req.adapter}` failed unexpectedly; the team has been notified."
+        self.metrics.jobs.labels(outcome).inc()
+        log.info("%s", message, extra=ctx)
+        await self.emit(req, EventKind.failed, message=message)
+        return True
+
+    def _slack_token(self) -> str | None:
+        token = self.settings.slack_bot_token
+        return token.get_secret_value() if token else None
+
+    def _progress_fn(self, req: FineTuneRequest) -> Callable[[int, int, float], None]:
+        loop = asyncio.get_running_loop()
+        first: list[tuple[float, int]] = []  # (time, step) of the first step this process ran: a resumed
+        last_sent = [0.0]                    # run's speed is measured from where it resumed
+
+        def progress(step: int, total: int, loss: float) -> None:
+            self.metrics.steps.inc()
+            now = time.monotonic()
+            if not first:
+                first.append((now, step))
+            if step < total and now - last_sent[0] >= self.settings.progress_interval_s:
+                last_sent[0] = now
+                t0, s0 = first[0]
+                eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
+                asyncio.run_coroutine_threadsafe(
+                    self.emit(req, EventKind.progress, step=step, total_steps=total, loss=loss, eta_s=eta), loop
+                )
+
+        return progress
+
+    def _should_stop(self) -> str | None:
+        running = self._running
+        return running.stop_reason if running is not None else None
+
+    # -- the GPU thread -----------------------------------------------------------------------------------
+    def _train_and_publish(self, req: FineTuneRequest, examples: list[Example], workdir: Path,
+                           progress: Callable[[int, int, float], None]) -> AdapterMeta:
+        import torch
+
+        from consumer.pipeline.engine import Engine
+        from consumer.pipeline.torch_backend import TorchBackend
+        from trainer.lora import fingerprint, load_components, pick_device, sample_grid, train_lora, weight_dtype
+
+        s, recipe = self.settings, self.settings.lora
+        device = pick_device(s.device)
+        data_sha = dataset_sha256(examples)
+        parts = load_components(s.model, device, weight_dtype(recipe, device))
+        result = train_lora(
+            parts, examples, recipe, req.steps, workdir / "checkpoint",
+            fingerprint(recipe, req.steps, data_sha, self._base_sha256), progress, self._should_stop,
+        )
+        del parts
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        workdir.mkdir(parents=True, exist_ok=True)
+        weights = workdir / "adapter.safetensors"
+        weights.write_bytes(result.weights)
+
+        # A fresh engine per job: the sample adapter is dropped with it instead of piling up in a long-lived one.
+        engine = Engine(TorchBackend(s.model, device=str(device), precision="fp16" if device.type == "cuda" else "fp32"))
+        png = sample_grid(engine, f"sample/{req.request_id}", weights, examples[0].caption,
+                          list(range(s.sample_images)), result.resolution_px, s.sample_steps)
+        del engine
+        grid = self.blobs.put(png, "image/png", width=result.resolution_px * s.sample_images,
+                              height=result.resolution_px * 2)
+        record = TrainingRecord(
+            request_id=req.request_id,
+            trained_by=TrainedBy(platform=req.origin.platform, user_id=req.origin.user_id,
+                                 channel_id=req.origin.channel_id),
+            trigger=req.trigger,
+            base_model=s.model,
+            base_model_sha256=self._base_sha256,
+            recipe=recipe,
+            steps=req.steps,
+            resolution_px=result.resolution_px,
+            dataset_sha256=data_sha,
+            images=len(examples),
+            loss_curve=result.loss_curve,
+            seconds=result.seconds,
+            sample_grid=grid,
+        )
+        return self.registry.publish(req.origin.team_id, req.adapter, result.weights, record)
+
+    # -- events -------------------------------------------------------------------------------------------
+    async def succeeded(self, req: FineTuneRequest, meta: AdapterMeta) -> None:
+        grid = meta.training.sample_grid
+        version = f"{meta.name}@v{meta.version}"
+        await self.emit(
+            req, EventKind.succeeded, adapter=version, blobs=[grid] if grid else [],
+            message=(f"Adapter `{version}` is ready (top row: base model, bottom row: with the adapter). "
+                     f"Use it with `/skill <prompt with {meta.training.trigger}> --adapter {meta.name}`."),
+        )
+
+    async def emit(self, req: FineTuneRequest, kind: EventKind, **fields) -> None:
+        fields.setdefault("adapter", req.adapter)
+        event = JobEvent(request_id=req.request_id, kind=kind, origin=req.origin, job="finetune", **fields)
+        value, headers = encode(event)
+        await self.producer.send_and_wait(self.topics.events, value, key=req.request_id.encode(), headers=headers)
+
+    async def dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:1000]
+        headers = list(record.headers or []) + [
+            ("error", reason.encode()),
+            ("source-topic", record.topic.encode()),
+            ("source-partition", str(record.partition).encode()),
+            ("source-offset", str(record.offset).encode()),
+        ]
+        await self.producer.send_and_wait(self.topics.dlq(record.topic), record.value, key=record.key, headers=headers)
+        log.warning("record %s[%d]@%d to DLQ: %s", record.topic, record.partition, record.offset, reason)
+
+
+async def serve(settings: TrainerSettings, ready: Callable[[], None] | None = None) -> TrainerWorker:
+    """Run until SIGTERM/SIGINT (or `worker.stop()`)."""
+    worker = TrainerWorker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, worker.stop)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    await worker.run(ready)
+    return worker
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="base model directory (default: SKILL_MODEL or the embedded model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default: SKILL_DEVICE or auto)")
+
+
+def run(args) -> int:
+    overrides = {k: v for k, v in (("model", args.model), ("device", args.device)) if v}
+    asyncio.run(serve(TrainerSettings(**overrides)))
+    return 0
