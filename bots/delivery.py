@@ -37,7 +37,7 @@ from bots.settings import DeliverySettings
 from bots.slack_post import SlackPoster
 from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, header
-from schemas.kafka import make_consumer, make_producer
+from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from schemas.observability import metrics_server
@@ -220,14 +220,7 @@ class Delivery:
         await self.producer.send_and_wait(self.topics.events, record.value, key=record.key, headers=headers)
 
     async def dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}"[:1000]
-        headers = list(record.headers or []) + [
-            ("error", reason.encode()),
-            ("source-topic", record.topic.encode()),
-            ("source-partition", str(record.partition).encode()),
-            ("source-offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(self.topics.dlq(record.topic), record.value, key=record.key, headers=headers)
+        reason = await dead_letter(self.producer, record, error)
         log.warning("event %s[%d]@%d to DLQ: %s", record.topic, record.partition, record.offset, reason)
 
 

@@ -46,7 +46,7 @@ from consumer.safety.decision import CHECK_FAILED
 from consumer.settings import ConsumerSettings
 from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, encode
-from schemas.kafka import make_consumer, make_producer
+from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job as job_fields
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent
 from schemas.observability import metrics_server
@@ -55,7 +55,6 @@ from schemas.topics import CONSUMER_GROUP
 log = logging.getLogger("skillgen.consumer")
 
 _HEALTHY_LOOP_S = 60.0
-_DLQ_HEADERS = ("error", "source-topic", "source-partition", "source-offset")
 
 
 @dataclass(eq=False)
@@ -558,16 +557,8 @@ class Worker:
         self._dirty.set()
 
     async def _dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}"[:1000]
+        reason = await dead_letter(self.producer, record, error)
         topic = self.topics.dlq(record.topic)
-        headers = [(k, v) for k, v in record.headers or [] if k not in _DLQ_HEADERS]
-        headers += [
-            ("error", reason.encode()),
-            ("source-topic", record.topic.encode()),
-            ("source-partition", str(record.partition).encode()),
-            ("source-offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(topic, record.value, key=record.key, headers=headers)
         self.metrics.dlq.labels(topic).inc()
         log.warning("record %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset, topic, reason)
 

@@ -86,6 +86,24 @@ async def ensure_topics(
         await admin.close()
 
 
+DLQ_HEADERS = ("error", "source-topic", "source-partition", "source-offset")
+
+
+async def dead_letter(producer: AIOKafkaProducer, record, error: BaseException | str) -> str:
+    """Copy `record` to its topic's `.dlq` twin, untouched, with the error and its origin in the headers.
+    Returns the one-line reason. Headers from an earlier trip to a DLQ are replaced, not repeated."""
+    reason = (error if isinstance(error, str) else f"{type(error).__name__}: {error}")[:1000]
+    headers = [(k, v) for k, v in record.headers or () if k not in DLQ_HEADERS]
+    headers += [
+        ("error", reason.encode()),
+        ("source-topic", record.topic.encode()),
+        ("source-partition", str(record.partition).encode()),
+        ("source-offset", str(record.offset).encode()),
+    ]
+    await producer.send_and_wait(record.topic + DLQ_SUFFIX, record.value, key=record.key, headers=headers)
+    return reason
+
+
 def _retention(hours: float | None) -> dict[str, str]:
     return {} if hours is None else {"retention.ms": str(int(hours * 3600 * 1000))}
 
