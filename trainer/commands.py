@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from schemas.codec import describe
 from schemas.messages import SCHEMA_VERSION, AdapterRef, EventKind, FineTuneRequest, JobEvent, Origin, Platform
 from schemas.topics import Topics
-from trainer import TrainerError
+from trainer.errors import TrainerError
 from trainer.ingest import IngestError, check_url
 from trainer.registry import Registry
 from trainer.settings import TeamPolicy, TrainCommandSettings

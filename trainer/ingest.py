@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from yarl import URL
 
 from schemas.messages import MAX_PROMPT_CHARS
-from trainer import TrainerError
+from trainer.errors import TrainerError
 
 MiB = 1024 * 1024
 DISCORD_HOSTS = ("cdn.discordapp.com", "media.discordapp.net")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import TrainerError
+from trainer.errors import TrainerError
 from trainer.dataset import SkillDataset
 from trainer.diffusion import noise_prediction_loss
 from trainer.ingest import Example
@@ -286,7 +286,9 @@ class LoraTrainer:
         p, acc = self.parts, self.accelerator
         batch = self.dataset.batch(self.recipe.batch_size)
         with acc.autocast():
-            loss = noise_prediction_loss(p.unet, p.vae, p.text_encoder, p.tokenizer, p.noise_scheduler, batch, self.generator)
+            loss = noise_prediction_loss(
+                p.unet, p.vae, p.text_encoder, p.tokenizer, p.noise_scheduler, batch, self.generator
+            )
         acc.backward(loss)
         if acc.sync_gradients:
             acc.clip_grad_norm_(self.params, self.recipe.max_grad_norm)
@@ -359,7 +361,7 @@ def train_lora(
 
 
 def sample_grid(engine, adapter_key: str, weights_path: str | Path, prompt: str, seeds: Sequence[int],
-                size_px: int, steps: int) -> bytes:
+                size_px: int, steps: int, guidance: float = 7.5) -> bytes:
     """A PNG of two rows from the consumer's own engine: the base model on top, the adapter below, same seeds.
 
     Loading the saved file the way the consumer will is also the check that it loads at all."""
@@ -372,7 +374,7 @@ def sample_grid(engine, adapter_key: str, weights_path: str | Path, prompt: str,
     engine.backend.load_adapter(adapter_key, weights_path)
     samples = [Sample(prompt, "", seed) for seed in seeds]
     rows = [
-        engine.generate(BatchSpec(size_px, size_px, steps, adapter=adapter), samples)
+        engine.generate(BatchSpec(size_px, size_px, steps, guidance, adapter=adapter), samples)
         for adapter in (None, adapter_key)
     ]
     grid = Image.new("RGB", (size_px * len(seeds), size_px * 2))

@@ -28,7 +28,7 @@ import fsspec
 from pydantic import BaseModel, Field
 
 from schemas.messages import AdapterRef, BlobRef, Platform
-from trainer import TrainerError
+from trainer.errors import TrainerError
 from trainer.settings import LoraRecipe
 
 TEAM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -58,6 +58,7 @@ class TrainerSettings(CommonSettings):
     kafka_rebalance_timeout_ms: int = Field(60_000, ge=1000)
     sample_images: int = Field(4, ge=1, le=8, description="images per row of the sample grid")
     sample_steps: int = Field(20, ge=1, le=50)
+    sample_guidance: float = Field(7.5, ge=0, le=20, description="the embedded icon model draws best at 2.5")
     lora: LoraRecipe = LoraRecipe()
     ingest: IngestLimits = IngestLimits()
 

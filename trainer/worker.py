@@ -31,12 +31,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, encode
-from schemas.kafka import make_consumer, make_producer
+from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job
 from schemas.messages import EventKind, FineTuneRequest, JobEvent
 from schemas.observability import metrics_server
 from schemas.topics import TRAINER_GROUP
-from trainer import TrainerError
+from trainer.errors import TrainerError
 from trainer.commands import FineTuneCancel, cancel_topic, mention
 from trainer.ingest import Example, dataset_sha256, ingest
 from trainer.registry import AdapterMeta, Registry, TrainedBy, TrainingRecord
@@ -335,7 +335,7 @@ class TrainerWorker:
         # A fresh engine per job: the sample adapter is dropped with it instead of piling up in a long-lived one.
         engine = Engine(TorchBackend(s.model, device=str(device), precision="fp16" if device.type == "cuda" else "fp32"))
         png = sample_grid(engine, f"sample/{req.request_id}", weights, examples[0].caption,
-                          list(range(s.sample_images)), result.resolution_px, s.sample_steps)
+                          list(range(s.sample_images)), result.resolution_px, s.sample_steps, s.sample_guidance)
         del engine
         grid = self.blobs.put(png, "image/png", width=result.resolution_px * s.sample_images,
                               height=result.resolution_px * 2)
@@ -374,14 +374,7 @@ class TrainerWorker:
         await self.producer.send_and_wait(self.topics.events, value, key=req.request_id.encode(), headers=headers)
 
     async def dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}"[:1000]
-        headers = list(record.headers or []) + [
-            ("error", reason.encode()),
-            ("source-topic", record.topic.encode()),
-            ("source-partition", str(record.partition).encode()),
-            ("source-offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(self.topics.dlq(record.topic), record.value, key=record.key, headers=headers)
+        reason = await dead_letter(self.producer, record, error)
         log.warning("record %s[%d]@%d to DLQ: %s", record.topic, record.partition, record.offset, reason)
 
 

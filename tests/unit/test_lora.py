@@ -146,3 +146,11 @@ def test_the_sample_grid_has_a_base_row_and_an_adapter_row(trained, engine):
     assert grid.size == (192, 128)
     top, bottom = pixels(grid.crop((0, 0, 192, 64))), pixels(grid.crop((0, 64, 192, 128)))
     assert not np.array_equal(top, bottom)
+
+
+def test_the_bench_concept_is_measurable_from_pixels():
+    from trainer.bench import concept_score, red_circles
+
+    assert concept_score(e.image for e in red_circles(4, 64)) > 40
+    assert abs(concept_score([Image.new("RGB", (64, 64), (90, 90, 90))])) < 1e-6
+    assert concept_score([Image.new("RGB", (8, 8), (0, 200, 200))]) < -100
