@@ -18,12 +18,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from PIL import Image, ImageDraw
 
 import consumer.pipeline.tiny as tiny
-from consumer.keys import ResolvedAdapter
 from consumer.pipeline import load_engine
-from consumer.pipeline.errors import AdapterError
 from consumer.safety import ImagePolicy
 from consumer.settings import ConsumerSettings
-from consumer.worker import Worker
+from consumer.worker import Worker, registry_resolver
 from schemas.blobstore import BlobStore
 from schemas.codec import decode, encode, header
 from schemas.kafka import make_producer
@@ -42,7 +40,7 @@ from trainer.commands import (
     progress_text,
 )
 from trainer.ingest import IngestLimits
-from trainer.registry import Registry, RegistryError
+from trainer.registry import Registry
 from trainer.settings import LoraRecipe, TeamPolicy, TrainCommandSettings, TrainerSettings
 from trainer.worker import TrainerWorker
 
@@ -166,19 +164,6 @@ class Chat:
         return await self.until(request_id, lambda e: e.kind.terminal)
 
 
-def registry_resolver(registry: Registry):
-    """The consumer's adapter resolver over the trainer's registry (what `skillgen consumer` wires)."""
-
-    def resolve(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
-        try:
-            resolved = registry.resolve(team_id, ref)
-        except RegistryError as exc:
-            raise AdapterError(str(exc)) from None
-        return ResolvedAdapter(name=ref.name, version=resolved.version, path=resolved.path, sha256=resolved.sha256)
-
-    return resolve
-
-
 def png_pixels(blobs: BlobStore, event: JobEvent) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(blobs.get(event.blobs[0]))), dtype=np.int16)
 
@@ -229,7 +214,8 @@ async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model,
     pinned = GenerateRequest(origin=GUILD, adapter=AdapterRef.parse("circles@v1"), **common)
     foreign = GenerateRequest(origin=OTHER_GUILD, adapter=AdapterRef.parse("circles"), **common)
     engine = await asyncio.to_thread(load_engine, tiny_model, "torch", "cpu", "fp32")
-    worker = Worker(consumer_settings, engine, image_policy=ImagePolicy(), resolve_adapter=registry_resolver(registry))
+    worker = Worker(consumer_settings, engine, image_policy=ImagePolicy(),
+                    resolve_adapter=registry_resolver(settings.adapter_url))
     async with Chat(consumer_settings) as chat, running(worker):
         for r in (plain, adapted, pinned, foreign):
             await chat.publish(skill_env.topics.generate, r, r.request_id.encode())
@@ -246,7 +232,8 @@ async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model,
 async def test_poison_records_go_to_the_dlq_and_refused_inputs_say_why(skill_env, tiny_model, attachments, tmp_path):
     urls, limits = attachments
     settings = trainer_settings(tiny_model, tmp_path, limits)
-    bad_host = finetune_request(parse("style"), GUILD, ["https://cdn.discordapp.com/x.png"], TrainCommandSettings(_env_file=None))
+    discord_url = ["https://cdn.discordapp.com/x.png"]  # fine for the bot, off this trainer's allowlist
+    bad_host = finetune_request(parse("style"), GUILD, discord_url, TrainCommandSettings(_env_file=None))
     too_many = finetune_request(parse("style2"), GUILD, urls, TrainCommandSettings(_env_file=None, ingest=limits))
     dlq = AIOKafkaConsumer(bootstrap_servers=skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], enable_auto_commit=False)
     await dlq.start()

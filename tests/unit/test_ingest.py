@@ -60,7 +60,8 @@ def with_declared_size(png_bytes: bytes, width: int, height: int) -> bytes:
     body = bytearray(png_bytes[ihdr_at + 8 : ihdr_at + 8 + length])
     body[0:8] = struct.pack(">II", width, height)
     chunk = b"IHDR" + bytes(body)
-    return png_bytes[:ihdr_at] + struct.pack(">I", length) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png_bytes[ihdr_at + 12 + length :]
+    rest = png_bytes[ihdr_at + 12 + length :]
+    return png_bytes[:ihdr_at] + struct.pack(">I", length) + chunk + struct.pack(">I", zlib.crc32(chunk)) + rest
 
 
 # --------------------------------------------------------------------------------------------- URL policy
