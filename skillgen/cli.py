@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 # command path -> (module, one-line help)
@@ -19,10 +18,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("topics", "ensure"): ("schemas.kafka", "create the request, event and dead-letter topics"),
     ("model", "tiny"): ("consumer.pipeline.tiny", "build a tiny random Stable Diffusion offline (diffusers format)"),
     ("safety", "check"): ("consumer.safety", "read prompts on stdin, print allow or block<TAB>reason"),
-    ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and list, reprocess or republish them"),
-}
-# Commands whose module is written by a later issue register here when it lands; see README.
-OPTIONAL_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bot", "discord"): ("bots.discord_bot", "Discord bot: /skill slash command (gateway)"),
     ("bot", "slack"): ("bots.slack_bot", "Slack bot: /skill slash command (Socket Mode or HTTP)"),
     ("bot", "delivery"): ("bots.delivery", "post results from skill.events back to Discord and Slack"),
@@ -33,22 +28,8 @@ OPTIONAL_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "consumer"): ("consumer.bench", "benchmark the consumer service (batching, cache hits)"),
     ("bench", "trainer"): ("trainer.bench", "benchmark LoRA training quality and speed"),
     ("bench", "quality"): ("trainer.quality", "measure how well the embedded model follows colour/background words"),
+    ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and list, reprocess or republish them"),
 }
-
-
-def _available() -> dict[tuple[str, ...], tuple[str, str]]:
-    found = dict(COMMANDS)
-    for path, (module, help_) in OPTIONAL_COMMANDS.items():
-        if importlib.util.find_spec(module.split(".")[0]) and _module_exists(module):
-            found[path] = (module, help_)
-    return found
-
-
-def _module_exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,12 +39,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, tuple[str, ...] | None]:
     """The parser, with arguments added only for the command that argv names."""
-    commands = _available()
     parser = _Parser(prog="skillgen", description="Skill images on demand: bots -> Kafka -> Stable Diffusion consumers.")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
     chosen = None
-    for path, (module, help_) in sorted(commands.items()):
+    for path, (module, help_) in sorted(COMMANDS.items()):
         if len(path) == 1:
             leaf = subs.add_parser(path[0], help=help_, description=help_)
         else:
