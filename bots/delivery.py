@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -40,7 +39,7 @@ from schemas.codec import CodecError, decode, header
 from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job
 from schemas.messages import EventKind, JobEvent, Origin, Platform
-from schemas.observability import metrics_server
+from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import DELIVERY_GROUP
 
 log = logging.getLogger("skillgen.delivery")
@@ -248,12 +247,7 @@ async def open_delivery(settings: DeliverySettings, consumer_options: dict | Non
 
 async def serve(settings: DeliverySettings) -> None:
     async with open_delivery(settings) as delivery:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, delivery.stop)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
+        stop_on_signals(delivery.stop)
         ready = asyncio.Event()
 
         def health() -> tuple[bool, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import discord
 import discord.http
@@ -25,7 +24,7 @@ from bots.intake import Intake
 from bots.settings import DiscordSettings
 from schemas.logs import job
 from schemas.messages import MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerateRequest, Origin, Platform
-from schemas.observability import metrics_server
+from schemas.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.discord")
 
@@ -163,12 +162,7 @@ async def serve(settings: DiscordSettings, stop: asyncio.Event | None = None) ->
         raise BotError("set SKILL_DISCORD_TOKEN to the bot token (docs/chat-apps.md says where to find it)")
     configure_endpoints(settings)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
+    stop_on_signals(stop.set)
     async with Intake.open(settings) as intake:
         bot = SkillBot(settings, intake)
         def health() -> tuple[bool, str]:

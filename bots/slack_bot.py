@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -29,7 +28,7 @@ from bots.intake import Intake
 from bots.settings import SlackSettings
 from schemas.logs import job
 from schemas.messages import GenerateRequest, Origin, Platform
-from schemas.observability import metrics_server
+from schemas.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.slack")
 
@@ -154,12 +153,7 @@ async def serve(settings: SlackSettings, stop: asyncio.Event | None = None, read
     """Run until `stop` is set (or SIGTERM/SIGINT); `ready()` is called once Slack can reach the bot."""
     check(settings)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
+    stop_on_signals(stop.set)
     async with Intake.open(settings) as intake:
         app = build_app(settings, intake)
         if settings.slack_mode == "socket":

@@ -49,7 +49,7 @@ from schemas.codec import CodecError, decode, encode
 from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job as job_fields
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent
-from schemas.observability import metrics_server
+from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import CONSUMER_GROUP
 
 log = logging.getLogger("skillgen.consumer")
@@ -659,12 +659,7 @@ async def serve(settings: ConsumerSettings, engine=None, ready: Callable[[], Non
         engine = await asyncio.to_thread(load_engine_from, settings)
     resolver = registry_resolver(settings.adapter_url) if settings.adapter_url else None
     worker = Worker(settings, engine, resolve_adapter=resolver)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, worker.stop)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
+    stop_on_signals(worker.stop)
     await worker.run(ready)
     return worker
 

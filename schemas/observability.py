@@ -56,3 +56,17 @@ async def metrics_server(
         yield f"http://127.0.0.1:{port}" if host == "0.0.0.0" else f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def stop_on_signals(stop) -> None:
+    """Call `stop()` on SIGTERM/SIGINT: services drain their work instead of dying mid-job.
+    Outside the main thread (tests running a service in-process) signals stay with the caller."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from schemas.codec import CodecError, decode, encode
 from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job
 from schemas.messages import EventKind, FineTuneRequest, JobEvent
-from schemas.observability import metrics_server
+from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import TRAINER_GROUP
 from trainer.errors import TrainerError
 from trainer.commands import FineTuneCancel, cancel_topic, mention
@@ -381,12 +380,7 @@ class TrainerWorker:
 async def serve(settings: TrainerSettings, ready: Callable[[], None] | None = None) -> TrainerWorker:
     """Run until SIGTERM/SIGINT (or `worker.stop()`)."""
     worker = TrainerWorker(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, worker.stop)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
+    stop_on_signals(worker.stop)
     await worker.run(ready)
     return worker
 
