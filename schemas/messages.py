@@ -145,6 +145,21 @@ class FineTuneRequest(_Message):
         return v
 
 
+class FineTuneCancel(_Message):
+    """Stop a team's running (or queued) training of `adapter`; published on `Topics.finetune_cancel`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    origin: Origin
+    adapter: str
+    created_at: datetime = Field(default_factory=_now)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_name(cls, v: str) -> str:
+        AdapterRef(name=v)
+        return v
+
+
 class EventKind(StrEnum):
     queued = "queued"
     started = "started"

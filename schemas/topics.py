@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 GENERATE = "skill.generate"
 FINETUNE = "skill.finetune"
+FINETUNE_CANCEL = "skill.finetune.cancel"
 EVENTS = "skill.events"
 DLQ_SUFFIX = ".dlq"
 
@@ -31,6 +32,11 @@ class Topics:
         return self.prefix + FINETUNE
 
     @property
+    def finetune_cancel(self) -> str:
+        """Cancels, read by every trainer from its end (no group, no DLQ: an undecodable cancel is skipped)."""
+        return self.prefix + FINETUNE_CANCEL
+
+    @property
     def events(self) -> str:
         return self.prefix + EVENTS
 
@@ -39,7 +45,7 @@ class Topics:
 
     def all(self) -> list[str]:
         base = [self.generate, self.finetune, self.events]
-        return base + [dlq(t) for t in base]
+        return base + [dlq(t) for t in base] + [self.finetune_cancel]
 
     def group(self, name: str) -> str:
         """Consumer group ids get the prefix too, so isolated test runs never share offsets."""

@@ -6,7 +6,7 @@
 
 Slack sends the text after the command: `parse(text)`. Discord sends typed options: `train_command(name=...,
 trigger=..., steps=..., caption=...)`. Either way `check_allowed` decides, then `finetune_request` (published on
-`topics.finetune`, key `finetune_key(req)`) or `cancel_request` (published on `cancel_topic(topics)`, which every
+`topics.finetune`, key `finetune_key(req)`) or `cancel_request` (published on `topics.finetune_cancel`, which every
 trainer follows). No torch: the bots import this module.
 """
 
@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from schemas.codec import describe
-from schemas.messages import SCHEMA_VERSION, AdapterRef, EventKind, FineTuneRequest, JobEvent, Origin, Platform
-from schemas.topics import Topics
+from schemas.messages import AdapterRef, EventKind, FineTuneCancel, FineTuneRequest, JobEvent, Origin, Platform
 from trainer.errors import TrainerError
 from trainer.ingest import IngestError, check_url
 from trainer.registry import Registry
@@ -46,17 +43,6 @@ class TrainCommandError(TrainerError, ValueError):
 
 class NotAllowed(TrainCommandError):
     pass
-
-
-class FineTuneCancel(BaseModel):
-    """Stop the team's running (or queued) training of `adapter`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    origin: Origin
-    adapter: str
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 @dataclass(frozen=True)
@@ -85,10 +71,6 @@ class Cancel:
 @dataclass(frozen=True)
 class Help:
     pass
-
-
-def cancel_topic(topics: Topics) -> str:
-    return topics.finetune + ".cancel"
 
 
 def finetune_key(req: FineTuneRequest) -> bytes:

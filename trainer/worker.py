@@ -7,8 +7,8 @@ resumes. Training runs in a worker thread. A record that cannot be decoded goes 
 a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
 stops without committing: the record comes back and training resumes from that checkpoint.
 
-Cancels arrive on `<prefix>skill.finetune.cancel`, which every trainer reads from its end without a group: the
-trainer running that team's adapter stops it, and each trainer remembers the cancel for jobs still queued.
+Cancels arrive on `<prefix>skill.finetune.cancel` (Topics.finetune_cancel), which every trainer reads from its end
+without a group: the trainer running that team's adapter stops it, and each trainer remembers the cancel for jobs still queued.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, encode
 from schemas.kafka import dead_letter, make_consumer, make_producer
 from schemas.logs import job
-from schemas.messages import EventKind, FineTuneRequest, JobEvent
+from schemas.messages import EventKind, FineTuneCancel, FineTuneRequest, JobEvent
 from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import TRAINER_GROUP
 from trainer.errors import TrainerError
-from trainer.commands import FineTuneCancel, cancel_topic, mention
+from trainer.commands import mention
 from trainer.ingest import Example, dataset_sha256, ingest
 from trainer.registry import AdapterMeta, Registry, TrainedBy, TrainingRecord
 from trainer.settings import TrainerSettings
@@ -172,16 +172,16 @@ class TrainerWorker:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
         await admin.start()
         try:
-            topic = cancel_topic(self.topics)
+            topic = self.topics.finetune_cancel
             if topic not in await admin.list_topics():
                 await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
         except KafkaError as exc:
-            log.warning("could not create %s (%s); relying on the broker to create it", cancel_topic(self.topics), exc)
+            log.warning("could not create %s (%s); relying on the broker to create it", self.topics.finetune_cancel, exc)
         finally:
             await admin.close()
 
     async def _from_the_end(self, cancels: AIOKafkaConsumer) -> None:
-        topic = cancel_topic(self.topics)
+        topic = self.topics.finetune_cancel
         parts: set[int] = set()
         async with asyncio.timeout(30):
             while not parts:

@@ -30,7 +30,6 @@ from tests.harness import FAST_GROUP
 from trainer.commands import (
     Cancel,
     Member,
-    cancel_topic,
     cancel_request,
     check_allowed,
     describe_adapters,
@@ -268,7 +267,7 @@ async def test_cancel_stops_a_running_training(skill_env, tiny_model, attachment
         await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
         await chat.until(req.request_id, lambda e: e.kind == EventKind.progress)
         stop = cancel_request(Cancel("long-one"), GUILD)
-        await chat.publish(cancel_topic(skill_env.topics), stop, b"111/long-one")
+        await chat.publish(skill_env.topics.finetune_cancel, stop, b"111/long-one")
         events = await chat.terminal(req.request_id)
         async with asyncio.timeout(10):
             while trainer.finished < 1:  # committed: the record will not come back

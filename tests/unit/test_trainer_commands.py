@@ -8,9 +8,9 @@ from safetensors.numpy import save
 
 from schemas.codec import decode, encode
 from schemas.messages import EventKind, FineTuneRequest, JobEvent, Origin
+from schemas.messages import FineTuneCancel
 from trainer.commands import (
     Cancel,
-    FineTuneCancel,
     Help,
     Member,
     NotAllowed,
