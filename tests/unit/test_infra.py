@@ -7,7 +7,6 @@ import itertools
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -451,19 +450,3 @@ def test_command_exists_in_the_cli(command):
     for option in (a.split("=")[0] for a in args if a.startswith("--")):
         # whole words only: argparse would accept an abbreviation, but the next option added may make it ambiguous
         assert re.search(rf"(?<![\w-]){option}(?![\w-])", done.stdout), f"`{command}`: the CLI has no {option}"
-
-
-# --- optional extra check ---------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(
-    shutil.which("docker-compose") is None,
-    reason="OPTIONAL extra check, not run: Debian's docker-compose 1.29 is not installed "
-    "(the required check is test_compose_file_matches_the_compose_spec)",
-)
-def test_optional_docker_compose_1_29_accepts_the_compose_file():
-    done = subprocess.run(
-        ["docker-compose", "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"), "config", "-q"],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
