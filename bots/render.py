@@ -79,6 +79,8 @@ def done(event: JobEvent) -> str:
 
 
 def failed(event: JobEvent) -> str:
+    if event.job == "finetune":  # the trainer's message is a whole sentence: "Training of `x` failed: ..."
+        return f"❌ {mention(event.origin.user_id)} {event.message}"
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
     return f"❌ {mention(event.origin.user_id)} could not draw {what}: {event.message}"

@@ -54,8 +54,8 @@ class BotSettings(CommonSettings):
     admins: CommaList = []
     # How long Re-roll and Variations keep working on a result.
     remember_s: int = Field(default=7 * 86400, ge=60)
-    # Modules that add commands to the bots (see bots/extensions.py), comma-separated.
-    bot_extensions: CommaList = []
+    # Modules that add commands to the bots (see bots/extensions.py), comma-separated; empty for /skill alone.
+    bot_extensions: CommaList = ["trainer.chat"]
 
     _split = field_validator("admins", "bot_extensions", mode="before")(_split_commas)
 

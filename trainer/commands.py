@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from schemas.codec import describe
 from schemas.messages import AdapterRef, EventKind, FineTuneCancel, FineTuneRequest, JobEvent, Origin, Platform
 from trainer.errors import TrainerError
-from trainer.ingest import IngestError, check_url
+from trainer.ingest import IngestError, IngestLimits, check_url
 from trainer.registry import Registry
 from trainer.settings import TeamPolicy, TrainCommandSettings
 
@@ -152,6 +152,56 @@ def check_allowed(permissions: dict[str, TeamPolicy], origin: Origin, member: Me
     ):
         return
     raise NotAllowed("training is limited to this workspace's trainers; ask a workspace admin")
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/x-zip")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class Attached:
+    """A file as the chat describes it, before any download: name, declared type and size."""
+
+    name: str
+    content_type: str | None = None
+    size: int | None = None
+
+    @property
+    def kind(self) -> str | None:
+        """"image", "zip" or None; by the declared type, else by the name. The trainer checks the bytes anyway."""
+        declared = (self.content_type or "").split(";")[0].strip().lower()
+        name = self.name.lower()
+        if declared in IMAGE_TYPES or (not declared and name.endswith(IMAGE_SUFFIXES)):
+            return "image"
+        if declared in ZIP_TYPES or name.endswith(".zip"):
+            return "zip"
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+
+
+def check_files(files: list[Attached], limits: IngestLimits) -> None:
+    """Refuse, before anything is downloaded, what the trainer would refuse by name, type, count or size."""
+    if not files:
+        raise TrainCommandError("attach the training images (PNG, JPEG or WebP) or one zip of them")
+    for f in files:
+        if f.kind is None:
+            raise TrainCommandError(f"{f.name} is not a PNG, JPEG or WebP image or a zip of them")
+        if f.size is not None and f.size > limits.max_file_bytes:
+            raise TrainCommandError(f"{f.name} is {_mib(f.size)}; files may be at most {_mib(limits.max_file_bytes)}")
+    zips = [f for f in files if f.kind == "zip"]
+    if zips and len(files) > 1:
+        raise TrainCommandError("send either images or one zip of them, not both and not several zips")
+    if len(files) > limits.max_images:
+        raise TrainCommandError(f"{len(files)} images sent; at most {limits.max_images} per training (or one zip)")
+    total = sum(f.size or 0 for f in files)
+    if total > limits.max_total_bytes:
+        raise TrainCommandError(f"the files add up to {_mib(total)}; at most {_mib(limits.max_total_bytes)} in all")
 
 
 # ------------------------------------------------------------------------------------------------- messages

@@ -3,6 +3,8 @@
 `fake.invoke("skill", {"prompt": ...})` dispatches an INTERACTION_CREATE to the connected bot, as Discord does
 when someone runs a slash command; `fake.click(custom_id, message_id)` does the same for a button. Every REST
 call is recorded (`fake.calls`); messages are kept in `fake.messages`, so a test reads what a channel shows.
+Files a user attaches to a command (`fake.attachment(...)`) are served from the fake's own CDN path, and the
+guild (with its roles) is announced by GUILD_CREATE after READY, as the guilds intent has Discord do.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ GUILD_ID = "222222222222222222"
 CHANNEL_ID = "333333333333333333"
 THREAD_ID = "444444444444444444"
 USER_ID = "555555555555555555"
+TRAINER_ROLE_ID = "777777777777777777"  # a role of the fake guild, for commands limited by role
 _counter = itertools.count(1)
 
 
@@ -79,6 +82,21 @@ class Message:
 
 
 @dataclass
+class Attachment:
+    """A file someone attached to a slash command; Discord's CDN serves it at `url`."""
+
+    id: str
+    filename: str
+    data: bytes
+    content_type: str | None
+    url: str
+
+    def payload(self) -> dict:
+        return {"id": self.id, "filename": self.filename, "size": len(self.data), "url": self.url,
+                "proxy_url": self.url, **({"content_type": self.content_type} if self.content_type else {})}
+
+
+@dataclass
 class Interaction:
     id: str
     token: str
@@ -97,11 +115,16 @@ class FakeDiscord(Recorder):
         self.interactions: dict[str, Interaction] = {}
         self.dead_tokens: set[str] = set()  # interaction tokens that answer 404 Unknown Webhook
         self.commands: list[dict] = []
+        self.attachments: dict[str, Attachment] = {}
+        self.cdn_fetches: list[str] = []  # attachment ids, each time the CDN served one
+        self.guild_roles = [{"id": GUILD_ID, "name": "@everyone", "permissions": "0", "position": 0},
+                            {"id": TRAINER_ROLE_ID, "name": "trainers", "permissions": "0", "position": 1}]
         self.identified = asyncio.Event()
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.add_routes([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest)])
+        app.add_routes([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest),
+                        web.get("/attachments/{id}/{filename}", self._cdn)])
         self.server = Server(app)
 
     async def start(self) -> FakeDiscord:
@@ -139,14 +162,28 @@ class FakeDiscord(Recorder):
         return [m for m in self.messages.values() if m.interaction_token == interaction.token and m.ephemeral]
 
     # -- what Discord sends the bot ------------------------------------------------------------------------
+    def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png") -> Attachment:
+        """A file a user is about to attach to a command (pass it as an option's value)."""
+        attachment_id = snowflake()
+        url = f"{self.server.base}/attachments/{attachment_id}/{filename}"
+        self.attachments[attachment_id] = Attachment(attachment_id, filename, data, content_type, url)
+        return self.attachments[attachment_id]
+
     async def invoke(self, name: str, options: dict[str, object], *, channel_id: str = CHANNEL_ID,
                      guild_id: str = GUILD_ID, user_id: str = USER_ID, thread: bool = False,
-                     permissions: str = "0", created_ms: int | None = None) -> Interaction:
-        """Someone runs `/name` with these options: INTERACTION_CREATE (type 2) goes to the bot."""
-        types = {str: 3, int: 4, bool: 5}
+                     permissions: str = "0", created_ms: int | None = None,
+                     roles: list[str] = ()) -> Interaction:
+        """Someone (a member with `roles`) runs `/name` with these options: INTERACTION_CREATE (type 2) goes to
+        the bot. An Attachment value becomes an attachment option, resolved as Discord resolves it."""
+        types = {str: 3, int: 4, bool: 5, Attachment: 11}
         data = {"id": snowflake(), "name": name, "type": 1,
-                "options": [{"name": k, "type": types[type(v)], "value": v} for k, v in options.items()]}
-        return await self._interact(2, data, channel_id, guild_id, user_id, thread, permissions, created_ms)
+                "options": [{"name": k, "type": types[type(v)], "value": v.id if isinstance(v, Attachment) else v}
+                            for k, v in options.items()]}
+        files = {v.id: v.payload() for v in options.values() if isinstance(v, Attachment)}
+        if files:
+            data["resolved"] = {"attachments": files}
+        return await self._interact(2, data, channel_id, guild_id, user_id, thread, permissions, created_ms,
+                                    roles=list(roles))
 
     async def click(self, custom_id: str, message: Message, *, user_id: str = USER_ID,
                     guild_id: str = GUILD_ID) -> Interaction:
@@ -157,7 +194,8 @@ class FakeDiscord(Recorder):
                                     message=message.payload(guild_id))
 
     async def _interact(self, kind: int, data: dict, channel_id: str, guild_id: str, user_id: str, thread: bool,
-                        permissions: str, created_ms: int | None, message: dict | None = None) -> Interaction:
+                        permissions: str, created_ms: int | None, message: dict | None = None,
+                        roles: list[str] = ()) -> Interaction:
         await asyncio.wait_for(self.identified.wait(), 20)
         interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id)
         self.interactions[interaction.token] = interaction
@@ -172,7 +210,7 @@ class FakeDiscord(Recorder):
             "version": 1, "guild_id": guild_id, "channel_id": channel_id, "channel": channel, "data": data,
             "member": {"user": {"id": user_id, "username": "player", "discriminator": "0", "global_name": None,
                                 "avatar": None},
-                       "roles": [], "joined_at": _iso(), "deaf": False, "mute": False, "permissions": permissions,
+                       "roles": list(roles), "joined_at": _iso(), "deaf": False, "mute": False, "permissions": permissions,
                        "flags": 0},
             "locale": "en-US", "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
             "authorizing_integration_owners": {"0": guild_id}, "context": 0, "attachment_size_limit": 8388608,
@@ -217,10 +255,27 @@ class FakeDiscord(Recorder):
                         "resume_gateway_url": self.gateway_url, "application": {"id": APPLICATION_ID, "flags": 0},
                         "private_channels": [], "relationships": [],
                     }}))
+                    self._seq += 1
+                    await ws.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": self._seq, "d": {
+                        "id": GUILD_ID, "name": "fake guild", "unavailable": False, "member_count": 2,
+                        "roles": self.guild_roles, "channels": [], "threads": [], "members": [], "emojis": [],
+                        "stickers": [], "features": [], "owner_id": USER_ID, "large": False, "joined_at": _iso(),
+                        "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
+                        "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0, "mfa_level": 0,
+                        "verification_level": 0, "explicit_content_filter": 0, "default_message_notifications": 0,
+                        "system_channel_flags": 0,
+                    }}))
                     self.identified.set()
         finally:
             self._sockets.remove(ws)
         return ws
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        attachment = self.attachments.get(request.match_info["id"])
+        if attachment is None or attachment.filename != request.match_info["filename"]:
+            return web.Response(status=404, text="not found")
+        self.cdn_fetches.append(attachment.id)
+        return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
 
     # -- REST --------------------------------------------------------------------------------------------------
     async def _rest(self, request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,166 @@
+"""Discord: `/skill-train`, `/skill-train-cancel` and `/skill-adapters` as app commands on the bot's tree.
+
+A slash command carries one file per attachment option, so `/skill-train` has `images` (one image, or one zip of
+many) and `image2` to `image10`. Discord cannot give one command both options and a `cancel` subcommand, so
+stopping a training is its own command, `/skill-train-cancel name:`. Everything is checked before anything is
+published (name, options, who may train, each file's declared type and size), and a refusal is answered at
+once, ephemeral, with what to change. An accepted training is deferred, edited to "queued" and published;
+delivery then keeps that same response current with the trainer's progress and finally attaches the sample
+grid (after the interaction token's 15 minutes, it posts to the channel with the bot token instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import discord
+from discord import app_commands
+
+from bots.discord_bot import SkillBot, is_admin, origin_of
+from schemas.logs import job
+from schemas.messages import MAX_PROMPT_CHARS
+from trainer.commands import (
+    Attached,
+    Cancel,
+    Member,
+    TrainCommandError,
+    cancel_request,
+    check_allowed,
+    check_files,
+    describe_adapters,
+    finetune_key,
+    finetune_request,
+    mention,
+    train_command,
+)
+from trainer.registry import Registry
+from trainer.settings import TrainCommandSettings
+
+log = logging.getLogger("skillgen.discord.train")
+
+MAX_MESSAGE_CHARS = 2000
+QUEUE_DOWN = "❌ The training could not be queued (the queue is unreachable). Try again in a minute."
+
+
+def member_of(interaction: discord.Interaction) -> Member:
+    """Role ids come from the guild cache that the guilds intent keeps (roles arrive with GUILD_CREATE)."""
+    user = interaction.user
+    roles = frozenset(str(role.id) for role in getattr(user, "roles", ()))
+    return Member(str(user.id), role_ids=roles, is_admin=is_admin(interaction))
+
+
+def attached(attachment: discord.Attachment) -> Attached:
+    return Attached(attachment.filename, attachment.content_type, attachment.size)
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+class DiscordTraining:
+    def __init__(self, bot: SkillBot, settings: TrainCommandSettings):
+        self.bot = bot
+        self.settings = settings
+        self.topics = bot.intake.settings.topics
+        self.registry = Registry(settings.adapter_url)
+
+    async def on_train(self, interaction: discord.Interaction, name: str, files: list[discord.Attachment],
+                       trigger: str | None, steps: int | None, caption: str | None) -> None:
+        origin = origin_of(interaction)
+        try:
+            cmd = train_command(name, trigger, steps, caption)
+            check_allowed(self.settings.train_permissions, origin, member_of(interaction))
+            check_files([attached(f) for f in files], self.settings.ingest)
+            # The URL check resolves host names: off the event loop.
+            req = await asyncio.to_thread(finetune_request, cmd, origin, [f.url for f in files], self.settings)
+        except TrainCommandError as exc:
+            await interaction.response.send_message(f"❌ {exc}", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
+        what = "one zip" if len(files) == 1 and attached(files[0]).kind == "zip" else f"{len(files)} images"
+        await interaction.edit_original_response(
+            content=f"⏳ {mention(origin.platform, origin.user_id)} training `{req.adapter}` queued: {what}, "
+                    f"{req.steps} steps, trigger word `{req.trigger}`",
+            allowed_mentions=only_author,
+        )
+        try:
+            await self.bot.intake.send(self.topics.finetune, req, key=finetune_key(req))
+        except Exception:
+            log.exception("publish failed", extra=job(req.request_id))
+            await interaction.edit_original_response(content=QUEUE_DOWN)
+            return
+        log.info("training %s queued", req.adapter, extra=job(req.request_id, team=origin.team_id))
+
+    async def on_cancel(self, interaction: discord.Interaction, name: str) -> None:
+        origin = origin_of(interaction)
+        try:
+            cmd = Cancel(train_command(name).name)
+            check_allowed(self.settings.train_permissions, origin, member_of(interaction))
+        except TrainCommandError as exc:
+            await interaction.response.send_message(f"❌ {exc}", ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        msg = cancel_request(cmd, origin)
+        try:
+            await self.bot.intake.send(self.topics.finetune_cancel, msg, key=f"{origin.team_id}/{cmd.name}".encode())
+        except Exception:
+            log.exception("publish of a cancel failed")
+            await interaction.edit_original_response(content=QUEUE_DOWN.replace("training", "cancel"))
+            return
+        await interaction.edit_original_response(
+            content=f"Asked the trainer to stop `{cmd.name}`. Its message in the channel will say when it stopped "
+                    "(a training that already finished keeps its adapter)."
+        )
+
+    async def on_adapters(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        team_id = origin_of(interaction).team_id
+        text = await asyncio.to_thread(describe_adapters, self.registry, team_id)
+        await interaction.edit_original_response(content=clip(text))
+
+
+def register(bot: SkillBot, settings: TrainCommandSettings) -> None:
+    training = DiscordTraining(bot, settings)
+
+    @app_commands.command(name="skill-train", description="Teach your team's model a style or thing from images")
+    @app_commands.describe(
+        name="the adapter's name, e.g. team-style (letters, digits, - and _)",
+        images="a training image (PNG, JPEG or WebP), or one zip of many (a captions.jsonl inside captions them)",
+        trigger="the word that calls the concept in prompts (default sks)",
+        steps=f"training steps (default {settings.default_train_steps})",
+        caption="caption for every image; the trigger word is added if missing",
+    )
+    async def train(
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 64],
+        images: discord.Attachment,
+        trigger: app_commands.Range[str, 1, 32] | None = None,
+        steps: app_commands.Range[int, 10, 5000] | None = None,
+        caption: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        image2: discord.Attachment | None = None,
+        image3: discord.Attachment | None = None,
+        image4: discord.Attachment | None = None,
+        image5: discord.Attachment | None = None,
+        image6: discord.Attachment | None = None,
+        image7: discord.Attachment | None = None,
+        image8: discord.Attachment | None = None,
+        image9: discord.Attachment | None = None,
+        image10: discord.Attachment | None = None,
+    ) -> None:
+        more = (image2, image3, image4, image5, image6, image7, image8, image9, image10)
+        files = [images, *(f for f in more if f is not None)]
+        await training.on_train(interaction, name, files, trigger, steps, caption)
+
+    @app_commands.command(name="skill-train-cancel", description="Stop your team's training of an adapter")
+    @app_commands.describe(name="the adapter whose training to stop")
+    async def cancel(interaction: discord.Interaction, name: app_commands.Range[str, 1, 64]) -> None:
+        await training.on_cancel(interaction, name)
+
+    @app_commands.command(name="skill-adapters", description="List your team's LoRA adapters and their versions")
+    async def adapters(interaction: discord.Interaction) -> None:
+        await training.on_adapters(interaction)
+
+    for command in (train, cancel, adapters):
+        bot.tree.add_command(command)
