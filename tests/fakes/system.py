@@ -16,14 +16,14 @@ TINY_DEFAULTS = {"default_width": 64, "default_height": 64, "default_steps": 3}
 
 
 @asynccontextmanager
-async def consumer_running(model: Path, engine) -> AsyncIterator[Worker]:
+async def consumer_running(model: Path, engine, **worker_options) -> AsyncIterator[Worker]:
     settings = ConsumerSettings(
         model=str(model), device="cpu", progress_interval_s=0.2,
         kafka_session_timeout_ms=FAST_GROUP["session_timeout_ms"],
         kafka_heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
         kafka_rebalance_timeout_ms=FAST_GROUP["rebalance_timeout_ms"],
     )
-    worker = Worker(settings, engine)
+    worker = Worker(settings, engine, **worker_options)
     ready = asyncio.Event()
     task = asyncio.create_task(worker.run(ready.set))
     waiter = asyncio.create_task(ready.wait())
