@@ -4,7 +4,8 @@ retry rules instead of discord.py's built-in waits).
 While the interaction token lives (15 minutes from the command, less a margin: SKILL_WEBHOOK_MAX_AGE_S),
 status and results are edits of the command's original response through the interaction webhook, images
 attached. After that, or once the webhook answered 404, results go to the channel with the bot token, and a
-webhook that answered 404 is not used again. Blocked results are told only to the person who asked: an
+webhook that answered 404 is not used again. A training outlives the token: its progress then moves to a channel
+message posted with the bot token, which later progress and the result edit. Blocked results are told only to the person who asked: an
 ephemeral follow-up while the token lives, a direct message after; the channel's "thinking" response is deleted.
 """
 
@@ -24,6 +25,7 @@ from schemas.messages import EventKind, JobEvent, Origin, Platform
 
 UNKNOWN_WEBHOOK = 10015
 EPHEMERAL = 64
+STATUS_MESSAGE_TTL_S = 7 * 86400
 
 
 class NotFound(Undeliverable):
@@ -48,14 +50,27 @@ class DiscordPoster:
 
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
-        hook = await self._webhook(event.origin)
-        if hook is None:
-            return  # without the token there is no response to edit; the result alone goes to the channel
         payload = {"content": render.status(event), "allowed_mentions": _only(event.origin)}
-        try:
-            await self._call("PATCH", f"{hook}/messages/@original", payload)
-        except NotFound as exc:
-            await self._bury(event.origin, exc)
+        hook = await self._webhook(event.origin)
+        if hook is not None:
+            try:
+                await self._call("PATCH", f"{hook}/messages/@original", payload)
+                return
+            except NotFound as exc:
+                await self._bury(event.origin, exc)
+        if event.job != "finetune":
+            return  # an image job without the token: the result alone goes to the channel
+        # A training runs for longer than the token lives: one channel message, edited, keeps its progress.
+        origin, key = event.origin, _status_key(event.request_id)
+        message_id = await self.store.get(key)
+        if message_id is not None:
+            try:
+                await self._call("PATCH", f"/channels/{origin.channel_id}/messages/{message_id}", payload, bot=True)
+                return
+            except NotFound:
+                pass  # deleted by someone: post a new one
+        posted = await self._call("POST", f"/channels/{origin.channel_id}/messages", payload, bot=True)
+        await self.store.put(key, str(posted["id"]), STATUS_MESSAGE_TTL_S)
 
     async def final(self, event: JobEvent, images: list[tuple[str, bytes]]) -> None:
         if event.kind == EventKind.blocked:
@@ -75,7 +90,15 @@ class DiscordPoster:
                 return
             except NotFound as exc:
                 await self._bury(event.origin, exc)
-        await self._call("POST", f"/channels/{event.origin.channel_id}/messages", payload, images, bot=True)
+        channel = f"/channels/{event.origin.channel_id}/messages"
+        message_id = await self.store.get(_status_key(event.request_id)) if event.job == "finetune" else None
+        if message_id is not None:
+            try:
+                await self._call("PATCH", f"{channel}/{message_id}", payload, images, bot=True)
+                return
+            except NotFound:
+                pass
+        await self._call("POST", channel, payload, images, bot=True)
 
     async def _tell_privately(self, event: JobEvent) -> None:
         text = {"content": render.blocked(event), "allowed_mentions": _only(event.origin)}
@@ -151,6 +174,10 @@ def _only(origin: Origin) -> dict:
 
 def _dead_key(origin: Origin) -> str:
     return "discord:dead-webhook:" + hashlib.sha256((origin.interaction_token or "").encode()).hexdigest()[:32]
+
+
+def _status_key(request_id: str) -> str:
+    return f"discord:status-message:{request_id}"
 
 
 def _json(body: bytes) -> dict:

@@ -324,6 +324,12 @@ class FakeDiscord(Recorder):
         if parts[0] == "channels" and parts[2:] == ["messages"] and method == "POST":
             msg = self._new_message(parts[1], "bot", body, files)
             return 200, {}, msg.payload(None)
+        if parts[0] == "channels" and len(parts) == 4 and parts[2] == "messages" and method == "PATCH":
+            msg = self.messages.get(parts[3])
+            if msg is None or msg.deleted or msg.channel_id != parts[1] or msg.via != "bot":
+                return 404, {}, {"message": "Unknown Message", "code": 10008}
+            self._edit(msg, body, files)
+            return 200, {}, msg.payload(None)
         if path == "/users/@me/channels" and method == "POST":
             return 200, {}, {"id": f"dm-{body['recipient_id']}", "type": 1, "recipients": [], "last_message_id": None}
         return 404, {}, {"message": f"fake Discord does not serve {method} {path}", "code": 0}
@@ -334,6 +340,16 @@ class FakeDiscord(Recorder):
                       body.get("components") or [], int(body.get("flags") or 0), interaction_token=token)
         self.messages[msg.id] = msg
         return msg
+
+    @staticmethod
+    def _edit(msg: Message, body: dict, files: list[Upload]) -> None:
+        if "content" in body:
+            msg.content = body["content"] or ""
+        if "components" in body:
+            msg.components = body["components"] or []
+        if files or "attachments" in body:
+            msg.files = files
+        msg.edits += 1
 
     def _callback(self, interaction: Interaction, body: dict, files: list[Upload]) -> tuple[int, dict, object]:
         kind = body["type"]
@@ -361,13 +377,7 @@ class FakeDiscord(Recorder):
                 msg.deleted = True
                 return 204, {}, None
             if method == "PATCH":
-                if "content" in body:
-                    msg.content = body["content"] or ""
-                if "components" in body:
-                    msg.components = body["components"] or []
-                if files or "attachments" in body:
-                    msg.files = files
-                msg.edits += 1
+                self._edit(msg, body, files)
                 return 200, {}, msg.payload(interaction.guild_id)
             if method == "GET":
                 return 200, {}, msg.payload(interaction.guild_id)

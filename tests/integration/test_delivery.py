@@ -126,6 +126,23 @@ async def test_after_15_minutes_results_go_to_the_channel_with_the_bot_token(wor
     assert world.discord.matching(lambda c: "/webhooks/" in c.path) == []
 
 
+async def test_a_training_outliving_the_token_keeps_one_channel_message_current(world):
+    it = world.discord.deferred()
+    o, r = world.discord_origin(it, age_s=20 * 60), rid()
+    grid = world.image()
+    async with world.running(edit_interval_s=0):
+        await world.send(event(o, P, r, job="finetune", adapter="circles", prompt=None, step=100, total_steps=500),
+                         event(o, P, r, job="finetune", adapter="circles", prompt=None, step=200, total_steps=500))
+        await world.discord.wait_for(lambda c: c.method == "PATCH" and c.path.startswith("/channels/"))
+        await world.send(event(o, OK, r, job="finetune", adapter="circles@v1", prompt=None, blobs=[grid],
+                               message="Adapter `circles@v1` is ready"))
+        await world.discord.wait_for(lambda c: c.method == "PATCH" and c.files and c.path.startswith("/channels/"))
+    [msg] = [m for m in world.discord.channel(fd.CHANNEL_ID) if m.via == "bot"]
+    assert msg.edits == 2 and msg.content.startswith(f"✅ <@{fd.USER_ID}> Adapter `circles@v1` is ready")
+    assert len(msg.pngs) == 1
+    assert world.discord.matching(lambda c: "/webhooks/" in c.path) == []  # the token is past its 15 minutes
+
+
 async def test_blocked_results_reach_only_the_person_and_nothing_stays_in_the_channel(world):
     fresh, old = world.discord.deferred(), world.discord.deferred()
     async with world.running():
