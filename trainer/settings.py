@@ -51,6 +51,7 @@ class TrainerSettings(CommonSettings):
     work_dir: Path = Field(Path(".cache/trainer"), description="checkpoints of running jobs, for resuming")
     slack_bot_token: SecretStr | None = Field(None, description="sent only to files.slack.com, to fetch shared files")
     progress_interval_s: float = Field(2.0, ge=0, description="at most one progress event per interval")
+    cancel_lookback_s: float = Field(86_400, ge=0, description="cancels this recent are read at start")
     # Tansu answers a fetch only when fetch_max_wait_ms runs out; the trainer polls twice a second anyway.
     fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)

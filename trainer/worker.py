@@ -7,8 +7,9 @@ resumes. Training runs in a worker thread. A record that cannot be decoded goes 
 a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
 stops without committing: the record comes back and training resumes from that checkpoint.
 
-Cancels arrive on `<prefix>skill.finetune.cancel` (Topics.finetune_cancel), which every trainer reads from its end
-without a group: the trainer running that team's adapter stops it, and each trainer remembers the cancel for jobs still queued.
+Cancels arrive on `<prefix>skill.finetune.cancel` (Topics.finetune_cancel), which every trainer reads without a
+group, starting SKILL_CANCEL_LOOKBACK_S back: the trainer running that team's adapter stops it, and each trainer
+remembers the cancel for that adapter's jobs asked before it and not started yet.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class TrainerWorker:
         follower: asyncio.Task | None = None
         try:
             await cancels.start()
-            await self._from_the_end(cancels)  # before `ready`: a cancel sent after start is never missed
+            await self._catch_up_on_cancels(cancels)  # before any job and before `ready`
             follower = asyncio.create_task(self._follow_cancels(cancels))
             await consumer.start()
             try:
@@ -180,7 +181,9 @@ class TrainerWorker:
         finally:
             await admin.close()
 
-    async def _from_the_end(self, cancels: AIOKafkaConsumer) -> None:
+    async def _catch_up_on_cancels(self, cancels: AIOKafkaConsumer) -> None:
+        """Read the cancels of the last SKILL_CANCEL_LOOKBACK_S before taking any job, so a cancel sent while no
+        trainer ran (or just before a restart) still stops the job it names; then follow new ones."""
         topic = self.topics.finetune_cancel
         parts: set[int] = set()
         async with asyncio.timeout(30):
@@ -191,18 +194,30 @@ class TrainerWorker:
                     await asyncio.sleep(0.2)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         cancels.assign(tps)
-        await cancels.seek_to_end(*tps)
-        for tp in tps:  # resolve the positions now, so nothing produced after this is skipped
-            await cancels.position(tp)
+        end = await cancels.end_offsets(tps)
+        since_ms = int((time.time() - self.settings.cancel_lookback_s) * 1000)
+        found = await cancels.offsets_for_times({tp: since_ms for tp in tps})
+        for tp in tps:
+            # Kafka answers None where no record is that recent; some compatible brokers a timestamp of -1.
+            at = found.get(tp)
+            cancels.seek(tp, at.offset if at is not None and at.timestamp >= 0 else end[tp])
+        async with asyncio.timeout(60):
+            while [tp for tp in tps if await cancels.position(tp) < end[tp]]:
+                for records in (await cancels.getmany(*tps, timeout_ms=200)).values():
+                    for record in records:
+                        self._read_cancel(record)
 
     async def _follow_cancels(self, cancels: AIOKafkaConsumer) -> None:
         async for record in cancels:
-            try:
-                msg = decode(record.value, FineTuneCancel, record.headers)
-            except CodecError as exc:
-                log.warning("ignoring an undecodable cancel at %d: %s", record.offset, exc)
-                continue
-            self.cancel(msg)
+            self._read_cancel(record)
+
+    def _read_cancel(self, record: ConsumerRecord) -> None:
+        try:
+            msg = decode(record.value, FineTuneCancel, record.headers)
+        except CodecError as exc:
+            log.warning("ignoring an undecodable cancel at %d: %s", record.offset, exc)
+            return
+        self.cancel(msg)
 
     def cancel(self, msg: FineTuneCancel) -> None:
         """Stop the running job of that team's adapter, and refuse its queued ones asked before the cancel."""

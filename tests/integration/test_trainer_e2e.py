@@ -279,6 +279,23 @@ async def test_cancel_stops_a_running_training(skill_env, tiny_model, attachment
     assert not (settings.work_dir / req.request_id).exists()
 
 
+async def test_a_cancel_sent_while_no_trainer_ran_still_stops_the_queued_job(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    commands = TrainCommandSettings(_env_file=None, ingest=limits)
+    asked = finetune_request(parse("queued-one --steps 5000"), GUILD, urls, commands)
+    async with Chat(settings) as chat:
+        await chat.publish(skill_env.topics.finetune_cancel, cancel_request(Cancel("queued-one"), GUILD), b"111/queued-one")
+        later = finetune_request(parse("queued-one --steps 10"), GUILD, urls, commands)  # asked after the cancel
+        async with running(TrainerWorker(settings)):
+            for r in (asked, later):
+                await chat.publish(skill_env.topics.finetune, r, finetune_key(r))
+            first = (await chat.terminal(asked.request_id))[-1]
+            second = (await chat.terminal(later.request_id))[-1]
+    assert first.kind == EventKind.failed and "was cancelled before it started" in first.message
+    assert second.kind == EventKind.succeeded and second.adapter == "queued-one@v1"
+
+
 async def test_a_stopped_trainer_leaves_the_job_uncommitted_and_the_next_one_resumes_it(
     skill_env, tiny_model, attachments, tmp_path
 ):
