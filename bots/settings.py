@@ -18,6 +18,8 @@ CommaList = Annotated[list[str], NoDecode]
 
 def _split_commas(value: object) -> object:
     if isinstance(value, str):
+        if value.strip().lower() == "none":  # an empty variable means unset, so "none" is how to say none
+            return []
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
@@ -54,7 +56,7 @@ class BotSettings(CommonSettings):
     admins: CommaList = []
     # How long Re-roll and Variations keep working on a result.
     remember_s: int = Field(default=7 * 86400, ge=60)
-    # Modules that add commands to the bots (see bots/extensions.py), comma-separated; empty for /skill alone.
+    # Modules that add commands to the bots (see bots/extensions.py), comma-separated; none for /skill alone.
     bot_extensions: CommaList = ["trainer.chat"]
 
     _split = field_validator("admins", "bot_extensions", mode="before")(_split_commas)

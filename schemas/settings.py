@@ -1,7 +1,8 @@
 """Settings shared by every service: where Kafka, Redis and the blob store are, and how to log.
 
 Each service has its own class (consumer, bots, trainer) that extends these; all read `SKILL_*` variables and
-an optional `.env`. Secrets are SecretStr so they never reach a log line or a repr.
+an optional `.env`. Secrets are SecretStr so they never reach a log line or a repr. An empty variable counts as
+unset (compose passes `${X:-}` as an empty string), so it takes the default rather than failing to parse.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def default_model() -> str:
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="host:port[,host:port]")
     # Apache Kafka supports idempotent producers; the embedded Tansu broker (memory storage) answers

@@ -43,7 +43,8 @@ class LoraRecipe(BaseModel):
 
 
 class TrainerSettings(CommonSettings):
-    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_nested_delimiter="__",
+                                      env_ignore_empty=True)
 
     model: str = Field(default_factory=default_model, description="base model: a diffusers directory")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -76,7 +77,8 @@ class TeamPolicy(BaseModel):
 class TrainCommandSettings(CommonSettings):
     """What the bots need for `/skill-train` and `/skill-adapters`."""
 
-    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_nested_delimiter="__",
+                                      env_ignore_empty=True)
 
     adapter_url: str = DEFAULT_ADAPTER_URL
     train_permissions: dict[str, TeamPolicy] = Field(default_factory=dict, description="team id -> who may train")

@@ -16,7 +16,7 @@ class SafetySettings(BaseSettings):
     subfolders (the layout of a Stable Diffusion 1.x model directory); unset runs NudeNet alone.
     """
 
-    model_config = SettingsConfigDict(env_prefix="SKILL_SAFETY_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SKILL_SAFETY_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     extra_terms: Annotated[list[Path], NoDecode] = []
     nsfw_threshold: float = Field(default=0.6, ge=0.2, le=1.0)
