@@ -393,3 +393,16 @@ def test_a_blob_from_another_store_is_refused(tmp_path):
     ref = BlobStore((tmp_path / "a").as_uri()).put(b"x")
     with pytest.raises(BlobError, match="outside"):
         BlobStore((tmp_path / "b").as_uri()).get(ref)
+
+
+def test_an_empty_variable_counts_as_unset_and_none_turns_the_bot_extensions_off(monkeypatch):
+    from bots.settings import DiscordSettings
+    from trainer.settings import TrainCommandSettings
+
+    for name in ("SKILL_TRAIN_PERMISSIONS", "SKILL_DISCORD_TOKEN", "SKILL_REDIS_URL", "SKILL_BOT_EXTENSIONS"):
+        monkeypatch.setenv(name, "")  # what compose passes for `${X:-}`
+    assert TrainCommandSettings(_env_file=None).train_permissions == {}
+    discord = DiscordSettings(_env_file=None)
+    assert (discord.discord_token, discord.redis_url, discord.bot_extensions) == (None, None, ["trainer.chat"])
+    monkeypatch.setenv("SKILL_BOT_EXTENSIONS", "none")
+    assert DiscordSettings(_env_file=None).bot_extensions == []
