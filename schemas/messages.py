@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -61,21 +61,23 @@ class Origin(_Message):
     created_at: datetime = Field(default_factory=_now)
 
 
+def _adapter_name(v: str) -> str:
+    if not ADAPTER_NAME_RE.fullmatch(v):
+        raise ValueError(
+            "adapter name must be 1-64 characters of lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return v
+
+
+AdapterName = Annotated[str, AfterValidator(_adapter_name)]
+
+
 class AdapterRef(_Message):
     """A LoRA adapter by name, optionally pinned to a version (`name@v3`)."""
 
-    name: str
+    name: AdapterName
     version: int | None = Field(default=None, ge=1, le=999_999)
-
-    @field_validator("name")
-    @classmethod
-    def _name_shape(cls, v: str) -> str:
-        if not ADAPTER_NAME_RE.fullmatch(v):
-            raise ValueError(
-                "adapter name must be 1-64 characters of lowercase letters, digits, '_' or '-', "
-                "starting with a letter or digit"
-            )
-        return v
 
     @classmethod
     def parse(cls, text: str) -> "AdapterRef":
@@ -131,18 +133,12 @@ class FineTuneRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=64)
     origin: Origin
-    adapter: str
+    adapter: AdapterName
     image_urls: list[str] = Field(min_length=1, max_length=200)
     trigger: str = Field(default="sks", min_length=1, max_length=32, pattern=r"^[\w-]+$")
     caption: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     steps: int = Field(default=500, ge=10, le=5000)
     created_at: datetime = Field(default_factory=_now)
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter_name(cls, v: str) -> str:
-        AdapterRef(name=v)
-        return v
 
 
 class FineTuneCancel(_Message):
@@ -150,14 +146,8 @@ class FineTuneCancel(_Message):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     origin: Origin
-    adapter: str
+    adapter: AdapterName
     created_at: datetime = Field(default_factory=_now)
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter_name(cls, v: str) -> str:
-        AdapterRef(name=v)
-        return v
 
 
 class EventKind(StrEnum):
