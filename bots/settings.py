@@ -57,7 +57,7 @@ class BotSettings(CommonSettings):
     # How long Re-roll and Variations keep working on a result.
     remember_s: int = Field(default=7 * 86400, ge=60)
     # Modules that add commands to the bots (see bots/extensions.py), comma-separated; none for /skill alone.
-    bot_extensions: CommaList = ["trainer.chat"]
+    bot_extensions: CommaList = ["bots.training"]
 
     _split = field_validator("admins", "bot_extensions", mode="before")(_split_commas)
 

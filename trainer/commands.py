@@ -174,14 +174,12 @@ class Attached:
         """"image", "zip" or None; by the declared type, else by the name. The trainer checks the bytes anyway."""
         declared = (self.content_type or "").split(";")[0].strip().lower()
         name = self.name.lower()
-        if declared in IMAGE_TYPES or (not declared and name.endswith(IMAGE_SUFFIXES)):
-            return "image"
-        if declared in ZIP_TYPES or name.endswith(".zip"):
-            return "zip"
-        return None
+        if declared in ("", "application/octet-stream"):  # the chat could not tell: the name decides
+            return "image" if name.endswith(IMAGE_SUFFIXES) else "zip" if name.endswith(".zip") else None
+        return "image" if declared in IMAGE_TYPES else "zip" if declared in ZIP_TYPES else None
 
 
-def _mib(n: int) -> str:
+def size_text(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
 
 
@@ -193,7 +191,7 @@ def check_files(files: list[Attached], limits: IngestLimits) -> None:
         if f.kind is None:
             raise TrainCommandError(f"{f.name} is not a PNG, JPEG or WebP image or a zip of them")
         if f.size is not None and f.size > limits.max_file_bytes:
-            raise TrainCommandError(f"{f.name} is {_mib(f.size)}; files may be at most {_mib(limits.max_file_bytes)}")
+            raise TrainCommandError(f"{f.name} is {size_text(f.size)}; files may be at most {size_text(limits.max_file_bytes)}")
     zips = [f for f in files if f.kind == "zip"]
     if zips and len(files) > 1:
         raise TrainCommandError("send either images or one zip of them, not both and not several zips")
@@ -201,7 +199,7 @@ def check_files(files: list[Attached], limits: IngestLimits) -> None:
         raise TrainCommandError(f"{len(files)} images sent; at most {limits.max_images} per training (or one zip)")
     total = sum(f.size or 0 for f in files)
     if total > limits.max_total_bytes:
-        raise TrainCommandError(f"the files add up to {_mib(total)}; at most {_mib(limits.max_total_bytes)} in all")
+        raise TrainCommandError(f"the files add up to {size_text(total)}; at most {size_text(limits.max_total_bytes)} in all")
 
 
 # ------------------------------------------------------------------------------------------------- messages

@@ -78,6 +78,11 @@ class IngestLimits(BaseModel):
     max_redirects: int = Field(3, ge=0, le=10)
     timeout_s: float = Field(30.0, gt=0)
     allowed_hosts: tuple[str, ...] = Field(DISCORD_HOSTS + SLACK_HOSTS, description="host, or host:port")
+    # Read when the limits are made (not at import), so a test that swaps SLACK_HOSTS sees its own.
+    slack_file_hosts: tuple[str, ...] = Field(
+        default_factory=lambda: SLACK_HOSTS,
+        description="where the Slack bot token is sent: host (any port) or host:port; only ever to an allowed host",
+    )
     require_https: bool = True
     allow_private_addresses: bool = False
 
@@ -188,7 +193,7 @@ async def download(http: aiohttp.ClientSession, url: str, limits: IngestLimits, 
     current = check_url(url, limits)
     for _hop in range(limits.max_redirects + 1):
         headers = {"Accept-Encoding": "identity"}
-        if slack_token and current.host in SLACK_HOSTS:
+        if slack_token and _is_slack_file_host(current, limits):
             # Only Slack's own file host ever sees the bot token, never a host a redirect points at.
             headers["Authorization"] = f"Bearer {slack_token}"
         try:
@@ -213,6 +218,11 @@ async def download(http: aiohttp.ClientSession, url: str, limits: IngestLimits, 
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IngestError(f"{file_name(current)}: download failed ({type(exc).__name__})") from None
     raise IngestError(f"{file_name(url)}: more than {limits.max_redirects} redirects")
+
+
+def _is_slack_file_host(url: URL, limits: IngestLimits) -> bool:
+    host = (url.host or "").lower().rstrip(".")
+    return host in limits.slack_file_hosts or f"{host}:{url.explicit_port}" in limits.slack_file_hosts
 
 
 def _bytes_limit(max_bytes: int) -> str:

@@ -50,7 +50,7 @@ class TrainerSettings(CommonSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     adapter_url: str = Field(DEFAULT_ADAPTER_URL, description="adapter registry root: file:///path or s3://bucket/prefix")
     work_dir: Path = Field(Path(".cache/trainer"), description="checkpoints of running jobs, for resuming")
-    slack_bot_token: SecretStr | None = Field(None, description="sent only to files.slack.com, to fetch shared files")
+    slack_bot_token: SecretStr | None = Field(None, description="sent only to SKILL_INGEST__SLACK_FILE_HOSTS (files.slack.com), to fetch shared files")
     progress_interval_s: float = Field(2.0, ge=0, description="at most one progress event per interval")
     cancel_lookback_s: float = Field(86_400, ge=0, description="cancels this recent are read at start")
     # Tansu answers a fetch only when fetch_max_wait_ms runs out; the trainer polls twice a second anyway.

@@ -3,6 +3,13 @@ Socket Mode WebSocket; plus signed slash-command requests for a Bolt app in HTTP
 
 Point slack_sdk at it with `AsyncWebClient(base_url=fake.api_base)` (SKILL_SLACK_API_BASE). A test reads
 what a channel shows from `fake.messages`, `fake.files` and `fake.ephemerals`.
+
+People and their files: `fake.users` (users.info: admins and owners) and `fake.usergroups`
+(usergroups.users.list); `fake.share_files(thread_ts, [(name, bytes)])` is a person sharing files into a thread:
+the files are kept (files.info) and served from the fake's private file host (`GET /files-pri/...`, which
+answers 403 without the bot token, as only the bot may fetch them), and the `message`/`file_share` event
+comes back as an Events API envelope, to send the app with `send_socket("events_api", ...)` or
+`post_event(...)` (signed, HTTP mode).
 """
 
 from __future__ import annotations
@@ -12,13 +19,14 @@ import hashlib
 import hmac
 import itertools
 import json
+import mimetypes
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from aiohttp import WSMsgType, web
+from aiohttp import ClientSession, WSMsgType, web
 
 from tests.fakes.common import Call, Recorder, Server, now, read_body
 
@@ -29,6 +37,7 @@ TEAM_ID = "T0FAKE"
 CHANNEL_ID = "C0FAKE"
 USER_ID = "U0FAKE"
 BOT_USER_ID = "U0BOT"
+FILE_TYPES = {"jpeg": "jpg"}  # Slack's filetype for an extension, where they differ
 _ts = itertools.count(1)
 
 
@@ -62,6 +71,49 @@ class SharedFile:
 
 
 @dataclass
+class UserFile:
+    """A file a person shared: what files.info answers and the private file host serves."""
+
+    file_id: str
+    name: str
+    mimetype: str
+    data: bytes
+    user: str
+    base: str  # the fake's URL
+
+    @property
+    def url_private_download(self) -> str:
+        return f"{self.base}/files-pri/{TEAM_ID}-{self.file_id}/download/{self.name}"
+
+    def info(self) -> dict:
+        """The file object as files.info and a complete file_share event carry it."""
+        suffix = self.name.rsplit(".", 1)[-1].lower() if "." in self.name else ""
+        return {
+            "id": self.file_id, "created": int(time.time()), "timestamp": int(time.time()), "name": self.name,
+            "title": self.name, "mimetype": self.mimetype, "filetype": FILE_TYPES.get(suffix, suffix),
+            "pretty_type": suffix.upper(), "user": self.user, "user_team": TEAM_ID, "editable": False,
+            "size": len(self.data), "mode": "hosted", "is_external": False, "external_type": "", "is_public": True,
+            "public_url_shared": False, "display_as_bot": False, "username": "",
+            "url_private": f"{self.base}/files-pri/{TEAM_ID}-{self.file_id}/{self.name}",
+            "url_private_download": self.url_private_download,
+            "permalink": f"https://fake.slack.com/files/{self.user}/{self.file_id}/{self.name}",
+            "is_starred": False, "has_rich_preview": False, "file_access": "visible",
+        }
+
+    def stub(self) -> dict:
+        """What Slack sometimes sends in an event instead: the app must ask files.info for the rest."""
+        return {"id": self.file_id, "mode": "file_access", "file_access": "check_file_info", "created": 0,
+                "timestamp": 0, "user": ""}
+
+
+def user(user_id: str, *, is_admin: bool = False, is_owner: bool = False) -> dict:
+    """A users.info `user` object."""
+    return {"id": user_id, "team_id": TEAM_ID, "name": user_id.lower(), "deleted": False, "is_bot": False,
+            "is_admin": is_admin, "is_owner": is_owner, "is_primary_owner": False, "is_restricted": False,
+            "is_ultra_restricted": False, "profile": {"display_name": user_id.lower()}}
+
+
+@dataclass
 class Ephemeral:
     channel: str | None
     user: str | None
@@ -69,12 +121,12 @@ class Ephemeral:
     via: str  # "chat.postEphemeral" or "response_url"
 
 
-def sign(body: str, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
-    """The headers Slack puts on a request it sends an app in HTTP mode."""
+def sign(body: str, secret: str = SIGNING_SECRET, timestamp: int | None = None,
+         content_type: str = "application/x-www-form-urlencoded") -> dict[str, str]:
+    """The headers Slack puts on a request it sends an app in HTTP mode (events come as application/json)."""
     ts = str(int(time.time()) if timestamp is None else timestamp)
     digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
-    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}",
-            "Content-Type": "application/x-www-form-urlencoded"}
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}", "Content-Type": content_type}
 
 
 class FakeSlack(Recorder):
@@ -84,6 +136,9 @@ class FakeSlack(Recorder):
         self.messages: dict[str, SlackMessage] = {}
         self.files: list[SharedFile] = []
         self.ephemerals: list[Ephemeral] = []
+        self.users: dict[str, dict] = {USER_ID: user(USER_ID)}
+        self.usergroups: dict[str, list[str]] = {}  # user group id -> member ids
+        self.user_files: dict[str, UserFile] = {}
         self._uploads: dict[str, tuple[str, bytes | None]] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self._acks: dict[str, asyncio.Future] = {}
@@ -91,9 +146,11 @@ class FakeSlack(Recorder):
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.add_routes([
             web.post("/api/{method}", self._api),
+            web.get("/api/{method}", self._api),  # slack_sdk reads some methods with GET (files.info, users.info)
             web.post("/upload/{file_id}", self._upload),
             web.post("/respond/{id}", self._respond),
             web.get("/socket", self._socket),
+            web.get("/files-pri/{ref}/{tail:.*}", self._private_file),
         ])
         self.server = Server(app)
 
@@ -121,6 +178,11 @@ class FakeSlack(Recorder):
 
     def pngs(self, channel: str, thread_ts: str | None = None) -> list[SharedFile]:
         return [f for f in self.files if f.channel == channel and f.thread_ts == thread_ts and f.is_png]
+
+    @property
+    def file_host(self) -> str:
+        """host:port of the private file host, for IngestLimits.allowed_hosts and slack_file_hosts."""
+        return f"127.0.0.1:{self.server.port}"
 
     # -- what Slack sends the app --------------------------------------------------------------------
     def command_body(self, text: str, *, channel_id: str = CHANNEL_ID, user_id: str = USER_ID,
@@ -155,8 +217,55 @@ class FakeSlack(Recorder):
                          "text": element["text"], "action_ts": str(time.time())}],
         }
 
+    def share_files(self, thread_ts: str, files: list[tuple[str, bytes]], *, text: str = "", user_id: str = USER_ID,
+                    channel_id: str = CHANNEL_ID, team_id: str = TEAM_ID, stubs: bool = False) -> dict:
+        """A person shares `files` (name, bytes) into a thread, with `text`: the Events API envelope of the
+        `message`/`file_share` event. `stubs` sends the file objects Slack sometimes sends, to be completed with
+        files.info. The mimetype is guessed from each name, as Slack does."""
+        shared = []
+        for name, data in files:
+            f = UserFile(f"F{uuid.uuid4().hex[:10].upper()}", name,
+                         mimetypes.guess_type(name)[0] or "application/octet-stream", data, user_id, self.server.base)
+            self.user_files[f.file_id] = f
+            shared.append(f.stub() if stubs else f.info())
+        return self.message_event(thread_ts, text, user_id=user_id, channel_id=channel_id, team_id=team_id,
+                                  subtype="file_share", files=shared)
+
+    def message_event(self, thread_ts: str | None, text: str, *, user_id: str = USER_ID,
+                      channel_id: str = CHANNEL_ID, team_id: str = TEAM_ID, subtype: str | None = None,
+                      files: list[dict] | None = None) -> dict:
+        """A person's message (a reply in `thread_ts`, or in the channel when None) as an Events API envelope."""
+        ts = next_ts()
+        event = {"type": "message", "text": text, "user": user_id, "ts": ts, "team": team_id,
+                 "channel": channel_id, "channel_type": "channel", "event_ts": ts,
+                 "blocks": [{"type": "rich_text", "block_id": "b", "elements": []}] if text else []}
+        if thread_ts:
+            event.update(thread_ts=thread_ts, parent_user_id=BOT_USER_ID)
+        if subtype:
+            event.update(subtype=subtype, upload=False, display_as_bot=False)
+        if files is not None:
+            event["files"] = files
+        return {"token": "deprecated-verification-token", "team_id": team_id, "context_team_id": team_id,
+                "api_app_id": "A0FAKE", "event": event, "type": "event_callback",
+                "event_id": f"Ev{uuid.uuid4().hex[:10].upper()}", "event_time": int(time.time()),
+                "authorizations": [{"enterprise_id": None, "team_id": team_id, "user_id": BOT_USER_ID,
+                                    "is_bot": True, "is_enterprise_install": False}],
+                "is_ext_shared_channel": False, "event_context": uuid.uuid4().hex}
+
+    async def post_event(self, url: str, envelope: dict, *, retry_num: int | None = None) -> int:
+        """POST an Events API envelope to an app in HTTP mode, signed; Slack's retries carry X-Slack-Retry-Num.
+        Returns the HTTP status the app answered."""
+        body = json.dumps(envelope)
+        headers = sign(body, content_type="application/json")
+        if retry_num is not None:
+            headers.update({"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"})
+        async with ClientSession() as http, http.post(url, data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
     async def send_socket(self, kind: str, payload: dict, timeout_s: float = 10) -> dict:
-        """Send an envelope over Socket Mode (kind "slash_commands" or "interactive"); returns the app's ack."""
+        """Send an envelope over Socket Mode (kind "slash_commands", "interactive" or "events_api"); returns the
+        app's ack."""
         await asyncio.wait_for(self.socket_connected.wait(), timeout_s)
         envelope_id = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
@@ -171,14 +280,14 @@ class FakeSlack(Recorder):
         method = request.match_info["method"]
         body, files = await read_body(request)
         body.update({k: v for k, v in request.query.items() if k not in body})
-        fault = self.fault_for("POST", method)
+        fault = self.fault_for(request.method, method)
         if fault is not None:
             status, headers, answer = fault.status, fault.headers, fault.body or {"ok": False, "error": "fault"}
         elif request.headers.get("Authorization") not in (f"Bearer {self.bot_token}", f"Bearer {APP_TOKEN}"):
             status, headers, answer = 200, {}, {"ok": False, "error": "invalid_auth"}
         else:
             status, headers, answer = 200, {}, self._serve(method, body)
-        await self.record(Call("POST", method, now(), status, dict(request.headers), body, files))
+        await self.record(Call(request.method, method, now(), status, dict(request.headers), body, files))
         if status >= 500:
             return web.Response(status=status, text="upstream error", headers=headers)
         return web.json_response(answer, status=status, headers=headers)
@@ -225,6 +334,15 @@ class FakeSlack(Recorder):
                                              filename, data, body.get("initial_comment")))
                 shared.append({"id": f["id"], "title": f.get("title"), "name": filename})
             return {"ok": True, "files": shared}
+        if method == "users.info":
+            found = self.users.get(body.get("user", ""))
+            return {"ok": True, "user": found} if found else {"ok": False, "error": "user_not_found"}
+        if method == "usergroups.users.list":
+            members = self.usergroups.get(body.get("usergroup", ""))
+            return {"ok": True, "users": members} if members is not None else {"ok": False, "error": "no_such_subteam"}
+        if method == "files.info":
+            shared = self.user_files.get(body.get("file", ""))
+            return {"ok": True, "file": shared.info()} if shared else {"ok": False, "error": "file_not_found"}
         if method == "apps.connections.open":
             return {"ok": True, "url": f"ws://127.0.0.1:{self.server.port}/socket"}
         return {"ok": False, "error": "unknown_method"}
@@ -238,6 +356,22 @@ class FakeSlack(Recorder):
             self._uploads[file_id] = (self._uploads[file_id][0], data)
         await self.record(Call("POST", f"upload/{file_id}", now(), status, dict(request.headers), {}, []))
         return web.Response(status=status, text=f"OK - {len(data)}")
+
+    async def _private_file(self, request: web.Request) -> web.Response:
+        """files.slack.com: a shared file, to the bot token only."""
+        path = request.path.lstrip("/")
+        shared = self.user_files.get(request.match_info["ref"].rsplit("-", 1)[-1])
+        fault = self.fault_for("GET", path)
+        if fault is not None:
+            status, answer = fault.status, web.Response(status=fault.status, headers=fault.headers, text="fault")
+        elif shared is None or request.match_info["tail"] not in (shared.name, f"download/{shared.name}"):
+            status, answer = 404, web.Response(status=404, text="file not found")
+        elif request.headers.get("Authorization") != f"Bearer {self.bot_token}":
+            status, answer = 403, web.Response(status=403, text="a private file: send the bot token")
+        else:
+            status, answer = 200, web.Response(body=shared.data, content_type=shared.mimetype)
+        await self.record(Call("GET", path, now(), status, dict(request.headers), {}, []))
+        return answer
 
     async def _respond(self, request: web.Request) -> web.Response:
         body, _ = await read_body(request)

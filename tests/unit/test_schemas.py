@@ -403,6 +403,6 @@ def test_an_empty_variable_counts_as_unset_and_none_turns_the_bot_extensions_off
         monkeypatch.setenv(name, "")  # what compose passes for `${X:-}`
     assert TrainCommandSettings(_env_file=None).train_permissions == {}
     discord = DiscordSettings(_env_file=None)
-    assert (discord.discord_token, discord.redis_url, discord.bot_extensions) == (None, None, ["trainer.chat"])
+    assert (discord.discord_token, discord.redis_url, discord.bot_extensions) == (None, None, ["bots.training"])
     monkeypatch.setenv("SKILL_BOT_EXTENSIONS", "none")
     assert DiscordSettings(_env_file=None).bot_extensions == []

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from safetensors.numpy import save
 
 from schemas.codec import decode, encode
-from schemas.messages import EventKind, FineTuneRequest, JobEvent, Origin
-from schemas.messages import FineTuneCancel
+from schemas.messages import EventKind, FineTuneCancel, FineTuneRequest, JobEvent, Origin
 from trainer.commands import (
+    Attached,
     Cancel,
     Help,
     Member,
@@ -18,6 +20,7 @@ from trainer.commands import (
     TrainCommandError,
     cancel_request,
     check_allowed,
+    check_files,
     describe_adapters,
     finetune_key,
     finetune_request,
@@ -25,6 +28,7 @@ from trainer.commands import (
     progress_text,
     train_command,
 )
+from trainer.ingest import IngestLimits
 from trainer.registry import Registry
 from trainer.settings import TeamPolicy, TrainCommandSettings, TrainerSettings
 from tests.unit.test_registry import record
@@ -161,3 +165,33 @@ def test_progress_lines_show_step_loss_and_time_left():
     event = JobEvent(request_id="r", kind=EventKind.progress, origin=DISCORD, job="finetune", adapter="team-style",
                      step=120, total_steps=500, loss=0.08412, eta_s=185)
     assert progress_text(event) == "Training `team-style`: step 120/500 · loss 0.0841 · about 3 min left"
+
+
+@pytest.mark.parametrize(
+    ("name", "declared", "kind"),
+    [
+        ("a.png", "image/png", "image"), ("a.JPG", None, "image"), ("a.webp", "application/octet-stream", "image"),
+        ("set.zip", "application/x-zip-compressed", "zip"), ("set.zip", "", "zip"),
+        ("a.png", "text/html", None),  # the declared type wins over a hopeful name
+        ("a.gif", "image/gif", None), ("notes.txt", None, None),
+    ],
+)
+def test_a_files_kind_comes_from_its_declared_type_else_its_name(name, declared, kind):
+    assert Attached(name, declared).kind == kind
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        ([], "attach the training images"),
+        ([Attached("a.png", "image/png", 2_000_000)], "a.png is 1.9 MB; files may be at most 1.0 MB"),
+        ([Attached(f"{i}.png", "image/png", 10) for i in range(4)], "4 images sent; at most 3 per training"),
+        ([Attached("a.zip", "application/zip"), Attached("b.zip", "application/zip")], "not several zips"),
+        ([Attached(f"{i}.png", "image/png", 600_000) for i in range(3)], "add up to 1.7 MB; at most 1.5 MB"),
+    ],
+)
+def test_check_files_refuses_before_any_download(files, says):
+    limits = IngestLimits(max_images=3, max_file_bytes=1024 * 1024, max_total_bytes=1536 * 1024)
+    with pytest.raises(TrainCommandError, match=re.escape(says)):
+        check_files(files, limits)
+    check_files([Attached("a.png", "image/png", 10)], limits)  # and a good one passes

@@ -21,12 +21,12 @@ from trainer.settings import TrainCommandSettings
 
 
 def setup_discord(bot: Any) -> None:
-    from trainer.chat_discord import register
+    from bots.training_discord import register
 
     register(bot, TrainCommandSettings())
 
 
 def setup_slack(app: Any, intake: Any) -> None:
-    from trainer.chat_slack import register
+    from bots.training_slack import register
 
     register(app, intake, TrainCommandSettings())
