@@ -50,21 +50,26 @@ def queued(req: GenerateRequest) -> str:
 
 def status(event: JobEvent) -> str:
     """One line for a status that is not final: queue position, started, or a progress bar."""
+    who = mention(event.origin.user_id)
+    progress = event.kind == EventKind.progress and event.step is not None and event.total_steps
     if event.job == "finetune":
         from trainer.commands import progress_text  # the trainer's own words for its jobs (no torch)
 
-        return f"🧪 {mention(event.origin.user_id)} {progress_text(event)}"
+        bar = f"{_bar(event.step, event.total_steps)} " if progress else ""
+        return f"🧪 {who} {bar}{progress_text(event)}"
     p = event.origin.platform
-    who = mention(event.origin.user_id)
     what = quote(event.prompt, p) if event.prompt else "your request"
     if event.kind == EventKind.queued:
         where = f", position {event.queue_position}" if event.queue_position is not None else ""
         return f"⏳ {who} queued{where}: {what}"
-    if event.kind == EventKind.progress and event.step is not None and event.total_steps:
-        filled = round(10 * event.step / event.total_steps)
-        bar = "▰" * filled + "▱" * (10 - filled)
-        return f"🎨 {who} {bar} step {event.step}/{event.total_steps}: {what}"
+    if progress:
+        return f"🎨 {who} {_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}: {what}"
     return f"🎨 {who} drawing: {what}"
+
+
+def _bar(step: int, total: int) -> str:
+    filled = round(10 * step / total)
+    return "▰" * filled + "▱" * (10 - filled)
 
 
 def done(event: JobEvent) -> str:

@@ -256,7 +256,7 @@ async def test_fine_tune_events_use_the_trainers_words_and_post_no_weights(world
         await world.slack.wait_for(lambda c: c.path == "chat.update", count=2)
         await asyncio.sleep(0.5)
     first, last = world.slack.messages[o.status_message_id].edits
-    assert "Training `team-style`: step 40/200 · loss 0.1234" in first
+    assert f"🧪 <@{fs.USER_ID}> ▰▰▱▱▱▱▱▱▱▱ Training `team-style`: step 40/200 · loss 0.1234" in first
     assert "Adapter `team-style` v1 is ready" in last
     assert world.slack.files == [] and world.slack.matching(lambda c: c.path.startswith("files.")) == []
 

@@ -20,14 +20,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from safetensors.numpy import save
 
-from bots import slack_bot
+from bots import slack_bot, training_slack
 from bots.settings import SlackSettings
 from schemas.messages import FineTuneCancel, FineTuneRequest
 from skillgen.embedded import free_port
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack, SlackMessage, sign, user
 from tests.fakes.world import png_bytes
-from bots import training_slack
 from trainer.ingest import IngestError, IngestLimits, download_all
 from trainer.registry import Registry, TrainedBy, TrainingRecord
 from trainer.settings import LoraRecipe
