@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 from consumer.safety import Decision, ImagePolicy, PromptPolicy, SafetyError, SafetySettings, add_arguments, run
+from consumer.safety.image import _NudeNet, nudenet_providers
 
 pytestmark = pytest.mark.unit
 
@@ -316,6 +318,52 @@ def test_detector_error_blocks_every_image(images: ImagePolicy, monkeypatch: pyt
 
 def test_no_images_no_decisions(images: ImagePolicy) -> None:
     assert images.check([]) == []
+
+
+def test_our_nudenet_decoding_equals_nudenets_own() -> None:
+    from nudenet import nudenet
+
+    detector = _NudeNet("cpu")
+    rng = np.random.default_rng(1)
+    found = 0
+    for _ in range(10):
+        output = rng.random((1, 22, 2100), dtype=np.float32)
+        output[0, :4] *= 320
+        output[0, 4:] **= 4  # most candidates under NudeNet's 0.2, some over
+        width, height = (int(v) for v in rng.integers(16, 1024, 2))
+        side = max(width, height)
+        theirs = nudenet._postprocess([output], side - width, side - height, side / width, side / height,
+                                      width, height, 320, 320)
+        assert detector.decode([output], side - width, side - height, width, height) == theirs
+        found += len(theirs)
+    assert found > 1000  # the comparison covered many boxes, overlapping ones included
+
+
+def test_our_nudenet_detects_what_nudedetector_detects() -> None:
+    from nudenet import NudeDetector
+
+    ours, theirs = _NudeNet("cpu"), NudeDetector()
+    pictures = [_shapes(), _skin_disc(), _skin_disc().resize((97, 300)), _shapes().resize((640, 64))]
+    detections = [theirs.detect(np.asarray(p)) for p in pictures]
+    assert [ours.detect(np.asarray(p)) for p in pictures] == detections
+    assert any(d["class"] == "BUTTOCKS_EXPOSED" for found in detections for d in found)
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "chosen"),
+    [
+        ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+        ("cuda", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    ],
+)
+def test_nudenet_runs_on_the_consumers_gpu_when_onnxruntime_has_cuda(device, available, chosen) -> None:
+    assert nudenet_providers(device, available) == chosen
+
+
+def test_a_cpu_consumer_runs_nudenet_on_the_cpu() -> None:
+    assert _NudeNet("cpu").providers == ["CPUExecutionProvider"]
 
 
 # StableDiffusionSafetyChecker, tiny and random, built offline
