@@ -18,10 +18,11 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -330,3 +331,22 @@ class SkillEnv:
     def environ(self) -> dict[str, str]:
         """A full environment for a subprocess."""
         return {**os.environ, **self.vars}
+
+
+@asynccontextmanager
+async def serving(service: Any, ready_timeout_s: float = 60, stop_timeout_s: float = 120) -> AsyncIterator[Any]:
+    """Run an in-process service (`run(ready)`, `stop()`: the consumer, the trainer) for the block: fail at once
+    with its own error if it dies starting, or if it is not ready in time; stop it and wait for it after."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(service.run(ready.set))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=ready_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()  # raises what stopped it
+    assert ready.is_set(), f"{type(service).__name__} was not ready within {ready_timeout_s:.0f} s"
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, stop_timeout_s)

@@ -5,35 +5,23 @@ and uploads the sample grid into the thread."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from schemas.messages import FineTuneRequest
 from tests.fakes.slack import CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack
 from tests.fakes.world import World
-from tests.harness import FAST_GROUP
+from tests.harness import serving
 from tests.integration.test_slack_train import running_bot
+from tests.integration.test_trainer_e2e import red_circle_png, trainer_settings
 from trainer.ingest import IngestLimits
 from trainer.registry import Registry
-from trainer.settings import LoraRecipe, TrainerSettings
 from trainer.worker import TrainerWorker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def red_circle_png(i: int) -> bytes:
-    image = Image.new("RGB", (64, 64), (15, 15, 15))
-    ImageDraw.Draw(image).ellipse((6 + 2 * i, 6, 58, 58 - 2 * i), fill=(220, 30, 30))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(autouse=True)
@@ -52,32 +40,10 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     await fake.stop()
 
 
-@asynccontextmanager
-async def trainer_running(model: Path, tmp_path: Path, fake: FakeSlack) -> AsyncIterator[TrainerWorker]:
+def trainer_running(model: Path, tmp_path: Path, fake: FakeSlack):
     limits = IngestLimits(allowed_hosts=(fake.file_host,), slack_file_hosts=(fake.file_host,), require_https=False,
                           allow_private_addresses=True)
-    settings = TrainerSettings(
-        _env_file=None, model=str(model), device="cpu", adapter_url=(tmp_path / "adapters").as_uri(),
-        work_dir=tmp_path / "work", slack_bot_token=fake.bot_token, progress_interval_s=0, sample_images=2,
-        sample_steps=2, ingest=limits, lora=LoraRecipe(lr=1e-2, batch_size=1), fetch_max_wait_ms=20,
-        kafka_session_timeout_ms=FAST_GROUP["session_timeout_ms"],
-        kafka_heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
-        kafka_rebalance_timeout_ms=FAST_GROUP["rebalance_timeout_ms"],
-    )
-    worker = TrainerWorker(settings)
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.run(ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task.done():
-        task.result()
-    assert ready.is_set(), "the trainer did not get ready in 60 s"
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 60)
+    return serving(TrainerWorker(trainer_settings(model, tmp_path, limits, slack_bot_token=fake.bot_token)))
 
 
 async def test_slack_thread_to_adapter_with_progress_and_the_sample_grid_in_the_thread(

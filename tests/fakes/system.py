@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
-from tests.harness import FAST_GROUP
+from tests.harness import FAST_GROUP, serving
 
 # The bots' defaults for a bare /skill, sized for the tiny model: small and few steps.
 TINY_DEFAULTS = {"default_width": 64, "default_height": 64, "default_steps": 3}
@@ -23,16 +22,5 @@ async def consumer_running(model: Path, engine, **worker_options) -> AsyncIterat
         kafka_heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
         kafka_rebalance_timeout_ms=FAST_GROUP["rebalance_timeout_ms"],
     )
-    worker = Worker(settings, engine, **worker_options)
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.run(ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # raises what stopped it
-    try:
+    async with serving(Worker(settings, engine, **worker_options), ready_timeout_s=120) as worker:
         yield worker
-    finally:
-        worker.stop()
-        waiter.cancel()
-        await task

@@ -7,8 +7,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from schemas.kafka import make_producer
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent, Origin
 from schemas.topics import CONSUMER_GROUP, Topics
 from skillgen.embedded import free_port
-from tests.harness import FAST_GROUP
+from tests.harness import FAST_GROUP, serving
 
 pytestmark = pytest.mark.integration
 
@@ -76,22 +75,8 @@ def request(prompt: str = "a drummer's paradiddle, top view", **kw) -> GenerateR
     return GenerateRequest(origin=ORIGIN, prompt=prompt, **fields)
 
 
-@asynccontextmanager
-async def running(settings: ConsumerSettings, engine, **kw) -> AsyncIterator[Worker]:
-    worker = Worker(settings, engine, **kw)
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.run(ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task.done():
-        task.result()
-    assert ready.is_set(), "the worker did not get ready in 60 s"
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 60)
+def running(settings: ConsumerSettings, engine, **kw):
+    return serving(Worker(settings, engine, **kw), stop_timeout_s=60)
 
 
 class Kafka:

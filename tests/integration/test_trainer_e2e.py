@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from schemas.blobstore import BlobStore
 from schemas.codec import decode, encode, header
 from schemas.kafka import make_producer
 from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
-from tests.harness import FAST_GROUP
+from tests.harness import FAST_GROUP, serving
 from trainer.commands import (
     Cancel,
     Member,
@@ -105,21 +104,7 @@ def trainer_settings(model: Path, tmp: Path, limits: IngestLimits, **kw) -> Trai
     )
 
 
-@asynccontextmanager
-async def running(worker) -> AsyncIterator:
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.run(ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task.done():
-        task.result()
-    assert ready.is_set(), "the worker did not get ready in 60 s"
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 120)
+running = serving
 
 
 class Chat:
