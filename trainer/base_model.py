@@ -90,80 +90,36 @@ def _encode_all(vae, pixels_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means), torch.cat(stds)
 
 
+def icon_shape(size_px: int):
+    """The icon model's sizes. `consumer.pipeline.tiny.TINY` with these changes: a 32-wide text encoder (its
+    49408-token embedding is most of the model's bytes; 64 wide the shipped model would not fit in 15 MB);
+    GroupNorm groups of four to sixteen channels where TINY has one or two, since a one-channel group normalises
+    away the channel ratios that carry an icon's colour; and a VAE whose full-resolution level is 16 channels
+    wide, which about halves the cost of its training. Every size is spelled out here rather than derived from
+    TINY, so that a change to the random test model never changes what this recipe trains."""
+    from consumer.pipeline.tiny import SDShape
+
+    return SDShape(sample_px=size_px, text_width=TEXT_WIDTH, text_layers=2, unet_channels=(32, 64, 64),
+                   unet_layers=1, unet_groups=8, vae_channels=(16, 32, 64, 64), vae_layers=1, vae_groups=4)
+
+
 def untrained_pipeline(seed: int, size_px: int):
-    """The icon model's architecture with random weights, and the real CLIP tokenizer.
+    """The icon model's architecture (`icon_shape`) with random weights, the real CLIP tokenizer, and a VAE
+    posterior that starts narrow."""
+    from transformers import CLIPTokenizer
 
-    `consumer.pipeline.tiny`'s geometry with these changes: a 32-wide text encoder (its 49408-token embedding is
-    most of the model's bytes; 64 wide the shipped model would not fit in 15 MB); GroupNorm groups of four to
-    sixteen channels where tiny.py has one or two, since a one-channel group normalises away the channel ratios
-    that carry an icon's colour; a VAE whose full-resolution level is 16 channels wide, which about halves the
-    cost of its training; and a VAE posterior that starts narrow. The configs are spelled out rather than
-    derived from tiny.py's so that a change to the random test model never changes what this recipe trains.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from consumer.pipeline.tiny import SD15_SCHEDULER, write_clip_tokenizer
+    from consumer.pipeline.tiny import random_pipeline, write_clip_tokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=2 * TEXT_WIDTH,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=TEXT_WIDTH,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=size_px // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=size_px,
-    )
+    pipe = random_pipeline(icon_shape(size_px), tokenizer)
     with torch.no_grad():
         # Start the posterior narrow (std ~0.05): the decoder then learns from clean latents from the first step.
+        vae = pipe.vae
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return pipe
 
 
 def train_icon_model(recipe: IconRecipe, out: Path, log: Callable[[str], None]) -> Path:

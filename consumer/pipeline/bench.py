@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from consumer.pipeline.tiny import SDShape, build_random
+
 DEFAULT_JSON = Path("bench/results/pipeline.json")
 OPTIMUM_NOTE = (
     "not run: optimum-onnx 0.1.0 (its only release) requires transformers<4.58; our pin is transformers==5.23.0"
@@ -66,65 +68,14 @@ class BenchReport(BaseModel):
     notes: list[str]
 
 
+# Mid-size: wide and deep enough that the networks, not the Python around them, take the time.
+BENCH_SHAPE = SDShape(sample_px=256, text_width=256, text_layers=4, text_ff=1024, unet_channels=(64, 128, 256, 256),
+                      unet_layers=2, unet_groups=32, vae_channels=(32, 64, 128, 128), vae_layers=2, vae_groups=32)
+
+
 def build_bench_model(out: Path, seed: int = 0) -> Path:
     """A mid-size SD-architecture pipeline with random weights, saved in diffusers format."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from consumer.pipeline.tiny import SD15_SCHEDULER, write_clip_tokenizer
-
-    out = Path(out)
-    torch.manual_seed(seed)
-    write_clip_tokenizer(out / "tokenizer")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_attention_heads=4,
-            num_hidden_layers=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=256,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=256,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 128, 128),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        norm_num_groups=32,
-        sample_size=256,
-    )
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(out, safe_serialization=True)
-    return out
+    return build_random(out, BENCH_SHAPE, seed)
 
 
 def write_random_lora(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SD15_SCHEDULER = {
@@ -70,66 +71,99 @@ def write_clip_tokenizer(out: Path) -> None:
     ).save_pretrained(out)
 
 
-def build_tiny(out: Path, seed: int = 0, sample_px: int = 64) -> Path:
-    """Save a tiny StableDiffusionPipeline under `out` and return it."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+@dataclass(frozen=True)
+class SDShape:
+    """The sizes of a small Stable Diffusion: SD 1.x's architecture, narrower and shallower. The UNet has one
+    cross-attention block per level but the last; the VAE one block per level, four levels."""
 
-    out = Path(out)
-    torch.manual_seed(seed)
-    write_clip_tokenizer(out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    sample_px: int
+    text_width: int
+    text_layers: int
+    unet_channels: tuple[int, ...]
+    unet_layers: int
+    unet_groups: int
+    vae_channels: tuple[int, int, int, int]
+    vae_layers: int
+    vae_groups: int
+    text_ff: int | None = None  # None: twice text_width
+
+
+TINY = SDShape(sample_px=64, text_width=64, text_layers=2, unet_channels=(32, 64, 64), unet_layers=1,
+               unet_groups=32, vae_channels=(32, 32, 64, 64), vae_layers=1, vae_groups=16)
+
+
+def random_pipeline(shape: SDShape, tokenizer):
+    """A StableDiffusionPipeline of that shape with random weights (from torch's global generator: text encoder,
+    UNet, VAE, in that order) and SD 1.5's scheduler; no safety checker."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=shape.text_width,
+            intermediate_size=shape.text_ff or 2 * shape.text_width,
             num_attention_heads=4,
-            num_hidden_layers=2,
+            num_hidden_layers=shape.text_layers,
             max_position_embeddings=77,
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
-            projection_dim=64,
+            projection_dim=shape.text_width,
         )
     )
+    levels = len(shape.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=sample_px // 8,
+        sample_size=shape.sample_px // 8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=shape.text_width,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=shape.unet_groups,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=shape.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=sample_px,
+        layers_per_block=shape.vae_layers,
+        norm_num_groups=shape.vae_groups,
+        sample_size=shape.sample_px,
     )
-    scheduler = DPMSolverMultistepScheduler(**SD15_SCHEDULER)
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_random(out: Path, shape: SDShape, seed: int = 0) -> Path:
+    """Save a random-weight pipeline of `shape` (with the real CLIP tokenizer) under `out` and return it."""
+    import torch
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    write_clip_tokenizer(out / "tokenizer")
+    pipe = random_pipeline(shape, CLIPTokenizer.from_pretrained(out / "tokenizer"))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny(out: Path, seed: int = 0, sample_px: int = 64) -> Path:
+    """Save the tiny random StableDiffusionPipeline under `out` and return it."""
+    return build_random(out, replace(TINY, sample_px=sample_px), seed)
 
 
 def add_arguments(parser) -> None:
