@@ -31,36 +31,14 @@ PEAK_FP16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 def build_sd15(out: Path, device: str) -> Path:
     """SD 1.5's text encoder (CLIP ViT-L/14 text), UNet and VAE configurations with random weights."""
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from consumer.pipeline.tiny import SD15_SCHEDULER, write_clip_tokenizer
+    from consumer.pipeline.tiny import SD15, random_pipeline, write_clip_tokenizer
 
     torch.manual_seed(0)
     write_clip_tokenizer(out / "tokenizer")
-    with torch.device(device):  # random init of 1.1 B parameters is minutes on a CPU, seconds on a GPU
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-            )
-        )
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"), unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # Random init of 1.1 B parameters is minutes on a CPU, seconds on a GPU: create them there.
+    pipe = random_pipeline(SD15, CLIPTokenizer.from_pretrained(out / "tokenizer"), device=device)
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
     return out
 

@@ -23,33 +23,19 @@ ROWS = [(1, True), (4, True), (4, False)]
 def sd15_parts(device, dtype, tokenizer_dir: Path):
     """SD 1.5's text encoder (CLIP ViT-L/14 text), UNet, VAE and noise schedule, random weights, in memory."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
 
-    from consumer.pipeline.tiny import SD15_SCHEDULER, write_clip_tokenizer
+    from consumer.pipeline.tiny import SD15, SD15_SCHEDULER, random_pipeline, write_clip_tokenizer
     from trainer.lora import Components
 
     if not (tokenizer_dir / "vocab.json").exists():
         write_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    with torch.device(device):  # random init of 1.1 B parameters is minutes on a CPU, seconds on a GPU
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-    parts = Components(CLIPTokenizer.from_pretrained(tokenizer_dir), text_encoder, unet, vae,
-                       DDPMScheduler(**SD15_SCHEDULER))
+    # Random init of 1.1 B parameters is minutes on a CPU, seconds on a GPU: create them there.
+    pipe = random_pipeline(SD15, CLIPTokenizer.from_pretrained(tokenizer_dir), device=device)
+    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    parts = Components(pipe.tokenizer, text_encoder, unet, vae, DDPMScheduler(**SD15_SCHEDULER))
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.to(device, dtype)

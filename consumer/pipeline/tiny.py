@@ -86,56 +86,65 @@ class SDShape:
     vae_layers: int
     vae_groups: int
     text_ff: int | None = None  # None: twice text_width
+    text_heads: int = 4
 
 
+# SD 1.5's own sizes (CLIP ViT-L/14's text encoder), for the GPU benchmarks: 1.1 B parameters.
+SD15 = SDShape(sample_px=512, text_width=768, text_layers=12, text_ff=3072, text_heads=12,
+               unet_channels=(320, 640, 1280, 1280), unet_layers=2, unet_groups=32, vae_channels=(128, 256, 512, 512),
+               vae_layers=2, vae_groups=32)
 TINY = SDShape(sample_px=64, text_width=64, text_layers=2, unet_channels=(32, 64, 64), unet_layers=1,
                unet_groups=32, vae_channels=(32, 32, 64, 64), vae_layers=1, vae_groups=16)
 
 
-def random_pipeline(shape: SDShape, tokenizer):
+def random_pipeline(shape: SDShape, tokenizer, device=None):
     """A StableDiffusionPipeline of that shape with random weights (from torch's global generator: text encoder,
-    UNet, VAE, in that order) and SD 1.5's scheduler; no safety checker."""
+    UNet, VAE, in that order), created on `device` (default: torch's), with SD 1.5's scheduler; no safety checker."""
+    import contextlib
+
+    import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=shape.text_width,
-            intermediate_size=shape.text_ff or 2 * shape.text_width,
-            num_attention_heads=4,
-            num_hidden_layers=shape.text_layers,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=shape.text_width,
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=shape.text_width,
+                intermediate_size=shape.text_ff or 2 * shape.text_width,
+                num_attention_heads=shape.text_heads,
+                num_hidden_layers=shape.text_layers,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+                projection_dim=shape.text_width,
+            )
         )
-    )
-    levels = len(shape.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=shape.sample_px // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=shape.unet_channels,
-        layers_per_block=shape.unet_layers,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-        cross_attention_dim=shape.text_width,
-        attention_head_dim=8,
-        norm_num_groups=shape.unet_groups,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=shape.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=shape.vae_layers,
-        norm_num_groups=shape.vae_groups,
-        sample_size=shape.sample_px,
-    )
+        levels = len(shape.unet_channels)
+        unet = UNet2DConditionModel(
+            sample_size=shape.sample_px // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=shape.unet_channels,
+            layers_per_block=shape.unet_layers,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            cross_attention_dim=shape.text_width,
+            attention_head_dim=8,
+            norm_num_groups=shape.unet_groups,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=shape.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=shape.vae_layers,
+            norm_num_groups=shape.vae_groups,
+            sample_size=shape.sample_px,
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
