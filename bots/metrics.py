@@ -7,3 +7,8 @@ from prometheus_client import Counter
 COMMANDS = Counter("skill_bot_commands_total", "Commands received by the chat front-ends", ["platform", "outcome"])
 POSTS = Counter("skill_delivery_posts_total", "Final results posted by delivery", ["platform", "kind", "outcome"])
 RETRIES = Counter("skill_delivery_retries_total", "Delivery waits, retries and re-queues", ["platform", "reason"])
+TRAIN_COMMANDS = Counter(
+    "skill_bot_train_commands_total",
+    "/skill-train, its cancel and /skill-adapters, by what became of them",
+    ["platform", "command", "outcome"],
+)

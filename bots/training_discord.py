@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 
 from bots.discord_bot import SkillBot, is_admin, origin_of
+from bots.metrics import TRAIN_COMMANDS
 from schemas.logs import job
 from schemas.messages import MAX_PROMPT_CHARS
 from trainer.commands import (
@@ -75,6 +76,7 @@ class DiscordTraining:
             # The URL check resolves host names: off the event loop.
             req = await asyncio.to_thread(finetune_request, cmd, origin, [f.url for f in files], self.settings)
         except TrainCommandError as exc:
+            TRAIN_COMMANDS.labels("discord", "train", "refused").inc()
             await interaction.response.send_message(f"❌ {exc}", ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
@@ -89,8 +91,10 @@ class DiscordTraining:
             await self.bot.intake.send(self.topics.finetune, req, key=finetune_key(req))
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
+            TRAIN_COMMANDS.labels("discord", "train", "queue_down").inc()
             await interaction.edit_original_response(content=QUEUE_DOWN)
             return
+        TRAIN_COMMANDS.labels("discord", "train", "queued").inc()
         log.info("training %s queued", req.adapter, extra=job(req.request_id, team=origin.team_id))
 
     async def on_cancel(self, interaction: discord.Interaction, name: str) -> None:
@@ -99,6 +103,7 @@ class DiscordTraining:
             cmd = Cancel(train_command(name).name)
             check_allowed(self.settings.train_permissions, origin, member_of(interaction))
         except TrainCommandError as exc:
+            TRAIN_COMMANDS.labels("discord", "cancel", "refused").inc()
             await interaction.response.send_message(f"❌ {exc}", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -107,8 +112,10 @@ class DiscordTraining:
             await self.bot.intake.send(self.topics.finetune_cancel, msg, key=f"{origin.team_id}/{cmd.name}".encode())
         except Exception:
             log.exception("publish of a cancel failed")
+            TRAIN_COMMANDS.labels("discord", "cancel", "queue_down").inc()
             await interaction.edit_original_response(content=QUEUE_DOWN.replace("training", "cancel"))
             return
+        TRAIN_COMMANDS.labels("discord", "cancel", "sent").inc()
         await interaction.edit_original_response(
             content=f"Asked the trainer to stop `{cmd.name}`. Its message in the channel will say when it stopped "
                     "(a training that already finished keeps its adapter)."
@@ -118,6 +125,7 @@ class DiscordTraining:
         await interaction.response.defer(ephemeral=True, thinking=True)
         team_id = origin_of(interaction).team_id
         text = await asyncio.to_thread(describe_adapters, self.registry, team_id)
+        TRAIN_COMMANDS.labels("discord", "adapters", "listed").inc()
         await interaction.edit_original_response(content=clip(text))
 
 

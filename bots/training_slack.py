@@ -10,7 +10,7 @@ A slash command carries no files, so a training is a thread:
     cancel                                    -> the thread is dropped; nothing was published
 
 The pending training (a Session: who, the command's fields, the files so far) lives in the bots' store under
-its thread, for SESSION_TTL_S after the last thing shared. Only the person who ran the command feeds it; what
+its thread, for SKILL_TRAIN_THREAD_TTL_S after the last thing shared. Only the person who ran the command feeds it; what
 others say in the thread is theirs. Slack may deliver two events of one thread at once (two uploads) or again
 (a retry), so each is handled under a lease on the thread held in the store (shared by every replica), and a
 file already taken is skipped. A team has at most one pending thread per adapter name, which is what lets
@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bots.metrics import TRAIN_COMMANDS
 from bots.slack_bot import CANNOT_POST, QUEUE_DOWN
 from schemas.logs import job
 from schemas.messages import Origin, Platform, new_request_id
@@ -67,7 +68,6 @@ log = logging.getLogger("skillgen.slack.train")
 
 TRAIN_COMMAND = "/skill-train"
 ADAPTERS_COMMAND = "/skill-adapters"
-SESSION_TTL_S = 3600  # a thread waits this long after the last file for `go`
 CLAIM_TTL_S = 3600  # Slack retries commands and events within minutes
 LEASE_TTL_S = 15
 LEASE_WAIT_S = 120  # an event waits this long for the one before it in its thread (each Slack call times out)
@@ -204,10 +204,12 @@ class SlackTrainCommands:
         try:
             cmd = parse(command.get("text") or "")
             if isinstance(cmd, Help):
+                TRAIN_COMMANDS.labels("slack", "train", "help").inc()
                 await self._ack(ack, claim, SLACK_HELP)
                 return
             await self.check_member(client, origin)
         except TrainCommandError as exc:
+            TRAIN_COMMANDS.labels("slack", "train", "refused").inc()
             await self._ack(ack, claim, str(exc))
             return
         if isinstance(cmd, Cancel):
@@ -258,7 +260,10 @@ class SlackTrainCommands:
                                        key=f"{origin.team_id}/{cmd.name}".encode())
         except Exception:
             log.exception("cannot publish the cancel of %s/%s", origin.team_id, cmd.name)
+            TRAIN_COMMANDS.labels("slack", "cancel", "queue_down").inc()
             await respond(text=CANCEL_DOWN, response_type="ephemeral")
+            return
+        TRAIN_COMMANDS.labels("slack", "cancel", "sent").inc()
 
     async def drop_pending(self, client: AsyncWebClient, team_id: str, name: str, by: str) -> None:
         """Drop the team's thread still collecting files for `name`, if there is one."""
@@ -278,7 +283,7 @@ class SlackTrainCommands:
         """Post the status message that starts the thread, and remember the pending training under it."""
         pending = self.pending_key(origin.team_id, cmd.name)
         placeholder = f"starting:{secrets.token_hex(8)}"
-        if not await self.store.add(pending, placeholder, SESSION_TTL_S):
+        if not await self.store.add(pending, placeholder, self.settings.train_thread_ttl_s):
             await self._ack(ack, claim, f"A training of `{cmd.name}` is already waiting for its images in a thread: "
                                         f"reply `go` or `cancel` there, or run `/skill-train cancel {cmd.name}`.")
             return
@@ -305,8 +310,9 @@ class SlackTrainCommands:
         session.status_ts = posted["ts"]
         session.thread_ts = origin.thread_id or posted["ts"]
         key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
-        await self.store.put(key, session.model_dump_json(), SESSION_TTL_S)
-        await self.store.put(pending, key, SESSION_TTL_S)
+        await self.store.put(key, session.model_dump_json(), self.settings.train_thread_ttl_s)
+        await self.store.put(pending, key, self.settings.train_thread_ttl_s)
+        TRAIN_COMMANDS.labels("slack", "train", "thread").inc()
         log.info("training thread for %s started", cmd.name, extra=job(session.request_id, team=origin.team_id))
 
     # -- the thread ---------------------------------------------------------------------------------------
@@ -361,8 +367,8 @@ class SlackTrainCommands:
         if len(session.files) != before:
             raw = session.model_dump_json()
             key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
-            await self.store.put(key, raw, SESSION_TTL_S)
-            await self.store.put(self.pending_key(session.team_id, session.name), key, SESSION_TTL_S)
+            await self.store.put(key, raw, self.settings.train_thread_ttl_s)
+            await self.store.put(self.pending_key(session.team_id, session.name), key, self.settings.train_thread_ttl_s)
             await self._update(client, session, collecting_text(session, self.settings.ingest))
         if refused:
             lines = [f"❌ {r}" for r in refused]
@@ -429,19 +435,27 @@ class SlackTrainCommands:
             await self._post(client, session.channel_id, session.thread_ts, f"❌ {exc}")
             return
         req = req.model_copy(update={"request_id": session.request_id})
+        try:  # who may train can have changed since the thread started
+            await self.check_member(client, session.origin())
+        except TrainCommandError as exc:
+            TRAIN_COMMANDS.labels("slack", "train", "refused").inc()
+            await self._post(client, session.channel_id, session.thread_ts, f"❌ {exc} Nothing was sent to the trainer.")
+            return
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 await self.intake.send(self.intake.settings.topics.finetune, req, key=finetune_key(req))
         except Exception:
             log.exception("cannot publish the training", extra=job(req.request_id))
+            TRAIN_COMMANDS.labels("slack", "train", "queue_down").inc()
             await self._post(client, session.channel_id, session.thread_ts,
                              f"{QUEUE_DOWN} Your files are kept: reply `go` again.")
             return
+        TRAIN_COMMANDS.labels("slack", "train", "queued").inc()
         log.info("published the training of %s (%d files)", session.name, len(session.files),
                  extra=job(req.request_id, team=session.team_id))
         key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
         await self.store.put(self.sent_key(key), json.dumps({"user_id": session.user_id, "name": session.name}),
-                             SESSION_TTL_S)
+                             self.settings.train_thread_ttl_s)
         await self._forget(session, raw)
         await self._update(client, session, queued_text(session))
 
@@ -492,6 +506,7 @@ class SlackTrainCommands:
 
     # -- /skill-adapters ----------------------------------------------------------------------------------
     async def on_adapters(self, ack, command: dict, respond) -> None:
+        TRAIN_COMMANDS.labels("slack", "adapters", "listed").inc()
         listing = asyncio.ensure_future(asyncio.to_thread(describe_adapters, self.registry, command["team_id"]))
         done, _ = await asyncio.wait({listing}, timeout=ADAPTERS_ACK_WAIT_S)
         if done:

@@ -83,4 +83,5 @@ class TrainCommandSettings(CommonSettings):
     adapter_url: str = DEFAULT_ADAPTER_URL
     train_permissions: dict[str, TeamPolicy] = Field(default_factory=dict, description="team id -> who may train")
     default_train_steps: int = Field(500, ge=10, le=5000)
+    train_thread_ttl_s: int = Field(3600, ge=60, description="Slack: a training thread waits this long for `go`")
     ingest: IngestLimits = IngestLimits()

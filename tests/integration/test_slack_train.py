@@ -219,6 +219,18 @@ async def test_a_missing_scope_is_named_for_the_admin(skill_env, fake_slack, mon
                               "(this app needs the `usergroups:read` scope: ask a workspace admin)")
 
 
+async def test_who_may_train_is_asked_again_at_go(skill_env, fake_slack, monkeypatch, tmp_path):
+    fake_slack.usergroups[GROUP] = [USER_ID]
+    policy = {TEAM_ID: {"slack_usergroup_ids": [GROUP]}}
+    async with running_bot(skill_env, fake_slack, monkeypatch, tmp_path, policy) as b:
+        status = await b.start_thread()
+        fake_slack.usergroups[GROUP] = [OTHER_USER]  # taken out of the trainers' group meanwhile
+        await b.share(status.ts, [("a.png", png_bytes(1))], text="go")
+        [reply] = await b.replies(status.ts)
+        assert reply.startswith("❌ training is limited to this workspace's trainers") and "Nothing was sent" in reply
+        assert await b.requests.settle(0.5) == []
+
+
 async def test_a_retried_command_starts_one_thread(bot):
     body = bot.fake.command_body("team-style", command="/skill-train")
     first = await bot.post(body)
