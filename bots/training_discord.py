@@ -2,7 +2,8 @@
 
 A slash command carries one file per attachment option, so `/skill-train` has `images` (one image, or one zip of
 many) and `image2` to `image10`. Discord cannot give one command both options and a `cancel` subcommand, so
-stopping a training is its own command, `/skill-train-cancel name:`. Everything is checked before anything is
+stopping a training is its own command, `/skill-train-cancel name:`. Adapter names autocomplete from the team's
+registry, `/skill`'s `adapter` option included. Everything is checked before anything is
 published (name, options, who may train, each file's declared type and size), and a refusal is answered at
 once, ephemeral, with what to change. An accepted training is deferred, edited to "queued" and published;
 delivery then keeps that same response current with the trainer's progress and finally attaches the sample
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import discord
 from discord import app_commands
@@ -41,6 +43,8 @@ from trainer.settings import TrainCommandSettings
 log = logging.getLogger("skillgen.discord.train")
 
 MAX_MESSAGE_CHARS = 2000
+MAX_CHOICES = 25  # Discord's limit for autocomplete
+AUTOCOMPLETE_CACHE_S = 10.0  # autocomplete asks at every keystroke; the registry is read at most this often
 QUEUE_DOWN = "❌ The training could not be queued (the queue is unreachable). Try again in a minute."
 
 
@@ -65,6 +69,7 @@ class DiscordTraining:
         self.settings = settings
         self.topics = bot.intake.settings.topics
         self.registry = Registry(settings.adapter_url)
+        self._listings: dict[str, tuple[float, dict]] = {}
 
     async def on_train(self, interaction: discord.Interaction, name: str, files: list[discord.Attachment],
                        trigger: str | None, steps: int | None, caption: str | None) -> None:
@@ -121,6 +126,26 @@ class DiscordTraining:
                     "(a training that already finished keeps its adapter)."
         )
 
+    async def choices(self, interaction: discord.Interaction, current: str, *, versions: bool
+                      ) -> list[app_commands.Choice[str]]:
+        """Autocomplete: the team's adapters whose name contains what was typed (and, for `/skill`'s adapter
+        option, each pinned version), from a listing at most AUTOCOMPLETE_CACHE_S old."""
+        team_id = origin_of(interaction).team_id
+        cached = self._listings.get(team_id)
+        if cached is None or time.monotonic() - cached[0] > AUTOCOMPLETE_CACHE_S:
+            cached = (time.monotonic(), await asyncio.to_thread(self.registry.adapters, team_id))
+            self._listings[team_id] = cached
+        typed = current.strip().lower()
+        found = []
+        for name, metas in sorted(cached[1].items()):
+            if typed.split("@")[0] not in name:
+                continue
+            found.append(app_commands.Choice(name=f"{name} (latest: v{metas[-1].version})", value=name))
+            if versions:
+                found += [app_commands.Choice(name=f"{name}@v{m.version}", value=f"{name}@v{m.version}")
+                          for m in reversed(metas)]
+        return found[:MAX_CHOICES]
+
     async def on_adapters(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         team_id = origin_of(interaction).team_id
@@ -170,5 +195,16 @@ def register(bot: SkillBot, settings: TrainCommandSettings) -> None:
     async def adapters(interaction: discord.Interaction) -> None:
         await training.on_adapters(interaction)
 
+    async def names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await training.choices(interaction, current, versions=False)
+
+    async def refs(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await training.choices(interaction, current, versions=True)
+
+    train.autocomplete("name")(names)  # training an existing name again makes its next version
+    cancel.autocomplete("name")(names)
+    skill = bot.tree.get_command("skill")
+    if skill is not None:
+        skill.autocomplete("adapter")(refs)
     for command in (train, cancel, adapters):
         bot.tree.add_command(command)

@@ -185,6 +185,15 @@ class FakeDiscord(Recorder):
         return await self._interact(2, data, channel_id, guild_id, user_id, thread, permissions, created_ms,
                                     roles=list(roles))
 
+    async def autocomplete(self, name: str, options: dict[str, object], focused: str, *,
+                           guild_id: str = GUILD_ID, user_id: str = USER_ID) -> Interaction:
+        """Someone is typing option `focused` of `/name`: APPLICATION_COMMAND_AUTOCOMPLETE (type 4); the bot
+        answers with a type 8 callback carrying its choices."""
+        data = {"id": snowflake(), "name": name, "type": 1,
+                "options": [{"name": k, "type": 3, "value": v, **({"focused": True} if k == focused else {})}
+                            for k, v in options.items()]}
+        return await self._interact(4, data, CHANNEL_ID, guild_id, user_id, False, "0", None)
+
     async def click(self, custom_id: str, message: Message, *, user_id: str = USER_ID,
                     guild_id: str = GUILD_ID) -> Interaction:
         """Someone clicks a button on `message`: INTERACTION_CREATE (type 3)."""

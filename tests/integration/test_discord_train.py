@@ -161,3 +161,26 @@ async def test_a_zip_alone_is_accepted_as_one_file(bot):
     assert "queued: one zip" in (await answer(bot, it))["content"]
     [req] = await bot.finetunes.wait(1)
     assert len(req.image_urls) == 1 and req.image_urls[0].endswith("/set.zip")
+
+
+async def test_adapter_names_autocomplete_from_the_teams_registry_only(bot):
+    for seed in (1, 2):
+        bot.registry.publish(GUILD_ID, "team-style", lora_weights(seed), record(uuid.uuid4().hex, user=USER_ID))
+    bot.registry.publish(GUILD_ID, "zz-other", lora_weights(3), record(uuid.uuid4().hex, user=USER_ID))
+    bot.registry.publish(OTHER_GUILD, "team-secret", lora_weights(4), record(uuid.uuid4().hex, user="1"))
+    skill = next(c for c in bot.commands if c["name"] == "skill")
+    assert next(o for o in skill["options"] if o["name"] == "adapter").get("autocomplete") is True
+
+    async def choices(command: str, options: dict, focused: str, **kw) -> list[tuple[str, str]]:
+        it = await bot.autocomplete(command, options, focused, **kw)
+        [callback] = await bot.wait_for(
+            lambda c: c.method == "POST" and c.path.startswith(f"/interactions/{it.id}/"))
+        assert callback.body["type"] == 8
+        return [(c["name"], c["value"]) for c in callback.body["data"]["choices"]]
+
+    assert await choices("skill", {"prompt": "a zq icon", "adapter": "team"}, "adapter") == [
+        ("team-style (latest: v2)", "team-style"), ("team-style@v2", "team-style@v2"), ("team-style@v1", "team-style@v1")]
+    assert await choices("skill-train-cancel", {"name": ""}, "name") == [
+        ("team-style (latest: v2)", "team-style"), ("zz-other (latest: v1)", "zz-other")]
+    assert await choices("skill", {"prompt": "x", "adapter": "team"}, "adapter", guild_id=OTHER_GUILD) == [
+        ("team-secret (latest: v1)", "team-secret"), ("team-secret@v1", "team-secret@v1")]
