@@ -355,7 +355,9 @@ def convert_fp16(path: Path, component: str, target: str) -> None:
     model_type = OPTIMIZER_MODEL_TYPES[component]
     options = FusionOptions(model_type)
     # ORT's attention fusions call int() on a one-element array, which numpy >= 2.4 rejects; the graph keeps
-    # MatMul-Softmax-MatMul attention instead.
+    # MatMul-Softmax-MatMul attention instead. (Working around that changes nothing for our UNet: tried, its
+    # attention still does not fuse, because the projection weights are graph inputs for LoRA, which the
+    # fusion's patterns do not take.)
     options.enable_attention = False
     if target == "cpu":
         for name in GPU_ONLY_FUSIONS:
