@@ -32,13 +32,19 @@ def png(color=(200, 30, 30)) -> bytes:
 
 
 @pytest.fixture
-async def bot(skill_env, tmp_path, monkeypatch):
+def permissions(request) -> dict:
+    """SKILL_TRAIN_PERMISSIONS; a test may pass its own (indirect parametrisation)."""
+    return getattr(request, "param", {GUILD_ID: {"discord_role_ids": [TRAINER_ROLE_ID]},
+                                      OTHER_GUILD: {"discord_role_ids": ["1"]}})
+
+
+@pytest.fixture
+async def bot(skill_env, tmp_path, monkeypatch, permissions):
     """The bot with training allowed for GUILD_ID's trainer role, downloads allowed from the fake's CDN;
     `bot.finetunes` and `bot.cancels` read what it published."""
     fake = await FakeDiscord().start()
     host = urlsplit(fake.server.base).netloc
-    monkeypatch.setenv("SKILL_TRAIN_PERMISSIONS", json.dumps({GUILD_ID: {"discord_role_ids": [TRAINER_ROLE_ID]},
-                                                              OTHER_GUILD: {"discord_role_ids": ["1"]}}))
+    monkeypatch.setenv("SKILL_TRAIN_PERMISSIONS", json.dumps(permissions))
     monkeypatch.setenv("SKILL_INGEST__ALLOWED_HOSTS", json.dumps([host]))
     monkeypatch.setenv("SKILL_INGEST__REQUIRE_HTTPS", "false")
     monkeypatch.setenv("SKILL_INGEST__ALLOW_PRIVATE_ADDRESSES", "true")
@@ -184,3 +190,12 @@ async def test_adapter_names_autocomplete_from_the_teams_registry_only(bot):
         ("team-style (latest: v2)", "team-style"), ("zz-other (latest: v1)", "zz-other")]
     assert await choices("skill", {"prompt": "x", "adapter": "team"}, "adapter", guild_id=OTHER_GUILD) == [
         ("team-secret (latest: v1)", "team-secret"), ("team-secret@v1", "team-secret@v1")]
+
+
+
+@pytest.mark.parametrize("permissions", [{GUILD_ID: {"discord_role_ids": [GUILD_ID]}}], indirect=True)
+async def test_listing_the_servers_own_id_lets_everyone_train(bot):
+    it = await bot.invoke("skill-train", {"name": "open-style", "images": bot.attachment("one.png", png())})
+    assert "training `open-style` queued" in (await answer(bot, it))["content"]
+    [req] = await bot.finetunes.wait(1)
+    assert req.adapter == "open-style"
