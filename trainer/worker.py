@@ -25,7 +25,6 @@ from datetime import datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -101,7 +100,6 @@ class TrainerWorker:
 
         s = self.settings
         self._base_sha256 = await asyncio.to_thread(base_model_sha256, s.model)
-        await self._ensure_cancel_topic()
         self.producer = make_producer(s)
         await self.producer.start()
         cancels = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
@@ -169,29 +167,19 @@ class TrainerWorker:
             # version by request id and answers again without training.
             log.warning("could not commit %s[%d]@%d: %s", tp.topic, tp.partition, offset, exc)
 
-    async def _ensure_cancel_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            topic = self.topics.finetune_cancel
-            if topic not in await admin.list_topics():
-                await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-        except KafkaError as exc:
-            log.warning("could not create %s (%s); relying on the broker to create it", self.topics.finetune_cancel, exc)
-        finally:
-            await admin.close()
-
     async def _catch_up_on_cancels(self, cancels: AIOKafkaConsumer) -> None:
         """Read the cancels of the last SKILL_CANCEL_LOOKBACK_S before taking any job, so a cancel sent while no
         trainer ran (or just before a restart) still stops the job it names; then follow new ones."""
         topic = self.topics.finetune_cancel
         parts: set[int] = set()
-        async with asyncio.timeout(30):
-            while not parts:
-                await cancels._client.force_metadata_update()  # the topic may have been created a moment ago
-                parts = cancels.partitions_for_topic(topic) or set()
-                if not parts:
-                    await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not parts:
+            await cancels._client.force_metadata_update()  # the topic may have been created a moment ago
+            parts = cancels.partitions_for_topic(topic) or set()
+            if not parts:
+                if time.monotonic() > deadline:
+                    raise TrainerError(f"topic {topic} does not exist: create the topics with `skillgen topics ensure`")
+                await asyncio.sleep(0.2)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         cancels.assign(tps)
         end = await cancels.end_offsets(tps)
