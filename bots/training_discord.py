@@ -25,9 +25,9 @@ from schemas.logs import job
 from schemas.messages import MAX_PROMPT_CHARS
 from trainer.commands import (
     Attached,
-    Cancel,
     Member,
     TrainCommandError,
+    cancel_command,
     cancel_request,
     check_allowed,
     check_files,
@@ -105,7 +105,7 @@ class DiscordTraining:
     async def on_cancel(self, interaction: discord.Interaction, name: str) -> None:
         origin = origin_of(interaction)
         try:
-            cmd = Cancel(train_command(name).name)
+            cmd = cancel_command(name)
             check_allowed(self.settings.train_permissions, origin, member_of(interaction))
         except TrainCommandError as exc:
             TRAIN_COMMANDS.labels("discord", "cancel", "refused").inc()

@@ -103,6 +103,11 @@ def train_command(name: str, trigger: str | None = None, steps: int | str | None
     return Train(_name(name), trigger.strip() if trigger else None, steps, caption.strip() if caption else None)
 
 
+def cancel_command(name: str) -> Cancel:
+    """A checked Cancel from a typed option (Discord) or parsed text (Slack)."""
+    return Cancel(_name(name))
+
+
 def parse(text: str) -> Train | Cancel | Help:
     """`[/skill-train] <name> [--trigger w] [--steps n] [--caption text]`, `cancel <name>` or `help`."""
     body = _COMMAND_RE.sub("", text, count=1).strip()
@@ -113,7 +118,7 @@ def parse(text: str) -> Train | Cancel | Help:
     if head and head[0].lower() == "cancel":
         if matches or len(head) != 2:
             raise TrainCommandError("usage: /skill-train cancel <name>")
-        return Cancel(_name(head[1]))
+        return cancel_command(head[1])
     if len(head) != 1:
         raise TrainCommandError("give one adapter name first, e.g. /skill-train team-style --trigger zq")
     options: dict[str, str] = {}
