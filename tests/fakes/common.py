@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 from aiohttp import web
 
@@ -150,3 +151,23 @@ class Server:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class FakePlatform(Recorder):
+    """A fake chat platform: its routes on a `Server`, and the WebSockets it holds open (gateway, Socket Mode)."""
+
+    def __init__(self, routes: list[web.AbstractRouteDef]) -> None:
+        super().__init__()
+        self._sockets: list[web.WebSocketResponse] = []
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(routes)
+        self.server = Server(app)
+
+    async def start(self) -> Self:
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        await self.server.stop()

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.common import Call, Recorder, Server, Upload, now, read_body
+from tests.fakes.common import Call, FakePlatform, Upload, now, read_body
 
 DISCORD_EPOCH_MS = 1420070400000
 APPLICATION_ID = "111111111111111111"
@@ -107,9 +107,10 @@ class Interaction:
     original: Message | None = None
 
 
-class FakeDiscord(Recorder):
+class FakeDiscord(FakePlatform):
     def __init__(self, bot_token: str = BOT_TOKEN):
-        super().__init__()
+        super().__init__([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest),
+                          web.get("/attachments/{id}/{filename}", self._cdn)])
         self.bot_token = bot_token
         self.messages: dict[str, Message] = {}
         self.interactions: dict[str, Interaction] = {}
@@ -120,21 +121,7 @@ class FakeDiscord(Recorder):
         self.guild_roles = [{"id": GUILD_ID, "name": "@everyone", "permissions": "0", "position": 0},
                             {"id": TRAINER_ROLE_ID, "name": "trainers", "permissions": "0", "position": 1}]
         self.identified = asyncio.Event()
-        self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.add_routes([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest),
-                        web.get("/attachments/{id}/{filename}", self._cdn)])
-        self.server = Server(app)
-
-    async def start(self) -> FakeDiscord:
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        await self.server.stop()
 
     @property
     def api_base(self) -> str:

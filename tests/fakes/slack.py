@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 
 from aiohttp import ClientSession, WSMsgType, web
 
-from tests.fakes.common import Call, Recorder, Server, now, read_body
+from tests.fakes.common import Call, FakePlatform, now, read_body
 
 BOT_TOKEN = "xoxb-fake-slack-bot-token"
 APP_TOKEN = "xapp-fake-slack-app-token"
@@ -129,9 +129,16 @@ def sign(body: str, secret: str = SIGNING_SECRET, timestamp: int | None = None,
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}", "Content-Type": content_type}
 
 
-class FakeSlack(Recorder):
+class FakeSlack(FakePlatform):
     def __init__(self, bot_token: str = BOT_TOKEN):
-        super().__init__()
+        super().__init__([
+            web.post("/api/{method}", self._api),
+            web.get("/api/{method}", self._api),  # slack_sdk reads some methods with GET (files.info, users.info)
+            web.post("/upload/{file_id}", self._upload),
+            web.post("/respond/{id}", self._respond),
+            web.get("/socket", self._socket),
+            web.get("/files-pri/{ref}/{tail:.*}", self._private_file),
+        ])
         self.bot_token = bot_token
         self.messages: dict[str, SlackMessage] = {}
         self.files: list[SharedFile] = []
@@ -140,28 +147,8 @@ class FakeSlack(Recorder):
         self.usergroups: dict[str, list[str]] = {}  # user group id -> member ids
         self.user_files: dict[str, UserFile] = {}
         self._uploads: dict[str, tuple[str, bytes | None]] = {}
-        self._sockets: list[web.WebSocketResponse] = []
         self._acks: dict[str, asyncio.Future] = {}
         self.socket_connected = asyncio.Event()
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.add_routes([
-            web.post("/api/{method}", self._api),
-            web.get("/api/{method}", self._api),  # slack_sdk reads some methods with GET (files.info, users.info)
-            web.post("/upload/{file_id}", self._upload),
-            web.post("/respond/{id}", self._respond),
-            web.get("/socket", self._socket),
-            web.get("/files-pri/{ref}/{tail:.*}", self._private_file),
-        ])
-        self.server = Server(app)
-
-    async def start(self) -> FakeSlack:
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        await self.server.stop()
 
     @property
     def api_base(self) -> str:
