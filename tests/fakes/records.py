@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
 from schemas.codec import decode
+from schemas.kafka import make_producer
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,3 +65,28 @@ class TopicReader:
             await self.poll(quiet_s)
             if len(self.seen) == before:
                 return self.seen
+
+
+class Publisher:
+    """A producer for the test's requests and a reader of its events topic from the start, no group:
+    `async with SubClass(settings) as k:` opens both (each test has its own topics)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.topics = settings.topics
+        self.events: list = []
+
+    async def __aenter__(self):
+        self.producer = make_producer(self.settings)
+        await self.producer.start()
+        self.reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                       fetch_max_wait_ms=20)
+        await self.reader.start()
+        tps = [TopicPartition(self.topics.events, p) for p in range(4)]
+        self.reader.assign(tps)
+        await self.reader.seek_to_beginning(*tps)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.reader.stop()
+        await self.producer.stop()

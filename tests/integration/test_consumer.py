@@ -22,10 +22,10 @@ from consumer.safety import Decision, ImagePolicy
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from schemas.codec import decode, encode, header
-from schemas.kafka import make_producer
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent, Origin
-from schemas.topics import CONSUMER_GROUP, Topics
+from schemas.topics import CONSUMER_GROUP
 from skillgen.embedded import free_port
+from tests.fakes.records import Publisher
 from tests.harness import FAST_GROUP, serving
 
 pytestmark = pytest.mark.integration
@@ -79,31 +79,14 @@ def running(settings: ConsumerSettings, engine, **kw):
     return serving(Worker(settings, engine, **kw), stop_timeout_s=60)
 
 
-class Kafka:
+class Kafka(Publisher):
     """Publishes requests and reads the test's topics from their start (each test has its own topics)."""
 
     def __init__(self, settings: ConsumerSettings):
-        self.settings = settings
-        self.topics: Topics = settings.topics
+        super().__init__(settings)
         self.events: list[JobEvent] = []
         self.arrived: dict[int, float] = {}  # index in events -> time.monotonic() it was read
         self.published: dict[str, float] = {}
-
-    async def __aenter__(self) -> Kafka:
-        self.producer = make_producer(self.settings)
-        await self.producer.start()
-        self.reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20
-        )
-        await self.reader.start()
-        tps = [TopicPartition(self.topics.events, p) for p in range(4)]
-        self.reader.assign(tps)
-        await self.reader.seek_to_beginning(*tps)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.reader.stop()
-        await self.producer.stop()
 
     async def publish(self, req: GenerateRequest, partition: int | None = None) -> GenerateRequest:
         value, headers = encode(req)

@@ -23,8 +23,8 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import Worker, registry_resolver
 from schemas.blobstore import BlobStore
 from schemas.codec import decode, encode, header
-from schemas.kafka import make_producer
 from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
+from tests.fakes.records import Publisher
 from tests.harness import FAST_GROUP, serving
 from trainer.commands import (
     Cancel,
@@ -107,28 +107,12 @@ def trainer_settings(model: Path, tmp: Path, limits: IngestLimits, **kw) -> Trai
 running = serving
 
 
-class Chat:
+class Chat(Publisher):
     """The fake chat: publishes what the bots would and reads every event of the test's topics."""
 
     def __init__(self, settings):
-        self.settings = settings
-        self.topics = settings.topics
+        super().__init__(settings)
         self.events: list[JobEvent] = []
-
-    async def __aenter__(self) -> Chat:
-        self.producer = make_producer(self.settings)
-        await self.producer.start()
-        self.reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
-                                       fetch_max_wait_ms=20)
-        await self.reader.start()
-        tps = [TopicPartition(self.topics.events, p) for p in range(4)]
-        self.reader.assign(tps)
-        await self.reader.seek_to_beginning(*tps)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.reader.stop()
-        await self.producer.stop()
 
     async def publish(self, topic: str, msg, key: bytes) -> None:
         value, headers = encode(msg)
