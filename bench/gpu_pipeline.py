@@ -33,7 +33,7 @@ def build_sd15(out: Path, device: str) -> Path:
     import torch
     from transformers import CLIPTokenizer
 
-    from consumer.pipeline.tiny import SD15, random_pipeline, write_clip_tokenizer
+    from skillgen.tools.tiny import SD15, random_pipeline, write_clip_tokenizer
 
     torch.manual_seed(0)
     write_clip_tokenizer(out / "tokenizer")
@@ -86,8 +86,8 @@ def peak_tflops(override: float | None) -> float | None:
 def run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, sd15: bool):
     import torch
 
-    from consumer.pipeline.bench import mean_psnr
-    from consumer.pipeline.engine import BatchSpec, Sample
+    from bench.pipeline import mean_psnr
+    from skillgen.inference.engine import BatchSpec, Sample
 
     for batch in batches:
         samples = [Sample("a cellist's vibrato, close-up", seed=100 + i) for i in range(batch)]
@@ -97,7 +97,7 @@ def run_rows(engine, label, size, batches, steps, runs, device, peak, reference,
             torch.cuda.synchronize()
             mem = PeakDeviceMemory(device)
         else:
-            from consumer.pipeline.bench import PeakRss
+            from bench.pipeline import PeakRss
 
             mem = PeakRss()
         with mem:
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from consumer.pipeline import load_engine
-    from consumer.pipeline.onnx_backend import TrtProfile
+    from skillgen.inference import load_engine
+    from skillgen.inference.onnx_backend import TrtProfile
 
     started = time.perf_counter()
     if args.smoke:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if args.smoke:
-            from consumer.pipeline.tiny import build_tiny
+            from skillgen.tools.tiny import build_tiny
 
             model = build_tiny(work / "model")
         else:

@@ -26,7 +26,12 @@ def sd15_parts(device, dtype, tokenizer_dir: Path):
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from consumer.pipeline.tiny import SD15, SD15_SCHEDULER, random_pipeline, write_clip_tokenizer
+    from skillgen.tools.tiny import (
+        SD15,
+        SD15_SCHEDULER,
+        random_pipeline,
+        write_clip_tokenizer,
+    )
     from trainer.lora import Components
 
     if not (tokenizer_dir / "vocab.json").exists():
@@ -45,9 +50,9 @@ def sd15_parts(device, dtype, tokenizer_dir: Path):
 def measure(make_parts, batch: int, checkpointing: bool, steps: int, warmup: int, size_px: int, device) -> dict:
     import torch
 
-    from trainer.bench import red_circles
+    from bench.trainer import red_circles
+    from skillgen.adapters.recipe import LoraRecipe
     from trainer.lora import train_lora
-    from trainer.settings import LoraRecipe
 
     parts = make_parts()
     recipe = LoraRecipe(batch_size=batch, gradient_checkpointing=checkpointing, resolution_px=size_px,
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            from consumer.pipeline.tiny import build_tiny
+            from skillgen.tools.tiny import build_tiny
             from trainer.lora import load_components
 
             device, size_px, steps, warmup = torch.device("cpu"), 64, 2, 1

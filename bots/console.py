@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bots.events import EventFollower
-from bots.grammar import CommandError, HELP, parse
+from bots.grammar import HELP, CommandError, parse
 from bots.settings import BotSettings
-from consumer.safety.prompt import PromptPolicy
-from schemas.blobstore import BlobStore
 from schemas.codec import encode
-from schemas.kafka import make_producer
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.kafka import make_producer
+from skillgen.safety.prompt import PromptPolicy
 
 log = logging.getLogger("skillgen.console")
 

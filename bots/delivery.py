@@ -34,13 +34,13 @@ from bots.kv import Store
 from bots.markers import Lease, Markers
 from bots.settings import DeliverySettings
 from bots.slack_post import SlackPoster
-from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, header
-from schemas.kafka import dead_letter, make_consumer, make_producer
-from schemas.logs import job
 from schemas.messages import EventKind, JobEvent, Origin, Platform
-from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import DELIVERY_GROUP
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
+from skillgen.runtime.logs import job
+from skillgen.runtime.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.delivery")
 

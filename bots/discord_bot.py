@@ -22,9 +22,16 @@ from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
 from bots.intake import Intake
 from bots.settings import DiscordSettings
-from schemas.logs import job
-from schemas.messages import MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerateRequest, Origin, Platform
-from schemas.observability import metrics_server, stop_on_signals
+from schemas.messages import (
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    GenerateRequest,
+    Origin,
+    Platform,
+)
+from skillgen.runtime.logs import job
+from skillgen.runtime.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.discord")
 

@@ -8,9 +8,9 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import CodecError, decode
-from schemas.kafka import partitions_of
 from schemas.messages import JobEvent
-from schemas.settings import CommonSettings
+from skillgen.runtime.kafka import partitions_of
+from skillgen.runtime.settings import CommonSettings
 
 log = logging.getLogger("skillgen.events")
 

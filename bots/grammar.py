@@ -20,7 +20,14 @@ from pydantic import ValidationError
 
 from bots.errors import Refusal
 from schemas.codec import describe
-from schemas.messages import MAX_SIDE_PX, MIN_SIDE_PX, AdapterRef, GenerateRequest, Origin, Platform
+from schemas.messages import (
+    MAX_SIDE_PX,
+    MIN_SIDE_PX,
+    AdapterRef,
+    GenerateRequest,
+    Origin,
+    Platform,
+)
 
 HELP = """\
 **/skill** draws a skill image and posts it here.

@@ -21,11 +21,11 @@ from bots.keys import partition_key
 from bots.kv import Store
 from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
-from consumer.safety.prompt import PromptPolicy
 from schemas.codec import encode
-from schemas.kafka import make_producer
-from schemas.logs import job
 from schemas.messages import MAX_IMAGES, MAX_SEED, GenerateRequest, Origin
+from skillgen.runtime.kafka import make_producer
+from skillgen.runtime.logs import job
+from skillgen.safety.prompt import PromptPolicy
 
 log = logging.getLogger("skillgen.intake")
 

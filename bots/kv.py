@@ -14,7 +14,7 @@ from collections import OrderedDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas.settings import CommonSettings
+from skillgen.runtime.settings import CommonSettings
 
 log = logging.getLogger("skillgen.kv")
 

@@ -1,4 +1,4 @@
-"""What the chat front-ends and delivery count (served on SKILL_METRICS_PORT by schemas.observability)."""
+"""What the chat front-ends and delivery count (served on SKILL_METRICS_PORT by skillgen.runtime.observability)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ def status(event: JobEvent) -> str:
     who = mention(event.origin.user_id)
     progress = event.kind == EventKind.progress and event.step is not None and event.total_steps
     if event.job == "finetune":
-        from trainer.commands import progress_text  # the trainer's own words for its jobs (no torch)
+        from bots.train_commands import (
+            progress_text,  # the trainer's own words for its jobs (no torch)
+        )
 
         bar = f"{_bar(event.step, event.total_steps)} " if progress else ""
         return f"🧪 {who} {bar}{progress_text(event)}"

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import NoDecode
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from bots.grammar import Defaults
-from schemas.settings import CommonSettings
+from schemas.limits import IngestLimits
+from skillgen.adapters.registry import DEFAULT_ADAPTER_URL
+from skillgen.runtime.settings import CommonSettings
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -99,3 +101,25 @@ class DeliverySettings(DiscordAccess, SlackAccess):
     marker_ttl_s: int = Field(default=7 * 86400, ge=60)
     # Interaction tokens die after 15 minutes; past this age, results go to the channel with the bot token.
     webhook_max_age_s: float = Field(default=14 * 60, gt=0, le=15 * 60)
+
+
+class TeamPolicy(BaseModel):
+    """Who may train in one team (a Discord guild or a Slack workspace)."""
+
+    discord_role_ids: set[str] = Field(default_factory=set, description="members with any of these roles")
+    slack_admins: bool = Field(False, description="workspace admins and owners")
+    slack_user_ids: set[str] = Field(default_factory=set)
+    slack_usergroup_ids: set[str] = Field(default_factory=set, description="members of any of these user groups")
+
+
+class TrainCommandSettings(CommonSettings):
+    """What the bots need for `/skill-train` and `/skill-adapters`."""
+
+    model_config = SettingsConfigDict(env_prefix="SKILL_", env_file=".env", extra="ignore", env_nested_delimiter="__",
+                                      env_ignore_empty=True)
+
+    adapter_url: str = DEFAULT_ADAPTER_URL
+    train_permissions: dict[str, TeamPolicy] = Field(default_factory=dict, description="team id -> who may train")
+    default_train_steps: int = Field(500, ge=10, le=5000)
+    train_thread_ttl_s: int = Field(3600, ge=60, description="Slack: a training thread waits this long for `go`")
+    ingest: IngestLimits = IngestLimits()

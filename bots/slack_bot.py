@@ -26,9 +26,9 @@ from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
 from bots.intake import Intake
 from bots.settings import SlackSettings
-from schemas.logs import job
 from schemas.messages import GenerateRequest, Origin, Platform
-from schemas.observability import metrics_server, stop_on_signals
+from skillgen.runtime.logs import job
+from skillgen.runtime.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.slack")
 

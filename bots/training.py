@@ -8,7 +8,7 @@
              /skill-train cancel <name>
              /skill-adapters
 
-Parsing, who may train and the messages to publish are trainer/commands.py's, shared by both front-ends; the
+Parsing, who may train and the messages to publish are bots/train_commands.py's, shared by both front-ends; the
 platform modules only read what the platform sends and answer. Progress and the sample grid come back through
 delivery like any other job's events. No torch is imported here: the bots load this module.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.settings import TrainCommandSettings
+from bots.settings import TrainCommandSettings
 
 
 def setup_discord(bot: Any) -> None:

@@ -21,9 +21,8 @@ from discord import app_commands
 
 from bots.discord_bot import SkillBot, is_admin, origin_of
 from bots.metrics import TRAIN_COMMANDS
-from schemas.logs import job
-from schemas.messages import MAX_PROMPT_CHARS
-from trainer.commands import (
+from bots.settings import TrainCommandSettings
+from bots.train_commands import (
     Attached,
     Member,
     TrainCommandError,
@@ -37,8 +36,9 @@ from trainer.commands import (
     mention,
     train_command,
 )
-from trainer.registry import Registry
-from trainer.settings import TrainCommandSettings
+from schemas.messages import MAX_PROMPT_CHARS
+from skillgen.adapters.registry import Registry
+from skillgen.runtime.logs import job
 
 log = logging.getLogger("skillgen.discord.train")
 

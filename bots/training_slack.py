@@ -36,10 +36,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.metrics import TRAIN_COMMANDS
+from bots.settings import TeamPolicy, TrainCommandSettings
 from bots.slack_bot import CANNOT_POST, QUEUE_DOWN
-from schemas.logs import job
-from schemas.messages import Origin, Platform, new_request_id
-from trainer.commands import (
+from bots.train_commands import (
     HELP,
     Attached,
     Cancel,
@@ -55,9 +54,11 @@ from trainer.commands import (
     parse,
     size_text,
 )
-from trainer.ingest import IngestError, IngestLimits, check_url
-from trainer.registry import Registry
-from trainer.settings import TeamPolicy, TrainCommandSettings
+from schemas.limits import IngestLimits
+from schemas.messages import Origin, Platform, new_request_id
+from skillgen.adapters.registry import Registry
+from skillgen.runtime.fetch import IngestError, check_url
+from skillgen.runtime.logs import job
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp

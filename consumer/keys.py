@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from consumer.pipeline.errors import AdapterError
 from schemas.messages import MAX_SEED, AdapterRef, GenerateRequest
+from skillgen.inference.errors import AdapterError
 
 log = logging.getLogger("skillgen.consumer")
 

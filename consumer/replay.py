@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode, header
-from schemas.kafka import make_producer, partitions_of
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
+from skillgen.runtime.kafka import make_producer, partitions_of
 
 log = logging.getLogger("skillgen.replay")
 
@@ -194,9 +194,9 @@ async def reprocess(
 ) -> Counter:
     """Generate again with no cache; the prompt and image policies apply exactly as in the consumer."""
     from consumer.keys import image_seeds
-    from consumer.pipeline.engine import BatchSpec, Sample
-    from consumer.safety import ImagePolicy, PromptPolicy
-    from schemas.blobstore import BlobStore
+    from skillgen.inference.engine import BatchSpec, Sample
+    from skillgen.runtime.blobstore import BlobStore
+    from skillgen.safety import ImagePolicy, PromptPolicy
 
     prompt_policy, image_policy = PromptPolicy.from_settings(), ImagePolicy.from_settings()
     blobs = BlobStore(settings.blob_url)

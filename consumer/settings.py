@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.settings import CommonSettings, default_model
+from skillgen.runtime.settings import CommonSettings, default_model
 
 
 class ConsumerSettings(CommonSettings):

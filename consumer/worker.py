@@ -40,17 +40,17 @@ from consumer.keys import (
     no_registry,
 )
 from consumer.metrics import ConsumerMetrics
-from consumer.pipeline import AdapterError, PipelineError
-from consumer.safety import Decision, ImagePolicy, PromptPolicy
-from consumer.safety.decision import CHECK_FAILED
 from consumer.settings import ConsumerSettings
-from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, encode
-from schemas.kafka import dead_letter, make_consumer, make_producer
-from schemas.logs import job as job_fields
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent
-from schemas.observability import metrics_server, stop_on_signals
 from schemas.topics import CONSUMER_GROUP
+from skillgen.inference import AdapterError, PipelineError
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
+from skillgen.runtime.logs import job as job_fields
+from skillgen.runtime.observability import metrics_server, stop_on_signals
+from skillgen.safety import Decision, ImagePolicy, PromptPolicy
+from skillgen.safety.decision import CHECK_FAILED
 
 log = logging.getLogger("skillgen.consumer")
 
@@ -179,7 +179,7 @@ class Worker:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
         if self.image_policy is None:
-            from consumer.safety import SafetySettings
+            from skillgen.safety import SafetySettings
 
             device = "cuda" if s.device == "cuda" else "cpu"
             self.image_policy = await asyncio.to_thread(ImagePolicy.from_settings, SafetySettings(), device)
@@ -373,7 +373,7 @@ class Worker:
 
     # -- the GPU ------------------------------------------------------------------------------------------
     async def _run_batches(self) -> None:
-        from consumer.pipeline.engine import BatchSpec, Sample
+        from skillgen.inference.engine import BatchSpec, Sample
 
         loop = asyncio.get_running_loop()
         while True:
@@ -615,12 +615,12 @@ def _log_lost_event(delivery: asyncio.Future) -> None:
 
 
 def load_engine_from(settings: ConsumerSettings):
-    from consumer.pipeline import load_engine
     from schemas.messages import MAX_IMAGES
+    from skillgen.inference import load_engine
 
     trt_profile = None
     if settings.backend == "onnx":
-        from consumer.pipeline.onnx_backend import TrtProfile
+        from skillgen.inference.onnx_backend import TrtProfile
 
         # A batch holds max_batch images, or one request's images when that is more.
         trt_profile = TrtProfile(max_batch=max(settings.max_batch, MAX_IMAGES))
@@ -639,7 +639,7 @@ def load_engine_from(settings: ConsumerSettings):
 
 def registry_resolver(adapter_url: str) -> AdapterResolver:
     """Adapters from the trainer's registry: `name` is the team's latest version, `name@vN` that one."""
-    from trainer.registry import Registry, RegistryError
+    from skillgen.adapters.registry import Registry, RegistryError
 
     registry = Registry(adapter_url)
 

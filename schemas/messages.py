@@ -13,7 +13,14 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -43,6 +50,11 @@ class Platform(StrEnum):
     discord = "discord"
     slack = "slack"
     console = "console"
+
+
+def mention(platform: Platform, user_id: str) -> str:
+    """How a chat names a person: `<@id>` on Discord and Slack."""
+    return f"<@{user_id}>" if platform in (Platform.discord, Platform.slack) else user_id
 
 
 class Origin(_Message):

@@ -12,24 +12,37 @@ import sys
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("skillgen.demo", "run the whole system locally on the embedded default and draw one image"),
+    ("demo",): ("skillgen.tools.demo", "run the whole system locally on the embedded default and draw one image"),
     ("consumer",): ("consumer.worker", "GPU consumer: skill.generate -> images -> skill.events"),
     ("bot", "console"): ("bots.console", "local front-end: /skill lines on stdin, PNGs in ./out"),
-    ("topics", "ensure"): ("schemas.kafka", "create the request, event and dead-letter topics"),
-    ("model", "tiny"): ("consumer.pipeline.tiny", "build a tiny random Stable Diffusion offline (diffusers format)"),
-    ("safety", "check"): ("consumer.safety", "read prompts on stdin, print allow or block<TAB>reason"),
+    ("topics", "ensure"): ("skillgen.runtime.kafka", "create the request, event and dead-letter topics"),
+    ("model", "tiny"): ("skillgen.tools.tiny", "build a tiny random Stable Diffusion offline (diffusers format)"),
+    ("safety", "check"): ("skillgen.safety", "read prompts on stdin, print allow or block<TAB>reason"),
     ("bot", "discord"): ("bots.discord_bot", "Discord bot: /skill slash command (gateway)"),
     ("bot", "slack"): ("bots.slack_bot", "Slack bot: /skill slash command (Socket Mode or HTTP)"),
     ("bot", "delivery"): ("bots.delivery", "post results from skill.events back to Discord and Slack"),
     ("trainer",): ("trainer.worker", "LoRA fine-tune worker: skill.finetune -> adapter registry"),
-    ("export", "onnx"): ("consumer.pipeline.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
-    ("model", "train-icons"): ("trainer.base_model", "train the embedded skill-icon model from scratch"),
-    ("bench", "pipeline"): ("consumer.pipeline.bench", "benchmark the inference backends side by side"),
-    ("bench", "consumer"): ("consumer.bench", "benchmark the consumer service (batching, cache hits)"),
-    ("bench", "trainer"): ("trainer.bench", "benchmark LoRA training quality and speed"),
-    ("bench", "quality"): ("trainer.quality", "measure how well the embedded model follows colour/background words"),
+    ("export", "onnx"): ("skillgen.inference.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
+    ("model", "train-icons"): ("skillgen.tools.icon_model", "train the embedded skill-icon model from scratch"),
+    ("bench", "pipeline"): ("bench.pipeline", "benchmark the inference backends side by side"),
+    ("bench", "consumer"): ("bench.consumer", "benchmark the consumer service (batching, cache hits)"),
+    ("bench", "trainer"): ("bench.trainer", "benchmark LoRA training quality and speed"),
+    ("bench", "quality"): ("bench.quality", "measure how well the embedded model follows colour/background words"),
     ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and list, reprocess or republish them"),
 }
+
+
+def _load(module: str):
+    """The command's module. Benchmarks live in the checkout's `bench/` folder, which is not installed: they run
+    from a source checkout only."""
+    if module.startswith("bench."):
+        from skillgen.runtime.settings import REPO_ROOT
+
+        if not (REPO_ROOT / "bench").is_dir():
+            raise SystemExit(f"skillgen: benchmarks run from a source checkout (no bench/ folder beside {REPO_ROOT})")
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module(module)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +67,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, tuple[str, .
         leaf.set_defaults(_module=module, _path=path)
         if list(path) == argv[: len(path)]:
             chosen = path
-            importlib.import_module(module).add_arguments(leaf)
+            _load(module).add_arguments(leaf)
     return parser, chosen
 
 
@@ -65,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is None or not hasattr(args, "_module"):
         parser.print_help()
         return 0 if not argv else 2
-    from schemas.logs import setup
-    from schemas.settings import CommonSettings
+    from skillgen.runtime.logs import setup
+    from skillgen.runtime.settings import CommonSettings
 
     try:
         common = CommonSettings()
         setup(common.log_format, common.log_level)
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(_load(args._module).run(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the person, the traceback only when asked for

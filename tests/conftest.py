@@ -153,6 +153,6 @@ def skill_env(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion in diffusers format (real CLIP tokenizer, SD geometry), built once."""
-    from consumer.pipeline.tiny import build_tiny
+    from skillgen.tools.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-model"))

@@ -12,8 +12,8 @@ import atexit
 import concurrent.futures
 import ctypes
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from schemas.topics import Topics
-from skillgen.embedded import EmbeddedError, free_port, tansu_binary
+from skillgen.tools.embedded import EmbeddedError, free_port, tansu_binary
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """The training core: the noise-prediction loss of a text-conditioned diffusers UNet, and the loop that lowers it.
 
-The from-scratch recipe (`trainer.base_model`) and the LoRA trainer share both: a LoRA run hands `train` only
+The from-scratch recipe (`skillgen.tools.icon_model`) and the LoRA trainer share both: a LoRA run hands `train` only
 the adapter's parameters. All randomness (noise, timesteps, caption dropout, VAE posterior samples) comes from
 the caller's `torch.Generator`, drawn on the CPU, so a seed means the same run on every device.
 """

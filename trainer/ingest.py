@@ -1,15 +1,10 @@
 """Training images from chat attachments, hostile by default.
 
-Every URL is checked before anything is fetched: https only, an allowlisted host on its default port, no
-credentials in the URL. The addresses a host resolves to are checked inside the HTTP client's own resolver
-(so the address checked is the address connected to: no DNS rebinding between check and connect), and every
-redirect hop is checked again, up to a few hops. Bodies are read with a byte cap whatever Content-Length says.
-A zip is inspected from its directory before any member is read: member count, total uncompressed size,
+Downloads go through skillgen.runtime.fetch (allowlisted hosts, address checks in the resolver, byte caps). A zip is inspected from its directory before any member is read: member count, total uncompressed size,
 compression ratio, absolute paths, `..`, symlinks, encryption and nested archives. Images are PNG, JPEG or
 WebP only, and their pixel count is checked from the header before Pillow decodes them.
 
 Each rejection is an IngestError whose message names the file and the limit, for the person who sent it.
-No torch here: the bots may pre-check URLs with `check_url`.
 """
 
 from __future__ import annotations
@@ -17,28 +12,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import ipaddress
 import json
 import re
-import socket
 import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
-from yarl import URL
 
+from schemas.limits import IngestLimits
 from schemas.messages import MAX_PROMPT_CHARS
-from trainer.errors import TrainerError
+from skillgen.runtime.fetch import IngestError, bytes_limit, download_all, shorten
 
-MiB = 1024 * 1024
-DISCORD_HOSTS = ("cdn.discordapp.com", "media.discordapp.net")
-SLACK_HOSTS = ("files.slack.com",)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".jar")
@@ -53,38 +39,6 @@ ARCHIVE_MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"\x28\xb5\x2f\xfd": "zstd",
 }
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-
-
-class IngestError(TrainerError):
-    """A training input was refused; the message says which file and why."""
-
-
-class TooLarge(IngestError):
-    pass
-
-
-class IngestLimits(BaseModel):
-    """What a `/skill-train` may send. `allowed_hosts`, `require_https` and `allow_private_addresses` are loosened
-    only by tests, which serve images from a local server."""
-
-    max_images: int = Field(50, ge=1, le=200)
-    max_file_bytes: int = Field(10 * MiB, gt=0)
-    max_total_bytes: int = Field(100 * MiB, gt=0)
-    max_pixels: int = Field(4096 * 4096, gt=0, description="width x height, checked before decoding")
-    max_zip_members: int = Field(200, ge=1)
-    max_zip_total_bytes: int = Field(200 * MiB, gt=0, description="sum of the members' uncompressed sizes")
-    max_zip_ratio: float = Field(50.0, gt=1.0, description="uncompressed / compressed size of any one member")
-    max_redirects: int = Field(3, ge=0, le=10)
-    timeout_s: float = Field(30.0, gt=0)
-    allowed_hosts: tuple[str, ...] = Field(DISCORD_HOSTS + SLACK_HOSTS, description="host, or host:port")
-    # Read when the limits are made (not at import), so a test that swaps SLACK_HOSTS sees its own.
-    slack_file_hosts: tuple[str, ...] = Field(
-        default_factory=lambda: SLACK_HOSTS,
-        description="where the Slack bot token is sent: host (any port) or host:port; only ever to an allowed host",
-    )
-    require_https: bool = True
-    allow_private_addresses: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,156 +55,6 @@ def dataset_sha256(examples: list[Example]) -> str:
     """Names the training data by content: the same images with the same captions hash alike in any order."""
     items = sorted((e.sha256, e.caption) for e in examples)
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ addresses
-
-
-def check_address(address: str, host: str, limits: IngestLimits) -> None:
-    """Refuse addresses that reach inside the network: private, loopback, link-local, multicast, reserved."""
-    if limits.allow_private_addresses:
-        return
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
-        if getattr(ip, f"is_{kind}"):
-            raise IngestError(f"{host} resolves to {ip}, a {kind.replace('_', '-')} address: refusing to download")
-    if not ip.is_global:
-        raise IngestError(f"{host} resolves to {ip}, which is not a public address: refusing to download")
-
-
-def check_url(url: str, limits: IngestLimits) -> URL:
-    """The URL if the policy allows fetching it, else IngestError saying why. No network."""
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError):
-        raise IngestError(f"{_shorten(url)} is not a URL") from None
-    scheme = (parsed.scheme or "").lower()
-    if scheme != "https" and (limits.require_https or scheme != "http"):
-        raise IngestError(f"{_shorten(url)}: only https downloads are allowed")
-    if parsed.user is not None or parsed.password is not None:
-        raise IngestError(f"{_shorten(url)}: URLs with credentials are not allowed")
-    host = (parsed.host or "").lower().rstrip(".")
-    if not host:
-        raise IngestError(f"{_shorten(url)} has no host")
-    where = host if parsed.explicit_port is None else f"{host}:{parsed.explicit_port}"
-    if where not in limits.allowed_hosts:
-        allowed = ", ".join(limits.allowed_hosts)
-        raise IngestError(f"{_shorten(url)}: downloads only come from {allowed}; attach the images to the message")
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return parsed
-    # aiohttp skips the resolver for IP literals, so they are checked here.
-    check_address(host.strip("[]"), host, limits)
-    return parsed
-
-
-class CheckedResolver(AbstractResolver):
-    """Resolves with the default resolver, then refuses the whole answer if any address is not public."""
-
-    def __init__(self, limits: IngestLimits):
-        self.limits = limits
-        self._inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            check_address(result["host"], host, self.limits)
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-# ------------------------------------------------------------------------------------------------ downloads
-
-
-def _shorten(text: str, max_chars: int = 80) -> str:
-    # Discord's signed query strings are noise to a person and should not be echoed back.
-    text = text.split("?", 1)[0]
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-
-def file_name(url: URL | str) -> str:
-    return _shorten(URL(str(url)).name or "file", 60)
-
-
-def session(limits: IngestLimits) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(resolver=CheckedResolver(limits), limit=4)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=limits.timeout_s),
-        auto_decompress=False,  # the byte cap must count what the server sends, not what it inflates to
-        trust_env=False,  # no proxy from the environment: the address check must see the real peer
-    )
-
-
-async def download(http: aiohttp.ClientSession, url: str, limits: IngestLimits, max_bytes: int,
-                   slack_token: str | None = None) -> bytes:
-    """The body of `url`, following at most `limits.max_redirects` redirects, each hop checked like the first."""
-    current = check_url(url, limits)
-    for _hop in range(limits.max_redirects + 1):
-        headers = {"Accept-Encoding": "identity"}
-        if slack_token and _is_slack_file_host(current, limits):
-            # Only Slack's own file host ever sees the bot token, never a host a redirect points at.
-            headers["Authorization"] = f"Bearer {slack_token}"
-        try:
-            async with http.get(current, headers=headers, allow_redirects=False) as resp:
-                if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
-                    current = check_url(str(current.join(URL(resp.headers["Location"]))), limits)
-                    continue
-                if resp.status != 200:
-                    raise IngestError(f"{file_name(current)}: the server answered HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length > max_bytes:
-                    raise TooLarge(f"{file_name(current)} is {resp.content_length} bytes; {_bytes_limit(max_bytes)}")
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise TooLarge(f"{file_name(current)} is over {max_bytes} bytes; {_bytes_limit(max_bytes)}")
-                return bytes(body)
-        except IngestError:
-            raise  # the resolver's refusal passes through aiohttp unchanged
-        except aiohttp.ClientConnectorError as exc:
-            raise IngestError(f"{file_name(current)}: cannot connect to {current.host} ({exc.os_error})") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise IngestError(f"{file_name(current)}: download failed ({type(exc).__name__})") from None
-    raise IngestError(f"{file_name(url)}: more than {limits.max_redirects} redirects")
-
-
-def _is_slack_file_host(url: URL, limits: IngestLimits) -> bool:
-    host = (url.host or "").lower().rstrip(".")
-    return host in limits.slack_file_hosts or f"{host}:{url.explicit_port}" in limits.slack_file_hosts
-
-
-def _bytes_limit(max_bytes: int) -> str:
-    return f"the limit is {max_bytes} bytes ({max_bytes / MiB:.1f} MiB)"
-
-
-async def download_all(urls: list[str], limits: IngestLimits, slack_token: str | None = None) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every URL, in order; all URLs are checked before the first byte is fetched."""
-    if len(urls) > limits.max_images:
-        raise IngestError(f"{len(urls)} files sent; at most {limits.max_images} images per training")
-    for url in urls:
-        check_url(url, limits)
-    files: list[tuple[str, bytes]] = []
-    total = 0
-    async with session(limits) as http:
-        for url in urls:
-            left = limits.max_total_bytes - total
-            try:
-                data = await download(http, url, limits, min(limits.max_file_bytes, left), slack_token)
-            except TooLarge:
-                if left < limits.max_file_bytes:
-                    raise IngestError(
-                        f"the files add up to more than {limits.max_total_bytes} bytes; send fewer or smaller images"
-                    ) from None
-                raise
-            total += len(data)
-            files.append((file_name(url), data))
-    return files
 
 
 # ----------------------------------------------------------------------------------------------------- zips
@@ -290,7 +94,7 @@ def unpack_zip(name: str, data: bytes, limits: IngestLimits) -> tuple[list[tuple
     captions: tuple[str, bytes] | None = None
     for info in infos:
         member = info.filename.replace("\\", "/")
-        where = f"{name}: {_shorten(member, 60)!r}"
+        where = f"{name}: {shorten(member, 60)!r}"
         if member.startswith("/") or re.match(r"^[A-Za-z]:", member):
             raise IngestError(f"{where} has an absolute path")
         path = PurePosixPath(member)
@@ -303,7 +107,7 @@ def unpack_zip(name: str, data: bytes, limits: IngestLimits) -> tuple[list[tuple
         if info.flag_bits & 0x1:
             raise IngestError(f"{where} is encrypted")
         if info.file_size > limits.max_file_bytes:
-            raise IngestError(f"{where} is {info.file_size} bytes; {_bytes_limit(limits.max_file_bytes)}")
+            raise IngestError(f"{where} is {info.file_size} bytes; {bytes_limit(limits.max_file_bytes)}")
         ratio = info.file_size / max(info.compress_size, 1)
         if ratio > limits.max_zip_ratio:
             raise IngestError(f"{where} is compressed {ratio:.0f}:1; at most {limits.max_zip_ratio:.0f}:1 is allowed")

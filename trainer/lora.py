@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import TrainerError
 from trainer.dataset import SkillDataset
 from trainer.diffusion import noise_prediction_loss
+from trainer.errors import TrainerError
 from trainer.ingest import Example
 from trainer.settings import LoraRecipe
 
@@ -369,7 +369,7 @@ def sample_grid(engine, adapter_key: str, weights_path: str | Path, prompt: str,
 
     from PIL import Image
 
-    from consumer.pipeline.engine import BatchSpec, Sample
+    from skillgen.inference.engine import BatchSpec, Sample
 
     engine.backend.load_adapter(adapter_key, weights_path)
     samples = [Sample(prompt, "", seed) for seed in seeds]

@@ -28,17 +28,29 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from schemas.blobstore import BlobStore
 from schemas.codec import CodecError, decode, encode
-from schemas.kafka import dead_letter, make_consumer, make_producer
-from schemas.logs import job
-from schemas.messages import EventKind, FineTuneCancel, FineTuneRequest, JobEvent
-from schemas.observability import metrics_server, stop_on_signals
+from schemas.messages import (
+    EventKind,
+    FineTuneCancel,
+    FineTuneRequest,
+    JobEvent,
+    mention,
+)
 from schemas.topics import TRAINER_GROUP
+from skillgen.adapters.registry import (
+    AdapterMeta,
+    Registry,
+    RegistryError,
+    TrainedBy,
+    TrainingRecord,
+)
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.fetch import IngestError
+from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
+from skillgen.runtime.logs import job
+from skillgen.runtime.observability import metrics_server, stop_on_signals
 from trainer.errors import TrainerError
-from trainer.commands import mention
 from trainer.ingest import Example, dataset_sha256, ingest
-from trainer.registry import AdapterMeta, Registry, TrainedBy, TrainingRecord
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("skillgen.trainer")
@@ -271,7 +283,7 @@ class TrainerWorker:
         shutil.rmtree(workdir, ignore_errors=True)
         if isinstance(exc, Stopped):
             outcome, message = "cancelled", f"Training of `{req.adapter}` was {exc.reason} at step {exc.step}/{req.steps}."
-        elif isinstance(exc, TrainerError):  # refused input or a run that cannot work: the message says why
+        elif isinstance(exc, (TrainerError, IngestError, RegistryError)):  # refused input or a run that cannot work: the message says why
             outcome, message = "refused", f"Training of `{req.adapter}` failed: {exc}"
         else:
             log.exception("training failed", extra=ctx)
@@ -315,9 +327,16 @@ class TrainerWorker:
                            progress: Callable[[int, int, float], None]) -> AdapterMeta:
         import torch
 
-        from consumer.pipeline.engine import Engine
-        from consumer.pipeline.torch_backend import TorchBackend
-        from trainer.lora import fingerprint, load_components, pick_device, sample_grid, train_lora, weight_dtype
+        from skillgen.inference.engine import Engine
+        from skillgen.inference.torch_backend import TorchBackend
+        from trainer.lora import (
+            fingerprint,
+            load_components,
+            pick_device,
+            sample_grid,
+            train_lora,
+            weight_dtype,
+        )
 
         s, recipe = self.settings, self.settings.lora
         device = pick_device(s.device)

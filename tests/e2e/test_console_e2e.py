@@ -99,8 +99,8 @@ def test_demo_writes_a_png_and_leaves_nothing_running(tmp_path):
 )
 async def test_the_embedded_model_draws_what_the_console_asked_for(skill_env, tmp_path, prompt, color, light):
     """Through the whole system with the shipped model: the picture, not just a PNG, is checked."""
-    from schemas.settings import EMBEDDED_MODEL_DIR
-    from trainer.quality import background_is_light, dominant_color
+    from bench.quality import background_is_light, dominant_color
+    from skillgen.runtime.settings import EMBEDDED_MODEL_DIR
 
     csettings = ConsumerSettings(model=str(EMBEDDED_MODEL_DIR), device="cpu")
     engine = await asyncio.to_thread(load_engine_from, csettings)

@@ -9,8 +9,8 @@ import pytest
 
 from bots import discord_bot
 from bots.settings import DiscordSettings
-from consumer.pipeline import load_engine
 from schemas.messages import GenerateRequest, JobEvent
+from skillgen.inference import load_engine
 from tests.fakes.discord import THREAD_ID, FakeDiscord
 from tests.fakes.records import TopicReader
 from tests.fakes.system import TINY_DEFAULTS, consumer_running

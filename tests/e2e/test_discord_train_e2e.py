@@ -16,14 +16,14 @@ from PIL import Image
 
 from bots import discord_bot
 from bots.settings import DiscordSettings
-from consumer.pipeline import load_engine
 from consumer.worker import registry_resolver
+from schemas.limits import IngestLimits
+from skillgen.adapters.registry import Registry
+from skillgen.inference import load_engine
 from tests.fakes.discord import GUILD_ID, TRAINER_ROLE_ID, USER_ID, FakeDiscord
 from tests.fakes.system import TINY_DEFAULTS, consumer_running
 from tests.fakes.world import World
 from tests.integration.test_trainer_e2e import red_circle_png, running, trainer_settings
-from trainer.ingest import IngestLimits
-from trainer.registry import Registry
 from trainer.worker import TrainerWorker
 
 pytestmark = pytest.mark.e2e

@@ -9,9 +9,9 @@ import pytest
 
 from bots import slack_bot
 from bots.settings import SlackSettings
-from consumer.pipeline import load_engine
 from schemas.messages import GenerateRequest, JobEvent
-from skillgen.embedded import free_port
+from skillgen.inference import load_engine
+from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import CHANNEL_ID, FakeSlack, sign
 from tests.fakes.system import TINY_DEFAULTS, consumer_running

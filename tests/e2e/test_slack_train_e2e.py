@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from schemas.limits import IngestLimits
 from schemas.messages import FineTuneRequest
+from skillgen.adapters.registry import Registry
 from tests.fakes.slack import CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack
 from tests.fakes.world import World
 from tests.harness import serving
 from tests.integration.test_slack_train import running_bot
 from tests.integration.test_trainer_e2e import red_circle_png, trainer_settings
-from trainer.ingest import IngestLimits
-from trainer.registry import Registry
 from trainer.worker import TrainerWorker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

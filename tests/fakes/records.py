@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
 from schemas.codec import decode
-from schemas.kafka import make_producer
+from skillgen.runtime.kafka import make_producer
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from bots.delivery import Delivery, open_delivery
 from bots.settings import DeliverySettings
-from schemas.blobstore import BlobStore
 from schemas.codec import encode
-from schemas.kafka import make_producer
 from schemas.messages import BlobRef, EventKind, JobEvent, Origin, Platform
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.kafka import make_producer
 from tests.fakes import discord as fd
 from tests.fakes import slack as fs
 from tests.fakes.discord import FakeDiscord, Interaction

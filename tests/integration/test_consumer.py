@@ -14,17 +14,24 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from PIL import Image
 
-import consumer.pipeline.tiny as tiny
+import skillgen.tools.tiny as tiny
 from bots.keys import partition_key
 from consumer.cache import CacheEntry
 from consumer.keys import ResolvedAdapter, cache_key
-from consumer.safety import Decision, ImagePolicy
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
 from schemas.codec import decode, encode, header
-from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, JobEvent, Origin
+from schemas.messages import (
+    AdapterRef,
+    BlobRef,
+    EventKind,
+    GenerateRequest,
+    JobEvent,
+    Origin,
+)
 from schemas.topics import CONSUMER_GROUP
-from skillgen.embedded import free_port
+from skillgen.safety import Decision, ImagePolicy
+from skillgen.tools.embedded import free_port
 from tests.fakes.records import Publisher
 from tests.harness import FAST_GROUP, serving
 
@@ -38,7 +45,7 @@ ORIGIN = Origin(platform="console", team_id="local", channel_id="c1", user_id="u
 
 @pytest.fixture(scope="session")
 def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random SD, built once and kept in pytest's cache until consumer/pipeline/tiny.py changes."""
+    """The tiny random SD, built once and kept in pytest's cache until skillgen/tools/tiny.py changes."""
     version = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     path = Path(cache.mkdir(f"skillgen-tiny-{version}")) if cache else tmp_path_factory.mktemp("tiny")
@@ -49,7 +56,7 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from consumer.pipeline import load_engine
+    from skillgen.inference import load_engine
 
     return load_engine(tiny_model, "torch", "cpu", "fp32")
 
@@ -464,8 +471,8 @@ async def test_a_second_consumer_takes_over_unfinished_work_and_nothing_is_lost(
 
 
 def test_the_registry_resolver_turns_a_missing_adapter_into_a_message_for_the_requester(tmp_path):
-    from consumer.pipeline import AdapterError
     from consumer.worker import registry_resolver
+    from skillgen.inference import AdapterError
 
     resolve = registry_resolver(tmp_path.as_uri())
     with pytest.raises(AdapterError, match="no adapter named 'clay'"):

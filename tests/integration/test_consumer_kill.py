@@ -13,7 +13,12 @@ import pytest
 
 from schemas.messages import EventKind
 from tests.harness import FAST_GROUP, ServiceProcess
-from tests.integration.test_consumer import Kafka, consumer_settings, request, tiny_model  # noqa: F401 - fixture
+from tests.integration.test_consumer import (  # noqa: F401 - fixture
+    Kafka,
+    consumer_settings,
+    request,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from bots.markers import Markers
 from bots.kv import Store
+from bots.markers import Markers
 from schemas.codec import header
 from schemas.messages import EventKind, JobEvent
 from tests.fakes import discord as fd
@@ -266,7 +266,7 @@ def test_status_edits_are_at_most_one_per_2_seconds_per_message(tmp_path, monkey
     from bots import delivery as module
     from bots.delivery import Delivery
     from bots.settings import DeliverySettings
-    from schemas.blobstore import BlobStore
+    from skillgen.runtime.blobstore import BlobStore
 
     clock = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from schemas.messages import EventKind
-from skillgen.embedded import free_port
+from skillgen.tools.embedded import free_port
 from tests.fakes.slack import CHANNEL_ID, FakeSlack
 from tests.fakes.world import World, event
 

@@ -10,7 +10,14 @@ from bots import discord_bot, render
 from bots.intake import FORGOTTEN
 from bots.settings import DiscordSettings
 from schemas.messages import GenerateRequest
-from tests.fakes.discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, THREAD_ID, USER_ID, FakeDiscord
+from tests.fakes.discord import (
+    APPLICATION_ID,
+    CHANNEL_ID,
+    GUILD_ID,
+    THREAD_ID,
+    USER_ID,
+    FakeDiscord,
+)
 from tests.fakes.records import TopicReader
 
 ADMINISTRATOR = str(1 << 3)

@@ -17,10 +17,16 @@ from PIL import Image
 from bots import discord_bot
 from bots.settings import DiscordSettings
 from schemas.messages import FineTuneCancel, FineTuneRequest
-from tests.fakes.discord import CHANNEL_ID, GUILD_ID, TRAINER_ROLE_ID, USER_ID, FakeDiscord
+from skillgen.adapters.registry import Registry
+from tests.fakes.discord import (
+    CHANNEL_ID,
+    GUILD_ID,
+    TRAINER_ROLE_ID,
+    USER_ID,
+    FakeDiscord,
+)
 from tests.fakes.records import TopicReader
 from tests.unit.test_registry import lora_weights, record
-from trainer.registry import Registry
 
 OTHER_GUILD = "999999999999999999"
 

@@ -20,11 +20,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from schemas.blobstore import BlobStore
 from schemas.codec import MAX_RECORD_BYTES, decode, encode
 from schemas.messages import GenerateRequest, Origin
-from schemas.settings import CommonSettings
-from tests.harness import FAST_GROUP, HarnessError, create_topics, find_redis_server, find_tansu, start_broker
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.settings import CommonSettings
+from tests.harness import (
+    FAST_GROUP,
+    HarnessError,
+    create_topics,
+    find_redis_server,
+    find_tansu,
+    start_broker,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from consumer.replay import Selection, main, select
 from consumer.settings import ConsumerSettings
 from schemas.codec import encode, header
-from schemas.kafka import make_producer
 from schemas.messages import GenerateRequest, Origin
 from schemas.topics import CONSUMER_GROUP
+from skillgen.runtime.kafka import make_producer
 
 ORIGIN = Origin(platform="slack", team_id="T1", channel_id="C1", user_id="U1")
 

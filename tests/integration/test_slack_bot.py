@@ -12,7 +12,7 @@ import pytest
 from bots import render, slack_bot
 from bots.settings import SlackSettings
 from schemas.messages import GenerateRequest
-from skillgen.embedded import free_port
+from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import CHANNEL_ID, SIGNING_SECRET, USER_ID, FakeSlack, sign
 

@@ -22,14 +22,23 @@ from safetensors.numpy import save
 
 from bots import slack_bot, training_slack
 from bots.settings import SlackSettings
+from schemas.limits import IngestLimits
 from schemas.messages import FineTuneCancel, FineTuneRequest
-from skillgen.embedded import free_port
+from skillgen.adapters.recipe import LoraRecipe
+from skillgen.adapters.registry import Registry, TrainedBy, TrainingRecord
+from skillgen.runtime.fetch import IngestError, download_all
+from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack, SlackMessage, sign, user
+from tests.fakes.slack import (
+    CHANNEL_ID,
+    TEAM_ID,
+    USER_ID,
+    FakeSlack,
+    SlackMessage,
+    sign,
+    user,
+)
 from tests.fakes.world import png_bytes
-from trainer.ingest import IngestError, IngestLimits, download_all
-from trainer.registry import Registry, TrainedBy, TrainingRecord
-from trainer.settings import LoraRecipe
 
 OTHER_USER = "U0OTHER"
 GROUP = "S0TRAINERS"

@@ -1,4 +1,4 @@
-"""Chat to adapter, end to end: `/skill-train` through trainer.commands, a real broker, the trainer service and
+"""Chat to adapter, end to end: `/skill-train` through bots.train_commands, a real broker, the trainer service and
 the real consumer, on the tiny model. The chat is faked at the commands layer (what the bots call); images come
 from a local HTTP server that only these tests put on the download allowlist."""
 
@@ -16,17 +16,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from PIL import Image, ImageDraw
 
-import consumer.pipeline.tiny as tiny
-from consumer.pipeline import load_engine
-from consumer.safety import ImagePolicy
-from consumer.settings import ConsumerSettings
-from consumer.worker import Worker, registry_resolver
-from schemas.blobstore import BlobStore
-from schemas.codec import decode, encode, header
-from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
-from tests.fakes.records import Publisher
-from tests.harness import FAST_GROUP, serving
-from trainer.commands import (
+import skillgen.tools.tiny as tiny
+from bots.settings import TeamPolicy, TrainCommandSettings
+from bots.train_commands import (
     Cancel,
     Member,
     cancel_request,
@@ -37,9 +29,19 @@ from trainer.commands import (
     parse,
     progress_text,
 )
-from trainer.ingest import IngestLimits
-from trainer.registry import Registry
-from trainer.settings import LoraRecipe, TeamPolicy, TrainCommandSettings, TrainerSettings
+from consumer.settings import ConsumerSettings
+from consumer.worker import Worker, registry_resolver
+from schemas.codec import decode, encode, header
+from schemas.limits import IngestLimits
+from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
+from skillgen.adapters.recipe import LoraRecipe
+from skillgen.adapters.registry import Registry
+from skillgen.inference import load_engine
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.safety import ImagePolicy
+from tests.fakes.records import Publisher
+from tests.harness import FAST_GROUP, serving
+from trainer.settings import TrainerSettings
 from trainer.worker import TrainerWorker
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

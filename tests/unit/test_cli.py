@@ -63,5 +63,5 @@ def test_replay_mode_mistakes_are_explained():
 
 
 def test_bots_import_without_torch():
-    code = "import sys, bots.grammar, bots.console, bots.events, schemas, schemas.kafka; assert 'torch' not in sys.modules"
+    code = "import sys, bots.grammar, bots.console, bots.events, schemas, skillgen.runtime.kafka; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from consumer.pipeline import DoesNotFit, PipelineError, load_engine  # noqa: E402
-from consumer.pipeline import engine as engine_mod  # noqa: E402
-from consumer.pipeline.bench import psnr_db, write_random_lora  # noqa: E402
-from consumer.pipeline.engine import BatchSpec, Engine, Sample  # noqa: E402
-from consumer.pipeline.memory import (  # noqa: E402
+from bench.pipeline import psnr_db, write_random_lora  # noqa: E402
+from skillgen.inference import DoesNotFit, PipelineError, load_engine  # noqa: E402
+from skillgen.inference import engine as engine_mod  # noqa: E402
+from skillgen.inference.engine import BatchSpec, Engine, Sample  # noqa: E402
+from skillgen.inference.memory import (  # noqa: E402
     SLICED,
     TILED,
     Geometry,
@@ -20,7 +20,7 @@ from consumer.pipeline.memory import (  # noqa: E402
     estimate_peak_bytes,
     is_out_of_memory,
 )
-from consumer.pipeline.tiny import build_tiny  # noqa: E402
+from skillgen.tools.tiny import build_tiny  # noqa: E402
 
 SPEC = BatchSpec(width=64, height=64, steps=4)
 

@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
-from consumer.pipeline import AdapterError, ExportError, load_engine  # noqa: E402
-from consumer.pipeline import export as export_mod  # noqa: E402
-from consumer.pipeline.bench import psnr_db, write_random_lora  # noqa: E402
-from consumer.pipeline.engine import BatchSpec, Sample  # noqa: E402
-from consumer.pipeline.export import ExportOptions, ensure_export  # noqa: E402
-from consumer.pipeline.tiny import build_tiny  # noqa: E402
+from bench.pipeline import psnr_db, write_random_lora  # noqa: E402
+from skillgen.inference import AdapterError, ExportError, load_engine  # noqa: E402
+from skillgen.inference import export as export_mod  # noqa: E402
+from skillgen.inference.engine import BatchSpec, Sample  # noqa: E402
+from skillgen.inference.export import ExportOptions, ensure_export  # noqa: E402
+from skillgen.tools.tiny import build_tiny  # noqa: E402
 
 SPEC = BatchSpec(width=64, height=64, steps=4)
 
@@ -156,8 +156,8 @@ def test_export_cli_reuses_the_engine_export(tiny, onnx, capsys):
 def test_provider_order_never_falls_back_to_the_cpu_when_cuda_was_asked_for():
     import onnxruntime as ort
 
-    from consumer.pipeline import ModelLoadError
-    from consumer.pipeline.onnx_backend import provider_order
+    from skillgen.inference import ModelLoadError
+    from skillgen.inference.onnx_backend import provider_order
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA")
@@ -167,7 +167,7 @@ def test_provider_order_never_falls_back_to_the_cpu_when_cuda_was_asked_for():
 
 
 def test_tensorrt_profile_covers_guidance_and_its_absence():
-    from consumer.pipeline.onnx_backend import TrtProfile
+    from skillgen.inference.onnx_backend import TrtProfile
 
     shapes = TrtProfile(min_side_px=256, opt_side_px=512, max_side_px=768, max_batch=4).shapes("unet", 4, 768, 8)
     assert shapes["min"].startswith("sample:1x4x32x32,")

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.icons import BACKGROUNDS, COLORS, SKILLS, IconDataset, IconSpec, draw_icon, icon_specs
-from trainer.quality import background_is_light, dominant_color
+from bench.quality import background_is_light, dominant_color
+from skillgen.tools.icons import (
+    BACKGROUNDS,
+    COLORS,
+    SKILLS,
+    IconDataset,
+    IconSpec,
+    draw_icon,
+    icon_specs,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -18,8 +18,12 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from schemas import limits
+from schemas.limits import IngestLimits
+from skillgen.runtime import fetch
+from skillgen.runtime.fetch import IngestError, check_address, check_url, download_all
 from trainer import ingest
-from trainer.ingest import IngestError, IngestLimits, check_address, check_url, collect, download_all, unpack_zip
+from trainer.ingest import collect, unpack_zip
 
 pytestmark = pytest.mark.unit
 
@@ -136,7 +140,7 @@ def test_an_allowlisted_ip_literal_is_still_checked_as_an_address():
 
 
 async def test_the_resolver_refuses_a_host_that_resolves_to_loopback():
-    resolver = ingest.CheckedResolver(LIMITS)
+    resolver = fetch.CheckedResolver(LIMITS)
     try:
         with pytest.raises(IngestError, match="localhost resolves to 127.0.0.1, a loopback address"):
             await resolver.resolve("localhost", 443)
@@ -259,7 +263,7 @@ async def test_too_many_urls_are_refused_before_any_download(server):
 
 
 async def test_the_slack_token_goes_to_slack_hosts_only_and_never_across_a_redirect(server, monkeypatch):
-    monkeypatch.setattr(ingest, "SLACK_HOSTS", ("127.0.0.1",))  # stands in for files.slack.com
+    monkeypatch.setattr(limits, "SLACK_HOSTS", ("127.0.0.1",))  # stands in for files.slack.com
     await download_all([server.url("/a.png"), server.url("/hop")], server.limits(), slack_token="xoxb-secret")
     assert server.seen["/a.png"]["Authorization"] == "Bearer xoxb-secret"
     assert "Authorization" not in server.seen["/b.png"]  # reached through localhost after the redirect

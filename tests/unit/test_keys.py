@@ -17,8 +17,8 @@ from consumer.keys import (
     seed_of,
     weights_sha256,
 )
-from consumer.pipeline import AdapterError
 from schemas.messages import AdapterRef, GenerateRequest, Origin
+from skillgen.inference import AdapterError
 
 pytestmark = pytest.mark.unit
 

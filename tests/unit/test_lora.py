@@ -14,12 +14,13 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load
 
-import consumer.pipeline.tiny as tiny_module
-from consumer.pipeline.engine import BatchSpec, Engine, Sample
-from consumer.pipeline.torch_backend import TorchBackend
-from trainer.ingest import Example, IngestError
+import skillgen.tools.tiny as tiny_module
+from skillgen.adapters.recipe import LoraRecipe
+from skillgen.inference.engine import BatchSpec, Engine, Sample
+from skillgen.inference.torch_backend import TorchBackend
+from skillgen.runtime.fetch import IngestError
+from trainer.ingest import Example
 from trainer.lora import Stopped, fingerprint, load_components, sample_grid, train_lora
-from trainer.settings import LoraRecipe
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +30,7 @@ FAST = LoraRecipe(lr=1e-2, batch_size=1, checkpoint_every=3)
 
 @pytest.fixture(scope="session")
 def tiny(request, tmp_path_factory) -> Path:
-    """The tiny random SD, kept in pytest's cache until consumer/pipeline/tiny.py changes."""
+    """The tiny random SD, kept in pytest's cache until skillgen/tools/tiny.py changes."""
     version = hashlib.sha256(Path(tiny_module.__file__).read_bytes()).hexdigest()[:12]
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     path = Path(cache.mkdir(f"skillgen-tiny-{version}")) if cache else tmp_path_factory.mktemp("tiny")
@@ -149,7 +150,7 @@ def test_the_sample_grid_has_a_base_row_and_an_adapter_row(trained, engine):
 
 
 def test_the_bench_concept_is_measurable_from_pixels():
-    from trainer.bench import concept_score, red_circles
+    from bench.trainer import concept_score, red_circles
 
     assert concept_score(e.image for e in red_circles(4, 64)) > 40
     assert abs(concept_score([Image.new("RGB", (64, 64), (90, 90, 90))])) < 1e-6

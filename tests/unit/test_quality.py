@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from consumer.pipeline import load_engine
-from consumer.pipeline.engine import BatchSpec, Sample
-from schemas.settings import EMBEDDED_MODEL_DIR
-from trainer import quality
-from trainer.icons import COLORS
+from bench import quality
+from skillgen.inference import load_engine
+from skillgen.inference.engine import BatchSpec, Sample
+from skillgen.runtime.settings import EMBEDDED_MODEL_DIR
+from skillgen.tools.icons import COLORS
 
 pytestmark = pytest.mark.unit
 

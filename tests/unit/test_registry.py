@@ -13,7 +13,8 @@ import pytest
 from safetensors.numpy import save
 
 from schemas.messages import AdapterRef
-from trainer.registry import (
+from skillgen.adapters.recipe import LoraRecipe
+from skillgen.adapters.registry import (
     AdapterNotFound,
     Registry,
     RegistryError,
@@ -22,7 +23,6 @@ from trainer.registry import (
     adapter_key,
     check_safetensors,
 )
-from trainer.settings import LoraRecipe
 
 pytestmark = pytest.mark.unit
 
@@ -153,5 +153,5 @@ def test_a_remote_registry_resolves_to_a_verified_local_copy(tmp_path):
 
 
 def test_the_registry_and_the_commands_import_no_torch():
-    code = "import sys, trainer.registry, trainer.commands; sys.exit('torch' in sys.modules)"
+    code = "import sys, skillgen.adapters.registry, bots.train_commands; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from consumer.safety import Decision, ImagePolicy, PromptPolicy, SafetyError, SafetySettings, add_arguments, run
-from consumer.safety.image import _NudeNet, nudenet_providers
+from skillgen.safety import (
+    Decision,
+    ImagePolicy,
+    PromptPolicy,
+    SafetyError,
+    SafetySettings,
+    add_arguments,
+    run,
+)
+from skillgen.safety.image import _NudeNet, nudenet_providers
 
 pytestmark = pytest.mark.unit
 
@@ -224,7 +232,7 @@ def test_cli_reads_utf8_whatever_the_environment_says() -> None:
     heavy = ["torch", "diffusers", "transformers", "onnxruntime", "cv2", "nudenet"]
     code = (
         "import argparse, sys\n"
-        "from consumer.safety import add_arguments, run\n"
+        "from skillgen.safety import add_arguments, run\n"
         "p = argparse.ArgumentParser(); add_arguments(p)\n"
         "code = run(p.parse_args([]))\n"
         f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
@@ -371,7 +379,9 @@ def test_a_cpu_consumer_runs_nudenet_on_the_cpu() -> None:
 
 def _save_tiny_checker(root: Path, concept_threshold: float) -> Path:
     import torch
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
     from transformers import CLIPConfig, CLIPImageProcessor
 
     config = CLIPConfig(
@@ -435,7 +445,9 @@ def test_stable_diffusion_checker_blocks_what_it_flags(
 def test_stable_diffusion_checker_error_fails_closed(
     checker_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
 
     policy = ImagePolicy(checker_dir=checker_dirs["flags_none"])
 

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from schemas.blobstore import BlobError, BlobStore
 from schemas.codec import MAX_RECORD_BYTES, CodecError, decode, describe, encode
 from schemas.messages import (
     ADAPTER_NAME_RE,
@@ -37,6 +36,7 @@ from schemas.messages import (
     Origin,
     Platform,
 )
+from skillgen.runtime.blobstore import BlobError, BlobStore
 
 pytestmark = pytest.mark.unit
 
@@ -396,8 +396,7 @@ def test_a_blob_from_another_store_is_refused(tmp_path):
 
 
 def test_an_empty_variable_counts_as_unset_and_none_turns_the_bot_extensions_off(monkeypatch):
-    from bots.settings import DiscordSettings
-    from trainer.settings import TrainCommandSettings
+    from bots.settings import DiscordSettings, TrainCommandSettings
 
     for name in ("SKILL_TRAIN_PERMISSIONS", "SKILL_DISCORD_TOKEN", "SKILL_REDIS_URL", "SKILL_BOT_EXTENSIONS"):
         monkeypatch.setenv(name, "")  # what compose passes for `${X:-}`

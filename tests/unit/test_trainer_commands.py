@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from schemas.codec import decode, encode
-from schemas.messages import EventKind, FineTuneCancel, FineTuneRequest, JobEvent, Origin
-from trainer.commands import (
+from bots.settings import TeamPolicy, TrainCommandSettings
+from bots.train_commands import (
     Attached,
     Cancel,
     Help,
@@ -28,10 +27,18 @@ from trainer.commands import (
     progress_text,
     train_command,
 )
-from trainer.ingest import IngestLimits
-from trainer.registry import Registry
-from trainer.settings import TeamPolicy, TrainCommandSettings, TrainerSettings
+from schemas.codec import decode, encode
+from schemas.limits import IngestLimits
+from schemas.messages import (
+    EventKind,
+    FineTuneCancel,
+    FineTuneRequest,
+    JobEvent,
+    Origin,
+)
+from skillgen.adapters.registry import Registry
 from tests.unit.test_registry import record
+from trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.unit
 

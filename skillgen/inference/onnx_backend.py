@@ -1,0 +1,382 @@
+"""ONNX Runtime backend: text encoder, UNet and VAE decoder exported once (cached), run by the best provider.
+
+Providers, in order when available: TensorRT EP (fp16, engine and timing caches beside the export, shape
+profiles for the sizes in use) > CUDA EP (IO binding on torch's own stream, so latents never leave the device)
+> CPU EP. A provider whose session cannot be created (TensorRT listed but its libraries missing) is skipped
+with a warning, never silently replaced by eager PyTorch.
+
+LoRA: the attention projections are graph inputs (see export.py). An adapter's fused weights are made on first
+use and kept in a bounded LRU; switching adapters rebinds inputs and never rebuilds a session or an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from skillgen.inference.errors import AdapterError, ModelLoadError, PipelineError
+from skillgen.inference.export import (
+    ExportOptions,
+    Manifest,
+    base_weights_path,
+    ensure_export,
+    resolve_model_dir,
+)
+from skillgen.inference.lora import FusedWeights, LoraFactors, read_lora
+from skillgen.inference.memory import SLICED, Geometry
+
+log = logging.getLogger(__name__)
+
+Provider = Literal["auto", "tensorrt", "cuda", "cpu"]
+EP_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "skillgen" / "onnx"
+
+
+class TrtProfile(BaseModel):
+    """TensorRT shape profile: the image sides and batch sizes engines are built for."""
+
+    min_side_px: int = Field(default=256, ge=64)
+    opt_side_px: int = Field(default=512, ge=64)
+    max_side_px: int = Field(default=1024, ge=64)
+    max_batch: int = Field(default=4, ge=1, description="images per batch; the UNet sees twice this with guidance")
+
+    def shapes(self, component: str, latent_channels: int, text_dim: int, vae_factor: int) -> dict[str, str]:
+        def side(px: int) -> int:
+            return px // vae_factor
+
+        out = {}
+        for kind, px, batch in (
+            ("min", self.min_side_px, 1),
+            ("opt", self.opt_side_px, self.max_batch),
+            ("max", self.max_side_px, self.max_batch),
+        ):
+            if component == "text_encoder":
+                out[kind] = f"input_ids:{batch}x77"
+            elif component == "unet":
+                s = side(px)
+                n = batch if kind == "min" else 2 * batch  # without guidance the UNet sees the batch itself
+                out[kind] = f"sample:{n}x{latent_channels}x{s}x{s},encoder_hidden_states:{n}x77x{text_dim}"
+            else:
+                s = side(px)
+                out[kind] = f"latent:{batch}x{latent_channels}x{s}x{s}"
+        return out
+
+
+def provider_order(device: str, provider: Provider) -> list[str]:
+    """Providers to try, best first, among those this onnxruntime build has."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    if provider != "auto":
+        if EP_NAMES[provider] not in available:
+            raise ModelLoadError(f"this onnxruntime build has no {EP_NAMES[provider]} (it has {sorted(available)})")
+        return [provider]
+    if device == "cpu":
+        return ["cpu"]
+    order = [p for p in ("tensorrt", "cuda") if EP_NAMES[p] in available]
+    if device == "cuda":
+        if not order:
+            raise ModelLoadError("device cuda asked for, but this onnxruntime build has no CUDA or TensorRT provider")
+        return order
+    return order + ["cpu"]
+
+
+@dataclass
+class OrtNetwork:
+    """One session; LoRA-able weights are inputs, bound once per adapter switch and kept between runs."""
+
+    session: object
+    device: torch.device
+    weight_names: list[str]
+
+    def __post_init__(self):
+        self.binding = self.session.io_binding()
+        self._bound_weights: dict[str, object] | None = None
+
+    def bind_weights(self, weights: dict[str, object]) -> None:
+        if weights is self._bound_weights:
+            return
+        for name in self.weight_names:
+            self.binding.bind_ortvalue_input(f"{name}.weight", weights[name])
+        self._bound_weights = weights
+
+    def run(self, inputs: dict[str, torch.Tensor], out_shape: Sequence[int]) -> torch.Tensor:
+        from onnxruntime import OrtValue
+
+        b = self.binding
+        if self.device.type == "cuda":
+            keep = []
+            for name, t in inputs.items():
+                t = t.contiguous()
+                keep.append(t)
+                b.bind_input(name, "cuda", _index(self.device), _np_dtype(t), list(t.shape), t.data_ptr())
+            out = torch.empty(tuple(out_shape), dtype=torch.float32, device=self.device)
+            b.bind_output("out", "cuda", _index(self.device), np.float32, list(out.shape), out.data_ptr())
+            b.synchronize_inputs()
+            self.session.run_with_iobinding(b)
+            b.synchronize_outputs()
+            return out
+        # Not np.ascontiguousarray: it turns the 0-d timestep into shape [1].
+        values = {name: OrtValue.ortvalue_from_numpy(t.cpu().contiguous().numpy()) for name, t in inputs.items()}
+        for name, value in values.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_output("out")
+        self.session.run_with_iobinding(b)
+        return torch.from_numpy(b.copy_outputs_to_cpu()[0])
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    return (Fail, RuntimeException)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _np_dtype(t: torch.Tensor):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "auto",
+        precision: str = "fp16",
+        cache_dir: Path | None = None,
+        provider: Provider = "auto",
+        max_cached_adapters: int = 4,
+        trt_profile: TrtProfile | None = None,
+    ):
+        import onnxruntime as ort
+
+        if precision not in ("fp32", "fp16", "int8"):
+            raise PipelineError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+        self.model_dir = resolve_model_dir(model)
+        self.model_id = str(model)
+        self.precision = precision
+        self._ort = ort
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.trt_profile = trt_profile or TrtProfile()
+
+        cfg = {p: json.loads((self.model_dir / p / n).read_text()) for p, n in _CONFIGS}
+        self.scheduler_config = cfg["scheduler"]
+        self.vae_scale_factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+        self.vae_scaling_factor = cfg["vae"].get("scaling_factor", 0.18215)
+        self.latent_channels = cfg["unet"]["in_channels"]
+        self.text_dim = cfg["text_encoder"]["hidden_size"]
+        self.dtype = torch.float32  # graphs take and give fp32; fp16 lives inside them
+
+        errors = []
+        for choice in provider_order(device, provider):
+            try:
+                self._open(choice, cache_dir)
+                break
+            except (ModelLoadError, RuntimeError, *_ort_errors()) as exc:
+                log.warning("onnx backend: %s provider unavailable (%s); trying the next", choice, exc)
+                errors.append(f"{choice}: {exc}")
+        else:
+            raise ModelLoadError("no ONNX Runtime provider could run this model: " + "; ".join(errors))
+
+        heads = cfg["unet"].get("num_attention_heads") or cfg["unet"]["attention_head_dim"]
+        self.geometry = Geometry(
+            attention_heads=max(heads) if isinstance(heads, list) else heads,
+            vae_channels=cfg["vae"]["block_out_channels"][0],
+            dtype_bytes=2 if precision == "fp16" and self.device.type == "cuda" else 4,
+            materializes_attention=True,  # no fused attention kernels in our graphs (see export.convert_fp16)
+        )
+        from transformers import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        self._adapters: dict[str, dict[str, dict[str, LoraFactors]]] = {}
+        self._fused = FusedWeights(max_cached_adapters)
+        self._active: str | None = None
+        self._savings = 0
+        self._bind(self._base)
+
+    def _open(self, choice: str, cache_dir: Path) -> None:
+        ort = self._ort
+        if self.precision == "int8" and choice != "cpu":
+            # Dynamic quantization makes MatMulInteger graphs, which only the CPU EP runs whole.
+            raise ModelLoadError("int8 graphs run on the CPU provider only")
+        # TensorRT builds its own fp16 engines from plain fp32 graphs.
+        graph_precision = "fp32" if choice == "tensorrt" and self.precision == "fp16" else self.precision
+        options = ExportOptions(precision=graph_precision, target=choice)
+        out_dir = cache_dir / f"{options.target}-{options.precision}-{_short_model_name(self.model_dir)}"
+        manifest, built = ensure_export(self.model_dir, out_dir, options)
+        if built:
+            log.info("onnx backend: exported %s to %s in %.1fs", self.model_dir, out_dir, manifest.seconds)
+        self.export_dir, self.manifest = out_dir, manifest
+        use_torch_cuda = choice != "cpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_torch_cuda else torch.device("cpu")
+        self.provider = EP_NAMES[choice]
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.networks = {}
+        for component in manifest.weight_inputs:
+            providers = self._providers(choice, component, out_dir)
+            session = ort.InferenceSession(str(out_dir / f"{component}.onnx"), so, providers=providers)
+            if session.get_providers()[0] != self.provider:
+                raise ModelLoadError(f"{self.provider} refused {component}")
+            self.networks[component] = OrtNetwork(session, self.device, manifest.weight_inputs[component])
+        self._base = self._load_base(manifest, out_dir)
+
+    def _providers(self, choice: str, component: str, out_dir: Path) -> list:
+        cpu = ("CPUExecutionProvider", {})
+        if choice == "cpu":
+            return [cpu]
+        cuda_opts: dict[str, str] = {"device_id": str(_index(self.device)) if self.device.type == "cuda" else "0"}
+        if self.device.type == "cuda":
+            # Run on torch's stream: inputs written by torch are ready without a device-wide sync.
+            cuda_opts["has_user_compute_stream"] = "1"
+            cuda_opts["user_compute_stream"] = str(torch.cuda.current_stream(self.device).cuda_stream)
+        cuda = ("CUDAExecutionProvider", cuda_opts)
+        if choice == "cuda":
+            return [cuda, cpu]
+        cache = out_dir / "trt"
+        cache.mkdir(exist_ok=True)
+        shapes = self.trt_profile.shapes(component, self.latent_channels, self.text_dim, self.vae_scale_factor)
+        trt_opts = {
+            **cuda_opts,
+            "trt_fp16_enable": self.precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_profile_min_shapes": shapes["min"],
+            "trt_profile_opt_shapes": shapes["opt"],
+            "trt_profile_max_shapes": shapes["max"],
+        }
+        return [("TensorrtExecutionProvider", trt_opts), cuda, cpu]
+
+    def _load_base(self, manifest: Manifest, out_dir: Path) -> dict[str, dict[str, object]]:
+        from safetensors.numpy import load_file
+
+        base = {}
+        for component, names in manifest.weight_inputs.items():
+            arrays = load_file(base_weights_path(out_dir, component)) if names else {}
+            base[component] = {"arrays": arrays, "values": self._to_ort(arrays)}
+        return base
+
+    def _to_ort(self, arrays: dict[str, np.ndarray]) -> dict[str, object]:
+        kind, idx = ("cuda", _index(self.device)) if self.device.type == "cuda" else ("cpu", 0)
+        return {n: self._ort.OrtValue.ortvalue_from_numpy(a, kind, idx) for n, a in arrays.items()}
+
+    def _bind(self, weight_set: dict[str, dict[str, object]]) -> None:
+        for component, net in self.networks.items():
+            net.bind_weights(weight_set[component]["values"])
+
+    # -- the three networks ------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        return tok(
+            list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device, torch.int64)
+        return self.networks["text_encoder"].run({"input_ids": ids}, (ids.shape[0], ids.shape[1], self.text_dim))
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        if self.provider == EP_NAMES["tensorrt"]:
+            self._check_profile(latents)
+        inputs = {
+            "sample": latents.float(),
+            "timestep": torch.as_tensor(t, device=latents.device).float().reshape(()),
+            "encoder_hidden_states": text_emb.float(),
+        }
+        return self.networks["unet"].run(inputs, latents.shape)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        f = self.vae_scale_factor
+        return self.networks["vae_decoder"].run({"latent": latents.float()}, (b, 3, h * f, w * f))
+
+    def _check_profile(self, latents: torch.Tensor) -> None:
+        p, f = self.trt_profile, self.vae_scale_factor
+        sides = (latents.shape[2] * f, latents.shape[3] * f)
+        if latents.shape[0] > 2 * p.max_batch or not all(p.min_side_px <= s <= p.max_side_px for s in sides):
+            raise PipelineError(
+                f"{sides[1]}x{sides[0]} at batch {latents.shape[0]} is outside this worker's TensorRT profile "
+                f"({p.min_side_px}-{p.max_side_px} px, up to {p.max_batch} images)"
+            )
+
+    # -- memory ------------------------------------------------------------------------------------------------
+    def set_memory_savings(self, level: int) -> None:
+        # The graphs are fixed: attention cannot be sliced here; the engine decodes one image at a time from
+        # level 1 on, and a batch that still does not fit is split by the engine.
+        self._savings = level
+
+    @property
+    def slices_decode(self) -> bool:
+        return self._savings >= SLICED
+
+    # -- LoRA --------------------------------------------------------------------------------------------------
+    def load_adapter(self, key: str, path: str | Path) -> None:
+        """Read a diffusers-format LoRA (safetensors) under `key`; loading a key twice is a no-op."""
+        if key in self._adapters:
+            return
+        factors = read_lora(path, self.model_dir)
+        for component, modules in factors.items():
+            exposed = set(self.manifest.weight_inputs.get(component, ()))
+            missing = sorted(set(modules) - exposed)
+            if missing:
+                raise AdapterError(
+                    f"adapter {key!r} changes {len(missing)} {component} modules the ONNX export keeps fixed "
+                    f"(e.g. {missing[0]}); train on {', '.join(self.manifest.options.lora_targets)} "
+                    "or use the torch backend"
+                )
+        self._adapters[key] = factors
+
+    def use_adapter(self, adapter: str | None) -> None:
+        if adapter == self._active:
+            return
+        if adapter is None:
+            self._bind(self._base)
+        else:
+            if adapter not in self._adapters:
+                raise AdapterError(f"adapter {adapter!r} is not loaded")
+            self._bind(self._fused.get(adapter, self._fuse))
+        self._active = adapter
+
+    def _fuse(self, adapter: str) -> dict[str, dict[str, object]]:
+        fused = {}
+        for component, base in self._base.items():
+            changed = {
+                name: base["arrays"][name] + f.delta()
+                for name, f in self._adapters[adapter].get(component, {}).items()
+            }
+            values = dict(base["values"])
+            values.update(self._to_ort(changed))
+            fused[component] = {"arrays": changed, "values": values}
+        return fused
+
+
+_CONFIGS = (
+    ("scheduler", "scheduler_config.json"),
+    ("vae", "config.json"),
+    ("unet", "config.json"),
+    ("text_encoder", "config.json"),
+)
+
+
+def _short_model_name(model_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]

@@ -1,0 +1,199 @@
+"""The image policy: every generated image is checked before it is stored, cached or posted.
+
+NudeNet's detector (the ONNX model its wheel ships, nothing downloaded) always runs; diffusers'
+StableDiffusionSafetyChecker runs too when SKILL_SAFETY_CHECKER_DIR points at its weights.
+NudeNet runs with its own preprocessing, labels and non-maximum suppression, but in our own ONNX Runtime
+session: its `NudeDetector` ignores `providers` (so it never runs on a GPU) and decodes boxes in a Python
+loop over all 2100 candidates (about 5 ms an image). `_NudeNet` decodes them with numpy, on the consumer's
+device; tests check that its detections equal NudeDetector's. Each image is read on its own, never
+batched, so a decision depends on its own image only.
+
+Fail closed without raising: `check` returns one decision per image, and an image whose check
+raised gets a blocked decision with category "check_failed" (the error is logged). The caller
+fails the whole request when any of its images has that category. Construction does raise
+`SafetyError` when a checker cannot be loaded, so a consumer without its checks does not start.
+
+torch, diffusers, onnxruntime and cv2 are imported when an `ImagePolicy` is built, not with this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from skillgen.safety.decision import CHECK_FAILED, Decision
+from skillgen.safety.errors import SafetyError
+from skillgen.safety.settings import SafetySettings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# NudeNet also reports covered parts, faces, feet and bellies; only these mean nudity.
+_EXPOSED_CLASSES = frozenset(
+    {
+        "FEMALE_GENITALIA_EXPOSED",
+        "MALE_GENITALIA_EXPOSED",
+        "FEMALE_BREAST_EXPOSED",
+        "BUTTOCKS_EXPOSED",
+        "ANUS_EXPOSED",
+    }
+)
+_NUDITY_REASON = "Your image was blocked: it appears to show nudity."
+_FLAGGED_REASON = "Your image was blocked: the safety checker flagged it as not safe for work."
+_FAILED_REASON = "Your image was withheld: the safety check could not run, so nothing was shown. Please try again."
+_INSTALL_HINT = "the image policy needs the ml extra: pip install 'skillgen[ml]'"
+
+
+def nudenet_providers(device: str, available: list[str]) -> list[str]:
+    """CUDA first where the consumer runs on CUDA (or may) and onnxruntime-gpu offers it; the CPU always."""
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class _NudeNet:
+    """NudeNet's 320-pixel detector: `detect` answers what `nudenet.NudeDetector.detect` answers."""
+
+    MIN_SCORE, NMS_SCORE, NMS_IOU = 0.2, 0.25, 0.45  # NudeDetector's own
+
+    def __init__(self, device: str) -> None:
+        import onnxruntime as ort
+        from nudenet import nudenet
+
+        self._nudenet = nudenet
+        self._labels: list[str] = getattr(nudenet, "__labels")  # noqa: B009 - a module-private name
+        model = Path(nudenet.__file__).with_name("320n.onnx")
+        providers = nudenet_providers(device, ort.get_available_providers())
+        self._session = ort.InferenceSession(str(model), providers=providers)
+        self._input = self._session.get_inputs()[0].name
+        self._size = 320
+
+    @property
+    def providers(self) -> list[str]:
+        return self._session.get_providers()
+
+    def detect(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        blob, _, _, x_pad, y_pad, width, height = self._nudenet._read_image(pixels, self._size)
+        return self.decode(self._session.run(None, {self._input: blob}), x_pad, y_pad, width, height)
+
+    def decode(self, output: list[np.ndarray], x_pad: int, y_pad: int, width: int, height: int) -> list[dict[str, Any]]:
+        """NudeNet's `_postprocess`, vectorised."""
+        import cv2
+
+        rows = np.transpose(np.squeeze(output[0]))  # candidates x (cx, cy, w, h, one score per class)
+        class_scores = rows[:, 4:]
+        best = class_scores.max(axis=1)
+        keep = best >= self.MIN_SCORE
+        rows, best, classes = rows[keep], best[keep], class_scores[keep].argmax(axis=1)
+        cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        # The same float32 arithmetic as NudeNet's loop: corner, scale to the padded original, clip.
+        x = (cx - w / 2) * (width + x_pad) / self._size
+        y = (cy - h / 2) * (height + y_pad) / self._size
+        w = w * (width + x_pad) / self._size
+        h = h * (height + y_pad) / self._size
+        x = np.maximum(0, np.minimum(x, width))
+        y = np.maximum(0, np.minimum(y, height))
+        w = np.minimum(w, width - x)
+        h = np.minimum(h, height - y)
+        boxes = np.stack([x, y, w, h], axis=1).astype(np.float64)
+        kept = cv2.dnn.NMSBoxes(boxes.tolist(), best.astype(np.float64).tolist(), self.NMS_SCORE, self.NMS_IOU)
+        return [
+            {"class": self._labels[classes[i]], "score": float(best[i]), "box": [int(v) for v in boxes[i]]}
+            for i in np.asarray(kept, dtype=int).reshape(-1)
+        ]
+
+
+class _StableDiffusionChecker:
+    def __init__(self, checker_dir: Path, device: str) -> None:
+        for sub in ("safety_checker", "feature_extractor"):
+            if not (checker_dir / sub).is_dir():
+                raise SafetyError(
+                    f"SKILL_SAFETY_CHECKER_DIR={checker_dir} has no {sub}/ folder; point it at a directory laid "
+                    "out like a Stable Diffusion 1.x model (safety_checker/ and feature_extractor/)"
+                )
+        try:
+            import torch
+            from diffusers.pipelines.stable_diffusion.safety_checker import (
+                StableDiffusionSafetyChecker,
+            )
+            from transformers import CLIPImageProcessorPil
+        except ImportError as exc:
+            raise SafetyError(_INSTALL_HINT) from exc
+        self._device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        try:
+            self._processor = CLIPImageProcessorPil.from_pretrained(
+                checker_dir / "feature_extractor", local_files_only=True
+            )
+            self._model = StableDiffusionSafetyChecker.from_pretrained(
+                checker_dir / "safety_checker", use_safetensors=True, local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise SafetyError(f"cannot load the safety checker from {checker_dir}: {exc}") from exc
+        self._model.to(self._device).eval()
+
+    def flags(self, image: Image.Image, pixels: np.ndarray) -> bool:
+        clip_input = self._processor(images=image, return_tensors="pt").pixel_values
+        clip_input = clip_input.to(self._device, dtype=self._model.dtype)
+        # The checker blacks out flagged entries of `images`: hand it a list it may overwrite.
+        _, has_nsfw = self._model(clip_input=clip_input, images=[pixels])
+        return bool(has_nsfw[0])
+
+
+class ImagePolicy:
+    """Checks generated images; one decision per image, never raising for a checker error.
+
+    nsfw_threshold: NudeNet score (0.2 to 1) at or above which an exposed-body-part detection blocks.
+      Plain coloured shapes reach about 0.53, so the default is 0.6.
+    checker_dir: local directory with safety_checker/ and feature_extractor/ (None: NudeNet alone).
+    device: where the checkers run ("auto", "cpu", "cuda"; SKILL_DEVICE's values): NudeNet on CUDA through ONNX
+      Runtime's CUDA provider when onnxruntime-gpu has it, else on the CPU (about 13 ms an image here).
+    Thread-safe: the consumer calls `check` from its worker thread.
+    """
+
+    def __init__(
+        self, nsfw_threshold: float = 0.6, checker_dir: str | Path | None = None, device: str = "cpu"
+    ) -> None:
+        if not 0.2 <= nsfw_threshold <= 1.0:
+            raise SafetyError(
+                f"nsfw_threshold must be within 0.2 and 1 (NudeNet reports nothing under 0.2), got {nsfw_threshold}"
+            )
+        try:
+            self._detector = _NudeNet(device)
+        except ImportError as exc:
+            raise SafetyError(_INSTALL_HINT) from exc
+        self._nsfw_threshold = nsfw_threshold
+        self._checker = _StableDiffusionChecker(Path(checker_dir), device) if checker_dir else None
+
+    @classmethod
+    def from_settings(cls, settings: SafetySettings | None = None, device: str = "cpu") -> ImagePolicy:
+        settings = settings or SafetySettings()
+        return cls(nsfw_threshold=settings.nsfw_threshold, checker_dir=settings.checker_dir, device=device)
+
+    def check(self, images: Sequence[Image.Image]) -> list[Decision]:
+        return [self._check_one(image) for image in images]
+
+    def _check_one(self, image: Image.Image) -> Decision:
+        try:
+            rgb = image.convert("RGB")
+            pixels = np.asarray(rgb)
+            # NudeDetector reads an ndarray as RGB (it swaps channels twice on the way in).
+            for detection in self._detector.detect(pixels):
+                if detection["class"] in _EXPOSED_CLASSES and detection["score"] >= self._nsfw_threshold:
+                    detail = f"nudenet {detection['class']} {detection['score']:.2f}"
+                    return Decision(allowed=False, category="sexual", reason=_NUDITY_REASON, detail=detail)
+            if self._checker is not None and self._checker.flags(rgb, pixels):
+                return Decision(
+                    allowed=False, category="sexual", reason=_FLAGGED_REASON, detail="StableDiffusionSafetyChecker"
+                )
+        except Exception as exc:
+            # Fail closed: an image nothing vouched for is never shown, whatever went wrong.
+            logger.exception("image safety check failed; blocking the image")
+            detail = f"{type(exc).__name__}: {exc}"
+            return Decision(allowed=False, category=CHECK_FAILED, reason=_FAILED_REASON, detail=detail)
+        return Decision(allowed=True)
