@@ -41,12 +41,8 @@ class ConsumerSettings(CommonSettings):
     # After a Redis error, Redis is left alone this long: a down Redis costs one timeout, not one per request.
     redis_timeout_s: float = Field(default=0.5, gt=0)
     redis_retry_s: float = Field(default=2.0, ge=0)
-    # Tansu answers a fetch only when fetch_max_wait_ms runs out, so this bounds the pickup latency there;
-    # Apache Kafka answers as soon as a record arrives.
+    # The pickup latency on Tansu (see CommonSettings): a consumer wants requests at once.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
-    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
-    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
-    kafka_rebalance_timeout_ms: int = Field(default=60_000, ge=1000)
     # TEST HOOK, never set in production: SIGKILL this process right after the terminal event of the Nth
     # record is produced and before its offset is committed (0 = off). Only the at-least-once test uses it.
     test_kill_after_terminal: int = Field(default=0, ge=0)

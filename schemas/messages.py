@@ -172,7 +172,11 @@ class EventKind(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (EventKind.succeeded, EventKind.failed, EventKind.blocked)
+        return self in TERMINAL_KINDS
+
+
+# A job's last event: the one after which its record is committed and its result posted.
+TERMINAL_KINDS = frozenset({EventKind.succeeded, EventKind.failed, EventKind.blocked})
 
 
 class BlobRef(_Message):

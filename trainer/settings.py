@@ -29,11 +29,6 @@ class TrainerSettings(CommonSettings):
     slack_bot_token: SecretStr | None = Field(None, description="sent only to SKILL_INGEST__SLACK_FILE_HOSTS (files.slack.com), to fetch shared files")
     progress_interval_s: float = Field(2.0, ge=0, description="at most one progress event per interval")
     cancel_lookback_s: float = Field(86_400, ge=0, description="cancels this recent are read at start")
-    # Tansu answers a fetch only when fetch_max_wait_ms runs out; the trainer polls twice a second anyway.
-    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
-    kafka_session_timeout_ms: int = Field(10_000, ge=1000)
-    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
-    kafka_rebalance_timeout_ms: int = Field(60_000, ge=1000)
     sample_images: int = Field(4, ge=1, le=8, description="images per row of the sample grid")
     sample_steps: int = Field(20, ge=1, le=50)
     sample_guidance: float = Field(7.5, ge=0, le=20, description="the embedded icon model draws best at 2.5")

@@ -40,6 +40,12 @@ class CommonSettings(BaseSettings):
     redis_prefix: str = "skill:"
     blob_url: str = Field(default="file://./out/blobs", description="file:///path or s3://bucket/prefix")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables /metrics and /healthz")
+    # Group membership, the same for every service that joins a group. Tansu answers a fetch only when
+    # fetch_max_wait_ms runs out, so it bounds pickup latency there; Apache Kafka answers as soon as a record arrives.
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    kafka_rebalance_timeout_ms: int = Field(default=60_000, ge=1000)
     log_format: Literal["json", "text"] = "text"
     log_level: str = "INFO"
 

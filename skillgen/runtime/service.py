@@ -1,0 +1,375 @@
+"""One Kafka service skeleton for every service that consumes a topic: the consumer, the trainer and delivery.
+
+    service = KafkaService(settings, name="delivery", topic=..., group=..., handle=handle, max_in_hand=50)
+    await service.run(ready)            # until service.stop()
+
+The service fetches records and hands each to `handle(job)` in a task of its own (or, with `ordered=True`, one
+after another per partition). A handler answers a job with `service.finish(job)` once the job's terminal event
+is produced, now or later (the consumer finishes jobs after their batch), or gives it up with
+`service.leave(job)` (a trainer stopped for shutdown): a left job is never committed, so its record comes back
+to the partition's next owner.
+
+What every service gets the same way:
+- **Commit after terminal**: per partition, the offset committed is the first record not yet finished, so a
+  crash redelivers what was not answered and nothing that was (at-least-once). A failed commit (a rebalance
+  under way: `CommitFailedError`) is logged and left to the next commit or the next owner, never raised.
+- **Backpressure without leaving the group**: past `max_in_hand` open records every partition is paused and
+  polling goes on; a record that arrives anyway (a partition assigned mid-poll) is sought back and read later.
+- **Revoke**: finished work is committed, unfinished jobs of the revoked partitions are marked abandoned (their
+  handler answers nothing, commits nothing) and `on_revoked(jobs)` lets the service drop them.
+- **Drain**: on `stop()` fetching stops, open jobs get `drain_timeout_s` to finish, the rest is left for the
+  next owner, finished work is committed and the group is left at once.
+- **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently.
+- **Dead letters** (`dead_letter`) and **emits** (`emit`, produced and acknowledged, retried with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
+
+from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
+from skillgen.runtime.observability import metrics_server
+from skillgen.runtime.settings import CommonSettings
+
+log = logging.getLogger("skillgen.service")
+
+HealthDetail = Callable[[], tuple[bool, str]]
+
+
+@dataclass(eq=False)
+class Job:
+    """One fetched record, from fetch to its answer."""
+
+    record: ConsumerRecord
+    tp: TopicPartition
+    received: float  # time.monotonic() at fetch
+    abandoned: bool = False  # its partition went to another member: answer nothing, commit nothing
+    left: bool = False  # given up here on purpose: not committed, not waited for
+    # Events of one job reach the producer in the order they were emitted, whichever task emits them.
+    emitting: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Offsets:
+    """Per partition, the fetched records not yet answered, and so how far the group may commit."""
+
+    def __init__(self) -> None:
+        self._open: dict[TopicPartition, dict[int, Job]] = {}
+        self._next: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def __len__(self) -> int:
+        """Open jobs that are still being worked on here (left ones only hold the commit point back)."""
+        return sum(1 for o in self._open.values() for j in o.values() if not j.left)
+
+    def add(self, job: Job) -> None:
+        self._open.setdefault(job.tp, {})[job.record.offset] = job
+        self._next[job.tp] = max(self._next.get(job.tp, 0), job.record.offset + 1)
+
+    def finish(self, job: Job) -> None:
+        self._open.get(job.tp, {}).pop(job.record.offset, None)
+
+    def point(self, tp: TopicPartition) -> int | None:
+        """The offset to commit: the first unanswered record, or the one after the last fetched."""
+        open_ = self._open.get(tp)
+        return min(open_) if open_ else self._next.get(tp)
+
+    def to_commit(self, tps) -> dict[TopicPartition, int]:
+        points = {tp: self.point(tp) for tp in tps}
+        return {tp: p for tp, p in points.items() if p is not None and p > self._committed.get(tp, -1)}
+
+    def committed(self, points: dict[TopicPartition, int]) -> None:
+        self._committed.update(points)
+
+    def oldest_s(self, now: float) -> float:
+        """Age of the oldest job still being worked on (0 when none)."""
+        ages = [now - j.received for o in self._open.values() for j in o.values() if not j.left]
+        return max(ages, default=0.0)
+
+    def drop(self, tp: TopicPartition) -> list[Job]:
+        self._next.pop(tp, None)
+        self._committed.pop(tp, None)
+        return list(self._open.pop(tp, {}).values())
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: KafkaService):
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.service._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        log.info("%s: assigned %s", self.service.name,
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "nothing")
+
+
+class KafkaService:
+    def __init__(
+        self,
+        settings: CommonSettings,
+        *,
+        name: str,
+        topic: str,
+        group: str,
+        handle: Callable[[Job], Awaitable[None]],
+        max_in_hand: int = 64,
+        ordered: bool = False,
+        drain_timeout_s: float = 60.0,
+        registry: CollectorRegistry | None = None,
+        health: HealthDetail | None = None,
+        on_revoked: Callable[[list[Job]], Awaitable[None]] | None = None,
+        on_drain: Callable[[], None] | None = None,
+        healthy_loop_s: float = 60.0,
+        consumer_options: dict | None = None,
+        producer_options: dict | None = None,
+    ):
+        if max_in_hand < 1:
+            raise ValueError(f"max_in_hand must be at least 1, got {max_in_hand}")
+        self.settings = settings
+        self.name = name
+        self.topic = topic
+        self.group = group
+        self._handle = handle
+        self.max_in_hand = max_in_hand
+        self.ordered = ordered
+        self.drain_timeout_s = drain_timeout_s
+        self.registry = registry
+        self._health_detail = health
+        self._on_revoked_hook = on_revoked
+        self._on_drain = on_drain
+        self.healthy_loop_s = healthy_loop_s
+        self.consumer_options = consumer_options or {}
+        self.producer_options = producer_options or {}
+        self.offsets = Offsets()
+        self.finished = 0  # records answered (or dead-lettered) here
+        self.commit_failures = 0
+        self.state = "starting"
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer = None
+        self._stop = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._queues: dict[TopicPartition, asyncio.Queue[Job | None]] = {}
+        self._loop_seen = time.monotonic()
+
+    # -- for the service's own code ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def finish(self, job: Job) -> None:
+        """The job is answered (its terminal event is produced): its offset may be committed."""
+        if job.abandoned:
+            return
+        self.offsets.finish(job)
+        self.finished += 1
+        self._dirty.set()
+
+    def leave(self, job: Job) -> None:
+        """Give the job up unanswered: it holds its partition's commit point until the partition moves."""
+        job.left = True
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    async def send(self, topic: str, value: bytes, *, key: bytes | None, headers, job: Job | None = None):
+        """Hand a record to the producer, in order per job, and return its delivery future."""
+        if job is None:
+            return await self.producer.send(topic, value, key=key, headers=headers)
+        async with job.emitting:
+            return await self.producer.send(topic, value, key=key, headers=headers)
+
+    async def emit(self, topic: str, value: bytes, *, key: bytes | None, headers, job: Job | None = None,
+                   max_backoff_s: float = 5.0) -> None:
+        """Produce and wait for the broker's acknowledgement; a failure is retried with backoff until it goes
+        through or the task is cancelled (the drain's end), so a terminal event is never silently lost."""
+        delay_s = 0.1
+        while True:
+            try:
+                await (await self.send(topic, value, key=key, headers=headers, job=job))
+                return
+            except KafkaError as exc:
+                log.warning("%s: producing to %s failed (%s): retrying in %.1fs", self.name, topic, exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, max_backoff_s)
+
+    async def dead_letter(self, record: ConsumerRecord, error: BaseException | str) -> str:
+        reason = await dead_letter(self.producer, record, error)
+        log.warning("%s: record %s[%d]@%d to the DLQ: %s", self.name, record.topic, record.partition, record.offset,
+                    reason)
+        return reason
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records of each assigned partition not yet answered (from the first open one to the high water)."""
+        out = {}
+        if self.consumer is None:
+            return out
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            if end is not None:
+                point = self.offsets.point(tp)
+                out[tp] = max(0, end - (end if point is None else point))
+        return out
+
+    def health(self) -> tuple[bool, str]:
+        if self.state != "running":
+            return False, self.state
+        silent_s = time.monotonic() - self._loop_seen
+        if silent_s > self.healthy_loop_s:
+            return False, f"the fetch loop has been silent for {silent_s:.0f}s"
+        if self._health_detail is not None:
+            return self._health_detail()
+        return True, f"ok: {len(self.offsets)} records in hand"
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        s = self.settings
+        options = {
+            "session_timeout_ms": s.kafka_session_timeout_ms,
+            "heartbeat_interval_ms": s.kafka_heartbeat_interval_ms,
+            "rebalance_timeout_ms": s.kafka_rebalance_timeout_ms,
+            "fetch_max_wait_ms": s.fetch_max_wait_ms,
+            **self.consumer_options,
+        }
+        self.consumer = consumer = make_consumer(s, group=self.group, **options)
+        self.producer = make_producer(s, **self.producer_options)
+        background: list[asyncio.Task] = []
+        try:
+            async with metrics_server(s.metrics_port, self.registry or CollectorRegistry(), self.health):
+                await self.producer.start()
+                await consumer.start()
+                consumer.subscribe([self.topic], listener=_Rebalance(self))
+                background.append(asyncio.create_task(self._committer()))
+                try:
+                    self.state = "running"
+                    if ready:
+                        ready()
+                    await self._fetch()
+                    self.state = "draining"
+                    await self._drain()
+                finally:
+                    for task in [*background, *self._tasks]:
+                        task.cancel()
+                    await asyncio.gather(*background, *self._tasks, return_exceptions=True)
+                    await consumer.stop()  # leaves the group, so partitions move at once
+        finally:
+            self.state = "stopped"
+            await self.producer.stop()
+
+    async def _fetch(self) -> None:
+        consumer = self.consumer
+        while not self._stop.is_set():
+            self._loop_seen = time.monotonic()
+            in_hand = len(self.offsets)
+            if in_hand >= self.max_in_hand:
+                if unpaused := consumer.assignment() - consumer.paused():
+                    consumer.pause(*unpaused)
+            elif paused := consumer.paused():
+                consumer.resume(*paused)
+            batches = await consumer.getmany(timeout_ms=100, max_records=max(1, self.max_in_hand - in_hand))
+            for tp, records in batches.items():
+                for record in records:
+                    if len(self.offsets) >= self.max_in_hand:
+                        consumer.seek(tp, record.offset)  # over capacity (assigned mid-poll): read it again later
+                        break
+                    job = Job(record, tp, time.monotonic())
+                    self.offsets.add(job)
+                    self._dispatch(job)
+
+    def _dispatch(self, job: Job) -> None:
+        if not self.ordered:
+            self.spawn(self._run_handler(job))
+            return
+        queue = self._queues.get(job.tp)
+        if queue is None:
+            queue = self._queues[job.tp] = asyncio.Queue()
+            self.spawn(self._partition_worker(job.tp, queue))
+        queue.put_nowait(job)
+
+    async def _partition_worker(self, tp: TopicPartition, queue: asyncio.Queue[Job | None]) -> None:
+        while (job := await queue.get()) is not None:  # None: the partition was revoked
+            if not job.abandoned:
+                await self._run_handler(job)
+
+    async def _run_handler(self, job: Job) -> None:
+        try:
+            await self._handle(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in a handler must not strand the partition
+            log.exception("%s: the handler failed on %s[%d]@%d", self.name, job.tp.topic, job.tp.partition,
+                          job.record.offset)
+            if not job.abandoned:
+                await self.dead_letter(job.record, exc)
+                self.finish(job)
+
+    async def _drain(self) -> None:
+        log.info("%s stopping: %d records in hand, finishing them within %.0fs", self.name, len(self.offsets),
+                 self.drain_timeout_s)
+        if self._on_drain is not None:
+            self._on_drain()
+        try:
+            async with asyncio.timeout(self.drain_timeout_s):
+                while len(self.offsets):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("%s: drain timed out: %d records unanswered go to the next owner", self.name, len(self.offsets))
+        await self._commit()
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task %s failed", self.name, task.get_name(), exc_info=task.exception())
+
+    # -- offsets ----------------------------------------------------------------------------------------------
+    async def _committer(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._commit()
+
+    async def _commit(self, tps=None) -> None:
+        async with self._commit_lock:
+            points = self.offsets.to_commit(self.consumer.assignment() if tps is None else tps)
+            if not points:
+                return
+            try:
+                await self.consumer.commit(points)
+            except KafkaError as exc:  # CommitFailedError in a rebalance: the next owner starts from the last commit
+                self.commit_failures += 1
+                log.warning("%s: commit of %s failed (%s): left to the next commit", self.name,
+                            {f"{tp.topic}[{tp.partition}]": p for tp, p in points.items()}, exc)
+                return
+            self.offsets.committed(points)
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit what is finished; leave what is not to the partitions' next owner."""
+        if not revoked:
+            return
+        await self._commit(revoked)
+        dropped: list[Job] = []
+        for tp in revoked:
+            for job in self.offsets.drop(tp):
+                job.abandoned = True
+                dropped.append(job)
+            if (queue := self._queues.pop(tp, None)) is not None:
+                queue.put_nowait(None)
+        if self._on_revoked_hook is not None:
+            await self._on_revoked_hook(dropped)
+        log.info("%s: partitions revoked (%s): %d unfinished records left to their next owner", self.name,
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)), len(dropped))
