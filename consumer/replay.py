@@ -4,7 +4,8 @@ Selection: a time range (offsets_for_times), explicit partition offsets, or requ
 DLQ. Modes:
   --dry-run     (default) list what would be replayed, with counts per partition;
   --reprocess   generate again here, bypassing the cache (e.g. after a model upgrade); images go to --sink DIR,
-                or to --channel PLATFORM:TEAM:CHANNEL, and back to the original channels only with --deliver;
+                or to --channel PLATFORM:TEAM:CHANNEL, and back to the original channels only with --deliver; the
+                images pass the consumer's post-processing step, so a partly blocked request is withheld whole;
   --republish   copy the records to the request topic with a `replay-of` header so the fleet does the work.
 Replay reads with no consumer group, so it never commits into (or moves) the live group. Republished records keep
 their request id: the consumers' cache and the delivery markers (per request id and event kind) make a second
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -30,6 +30,9 @@ from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode, header
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
 from skillgen.runtime.kafka import make_producer, partitions_of
+from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
+from skillgen.safety.decision import CHECK_FAILED
+from skillgen.safety.postprocess import ImageChecker, release
 
 log = logging.getLogger("skillgen.replay")
 
@@ -70,7 +73,7 @@ class Summary:
 
 def _ms(dt: datetime) -> int:
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 
@@ -190,15 +193,20 @@ def parse_channel(text: str) -> Origin:
 
 
 async def reprocess(
-    settings: ConsumerSettings, picked: list[Picked], engine, sink: Path | None, channel: Origin | None, deliver: bool
+    settings: ConsumerSettings, picked: list[Picked], engine, sink: Path | None, channel: Origin | None, deliver: bool,
+    image_policy: ImageChecker | None = None,
 ) -> Counter:
-    """Generate again with no cache; the prompt and image policies apply exactly as in the consumer."""
+    """Generate again with no cache. The prompt policy applies as in the consumer, and the images go through the
+    consumer's own post-processing step (`release`): one blocked image withholds the whole request, so nothing
+    of it is stored, written to the sink or posted. `image_policy` defaults to the one the consumer builds."""
     from consumer.keys import image_seeds
     from skillgen.inference.engine import BatchSpec, Sample
     from skillgen.runtime.blobstore import BlobStore
-    from skillgen.safety import ImagePolicy, PromptPolicy
 
-    prompt_policy, image_policy = PromptPolicy.from_settings(), ImagePolicy.from_settings()
+    prompt_policy = PromptPolicy.from_settings()
+    if image_policy is None:
+        device = "cuda" if settings.device == "cuda" else "cpu"
+        image_policy = await asyncio.to_thread(ImagePolicy.from_settings, SafetySettings(), device)
     blobs = BlobStore(settings.blob_url)
     outcomes: Counter = Counter()
     producer = None
@@ -223,28 +231,21 @@ async def reprocess(
             spec = BatchSpec(req.width, req.height, req.steps, req.guidance, req.scheduler)
             seeds = image_seeds(req)
             images = await asyncio.to_thread(engine.generate, spec, [Sample(req.prompt, req.negative_prompt, s) for s in seeds])
-            decisions = await asyncio.to_thread(image_policy.check, images)
-            failed = [d for d in decisions if d.category == "check_failed"]
-            if failed:  # a checker error fails the whole request closed
-                outcomes["failed (safety check)"] += 1
-                await _emit(producer, settings, req, origin, EventKind.failed, message=failed[0].reason)
+            released = await asyncio.to_thread(release, images, seeds, image_policy, blobs)
+            if isinstance(released, Decision):
+                log.warning("replayed request %s withheld (%s: %s)", req.request_id, released.category, released.detail)
+                if released.category == CHECK_FAILED:  # nothing vouched for the images: not a verdict, try again
+                    outcomes["failed (safety check)"] += 1
+                    await _emit(producer, settings, req, origin, EventKind.failed, message=released.reason)
+                else:
+                    outcomes["blocked"] += 1
+                    await _emit(producer, settings, req, origin, EventKind.blocked, message=released.reason)
                 continue
-            kept = [(img, s) for img, s, d in zip(images, seeds, decisions) if d.allowed]
-            if not kept:
-                outcomes["blocked"] += 1
-                reason = next(d.reason for d in decisions if not d.allowed)
-                await _emit(producer, settings, req, origin, EventKind.blocked, message=reason)
-                continue
-            refs = []
-            for i, (img, seed) in enumerate(kept):
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                data = buf.getvalue()
-                refs.append(blobs.put(data, width=img.width, height=img.height, seed=seed))
-                if sink is not None:
-                    sink.mkdir(parents=True, exist_ok=True)
-                    (sink / f"{req.request_id}-{i}.png").write_bytes(data)
-            await _emit(producer, settings, req, origin, EventKind.succeeded, blobs=refs)
+            if sink is not None:
+                sink.mkdir(parents=True, exist_ok=True)
+                for i, ref in enumerate(released):
+                    (sink / f"{req.request_id}-{i}.png").write_bytes(blobs.get(ref))
+            await _emit(producer, settings, req, origin, EventKind.succeeded, blobs=released)
             outcomes["reprocessed"] += 1
     finally:
         if producer is not None:
@@ -273,7 +274,7 @@ def _when(text: str) -> datetime:
         dt = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO time: {text!r} (e.g. 2026-11-29T14:00 or 2026-11-29T14:00+01:00)")
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def add_arguments(parser) -> None:
@@ -317,7 +318,7 @@ async def main(settings: ConsumerSettings, sel: Selection, args) -> int:
         for p in picked:
             what = repr(p.request.prompt[:60]) if p.request else f"undecodable: {p.error}"
             rid = p.request.request_id if p.request else "-"
-            ts = datetime.fromtimestamp(p.timestamp_ms / 1000, timezone.utc).isoformat(timespec="seconds")
+            ts = datetime.fromtimestamp(p.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
             print(f"{p.partition}:{p.offset}\t{ts}\t{rid}\t{what}")
         summary.outcomes["would replay"] = sum(p.request is not None for p in picked)
         summary.outcomes["undecodable"] = sum(p.request is None for p in picked)

@@ -4,8 +4,9 @@
     if isinstance(outcome, Decision): ...   # withheld: nothing was stored, say outcome.reason
     else: ...                               # outcome: one BlobRef per image, in order
 
-The consumer (generated images), replay (reprocessed ones) and the trainer (each cell of its sample grid) all
-call it, as diffusers' pipelines all end in `run_safety_checker`: no caller can skip the check or re-word it.
+The consumer (generated images) and replay (reprocessed ones) call it, and the trainer `screen`s every cell of
+its sample grid before composing it, as diffusers' pipelines all end in `run_safety_checker`: no caller can skip
+the check or re-word it.
 Every image is checked before anything is stored, and one blocked image withholds the whole request: a person
 never gets the allowed part of a request whose other images were blocked. When a check could not run, the
 decision says so (category "check_failed"), so the caller answers "failed, try again" rather than "blocked".
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from schemas.messages import BlobRef
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.safety.decision import CHECK_FAILED, Decision
+from skillgen.safety.errors import SafetyError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,6 +40,18 @@ def verdict(decisions: Sequence[Decision]) -> Decision | None:
     return next((d for d in blocked if d.category == CHECK_FAILED), blocked[0])
 
 
+def screen(images: Sequence[Image.Image], policy: ImageChecker) -> Decision | None:
+    """Check every image; the decision that withholds them all, or None when each one is allowed. For callers
+    that store something other than the images themselves (the trainer stores one grid of its cells)."""
+    decisions = policy.check(list(images))
+    if len(decisions) != len(images):  # an image without a decision was vouched for by nothing
+        raise SafetyError(
+            f"the image checker answered {len(decisions)} decisions for {len(images)} images; "
+            "its check must return one decision per image, in order"
+        )
+    return verdict(decisions)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -50,7 +64,7 @@ def release(images: Sequence[Image.Image], seeds: Sequence[int | None], policy: 
     Blocking, CPU-bound work (the checks and PNG encoding): call it from a worker thread."""
     if len(images) != len(seeds):
         raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
-    withheld = verdict(policy.check(list(images)))
+    withheld = screen(images, policy)
     if withheld is not None:
         return withheld
     return [

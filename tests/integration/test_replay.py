@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.replay import Selection, main, select
+from consumer.replay import Selection, main, reprocess, select
 from consumer.settings import ConsumerSettings
-from schemas.codec import encode, header
-from schemas.messages import GenerateRequest, Origin
+from schemas.codec import decode, encode, header
+from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin
 from schemas.topics import CONSUMER_GROUP
+from skillgen.inference import load_engine
 from skillgen.runtime.kafka import make_producer
+from tests.fakes.checkers import NUDITY, UNCHECKED, BlockAt
 
 ORIGIN = Origin(platform="slack", team_id="T1", channel_id="C1", user_id="U1")
 
@@ -25,13 +27,13 @@ def args(mode: str, **kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-async def publish(settings, prompts: list[str]) -> list[GenerateRequest]:
+async def publish(settings, prompts: list[str], num_images: list[int] | None = None) -> list[GenerateRequest]:
     producer = make_producer(settings)
     await producer.start()
     reqs = []
     try:
-        for p in prompts:
-            req = GenerateRequest(origin=ORIGIN, prompt=p, width=64, height=64, steps=2)
+        for p, n in zip(prompts, num_images or [1] * len(prompts)):
+            req = GenerateRequest(origin=ORIGIN, prompt=p, width=64, height=64, steps=2, num_images=n)
             value, headers = encode(req)
             await producer.send_and_wait(settings.topics.generate, value, key=req.request_id.encode(), headers=headers)
             reqs.append(req)
@@ -60,7 +62,7 @@ async def test_selection_by_time_offsets_and_ids(skill_env):
     settings = ConsumerSettings()
     early = await publish(settings, ["early one", "early two", "early three"])
     await asyncio.sleep(1.2)
-    cut = datetime.now(timezone.utc)
+    cut = datetime.now(UTC)
     await asyncio.sleep(0.2)
     late = await publish(settings, ["late one", "late two"])
 
@@ -119,3 +121,26 @@ async def test_reprocess_writes_fresh_images_to_the_sink(skill_env, tiny_model, 
     sink = tmp_path / "sink"
     assert await main(settings, Selection(), args("reprocess", sink=sink)) == 0
     assert sorted(p.name for p in sink.iterdir()) == [f"{reqs[0].request_id}-0.png"]
+
+
+@pytest.mark.slow
+async def test_reprocess_withholds_a_partly_blocked_request_whole_as_the_consumer_does(skill_env, tiny_model, tmp_path):
+    settings = ConsumerSettings(model=str(tiny_model), device="cpu")
+    partly, single, unchecked = await publish(
+        settings, ["a potter's wheel, two views", "a potter's wheel", "a potter's wheel, three views"], [2, 1, 3]
+    )
+    engine = await asyncio.to_thread(load_engine, tiny_model, "torch", "cpu", "fp32")
+    sink = tmp_path / "sink"
+    # The second image of every request is blocked; the third one's check could not run.
+    outcomes = await reprocess(settings, await select(settings, Selection()), engine, sink, None, True,
+                               image_policy=BlockAt(blocked=[1], failed=[2]))
+
+    assert outcomes == {"blocked": 1, "failed (safety check)": 1, "reprocessed": 1}
+    assert sorted(p.name for p in sink.iterdir()) == [f"{single.request_id}-0.png"]
+    assert len([p for p in skill_env.blob_dir.rglob("*") if p.is_file()]) == 1  # only the allowed request's image
+    events = {e.request_id: e for e in (decode(r.value, JobEvent, r.headers)
+                                         for r in await read_all(settings, settings.topics.events))}
+    assert (events[partly.request_id].kind, events[partly.request_id].message) == (EventKind.blocked, NUDITY)
+    assert events[partly.request_id].blobs == []
+    assert (events[unchecked.request_id].kind, events[unchecked.request_id].message) == (EventKind.failed, UNCHECKED)
+    assert events[single.request_id].kind == EventKind.succeeded and len(events[single.request_id].blobs) == 1
