@@ -43,6 +43,3 @@ class ConsumerSettings(CommonSettings):
     redis_retry_s: float = Field(default=2.0, ge=0)
     # The pickup latency on Tansu (see CommonSettings): a consumer wants requests at once.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
-    # TEST HOOK, never set in production: SIGKILL this process right after the terminal event of the Nth
-    # record is produced and before its offset is committed (0 = off). Only the at-least-once test uses it.
-    test_kill_after_terminal: int = Field(default=0, ge=0)

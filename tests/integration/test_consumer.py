@@ -451,7 +451,7 @@ async def test_a_lease_held_by_another_consumer_is_waited_for_then_taken_over(sk
 
 
 async def test_a_second_consumer_takes_over_unfinished_work_and_nothing_is_lost(skill_env, tiny_model, image_policy, caplog):
-    caplog.set_level(logging.INFO, "skillgen.consumer")
+    caplog.set_level(logging.INFO, "skillgen.service")  # the service skeleton logs revokes
     settings = consumer_settings(tiny_model, max_batch=1, max_wait_ms=0, redis_url=None)
     first_engine, second_engine = FakeEngine(delay_s=0.25), FakeEngine(delay_s=0.25)
     async with Kafka(settings) as kafka, running(settings, first_engine, image_policy=image_policy, model_id="fake"):
@@ -464,7 +464,7 @@ async def test_a_second_consumer_takes_over_unfinished_work_and_nothing_is_lost(
 
     assert all(kafka.final(r.request_id).kind == EventKind.succeeded for r in reqs)
     assert second_engine.batches, "the second consumer should have taken some partitions"
-    revoked = [r.getMessage() for r in caplog.records if r.getMessage().startswith("partitions revoked")]
+    revoked = [r.getMessage() for r in caplog.records if r.getMessage().startswith("consumer: partitions revoked")]
     # the first consumer had work in hand when its partitions were revoked: it left it to their next owner
     assert any(int(m.split("): ")[1].split()[0]) > 0 for m in revoked)
     assert committed == [4, 4, 4, 4]

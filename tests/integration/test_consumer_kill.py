@@ -8,6 +8,7 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,15 @@ def consumer_process(skill_env, tiny_model, log_path, **extra: str) -> ServicePr
     return ServiceProcess([sys.executable, "-m", "skillgen.cli", "consumer"], log_path, env=env)
 
 
+def doomed_consumer_process(skill_env, tiny_model, log_path, kill_after: int) -> ServiceProcess:
+    """The real `skillgen consumer`, SIGKILLed by tests/fakes/kill_after_terminal.py right after its
+    `kill_after`-th terminal event is produced and before that record's offset is committed."""
+    process = consumer_process(skill_env, tiny_model, log_path)
+    process.argv = [sys.executable, "-m", "tests.fakes.kill_after_terminal", str(kill_after), "consumer"]
+    process.env = {**process.env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return process
+
+
 async def wait_exit(process: ServiceProcess, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while process.proc.poll() is None:
@@ -57,8 +67,7 @@ async def test_a_consumer_killed_before_committing_loses_nothing_and_duplicates_
     async with Kafka(settings) as kafka:
         reqs = [await kafka.publish(request(f"a climber's crimp grip {i}"), partition=0) for i in range(6)]
 
-        doomed = consumer_process(skill_env, tiny_model, tmp_path / "first.log",
-                                  SKILL_TEST_KILL_AFTER_TERMINAL=str(KILL_AFTER))
+        doomed = doomed_consumer_process(skill_env, tiny_model, tmp_path / "first.log", KILL_AFTER)
         doomed.start()
         assert await wait_exit(doomed, 120) == -signal.SIGKILL, doomed.log_tail()
         assert "TEST HOOK: SIGKILL" in doomed.log_tail()

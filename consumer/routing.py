@@ -1,0 +1,85 @@
+"""Where a request goes before the GPU: refused, answered from the cache, or drawn.
+
+    route = await Router(prompt_policy, resolve_adapter, cache, model_id).route(req)
+
+The order is the rule: the prompt policy first (nothing is looked up for a prompt that may not be drawn), then
+the adapter (a name the team does not have is the requester's mistake, said plainly), then the cache under the
+key of everything that decides the pixels. What is left is a `Draw`: single flight and the batcher take it from
+there (consumer/worker.py). No Kafka here, so the rules are unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from consumer.cache import CacheEntry, Level, TwoLevelCache
+from consumer.keys import (
+    AdapterResolver,
+    BatchKey,
+    ResolvedAdapter,
+    batch_key,
+    cache_key,
+    image_seeds,
+)
+from schemas.messages import EventKind, GenerateRequest
+from skillgen.inference.errors import PipelineError
+from skillgen.runtime.logs import job as job_fields
+from skillgen.safety import PromptPolicy
+
+log = logging.getLogger("skillgen.consumer")
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer at once with `kind` (blocked or failed) and a message for the requester."""
+
+    kind: EventKind
+    message: str
+    stage: str  # "prompt" or "adapter"
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: CacheEntry
+    level: Level
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A picture to make: its cache key, the batch it may share, the adapter version and one seed per image."""
+
+    key: str
+    batch: BatchKey
+    adapter: ResolvedAdapter | None
+    seeds: list[int]
+
+
+Route = Refuse | Hit | Draw
+
+
+class Router:
+    def __init__(self, prompt_policy: PromptPolicy, resolve_adapter: AdapterResolver, cache: TwoLevelCache,
+                 model_id: str):
+        self.prompt_policy = prompt_policy
+        self.resolve_adapter = resolve_adapter
+        self.cache = cache
+        self.model_id = model_id
+
+    async def route(self, req: GenerateRequest) -> Route:
+        decision = self.prompt_policy.check(req.prompt)
+        if not decision.allowed:
+            log.info("prompt blocked (%s: %s)", decision.category, decision.detail, extra=job_fields(req.request_id))
+            return Refuse(EventKind.blocked, decision.reason, "prompt")
+        adapter = None
+        if req.adapter is not None:
+            try:
+                adapter = await asyncio.to_thread(self.resolve_adapter, req.adapter, req.origin.team_id)
+            except PipelineError as exc:
+                return Refuse(EventKind.failed, str(exc), "adapter")
+        key = cache_key(req, self.model_id, adapter)
+        hit = await self.cache.get(key)
+        if hit is not None:
+            return Hit(*hit)
+        return Draw(key, batch_key(req, adapter), adapter, image_seeds(req))
