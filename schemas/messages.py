@@ -211,7 +211,8 @@ class JobEvent(_Message):
 
     @model_validator(mode="after")
     def _shape(self) -> "JobEvent":
-        if self.kind == EventKind.succeeded and not self.blobs:
+        if self.kind == EventKind.succeeded and not self.blobs and self.job == "generate":
+            # (a fine-tune's may carry none: the image check can withhold its sample grid)
             raise ValueError("a succeeded event must carry at least one blob reference")
         if self.kind != EventKind.succeeded and self.blobs and self.job == "generate":
             raise ValueError("only succeeded events carry blob references")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from trainer.diffusion import noise_prediction_loss
 from trainer.errors import TrainerError
 from trainer.ingest import Example
 from trainer.settings import LoraRecipe
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ADAPTER_NAME = "default"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -360,15 +364,33 @@ def train_lora(
 # ------------------------------------------------------------------------------------------------ sample grid
 
 
+@dataclass(frozen=True)
+class SampleGrid:
+    """The sample grid's cells, not yet composed: every cell is image-checked on its own first
+    (`skillgen.safety.postprocess.screen`), so a blocked cell can withhold the grid before it exists."""
+
+    rows: list[list[Image.Image]]  # the base model's row, then the adapter's; one cell per seed
+    size_px: int
+
+    @property
+    def cells(self) -> list[Image.Image]:
+        return [image for row in self.rows for image in row]
+
+    def compose(self) -> Image.Image:
+        from PIL import Image
+
+        grid = Image.new("RGB", (self.size_px * len(self.rows[0]), self.size_px * len(self.rows)))
+        for y, row in enumerate(self.rows):
+            for x, image in enumerate(row):
+                grid.paste(image, (x * self.size_px, y * self.size_px))
+        return grid
+
+
 def sample_grid(engine, adapter_key: str, weights_path: str | Path, prompt: str, seeds: Sequence[int],
-                size_px: int, steps: int, guidance: float = 7.5) -> bytes:
-    """A PNG of two rows from the consumer's own engine: the base model on top, the adapter below, same seeds.
+                size_px: int, steps: int, guidance: float = 7.5) -> SampleGrid:
+    """Two rows from the consumer's own engine: the base model on top, the adapter below, same seeds.
 
     Loading the saved file the way the consumer will is also the check that it loads at all."""
-    import io
-
-    from PIL import Image
-
     from skillgen.inference.engine import BatchSpec, Sample
 
     engine.backend.load_adapter(adapter_key, weights_path)
@@ -377,10 +399,4 @@ def sample_grid(engine, adapter_key: str, weights_path: str | Path, prompt: str,
         engine.generate(BatchSpec(size_px, size_px, steps, guidance, adapter=adapter), samples)
         for adapter in (None, adapter_key)
     ]
-    grid = Image.new("RGB", (size_px * len(seeds), size_px * 2))
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image, (x * size_px, y * size_px))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return buf.getvalue()
+    return SampleGrid(rows, size_px)

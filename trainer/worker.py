@@ -49,6 +49,7 @@ from skillgen.runtime.fetch import IngestError
 from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
+from skillgen.safety.postprocess import ImageChecker, png_bytes, screen
 from trainer.errors import TrainerError
 from trainer.ingest import Example, dataset_sha256, ingest
 from trainer.settings import TrainerSettings
@@ -77,8 +78,11 @@ class Running:
 class TrainerWorker:
     """`await TrainerWorker(settings).run(ready)` until `stop()`."""
 
-    def __init__(self, settings: TrainerSettings, blobs: BlobStore | None = None, registry: Registry | None = None):
+    def __init__(self, settings: TrainerSettings, blobs: BlobStore | None = None, registry: Registry | None = None,
+                 image_policy: ImageChecker | None = None):
         self.settings = settings
+        # Checks every cell of the sample grid; None builds the consumer's policy in the training thread, once.
+        self.image_policy = image_policy
         self.topics = settings.topics
         self.blobs = blobs or BlobStore(settings.blob_url)
         self.registry = registry or Registry(settings.adapter_url)
@@ -340,6 +344,10 @@ class TrainerWorker:
 
         s, recipe = self.settings, self.settings.lora
         device = pick_device(s.device)
+        if self.image_policy is None:  # before training: a trainer that cannot check its grid fails in seconds
+            from skillgen.safety import ImagePolicy, SafetySettings
+
+            self.image_policy = ImagePolicy.from_settings(SafetySettings(), device.type)
         data_sha = dataset_sha256(examples)
         parts = load_components(s.model, device, weight_dtype(recipe, device))
         result = train_lora(
@@ -355,11 +363,19 @@ class TrainerWorker:
 
         # A fresh engine per job: the sample adapter is dropped with it instead of piling up in a long-lived one.
         engine = Engine(TorchBackend(s.model, device=str(device), precision="fp16" if device.type == "cuda" else "fp32"))
-        png = sample_grid(engine, f"sample/{req.request_id}", weights, examples[0].caption,
-                          list(range(s.sample_images)), result.resolution_px, s.sample_steps, s.sample_guidance)
+        cells = sample_grid(engine, f"sample/{req.request_id}", weights, examples[0].caption,
+                            list(range(s.sample_images)), result.resolution_px, s.sample_steps, s.sample_guidance)
         del engine
-        grid = self.blobs.put(png, "image/png", width=result.resolution_px * s.sample_images,
-                              height=result.resolution_px * 2)
+        # Every cell through the one image check before the grid exists; one blocked cell withholds the grid
+        # (the adapter itself is still published: its weights are not an image).
+        withheld = screen(cells.cells, self.image_policy)
+        grid = None
+        if withheld is None:
+            image = cells.compose()
+            grid = self.blobs.put(png_bytes(image), "image/png", width=image.width, height=image.height)
+        else:
+            log.warning("sample grid withheld (%s: %s)", withheld.category, withheld.detail,
+                        extra=job(req.request_id, adapter=req.adapter))
         record = TrainingRecord(
             request_id=req.request_id,
             trained_by=TrainedBy(platform=req.origin.platform, user_id=req.origin.user_id,
@@ -375,6 +391,7 @@ class TrainerWorker:
             loss_curve=result.loss_curve,
             seconds=result.seconds,
             sample_grid=grid,
+            sample_grid_withheld=withheld.reason if withheld else None,
         )
         return self.registry.publish(req.origin.team_id, req.adapter, result.weights, record)
 
@@ -382,10 +399,14 @@ class TrainerWorker:
     async def succeeded(self, req: FineTuneRequest, meta: AdapterMeta) -> None:
         grid = meta.training.sample_grid
         version = f"{meta.name}@v{meta.version}"
+        if grid is not None:
+            ready = f"Adapter `{version}` is ready (top row: base model, bottom row: with the adapter)."
+        else:
+            ready = (f"Adapter `{version}` is ready. Its sample grid was withheld by the image check: "
+                     f"{meta.training.sample_grid_withheld}")
         await self.emit(
             req, EventKind.succeeded, adapter=version, blobs=[grid] if grid else [],
-            message=(f"Adapter `{version}` is ready (top row: base model, bottom row: with the adapter). "
-                     f"Use it with `/skill <prompt with {meta.training.trigger}> --adapter {meta.name}`."),
+            message=f"{ready} Use it with `/skill <prompt with {meta.training.trigger}> --adapter {meta.name}`.",
         )
 
     async def emit(self, req: FineTuneRequest, kind: EventKind, **fields) -> None:

@@ -67,6 +67,8 @@ class TrainingRecord(BaseModel):
     loss_curve: list[tuple[int, float]] = Field(description="(step, mean loss over the steps since the last point)")
     seconds: float
     sample_grid: BlobRef | None = None
+    # Set instead of sample_grid when the image check withheld a cell: its reason, written for the person who asked.
+    sample_grid_withheld: str | None = None
 
 
 class AdapterMeta(BaseModel):

@@ -39,6 +39,7 @@ from skillgen.adapters.registry import Registry
 from skillgen.inference import load_engine
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.safety import ImagePolicy
+from tests.fakes.checkers import NUDITY, BlockAt
 from tests.fakes.records import Publisher
 from tests.harness import FAST_GROUP, serving
 from trainer.settings import TrainerSettings
@@ -197,6 +198,25 @@ async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model,
     assert np.array_equal(png_pixels(blobs, answers[pinned.request_id]), adapted_px)
     refused = answers[foreign.request_id]
     assert refused.kind == EventKind.failed and "no adapter named 'circles'" in refused.message
+
+
+async def test_a_blocked_sample_cell_withholds_the_grid_but_not_the_adapter(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    req = finetune_request(parse("checked --steps 10"), GUILD, urls, TrainCommandSettings(_env_file=None, ingest=limits))
+    checker = BlockAt(blocked=[3])  # the adapter's second sample
+    async with Chat(settings) as chat, running(TrainerWorker(settings, image_policy=checker)):
+        await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        done = (await chat.terminal(req.request_id))[-1]
+
+    assert done.kind == EventKind.succeeded and done.adapter == "checked@v1", done.message
+    assert done.blobs == []
+    assert f"Its sample grid was withheld by the image check: {NUDITY}" in done.message
+    assert "--adapter checked" in done.message
+    assert checker.calls == [4]  # the 2x2 grid's cells, each checked before any grid was composed
+    assert [p for p in skill_env.blob_dir.rglob("*") if p.is_file()] == []
+    meta = Registry(settings.adapter_url).meta("111", "checked", 1)
+    assert meta.training.sample_grid is None and meta.training.sample_grid_withheld == NUDITY
 
 
 async def test_poison_records_go_to_the_dlq_and_refused_inputs_say_why(skill_env, tiny_model, attachments, tmp_path):

@@ -4,7 +4,6 @@ output, unloading restores the base exactly, targets are configurable, and a sto
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,9 @@ def test_a_caption_longer_than_the_model_reads_is_refused(tiny):
 
 def test_the_sample_grid_has_a_base_row_and_an_adapter_row(trained, engine):
     _, _, weights = trained
-    grid = Image.open(io.BytesIO(sample_grid(engine, "k@v1", weights, "a zq picture", [1, 2, 3], 64, 2)))
+    cells = sample_grid(engine, "k@v1", weights, "a zq picture", [1, 2, 3], 64, 2)
+    assert [image.size for image in cells.cells] == [(64, 64)] * 6  # what the image check sees, one by one
+    grid = cells.compose()
     assert grid.size == (192, 128)
     top, bottom = pixels(grid.crop((0, 0, 192, 64))), pixels(grid.crop((0, 64, 192, 128)))
     assert not np.array_equal(top, bottom)
