@@ -30,8 +30,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bots import metrics
 from bots.discord_post import DiscordPoster
 from bots.errors import BotError, RetryAfter, Transient, Undeliverable
-from bots.kv import Store
-from bots.markers import Lease, Markers
+from bots.markers import Markers
 from bots.settings import DeliverySettings
 from bots.slack_post import SlackPoster
 from schemas.codec import CodecError, decode, header
@@ -41,6 +40,7 @@ from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
+from skillgen.runtime.redis import Lease, Store
 
 log = logging.getLogger("skillgen.delivery")
 

@@ -20,8 +20,8 @@ import aiohttp
 
 from bots import render
 from bots.errors import RetryAfter, Transient, Undeliverable
-from bots.kv import Store
 from schemas.messages import EventKind, JobEvent, Origin, Platform
+from skillgen.runtime.redis import Store
 
 UNKNOWN_WEBHOOK = 10015
 EPHEMERAL = 64

@@ -18,13 +18,13 @@ from pydantic import BaseModel
 from bots import grammar, render
 from bots.errors import Refusal
 from bots.keys import partition_key
-from bots.kv import Store
 from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
 from schemas.codec import encode
 from schemas.messages import MAX_IMAGES, MAX_SEED, GenerateRequest, Origin
 from skillgen.runtime.kafka import make_producer
 from skillgen.runtime.logs import job
+from skillgen.runtime.redis import Store
 from skillgen.safety.prompt import PromptPolicy
 
 log = logging.getLogger("skillgen.intake")

@@ -1,29 +1,23 @@
 """Delivery's idempotency: one marker per request id and event kind.
 
-The marker is first a lease (`lease:<owner>`, expiring after SKILL_LEASE_S) taken before posting, and becomes
-`done` only after the post succeeded. So a redelivered event whose post is done is skipped, and a delivery that
-crashed between taking the lease and finishing leaves a lease that runs out, after which the next delivery of
-the event posts it: nothing is dropped, and nothing is posted twice unless the crash fell between the
-platform's answer and the write of `done`.
+The marker is first a lease (its holder's token, expiring after SKILL_LEASE_S) taken before posting, and
+becomes `done` only after the post succeeded. So a redelivered event whose post is done is skipped, and a
+delivery that crashed between taking the lease and finishing leaves a lease that runs out, after which the next
+delivery of the event posts it: nothing is dropped, and nothing is posted twice unless the crash fell between
+the platform's answer and the write of `done`.
+
+Without Redis the markers fall back to this process's memory: a delivery still never posts an event twice
+itself, and only a second delivery replica could repeat a post during the outage.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from dataclasses import dataclass
 
-from bots.kv import Store
-from schemas.messages import EventKind
+from schemas.messages import TERMINAL_KINDS, EventKind
+from skillgen.runtime.redis import Lease, Store, WithoutRedis
 
 DONE = "done"
-TERMINAL = (EventKind.succeeded, EventKind.failed, EventKind.blocked)
-
-
-@dataclass(frozen=True)
-class Lease:
-    key: str
-    token: str
 
 
 class Markers:
@@ -40,10 +34,10 @@ class Markers:
         """A lease on posting this event, or None when it was posted already. Waits out another holder's lease
         (a crashed delivery's), which is bounded by lease_s."""
         key = self.key(request_id, kind)
-        token = f"lease:{uuid.uuid4().hex}"
+        lease = Lease(self.store, key, self.lease_s, WithoutRedis.MEMORY)
         while True:
-            if await self.store.add(key, token, self.lease_s):
-                return Lease(key, token)
+            if await lease.acquire():
+                return lease
             value = await self.store.get(key)
             if value == DONE:
                 return None
@@ -53,17 +47,17 @@ class Markers:
             await asyncio.sleep(min(left_s if left_s is not None else 0.05, self.lease_s) + 0.05)
 
     async def renew(self, lease: Lease) -> bool:
-        return await self.store.extend_if(lease.key, lease.token, self.lease_s)
+        return await lease.renew()
 
     async def done(self, lease: Lease) -> None:
-        await self.store.put(lease.key, DONE, self.done_ttl_s)
+        await self.store.put(lease.name, DONE, self.done_ttl_s)
 
     async def release(self, lease: Lease) -> None:
-        await self.store.delete_if(lease.key, lease.token)
+        await lease.release()
 
     async def finished(self, request_id: str) -> bool:
         """Whether a final result for the request was posted (or is being posted) already."""
-        for kind in TERMINAL:
+        for kind in TERMINAL_KINDS:
             if await self.store.get(self.key(request_id, kind)) is not None:
                 return True
         return False

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from redis.exceptions import RedisError
-
 from bots.errors import RateLimited, Refusal
-from bots.kv import Store
 from schemas.messages import Origin
+from skillgen.runtime.redis import Store
 
 # KEYS: one sorted set per limit (member = one unit, score = time in ms).
 # ARGV: count, window_ms, cost for each key, then a unique id for this call's members.
@@ -111,18 +109,16 @@ class RateLimiter:
         return f"rl:{limit.scope}:{origin.platform.value}:{origin.team_id}:{who}:{limit.unit}:{limit.window_s}"
 
     async def _admit(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
-        redis = self.store.redis
-        if redis is not None:
-            argv: list[object] = []
-            for limit, cost in zip(self.limits, costs):
-                argv += [limit.count, limit.window_s * 1000, cost]
-            try:
-                result = await redis.eval(_ADMIT, len(keys), *(self.store.key(k) for k in keys), *argv, uuid.uuid4().hex)
-            except (RedisError, OSError) as exc:
-                self.store.degraded(exc)
-            else:
-                return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)
-        return self._admit_local(keys, costs)
+        argv: list[object] = []
+        for limit, cost in zip(self.limits, costs):
+            argv += [limit.count, limit.window_s * 1000, cost]
+        names = [self.store.key(k) for k in keys]
+        # Without Redis the windows are this process's: each replica admits up to the limit on its own.
+        result = await self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
+                                       lambda: None)
+        if result is None:
+            return self._admit_local(keys, costs)
+        return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)
 
     def _admit_local(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
         now = time.monotonic()

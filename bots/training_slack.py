@@ -12,9 +12,10 @@ A slash command carries no files, so a training is a thread:
 The pending training (a Session: who, the command's fields, the files so far) lives in the bots' store under
 its thread, for SKILL_TRAIN_THREAD_TTL_S after the last thing shared. Only the person who ran the command feeds it; what
 others say in the thread is theirs. Slack may deliver two events of one thread at once (two uploads) or again
-(a retry), so each is handled under a lease on the thread held in the store (shared by every replica), and a
+(a retry), so each is handled under a lock on the thread held in the store (shared by every replica), and a
 file already taken is skipped. A team has at most one pending thread per adapter name, which is what lets
-`/skill-train cancel <name>` drop it.
+`/skill-train cancel <name>` drop it. The thread's state, store keys, lock and wording live in
+bots/training_slack_threads.py.
 
 Files are Slack-private: the request carries their url_private_download, which the trainer fetches with the
 bot token (trainer/ingest.py sends it only to IngestLimits.slack_file_hosts). No torch here.
@@ -26,18 +27,15 @@ import asyncio
 import json
 import logging
 import secrets
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.metrics import TRAIN_COMMANDS
+from bots.render import QUEUE_DOWN
 from bots.settings import TeamPolicy, TrainCommandSettings
-from bots.slack_bot import CANNOT_POST, QUEUE_DOWN
+from bots.slack_bot import CANNOT_POST
 from bots.train_commands import (
     HELP,
     Attached,
@@ -54,7 +52,19 @@ from bots.train_commands import (
     parse,
     size_text,
 )
-from schemas.limits import IngestLimits
+from bots.training_slack_threads import (
+    Session,
+    SharedFile,
+    collecting_text,
+    dropped_text,
+    escape,
+    pending_key,
+    queued_text,
+    received,
+    sent_key,
+    thread_key,
+    thread_lock,
+)
 from schemas.messages import Origin, Platform, new_request_id
 from skillgen.adapters.registry import Registry
 from skillgen.runtime.fetch import IngestError, check_url
@@ -70,8 +80,6 @@ log = logging.getLogger("skillgen.slack.train")
 TRAIN_COMMAND = "/skill-train"
 ADAPTERS_COMMAND = "/skill-adapters"
 CLAIM_TTL_S = 3600  # Slack retries commands and events within minutes
-LEASE_TTL_S = 15
-LEASE_WAIT_S = 120  # an event waits this long for the one before it in its thread (each Slack call times out)
 PUBLISH_TIMEOUT_S = 10
 LOOKUP_TIMEOUT_S = 2.0  # who may train is asked of Slack before the ack, which is due within 3 s
 ADAPTERS_ACK_WAIT_S = 2.0  # a slower registry answers through the response_url instead of the ack
@@ -83,68 +91,6 @@ SLACK_HELP = HELP.replace("**", "*").replace(
 LOOKUP_SLOW = "Slack took too long to say who may train here; try again in a moment."
 CANCEL_DOWN = "❌ The trainer could not be told to stop (the queue is unreachable). Try again in a minute."
 REGISTRY_DOWN = "❌ I cannot read the adapter registry right now; try again in a minute."
-
-
-class SharedFile(BaseModel):
-    id: str
-    name: str
-    kind: Literal["image", "zip"]
-    url: str
-    size_bytes: int = 0
-
-
-class Session(BaseModel):
-    """A training waiting for its files in a thread; stored as JSON under its thread's key."""
-
-    request_id: str  # fixed when the thread starts, so a publish retried after a failure is one job
-    team_id: str
-    channel_id: str
-    thread_ts: str  # the thread's root: the status message, or the thread the command came from
-    status_ts: str
-    user_id: str
-    name: str
-    trigger: str | None = None
-    steps: int | None = None
-    caption: str | None = None
-    files: list[SharedFile] = []
-
-    def command(self) -> Train:
-        return Train(self.name, self.trigger, self.steps, self.caption)
-
-    def origin(self) -> Origin:
-        return Origin(platform=Platform.slack, team_id=self.team_id, channel_id=self.channel_id,
-                      user_id=self.user_id, thread_id=self.thread_ts, status_message_id=self.status_ts)
-
-
-# ------------------------------------------------------------------------------------------------ wording
-
-
-def _escape(text: str) -> str:
-    # A file name is the sender's text: it must not become a mention or a link in the channel.
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
-
-
-def _received(files: list[SharedFile]) -> str:
-    if files and files[0].kind == "zip":
-        return f"1 zip (`{_escape(files[0].name)}`)"
-    return f"{len(files)} image" + ("" if len(files) == 1 else "s")
-
-
-def collecting_text(s: Session, limits: IngestLimits) -> str:
-    text = (
-        f"📎 <@{s.user_id}> training `{s.name}`: reply in this thread with the training images "
-        f"(PNG, JPEG or WebP; up to {limits.max_images}) or one zip, then reply `go`. Reply `cancel` to drop it."
-    )
-    return f"{text}\nReceived so far: {_received(s.files)}." if s.files else text
-
-
-def queued_text(s: Session) -> str:
-    return f"⏳ <@{s.user_id}> training `{s.name}` queued: {_received(s.files)}"
-
-
-def dropped_text(s: Session, by: str) -> str:
-    who = "" if by == s.user_id else f" by <@{by}>"
-    return f"🗑️ <@{s.user_id}> training `{s.name}` dropped{who}: nothing was sent to the trainer."
 
 
 def _slack_field(exc: SlackApiError, name: str) -> str | None:
@@ -179,19 +125,6 @@ class SlackTrainCommands:
         app.command(TRAIN_COMMAND)(self.on_train)
         app.command(ADAPTERS_COMMAND)(self.on_adapters)
         app.event("message")(self.on_message)
-
-    # -- store keys ---------------------------------------------------------------------------------------
-    @staticmethod
-    def thread_key(team_id: str, channel_id: str, thread_ts: str) -> str:
-        return f"slack:train:thread:{team_id}:{channel_id}:{thread_ts}"
-
-    @staticmethod
-    def pending_key(team_id: str, name: str) -> str:
-        return f"slack:train:pending:{team_id}:{name}"
-
-    @staticmethod
-    def sent_key(thread_key: str) -> str:
-        return f"{thread_key}:sent"
 
     # -- /skill-train -------------------------------------------------------------------------------------
     async def on_train(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
@@ -268,27 +201,27 @@ class SlackTrainCommands:
 
     async def drop_pending(self, client: AsyncWebClient, team_id: str, name: str, by: str) -> None:
         """Drop the team's thread still collecting files for `name`, if there is one."""
-        pending = self.pending_key(team_id, name)
-        thread_key = await self.store.get(pending)
-        if thread_key is None:
+        pending = pending_key(team_id, name)
+        thread = await self.store.get(pending)
+        if thread is None:
             return
-        if not thread_key.startswith("slack:train:thread:"):  # a start that never finished posting its thread
-            await self.store.delete_if(pending, thread_key)
+        if not thread.startswith("slack:train:thread:"):  # a start that never finished posting its thread
+            await self.store.delete_if(pending, thread)
             return
-        async with self._lease(thread_key):
-            raw = await self.store.get(thread_key)
+        async with thread_lock(self.store, thread):
+            raw = await self.store.get(thread)
             if raw is not None:
                 await self._drop(client, Session.model_validate_json(raw), raw, by)
 
     async def start(self, ack, claim: str, client: AsyncWebClient, respond, cmd: Train, origin: Origin) -> None:
         """Post the status message that starts the thread, and remember the pending training under it."""
-        pending = self.pending_key(origin.team_id, cmd.name)
+        pending = pending_key(origin.team_id, cmd.name)
         placeholder = f"starting:{secrets.token_hex(8)}"
         if not await self.store.add(pending, placeholder, self.settings.train_thread_ttl_s):
             await self._ack(ack, claim, f"A training of `{cmd.name}` is already waiting for its images in a thread: "
                                         f"reply `go` or `cancel` there, or run `/skill-train cancel {cmd.name}`.")
             return
-        if origin.thread_id and await self.store.get(self.thread_key(origin.team_id, origin.channel_id,
+        if origin.thread_id and await self.store.get(thread_key(origin.team_id, origin.channel_id,
                                                                      origin.thread_id)):
             await self.store.delete_if(pending, placeholder)
             await self._ack(ack, claim, "This thread already has a training waiting for images: reply `go` or "
@@ -310,7 +243,7 @@ class SlackTrainCommands:
             return
         session.status_ts = posted["ts"]
         session.thread_ts = origin.thread_id or posted["ts"]
-        key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
+        key = session.key()
         await self.store.put(key, session.model_dump_json(), self.settings.train_thread_ttl_s)
         await self.store.put(pending, key, self.settings.train_thread_ttl_s)
         TRAIN_COMMANDS.labels("slack", "train", "thread").inc()
@@ -325,7 +258,7 @@ class SlackTrainCommands:
         team_id = context.team_id or body.get("team_id") or event.get("team")
         if not (thread_ts and channel_id and user_id and team_id):
             return
-        key = self.thread_key(team_id, channel_id, thread_ts)
+        key = thread_key(team_id, channel_id, thread_ts)
         raw = await self.store.get(key)
         word = _thread_word(event.get("text"))
         if raw is None:
@@ -336,7 +269,7 @@ class SlackTrainCommands:
             return  # the thread is open to talk in; only its owner's files and words count
         if not await self._first_delivery(team_id, body):
             return
-        async with self._lease(key):
+        async with thread_lock(self.store, key):
             raw = await self.store.get(key)  # as the event handled before this one left it
             if raw is None:
                 return
@@ -349,7 +282,7 @@ class SlackTrainCommands:
 
     async def _already_sent(self, client: AsyncWebClient, key: str, channel_id: str, thread_ts: str,
                             user_id: str) -> None:
-        sent = await self.store.get(self.sent_key(key))
+        sent = await self.store.get(sent_key(key))
         if sent is None:
             return
         info = json.loads(sent)
@@ -367,14 +300,14 @@ class SlackTrainCommands:
         refused = [reason for f in files if (reason := await self._add(client, session, f))]
         if len(session.files) != before:
             raw = session.model_dump_json()
-            key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
+            key = session.key()
             await self.store.put(key, raw, self.settings.train_thread_ttl_s)
-            await self.store.put(self.pending_key(session.team_id, session.name), key, self.settings.train_thread_ttl_s)
+            await self.store.put(pending_key(session.team_id, session.name), key, self.settings.train_thread_ttl_s)
             await self._update(client, session, collecting_text(session, self.settings.ingest))
         if refused:
             lines = [f"❌ {r}" for r in refused]
             if word == "go" and session.files:
-                lines.append(f"Not started: reply `go` again to train on the {_received(session.files)} received.")
+                lines.append(f"Not started: reply `go` again to train on the {received(session.files)} received.")
             elif word == "go":
                 lines.append("Nothing was sent to the trainer.")
             await self._post(client, session.channel_id, session.thread_ts, "\n".join(lines))
@@ -391,7 +324,7 @@ class SlackTrainCommands:
                 f = (await client.files_info(file=f["id"]))["file"]
             except SlackApiError as exc:
                 return f"I cannot read a shared file (Slack answered `{_slack_error(exc)}`)."
-        name = _escape(f.get("name") or f.get("title") or f["id"])
+        name = escape(f.get("name") or f.get("title") or f["id"])
         kind = Attached(f.get("name") or "", f.get("mimetype"), f.get("size")).kind
         limits = self.settings.ingest
         if kind is None:
@@ -413,10 +346,10 @@ class SlackTrainCommands:
                     f"{size_text(limits.max_total_bytes)} in all.")
         has_zip = any(x.kind == "zip" for x in session.files)
         if has_zip:
-            return f"`{name}` not added: this thread already has {_received(session.files)}, and a zip comes alone."
+            return f"`{name}` not added: this thread already has {received(session.files)}, and a zip comes alone."
         if kind == "zip" and session.files:
             return (f"`{name}` not added: send one zip or images, not both; this thread already has "
-                    f"{_received(session.files)} (reply `cancel` and start again to send a zip instead).")
+                    f"{received(session.files)} (reply `cancel` and start again to send a zip instead).")
         if kind == "image" and len(session.files) >= limits.max_images:
             return f"`{name}` not added: at most {limits.max_images} images per training."
         session.files.append(SharedFile(id=f["id"], name=f.get("name") or f["id"], kind=kind, url=url,
@@ -454,8 +387,8 @@ class SlackTrainCommands:
         TRAIN_COMMANDS.labels("slack", "train", "queued").inc()
         log.info("published the training of %s (%d files)", session.name, len(session.files),
                  extra=job(req.request_id, team=session.team_id))
-        key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
-        await self.store.put(self.sent_key(key), json.dumps({"user_id": session.user_id, "name": session.name}),
+        key = session.key()
+        await self.store.put(sent_key(key), json.dumps({"user_id": session.user_id, "name": session.name}),
                              self.settings.train_thread_ttl_s)
         await self._forget(session, raw)
         await self._update(client, session, queued_text(session))
@@ -466,32 +399,9 @@ class SlackTrainCommands:
         log.info("training thread for %s dropped by %s", session.name, by, extra=job(session.request_id))
 
     async def _forget(self, session: Session, raw: str) -> None:
-        key = self.thread_key(session.team_id, session.channel_id, session.thread_ts)
+        key = session.key()
         await self.store.delete_if(key, raw)
-        await self.store.delete_if(self.pending_key(session.team_id, session.name), key)
-
-    @asynccontextmanager
-    async def _lease(self, key: str) -> AsyncIterator[None]:
-        """One event of a thread at a time, across replicas. The holder renews the lease while it works; one
-        that died lets go after LEASE_TTL_S."""
-        lease, token = f"{key}:lease", secrets.token_hex(8)
-        deadline = time.monotonic() + LEASE_WAIT_S
-        while not await self.store.add(lease, token, LEASE_TTL_S):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{lease} was held for more than {LEASE_WAIT_S} s")
-            await asyncio.sleep(0.05)
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(LEASE_TTL_S / 3)
-                await self.store.extend_if(lease, token, LEASE_TTL_S)
-
-        renewing = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            renewing.cancel()
-            await self.store.delete_if(lease, token)
+        await self.store.delete_if(pending_key(session.team_id, session.name), key)
 
     async def _update(self, client: AsyncWebClient, session: Session, text: str) -> None:
         try:

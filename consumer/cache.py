@@ -1,32 +1,25 @@
 """The two-level result cache: L1 an in-process LRU bounded in bytes, L2 Redis with a TTL on every key.
 
 Values are JSON (blob references plus metadata), validated on the way out: whatever else sits under a cache
-key, a pickle included, is a miss and is never executed. Redis is a cache, not a dependency: when it is down
-every call is a miss (or a no-op), one warning says so, and Redis is left alone for `retry_s` before the
-next try, so an outage costs one timeout rather than one per request.
+key, a pickle included, is a miss and is never executed. Redis is a cache, not a dependency: without it L2
+answers a miss to every get and drops every put (the link, skillgen/runtime/redis.py, warns once per outage
+and leaves Redis alone for `retry_s` between tries).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from schemas.messages import BlobRef
+from skillgen.runtime.redis import RedisLink
 
 log = logging.getLogger("skillgen.consumer.cache")
 
-T = TypeVar("T")
 Level = Literal["l1", "l2"]
 
 
@@ -73,54 +66,9 @@ class L1:
             self.bytes -= len(k) + len(v)
 
 
-def redact(url: str) -> str:
-    """The URL without its password, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-class RedisLink:
-    """A Redis client whose failures never reach a job: `call` answers `default` instead, warns once per
-    outage, and skips Redis for `retry_s` after an error."""
-
-    def __init__(self, url: str, timeout_s: float = 0.5, retry_s: float = 2.0):
-        self.url = redact(url)
-        self.retry_s = retry_s
-        self.client = Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-        )
-        self._skip_until = 0.0
-        self._down = False
-
-    @property
-    def up(self) -> bool:
-        return not self._down
-
-    async def call(self, fn: Callable[[Redis], Awaitable[T]], default: T) -> T:
-        if time.monotonic() < self._skip_until:
-            return default
-        try:
-            result = await fn(self.client)
-        except (RedisError, OSError) as exc:
-            self._skip_until = time.monotonic() + self.retry_s
-            if not self._down:
-                self._down = True
-                log.warning("Redis at %s is unreachable (%s): cache misses and local-only single flight until it is back",
-                            self.url, exc)
-            return default
-        if self._down:
-            self._down = False
-            log.info("Redis at %s is back", self.url)
-        return result
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-
 class L2:
+    """Cache entries in Redis under `prefix`cache:, each with a TTL. Without Redis: a miss, and a put dropped."""
+
     def __init__(self, link: RedisLink, prefix: str, ttl_s: int):
         self.link = link
         self.prefix = prefix + "cache:"

@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 
-from bots.kv import Store
 from bots.markers import Markers
 from schemas.codec import header
 from schemas.messages import EventKind, JobEvent
+from skillgen.runtime.redis import Store
 from tests.fakes import discord as fd
 from tests.fakes import slack as fs
 from tests.fakes.discord import FakeDiscord

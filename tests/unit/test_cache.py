@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 import pytest
 from pydantic import ValidationError
 
-from consumer.cache import L1, CacheEntry, redact
+from consumer.cache import L1, CacheEntry
 from schemas.messages import BlobRef
+from skillgen.runtime.redis import redact
 
 pytestmark = pytest.mark.unit
 

@@ -4,13 +4,12 @@ the same rules in Redis (shared by replicas) and in memory (no Redis, or Redis d
 import time
 
 import pytest
-from redis.asyncio import Redis
 
 from bots.errors import RateLimited, Refusal
-from bots.kv import Store
 from bots.ratelimit import Limit, RateLimiter, limits_from
 from bots.settings import BotSettings
 from schemas.messages import Origin, Platform
+from skillgen.runtime.redis import RedisLink, Store
 
 
 def origin(user: str = "U1", team: str = "T1") -> Origin:
@@ -25,11 +24,11 @@ async def store(request):
         return
     server = request.getfixturevalue("redis_server")
     prefix = request.getfixturevalue("namespace").redis_prefix
-    store = Store(Redis.from_url(server.url, decode_responses=True), prefix)
+    store = Store(RedisLink(server.url, decode_responses=True), prefix)
     yield store
-    keys = [k async for k in store.redis.scan_iter(match=prefix + "*")]
+    keys = [k async for k in store.link.client.scan_iter(match=prefix + "*")]
     if keys:
-        await store.redis.delete(*keys)
+        await store.link.client.delete(*keys)
     await store.close()
 
 
@@ -91,7 +90,7 @@ def test_settings_turn_limits_off_with_zero():
 
 
 async def test_replicas_share_the_window_through_redis(redis_server, namespace):
-    stores = [Store(Redis.from_url(redis_server.url, decode_responses=True), namespace.redis_prefix) for _ in range(2)]
+    stores = [Store(RedisLink(redis_server.url, decode_responses=True), namespace.redis_prefix) for _ in range(2)]
     a, b = (RateLimiter([Limit("user", 2, 60, "requests")], s) for s in stores)
     await a.admit(origin(), 1)
     await b.admit(origin(), 1)
@@ -103,7 +102,7 @@ async def test_replicas_share_the_window_through_redis(redis_server, namespace):
 
 async def test_a_redis_outage_falls_back_to_this_process(redis_factory, caplog):
     server = redis_factory()
-    store = Store(Redis.from_url(server.url, decode_responses=True, socket_timeout=0.5, socket_connect_timeout=0.5))
+    store = Store(RedisLink(server.url, timeout_s=0.5, decode_responses=True))
     limiter = RateLimiter([Limit("user", 1, 60, "requests")], store)
     server.stop()
     await limiter.admit(origin(), 1)
