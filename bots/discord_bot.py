@@ -35,7 +35,6 @@ from skillgen.runtime.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.discord")
 
-QUEUE_DOWN = "❌ Your request could not be queued (the queue is unreachable). Try again in a minute."
 
 
 def configure_endpoints(settings: DiscordSettings) -> None:
@@ -129,7 +128,7 @@ class SkillBot(discord.Client):
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             metrics.COMMANDS.labels("discord", "queue_down").inc()
-            await interaction.edit_original_response(content=QUEUE_DOWN)
+            await interaction.edit_original_response(content=render.QUEUE_DOWN)
             return
         metrics.COMMANDS.labels("discord", "queued").inc()
 

@@ -1,7 +1,7 @@
 """The one `/skill` command grammar, shared by the Discord, Slack and console front-ends.
 
     /skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4]
-           [--adapter name[@vN]] [--scheduler dpmpp|euler|lcm]
+           [--adapter name[@vN]] [--scheduler <one of schemas.messages.SCHEDULERS>]
     /skill help
 
 Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
@@ -23,10 +23,12 @@ from schemas.codec import describe
 from schemas.messages import (
     MAX_SIDE_PX,
     MIN_SIDE_PX,
+    SCHEDULERS,
     AdapterRef,
     GenerateRequest,
     Origin,
     Platform,
+    Scheduler,
 )
 
 HELP = """\
@@ -59,7 +61,7 @@ class Defaults:
     height: int = 512
     steps: int = 20
     guidance: float = 7.5
-    scheduler: str = "dpmpp"
+    scheduler: Scheduler = "dpmpp"
 
 
 @dataclass
@@ -206,7 +208,7 @@ def _friendly(exc: ValidationError) -> str:
         where = _FIELD_TO_OPTION.get(key, key)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "literal_error" and key == "scheduler":
-            msg = "must be one of dpmpp, euler, lcm"
+            msg = f"must be one of {', '.join(SCHEDULERS)}"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or describe(exc)
 

@@ -11,6 +11,14 @@ import re
 
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Platform
 
+
+def queue_down(what: str = "Your request") -> str:
+    """The one refusal for a request Kafka could not take, worded alike on every front-end."""
+    return f"❌ {what} could not be queued (the queue is unreachable). Try again in a minute."
+
+
+QUEUE_DOWN = queue_down()
+
 REROLL = "reroll"
 VARIATIONS = "vary"
 ACTIONS = (REROLL, VARIATIONS)

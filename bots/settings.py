@@ -12,6 +12,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from bots.grammar import Defaults
 from schemas.limits import IngestLimits
+from schemas.messages import Scheduler
 from skillgen.adapters.registry import DEFAULT_ADAPTER_URL
 from skillgen.runtime.settings import CommonSettings
 
@@ -47,7 +48,7 @@ class BotSettings(CommonSettings):
     default_height: int = Field(default=512, ge=64, le=1024, multiple_of=8)
     default_steps: int = Field(default=20, ge=1, le=50)
     default_guidance: float = Field(default=7.5, ge=0, le=20)
-    default_scheduler: str = Field(default="dpmpp", pattern="^(dpmpp|euler|lcm)$")
+    default_scheduler: Scheduler = "dpmpp"
 
     # 0 turns a limit off. Rates count requests; daily quotas count images (--n 4 uses four).
     rate_user_per_min: int = Field(default=6, ge=0)

@@ -33,7 +33,6 @@ from skillgen.runtime.observability import metrics_server, stop_on_signals
 log = logging.getLogger("skillgen.slack")
 
 CLAIM_TTL_S = 3600  # Slack retries within minutes; an hour is plenty
-QUEUE_DOWN = "❌ Your request could not be queued (the queue is unreachable). Try again in a minute."
 CANNOT_POST = {
     "not_in_channel": "I am not in this channel: add me with `/invite @skillgen`, then run the command again.",
     "channel_not_found": "I cannot see this channel: add me with `/invite @skillgen`, then run the command again.",
@@ -123,7 +122,7 @@ class SlackFrontEnd:
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             metrics.COMMANDS.labels("slack", "queue_down").inc()
-            await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=QUEUE_DOWN, blocks=[])
+            await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=render.QUEUE_DOWN, blocks=[])
             return
         metrics.COMMANDS.labels("slack", "queued").inc()
 

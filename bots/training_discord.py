@@ -21,6 +21,7 @@ from discord import app_commands
 
 from bots.discord_bot import SkillBot, is_admin, origin_of
 from bots.metrics import TRAIN_COMMANDS
+from bots.render import queue_down
 from bots.settings import TrainCommandSettings
 from bots.train_commands import (
     Attached,
@@ -45,7 +46,6 @@ log = logging.getLogger("skillgen.discord.train")
 MAX_MESSAGE_CHARS = 2000
 MAX_CHOICES = 25  # Discord's limit for autocomplete
 AUTOCOMPLETE_CACHE_S = 10.0  # autocomplete asks at every keystroke; the registry is read at most this often
-QUEUE_DOWN = "❌ The training could not be queued (the queue is unreachable). Try again in a minute."
 
 
 def member_of(interaction: discord.Interaction) -> Member:
@@ -97,7 +97,7 @@ class DiscordTraining:
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             TRAIN_COMMANDS.labels("discord", "train", "queue_down").inc()
-            await interaction.edit_original_response(content=QUEUE_DOWN)
+            await interaction.edit_original_response(content=queue_down("The training"))
             return
         TRAIN_COMMANDS.labels("discord", "train", "queued").inc()
         log.info("training %s queued", req.adapter, extra=job(req.request_id, team=origin.team_id))
@@ -118,7 +118,7 @@ class DiscordTraining:
         except Exception:
             log.exception("publish of a cancel failed")
             TRAIN_COMMANDS.labels("discord", "cancel", "queue_down").inc()
-            await interaction.edit_original_response(content=QUEUE_DOWN.replace("training", "cancel"))
+            await interaction.edit_original_response(content=queue_down("The cancel"))
             return
         TRAIN_COMMANDS.labels("discord", "cancel", "sent").inc()
         await interaction.edit_original_response(

@@ -33,8 +33,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.metrics import TRAIN_COMMANDS
+from bots.render import QUEUE_DOWN
 from bots.settings import TeamPolicy, TrainCommandSettings
-from bots.slack_bot import CANNOT_POST, QUEUE_DOWN
+from bots.slack_bot import CANNOT_POST
 from bots.train_commands import (
     HELP,
     Attached,

@@ -11,7 +11,7 @@ import re
 import uuid
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -31,7 +31,10 @@ MAX_IMAGES = 4
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
 MAX_SEED = 2**32 - 1
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-SCHEDULERS = ("dpmpp", "euler", "lcm")
+# The one list of samplers: the request contract, the engine's table, the bots' settings and the grammar's
+# messages are all derived from it.
+Scheduler = Literal["dpmpp", "euler", "lcm"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 
 def _now() -> datetime:
@@ -119,7 +122,7 @@ class GenerateRequest(_Message):
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     guidance: float = Field(default=7.5, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    scheduler: Literal["dpmpp", "euler", "lcm"] = "dpmpp"
+    scheduler: Scheduler = "dpmpp"
     adapter: AdapterRef | None = None
     # A re-roll asks for a fresh seed on purpose; it must not be deduplicated against the original.
     reroll: int = Field(default=0, ge=0, le=1_000_000)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from schemas.messages import SCHEDULERS, Scheduler
 from skillgen.inference.errors import DoesNotFit, PipelineError
 from skillgen.inference.memory import (
     SLICED,
@@ -30,11 +31,14 @@ from skillgen.inference.memory import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
+# diffusers' class and its settings for each of the contract's schedulers (schemas.messages.SCHEDULERS).
+SCHEDULER_CLASSES: dict[Scheduler, tuple[str, dict]] = {
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
 }
+if set(SCHEDULER_CLASSES) != set(SCHEDULERS):
+    raise ImportError(f"the engine's schedulers {sorted(SCHEDULER_CLASSES)} differ from the contract's {SCHEDULERS}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Engine:
         import diffusers
 
         try:
-            cls_name, extra = SCHEDULERS[name]
+            cls_name, extra = SCHEDULER_CLASSES[name]
         except KeyError:
             raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
         # A fresh scheduler per batch: multistep schedulers keep state between steps.
