@@ -30,11 +30,13 @@ from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode, header
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
 from skillgen.runtime.kafka import make_producer, partitions_of
+from skillgen.runtime.redis import Store
 from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
 from skillgen.safety.decision import CHECK_FAILED
 from skillgen.safety.postprocess import ImageChecker, release
 
 log = logging.getLogger("skillgen.replay")
+REPLAY_MARKER_TTL_S = 7 * 86400  # a republished request is not republished again for a week (--force does)
 
 
 class ReplayError(ValueError):
@@ -144,7 +146,9 @@ async def select(settings: ConsumerSettings, sel: Selection) -> list[Picked]:
 
 async def republish(settings: ConsumerSettings, picked: list[Picked], replay_id: str, force: bool = False) -> Counter:
     outcomes: Counter = Counter()
-    redis = await _redis(settings)
+    # Without Redis the marker lives in this run's memory: a second run may republish again, and the delivery
+    # markers downstream still keep anyone from seeing a result twice.
+    markers = Store.from_settings(settings)
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -152,15 +156,9 @@ async def republish(settings: ConsumerSettings, picked: list[Picked], replay_id:
             if p.request is None:
                 outcomes["undecodable (left in place)"] += 1
                 continue
-            marker = f"{settings.redis_prefix}replay:{p.request.request_id}"
-            if redis is not None and not force:
-                try:
-                    if not await redis.set(marker, replay_id, nx=True, ex=7 * 86400):
-                        outcomes["already replayed"] += 1
-                        continue
-                except Exception:  # noqa: BLE001 - Redis is a cache: downstream markers still dedupe
-                    log.warning("redis unavailable: relying on delivery markers for idempotency")
-                    redis = None
+            if not force and not await markers.add(f"replay:{p.request.request_id}", replay_id, REPLAY_MARKER_TTL_S):
+                outcomes["already replayed"] += 1
+                continue
             value, headers = encode(
                 p.request,
                 [("replay-of", f"{p.partition}:{p.offset}".encode()), ("replay-id", replay_id.encode())],
@@ -169,17 +167,8 @@ async def republish(settings: ConsumerSettings, picked: list[Picked], replay_id:
             outcomes["republished"] += 1
     finally:
         await producer.stop()
-        if redis is not None:
-            await redis.aclose()
+        await markers.close()
     return outcomes
-
-
-async def _redis(settings: ConsumerSettings):
-    if not settings.redis_url:
-        return None
-    import redis.asyncio as aioredis
-
-    return aioredis.from_url(settings.redis_url, socket_timeout=2)
 
 
 def parse_channel(text: str) -> Origin:
