@@ -10,7 +10,10 @@ Per event:
   the partition or dropping the post. A 5xx or a broken connection is retried SKILL_MAX_ATTEMPTS times with
   doubling backoff, then re-queued. After SKILL_MAX_REQUEUES passes, or when the platform refuses for good,
   the event goes to the dead-letter topic with the reason.
-The offset is committed after each event. One bad event is dead-lettered and never stops the service.
+Events run on the one Kafka service skeleton (skillgen.runtime.service), `ordered`: the events of one partition
+are handled one after another (a request's events keep their order), partitions in parallel, so a channel that is
+rate limited holds back only its own partition. An event's offset is committed once it is handled, and a commit
+refused in a rebalance is left to the next one. One bad event is dead-lettered and never stops the service.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import metrics
@@ -37,15 +41,16 @@ from schemas.codec import CodecError, decode, header
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from schemas.topics import DELIVERY_GROUP
 from skillgen.runtime.blobstore import BlobStore
-from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.logs import job
-from skillgen.runtime.observability import metrics_server, stop_on_signals
+from skillgen.runtime.observability import stop_on_signals
 from skillgen.runtime.redis import Lease, Store
+from skillgen.runtime.service import Job, KafkaService
 
 log = logging.getLogger("skillgen.delivery")
 
 DELIVER_AFTER = "deliver-after"  # epoch seconds, on a re-queued event
 REQUEUES = "delivery-requeues"
+MAX_IN_HAND = 50  # events fetched and not yet handled, over all partitions
 
 
 class Poster(Protocol):
@@ -64,51 +69,51 @@ class Delivery:
         self.markers = Markers(store, settings.lease_s, settings.marker_ttl_s)
         self.blobs = blobs or BlobStore(settings.blob_url)
         self.topics = settings.topics
-        self.consumer_options = consumer_options or {}
         self._last_edit_s: OrderedDict[str, float] = OrderedDict()
-        self._stop = asyncio.Event()
-        self.handled = 0
+        self._stop = asyncio.Event()  # ends the wait for a re-queued event's time
+        # bots.metrics counts on the default registry, so /metrics serves it.
+        self.service = KafkaService(
+            settings, name="delivery", topic=self.topics.events, group=self.topics.group(DELIVERY_GROUP),
+            handle=self._answer, max_in_hand=MAX_IN_HAND, ordered=True, registry=REGISTRY, health=self.health,
+            consumer_options=consumer_options,
+        )
+
+    @property
+    def handled(self) -> int:
+        """Events handled (posted, skipped, re-queued or dead-lettered) since start."""
+        return self.service.finished
 
     def stop(self) -> None:
         self._stop.set()
+        self.service.stop()
+
+    def health(self) -> tuple[bool, str]:
+        platforms = ", ".join(p.value for p in self.posters)
+        return True, f"ok: posting to {platforms}, {self.service.in_hand()} events in hand"
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
-        consumer = make_consumer(self.settings, self.topics.events, group=self.topics.group(DELIVERY_GROUP),
-                                 max_poll_records=50, **self.consumer_options)
-        self.producer = make_producer(self.settings)
-        await self.producer.start()
-        try:
-            await consumer.start()
-            try:
-                if ready:
-                    ready()
-                log.info("delivery ready on %s for %s", self.topics.events, ", ".join(p.value for p in self.posters))
-                while not self._stop.is_set():
-                    batches = await consumer.getmany(timeout_ms=200)
-                    for tp, records in batches.items():
-                        for record in records:
-                            await self.handle(record)
-                            await self.commit(consumer, tp, record.offset + 1)
-                            self.handled += 1
-            finally:
-                await consumer.stop()
-        finally:
-            await self.producer.stop()
+        def started() -> None:
+            log.info("delivery ready on %s for %s", self.topics.events, ", ".join(p.value for p in self.posters))
+            if ready:
+                ready()
 
-    async def commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
-        await consumer.commit({tp: offset})
+        await self.service.run(started)
+
+    async def _answer(self, job: Job) -> None:
+        await self.handle(job.record)
+        self.service.finish(job)
 
     async def handle(self, record: ConsumerRecord) -> None:
         try:
             event = decode(record.value, JobEvent, record.headers)
         except CodecError as exc:
-            await self.dead_letter(record, exc)
+            await self.service.dead_letter(record, exc)
             return
         try:
             await self._handle(record, event)
-        except Exception as exc:  # noqa: BLE001 - one bad event never stops the service
+        except Exception as exc:  # one bad event never stops the service
             log.exception("delivery failed", extra=job(event.request_id))
-            await self.dead_letter(record, exc)
+            await self.service.dead_letter(record, exc)
 
     async def _handle(self, record: ConsumerRecord, event: JobEvent) -> None:
         poster = self.posters.get(event.origin.platform)
@@ -141,7 +146,7 @@ class Delivery:
             # Retrying cannot help (no access, unknown channel): say so once, for operators.
             await self.markers.done(lease)
             metrics.POSTS.labels(poster.platform.value, event.kind.value, "refused").inc()
-            await self.dead_letter(record, exc)
+            await self.service.dead_letter(record, exc)
         except BaseException:
             await self.markers.release(lease)
             raise
@@ -212,15 +217,11 @@ class Delivery:
     async def requeue(self, record: ConsumerRecord, due_s: float, count: bool = True) -> None:
         passes = int(header(record.headers, REQUEUES) or 0) + (1 if count else 0)
         if passes > self.settings.max_requeues:
-            await self.dead_letter(record, Transient(f"still undelivered after {passes - 1} re-queues"))
+            await self.service.dead_letter(record, Transient(f"still undelivered after {passes - 1} re-queues"))
             return
         headers = [(k, v) for k, v in record.headers or () if k not in (DELIVER_AFTER, REQUEUES)]
         headers += [(DELIVER_AFTER, f"{due_s:.3f}".encode()), (REQUEUES, str(passes).encode())]
-        await self.producer.send_and_wait(self.topics.events, record.value, key=record.key, headers=headers)
-
-    async def dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
-        reason = await dead_letter(self.producer, record, error)
-        log.warning("event %s[%d]@%d to DLQ: %s", record.topic, record.partition, record.offset, reason)
+        await self.service.emit(self.topics.events, record.value, key=record.key, headers=headers)
 
 
 @asynccontextmanager
@@ -248,13 +249,7 @@ async def open_delivery(settings: DeliverySettings, consumer_options: dict | Non
 async def serve(settings: DeliverySettings) -> None:
     async with open_delivery(settings) as delivery:
         stop_on_signals(delivery.stop)
-        ready = asyncio.Event()
-
-        def health() -> tuple[bool, str]:
-            return ready.is_set(), "consuming events" if ready.is_set() else "starting"
-
-        async with metrics_server(settings.metrics_port, health=health):
-            await delivery.run(ready.set)
+        await delivery.run()
 
 
 def add_arguments(parser) -> None:

@@ -1,9 +1,11 @@
 """The trainer service (`skillgen trainer`): `skill.finetune` in, adapters into the registry, events out.
 
-One job at a time per process (one process per GPU). A job can run for an hour, so the worker never leaves
-its consumer group meanwhile: it pauses every assigned partition and keeps polling (heartbeats and the poll
-interval stay alive), and commits the record's offset only after the job's terminal event is produced, then
-resumes. Training runs in a worker thread. A record that cannot be decoded goes to the DLQ; a refused input,
+One job at a time per process (one process per GPU), on the one Kafka service skeleton
+(skillgen.runtime.service) with `max_in_hand=1`. A job can run for an hour, so the worker never leaves its
+consumer group meanwhile: every assigned partition stays paused while polling goes on (heartbeats and the poll
+interval stay alive), and the record's offset is committed only after the job's terminal event is produced.
+A job whose partition is revoked mid-training still holds the one place until its training returns.
+Training runs in a worker thread. A record that cannot be decoded goes to the DLQ; a refused input,
 a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
 stops without committing: the record comes back and training resumes from that checkpoint.
 
@@ -25,7 +27,6 @@ from datetime import datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.codec import CodecError, decode, encode
@@ -46,9 +47,9 @@ from skillgen.adapters.registry import (
 )
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.fetch import IngestError
-from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.logs import job
-from skillgen.runtime.observability import metrics_server, stop_on_signals
+from skillgen.runtime.observability import stop_on_signals
+from skillgen.runtime.service import Job, KafkaService
 from skillgen.safety.postprocess import ImageChecker, png_bytes, screen
 from trainer.errors import TrainerError
 from trainer.ingest import Example, dataset_sha256, ingest
@@ -87,26 +88,30 @@ class TrainerWorker:
         self.blobs = blobs or BlobStore(settings.blob_url)
         self.registry = registry or Registry(settings.adapter_url)
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training")
-        self._stop = asyncio.Event()
         self._running: Running | None = None
         self._cancels: dict[tuple[str, str], datetime] = {}
         self._base_sha256: str | None = None
-        self._state = "starting"
-        self._loop_seen = time.monotonic()
         self.metrics = TrainerMetrics()
-        self.finished = 0  # records answered or dead-lettered, and committed
+        self.service = KafkaService(
+            settings, name="trainer", topic=self.topics.finetune, group=self.topics.group(TRAINER_GROUP),
+            handle=self._answer, max_in_hand=1, registry=self.metrics.registry, health=self._activity,
+            healthy_loop_s=HEALTHY_LOOP_S,
+        )
+
+    @property
+    def finished(self) -> int:
+        """Records answered or dead-lettered here (committed as soon as the service gets to it)."""
+        return self.service.finished
 
     def stop(self) -> None:
-        self._stop.set()
+        self.service.stop()
         if self._running is not None:
             self._running.stop_reason = SHUTDOWN
 
     def health(self) -> tuple[bool, str]:
-        if self._state != "running":
-            return False, self._state
-        silent_s = time.monotonic() - self._loop_seen
-        if silent_s > HEALTHY_LOOP_S:
-            return False, f"the poll loop has been silent for {silent_s:.0f}s"
+        return self.service.health()
+
+    def _activity(self) -> tuple[bool, str]:
         running = self._running
         return True, f"ok: training {running.req.adapter}" if running else "ok: idle"
 
@@ -116,72 +121,34 @@ class TrainerWorker:
 
         s = self.settings
         self._base_sha256 = await asyncio.to_thread(base_model_sha256, s.model)
-        self.producer = make_producer(s)
-        await self.producer.start()
         cancels = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
                                    fetch_max_wait_ms=s.fetch_max_wait_ms)
-        consumer = make_consumer(
-            s, self.topics.finetune, group=self.topics.group(TRAINER_GROUP), max_poll_records=1,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-            rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
-        )
+
+        def started() -> None:
+            log.info("trainer ready on %s (base %s)", self.topics.finetune, s.model)
+            if ready:
+                ready()
+
         follower: asyncio.Task | None = None
         try:
             await cancels.start()
             await self._catch_up_on_cancels(cancels)  # before any job and before `ready`
             follower = asyncio.create_task(self._follow_cancels(cancels))
-            await consumer.start()
-            try:
-                async with metrics_server(s.metrics_port, self.metrics.registry, self.health):
-                    self._state = "running"
-                    log.info("trainer ready on %s (base %s)", self.topics.finetune, s.model)
-                    if ready:
-                        ready()
-                    await self._consume(consumer)
-            finally:
-                self._state = "stopping"
-                await consumer.stop()  # leaves the group so the partitions move at once
+            await self.service.run(started)
         finally:
             if follower:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
             await cancels.stop()
-            await self.producer.stop()
             self._gpu.shutdown(wait=True)
 
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        while not self._stop.is_set():
-            self._loop_seen = time.monotonic()
-            batches = await consumer.getmany(timeout_ms=500, max_records=1)
-            for tp, records in batches.items():
-                for record in records:
-                    if await self._while_polling(consumer, self.handle(record)):
-                        await self._commit(consumer, tp, record.offset + 1)
-                        self.finished += 1
-
-    async def _while_polling(self, consumer: AIOKafkaConsumer, work) -> bool:
-        """Run `work` with every partition paused, polling meanwhile so the group keeps this member."""
-        task = asyncio.create_task(work)
-        try:
-            while not task.done():
-                consumer.pause(*consumer.assignment())  # again each time: a rebalance may have brought new ones
-                await asyncio.wait({task}, timeout=0.5)
-                for tp, early in (await consumer.getmany(timeout_ms=0)).items():
-                    consumer.seek(tp, early[0].offset)  # assigned mid-poll, before its pause: read it again later
-                self._loop_seen = time.monotonic()
-            return task.result()
-        finally:
-            consumer.resume(*consumer.assignment())
-
-    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
-        try:
-            await consumer.commit({tp: offset})
-        except KafkaError as exc:
-            # The partition moved during the job; its new owner gets the record, finds the published
-            # version by request id and answers again without training.
-            log.warning("could not commit %s[%d]@%d: %s", tp.topic, tp.partition, offset, exc)
+    async def _answer(self, job: Job) -> None:
+        # A job whose partition moved meanwhile is not committed here (the service ignores it): its new owner
+        # gets the record, finds the published version by request id and answers again without training.
+        if await self.handle(job.record):
+            self.service.finish(job)
+        else:  # stopped for shutdown: the record comes back and training resumes from the checkpoint
+            self.service.leave(job)
 
     async def _catch_up_on_cancels(self, cancels: AIOKafkaConsumer) -> None:
         """Read the cancels of the last SKILL_CANCEL_LOOKBACK_S before taking any job, so a cancel sent while no
@@ -240,7 +207,7 @@ class TrainerWorker:
         try:
             req = decode(record.value, FineTuneRequest, record.headers)
         except CodecError as exc:
-            await self.dead_letter(record, exc)
+            await self.service.dead_letter(record, exc)
             self.metrics.jobs.labels("dead-lettered").inc()
             return True
         ctx = job(req.request_id, adapter=req.adapter, team=req.origin.team_id)
@@ -255,7 +222,7 @@ class TrainerWorker:
             self.metrics.jobs.labels("succeeded").inc()
             return True
         await self.emit(req, EventKind.started, message=f"Training `{req.adapter}`: fetching {len(req.image_urls)} files")
-        self._running = Running(req, SHUTDOWN if self._stop.is_set() else None)
+        self._running = Running(req, SHUTDOWN if self.service.stopping else None)
         self.metrics.running.set(1)
         workdir = self.settings.work_dir / req.request_id
         try:
@@ -291,7 +258,7 @@ class TrainerWorker:
             outcome, message = "refused", f"Training of `{req.adapter}` failed: {exc}"
         else:
             log.exception("training failed", extra=ctx)
-            await self.dead_letter(record, exc)
+            await self.service.dead_letter(record, exc)
             outcome, message = "failed", f"Training of `{req.adapter}` failed unexpectedly; the team has been notified."
         self.metrics.jobs.labels(outcome).inc()
         log.info("%s", message, extra=ctx)
@@ -413,11 +380,7 @@ class TrainerWorker:
         fields.setdefault("adapter", req.adapter)
         event = JobEvent(request_id=req.request_id, kind=kind, origin=req.origin, job="finetune", **fields)
         value, headers = encode(event)
-        await self.producer.send_and_wait(self.topics.events, value, key=req.request_id.encode(), headers=headers)
-
-    async def dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
-        reason = await dead_letter(self.producer, record, error)
-        log.warning("record %s[%d]@%d to DLQ: %s", record.topic, record.partition, record.offset, reason)
+        await self.service.emit(self.topics.events, value, key=req.request_id.encode(), headers=headers)
 
 
 async def serve(settings: TrainerSettings, ready: Callable[[], None] | None = None) -> TrainerWorker:

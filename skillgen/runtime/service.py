@@ -13,10 +13,12 @@ What every service gets the same way:
 - **Commit after terminal**: per partition, the offset committed is the first record not yet finished, so a
   crash redelivers what was not answered and nothing that was (at-least-once). A failed commit (a rebalance
   under way: `CommitFailedError`) is logged and left to the next commit or the next owner, never raised.
-- **Backpressure without leaving the group**: past `max_in_hand` open records every partition is paused and
+- **Backpressure without leaving the group**: past `max_in_hand` records in hand every partition is paused and
   polling goes on; a record that arrives anyway (a partition assigned mid-poll) is sought back and read later.
+  A revoked job whose handler is still running stays in hand until it returns: it still holds the GPU.
 - **Revoke**: finished work is committed, unfinished jobs of the revoked partitions are marked abandoned (their
-  handler answers nothing, commits nothing) and `on_revoked(jobs)` lets the service drop them.
+  handler answers nothing, commits nothing) and `on_revoked(jobs)` lets the service drop them. With `ordered`,
+  a partition that comes back is handled only once its abandoned handler has returned.
 - **Drain**: on `stop()` fetching stops, open jobs get `drain_timeout_s` to finish, the rest is left for the
   next owner, finished work is committed and the group is left at once.
 - **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently.
@@ -158,7 +160,9 @@ class KafkaService:
         self._dirty = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._handling: set[Job] = set()  # jobs whose handler is running
         self._queues: dict[TopicPartition, asyncio.Queue[Job | None]] = {}
+        self._workers: dict[TopicPartition, asyncio.Task] = {}  # with `ordered`: the partition's handler loop
         self._loop_seen = time.monotonic()
 
     # -- for the service's own code ---------------------------------------------------------------------------
@@ -234,7 +238,11 @@ class KafkaService:
             return False, f"the fetch loop has been silent for {silent_s:.0f}s"
         if self._health_detail is not None:
             return self._health_detail()
-        return True, f"ok: {len(self.offsets)} records in hand"
+        return True, f"ok: {self.in_hand()} records in hand"
+
+    def in_hand(self) -> int:
+        """Jobs being worked on here: open ones, and revoked ones whose handler has not returned yet."""
+        return len(self.offsets) + sum(1 for j in self._handling if j.abandoned)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:
@@ -275,7 +283,7 @@ class KafkaService:
         consumer = self.consumer
         while not self._stop.is_set():
             self._loop_seen = time.monotonic()
-            in_hand = len(self.offsets)
+            in_hand = self.in_hand()
             if in_hand >= self.max_in_hand:
                 if unpaused := consumer.assignment() - consumer.paused():
                     consumer.pause(*unpaused)
@@ -284,7 +292,7 @@ class KafkaService:
             batches = await consumer.getmany(timeout_ms=100, max_records=max(1, self.max_in_hand - in_hand))
             for tp, records in batches.items():
                 for record in records:
-                    if len(self.offsets) >= self.max_in_hand:
+                    if self.in_hand() >= self.max_in_hand:
                         consumer.seek(tp, record.offset)  # over capacity (assigned mid-poll): read it again later
                         break
                     job = Job(record, tp, time.monotonic())
@@ -298,25 +306,31 @@ class KafkaService:
         queue = self._queues.get(job.tp)
         if queue is None:
             queue = self._queues[job.tp] = asyncio.Queue()
-            self.spawn(self._partition_worker(job.tp, queue))
+            before = self._workers.get(job.tp)
+            self._workers[job.tp] = self.spawn(self._partition_worker(queue, before))
         queue.put_nowait(job)
 
-    async def _partition_worker(self, tp: TopicPartition, queue: asyncio.Queue[Job | None]) -> None:
+    async def _partition_worker(self, queue: asyncio.Queue[Job | None], before: asyncio.Task | None) -> None:
+        if before is not None:  # the partition was revoked and came back: its records stay one after another
+            await asyncio.wait({before})
         while (job := await queue.get()) is not None:  # None: the partition was revoked
             if not job.abandoned:
                 await self._run_handler(job)
 
     async def _run_handler(self, job: Job) -> None:
+        self._handling.add(job)
         try:
             await self._handle(job)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug in a handler must not strand the partition
+        except Exception as exc:  # a bug in a handler must not strand the partition
             log.exception("%s: the handler failed on %s[%d]@%d", self.name, job.tp.topic, job.tp.partition,
                           job.record.offset)
             if not job.abandoned:
                 await self.dead_letter(job.record, exc)
                 self.finish(job)
+        finally:
+            self._handling.discard(job)
 
     async def _drain(self) -> None:
         log.info("%s stopping: %d records in hand, finishing them within %.0fs", self.name, len(self.offsets),
@@ -337,25 +351,30 @@ class KafkaService:
             log.error("%s: task %s failed", self.name, task.get_name(), exc_info=task.exception())
 
     # -- offsets ----------------------------------------------------------------------------------------------
-    async def _committer(self) -> None:
+    async def _committer(self, retry_s: float = 1.0) -> None:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            await self._commit()
+            if not await self._commit():
+                # Tried again even if nothing else finishes meanwhile; a partition that moved is dropped by then.
+                await asyncio.sleep(retry_s)
+                self._dirty.set()
 
-    async def _commit(self, tps=None) -> None:
+    async def _commit(self, tps=None) -> bool:
+        """Commit every finished prefix; False when the broker refused (the points stay due)."""
         async with self._commit_lock:
             points = self.offsets.to_commit(self.consumer.assignment() if tps is None else tps)
             if not points:
-                return
+                return True
             try:
                 await self.consumer.commit(points)
             except KafkaError as exc:  # CommitFailedError in a rebalance: the next owner starts from the last commit
                 self.commit_failures += 1
                 log.warning("%s: commit of %s failed (%s): left to the next commit", self.name,
                             {f"{tp.topic}[{tp.partition}]": p for tp, p in points.items()}, exc)
-                return
+                return False
             self.offsets.committed(points)
+            return True
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is finished; leave what is not to the partitions' next owner."""

@@ -51,10 +51,14 @@ class World:
     @asynccontextmanager
     async def running(self, *, crash_before_commit: bool = False, **overrides) -> AsyncIterator[Delivery]:
         async with open_delivery(self.settings(**overrides), FAST_GROUP) as delivery:
-            if crash_before_commit:
-                delivery.commit = _no_commit
             ready = asyncio.Event()
-            task = asyncio.create_task(delivery.run(ready.set))
+
+            def started() -> None:  # the consumer exists now, and nothing was fetched yet
+                if crash_before_commit:
+                    delivery.service.consumer.commit = _no_commit
+                ready.set()
+
+            task = asyncio.create_task(delivery.run(started))
             await asyncio.wait_for(ready.wait(), 20)
             try:
                 yield delivery

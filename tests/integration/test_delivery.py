@@ -5,6 +5,7 @@ import asyncio
 import uuid
 
 import pytest
+from aiokafka.errors import CommitFailedError
 
 from bots.markers import Markers
 from schemas.codec import header
@@ -243,6 +244,70 @@ async def test_one_bad_event_never_stops_the_service(world):
                 break
     errors = sorted(header(r.headers, "error").split(":")[0] for r in records)
     assert errors == ["BlobError", "CodecError", "NotFound"]
+
+
+async def test_a_commit_refused_in_a_rebalance_neither_stops_delivery_nor_loses_its_events(world):
+    first, second = world.discord.deferred(), world.discord.deferred()
+    refused: list[dict] = []
+    async with world.running() as delivery:
+        consumer = delivery.service.consumer
+        commit = consumer.commit
+
+        async def refused_once(offsets=None):
+            if not refused:
+                refused.append(dict(offsets))
+                raise CommitFailedError()  # what aiokafka raises once the group has moved on to a new generation
+            await commit(offsets)
+
+        consumer.commit = refused_once
+        await world.send(event(world.discord_origin(first), OK, rid(), blobs=[world.image(1)]))
+        await world.discord.wait_for(original_edits(world.discord, first.token, with_files=True))
+        async with asyncio.timeout(10):
+            while not refused:
+                await asyncio.sleep(0.05)
+        await world.send(event(world.discord_origin(second), OK, rid(), blobs=[world.image(2)]))
+        await world.discord.wait_for(original_edits(world.discord, second.token, with_files=True))
+        # The refused points are committed after all (retried, or carried by a later commit): a restart would
+        # not read the first event again.
+        async with asyncio.timeout(10):
+            while [tp for tp, at in refused[0].items() if (await commit_point(consumer, tp)) < at]:
+                await asyncio.sleep(0.1)
+        assert delivery.service.state == "running" and delivery.service.commit_failures == 1
+    for it in (first, second):
+        assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=True))) == 1
+
+
+async def commit_point(consumer, tp) -> int:
+    return await consumer.committed(tp) or 0
+
+
+async def test_deliveries_joining_and_leaving_the_group_post_every_result_once(world):
+    """Real rebalances: a second delivery joins (every partition is revoked, then split) and leaves again."""
+    posted: list = []
+
+    async def results(n: int) -> None:
+        interactions = [world.discord.deferred() for _ in range(n)]
+        await world.send(*[event(world.discord_origin(it), OK, rid(), blobs=[world.image(i)])
+                           for i, it in enumerate(interactions)])
+        for it in interactions:
+            await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True), timeout_s=30)
+        posted.extend(interactions)
+
+    async def split(one, two) -> None:
+        async with asyncio.timeout(20):
+            while not (two.service.consumer.assignment() and len(one.service.consumer.assignment()) < 4):
+                await asyncio.sleep(0.1)
+
+    async with world.running() as one:
+        await results(4)
+        async with world.running() as two:
+            await split(one, two)
+            await results(8)
+        await results(4)
+        assert one.service.state == "running"
+    assert one.handled + two.handled >= 16
+    for it in posted:
+        assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=True))) == 1
 
 
 async def test_fine_tune_events_use_the_trainers_words_and_post_no_weights(world):

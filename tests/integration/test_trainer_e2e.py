@@ -219,6 +219,31 @@ async def test_a_blocked_sample_cell_withholds_the_grid_but_not_the_adapter(skil
     assert meta.training.sample_grid is None and meta.training.sample_grid_withheld == NUDITY
 
 
+async def test_one_job_at_a_time_the_second_waits_for_the_first(skill_env, tiny_model, attachments, tmp_path):
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    commands = TrainCommandSettings(_env_file=None, ingest=limits)
+    reqs = [finetune_request(parse(f"{name} --steps 10"), GUILD, urls, commands) for name in ("one-first", "one-then")]
+    trainer = TrainerWorker(settings)
+    handle, at_once, most_at_once = trainer.handle, [0], [0]
+
+    async def counted(record):
+        at_once[0] += 1
+        most_at_once[0] = max(most_at_once[0], at_once[0])
+        try:
+            return await handle(record)
+        finally:
+            at_once[0] -= 1
+
+    trainer.handle = counted
+    async with Chat(settings) as chat, running(trainer):
+        for req in reqs:
+            await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        done = [(await chat.terminal(req.request_id))[-1] for req in reqs]
+    assert [d.kind for d in done] == [EventKind.succeeded, EventKind.succeeded], [d.message for d in done]
+    assert most_at_once[0] == 1 and trainer.finished == 2
+
+
 async def test_poison_records_go_to_the_dlq_and_refused_inputs_say_why(skill_env, tiny_model, attachments, tmp_path):
     urls, limits = attachments
     settings = trainer_settings(tiny_model, tmp_path, limits)
