@@ -32,8 +32,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
@@ -53,6 +59,7 @@ class Job:
     record: ConsumerRecord
     tp: TopicPartition
     received: float  # time.monotonic() at fetch
+    message: Any = None  # the decoded record, once the handler has decoded it
     abandoned: bool = False  # its partition went to another member: answer nothing, commit nothing
     left: bool = False  # given up here on purpose: not committed, not waited for
     # Events of one job reach the producer in the order they were emitted, whichever task emits them.
