@@ -44,13 +44,10 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
-from skillgen.runtime.observability import metrics_server
+from skillgen.runtime.observability import HealthFn, metrics_server
 from skillgen.runtime.settings import CommonSettings
 
 log = logging.getLogger("skillgen.service")
-
-HealthDetail = Callable[[], tuple[bool, str]]
-
 
 @dataclass(eq=False)
 class Job:
@@ -133,7 +130,7 @@ class KafkaService:
         ordered: bool = False,
         drain_timeout_s: float = 60.0,
         registry: CollectorRegistry | None = None,
-        health: HealthDetail | None = None,
+        health: HealthFn | None = None,
         on_revoked: Callable[[list[Job]], Awaitable[None]] | None = None,
         on_drain: Callable[[], None] | None = None,
         healthy_loop_s: float = 60.0,
