@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from pydantic import BaseModel
 
 from consumer.settings import ConsumerSettings
 from schemas.codec import decode, encode
 from schemas.messages import GenerateRequest, JobEvent, Origin, Platform
-from skillgen.runtime.kafka import ensure_topics, make_producer
+from skillgen.runtime.kafka import ensure_topics, make_consumer, make_producer
 from skillgen.runtime.settings import RANDOM_TINY_DIR
 
 DEFAULT_JSON = Path("bench/results/consumer.json")
@@ -121,8 +121,7 @@ class _Client:
     async def __aenter__(self) -> _Client:
         self.producer = make_producer(self.settings, linger_ms=0)
         await self.producer.start()
-        self.reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
-                                       fetch_max_wait_ms=5)
+        self.reader = make_consumer(self.settings, group=None, fetch_max_wait_ms=5)
         await self.reader.start()
         topic = self.settings.topics.events
         tps = [TopicPartition(topic, p) for p in self.reader.partitions_for_topic(topic) or range(4)]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode, header
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
-from skillgen.runtime.kafka import make_producer, partitions_of
+from skillgen.runtime.kafka import make_consumer, make_producer, partitions_of
 from skillgen.runtime.redis import Store
 from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
 from skillgen.safety.decision import CHECK_FAILED
@@ -88,7 +88,7 @@ async def _offsets_at(consumer: AIOKafkaConsumer, tps: list[TopicPartition], whe
 
 async def select(settings: ConsumerSettings, sel: Selection) -> list[Picked]:
     topic = settings.topics.generate if sel.source == "generate" else settings.topics.dlq(settings.topics.generate)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = make_consumer(settings, group=None)
     await consumer.start()
     try:
         parts = await partitions_of(settings, topic)
