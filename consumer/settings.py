@@ -18,6 +18,8 @@ class ConsumerSettings(CommonSettings):
     onnx_cache_dir: Path | None = None
     onnx_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = "auto"
     max_cached_adapters: int = Field(default=4, ge=1, le=64)
+    # Adapters kept loaded (on the GPU for torch); past this the least recently used one that is not active goes.
+    max_loaded_adapters: int = Field(default=8, ge=1)
     # Resolution cap (width x height) a request may ask for on this deployment's GPU.
     max_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
     # The trainer's adapter registry (file:// or s3://); unset: a request naming an adapter fails, saying so.

@@ -358,6 +358,7 @@ def load_engine_from(settings: ConsumerSettings):
         cache_dir=settings.onnx_cache_dir,
         provider=settings.onnx_provider,
         max_cached_adapters=settings.max_cached_adapters,
+        max_loaded_adapters=settings.max_loaded_adapters,
         max_pixels=settings.max_pixels,
         trt_profile=trt_profile,
     )

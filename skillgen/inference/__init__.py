@@ -27,6 +27,7 @@ def load_engine(
     cache_dir: Path | None = None,
     provider: str = "auto",
     max_cached_adapters: int = 4,
+    max_loaded_adapters: int = 8,
     max_pixels: int = 1024 * 1024,
     trt_profile=None,
 ):
@@ -35,7 +36,8 @@ def load_engine(
     backend: "torch" (reference) or "onnx". precision: fp32 | fp16 (fp16 applies on CUDA devices and, for onnx,
     wherever ONNX Runtime has the kernels) | int8 (onnx only). cache_dir: where onnx exports and TensorRT
     engines are kept (default ~/.cache/skillgen/onnx). provider: onnx only, auto | tensorrt | cuda | cpu.
-    max_cached_adapters: onnx only, fused adapter weight sets kept in memory. max_pixels: width*height cap.
+    max_cached_adapters: onnx only, fused adapter weight sets kept in memory. max_loaded_adapters: adapters kept
+    loaded (the least recently used one that is not active goes first). max_pixels: width*height cap.
     trt_profile: onnx on TensorRT only, an onnx_backend.TrtProfile (image sides and batch the engines cover).
     """
     from skillgen.inference.engine import Engine
@@ -47,7 +49,8 @@ def load_engine(
 
         if precision == "int8":
             raise PipelineError("int8 is an onnx backend precision; use fp32 or fp16 with the torch backend")
-        return Engine(TorchBackend(model, device=device, precision=precision), memory=memory)
+        torch_backend = TorchBackend(model, device=device, precision=precision, max_loaded_adapters=max_loaded_adapters)
+        return Engine(torch_backend, memory=memory)
     if backend == "onnx":
         from skillgen.inference.onnx_backend import OnnxBackend
 
@@ -58,6 +61,7 @@ def load_engine(
             cache_dir=cache_dir,
             provider=provider,
             max_cached_adapters=max_cached_adapters,
+            max_loaded_adapters=max_loaded_adapters,
             trt_profile=trt_profile,
         )
         return Engine(onnx, memory=memory)

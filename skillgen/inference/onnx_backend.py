@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,10 +162,13 @@ class OnnxBackend:
         cache_dir: Path | None = None,
         provider: Provider = "auto",
         max_cached_adapters: int = 4,
+        max_loaded_adapters: int = 8,
         trt_profile: TrtProfile | None = None,
     ):
         import onnxruntime as ort
 
+        if max_loaded_adapters < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
         if precision not in ("fp32", "fp16", "int8"):
             raise PipelineError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
         self.model_dir = resolve_model_dir(model)
@@ -203,7 +207,10 @@ class OnnxBackend:
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        self._adapters: dict[str, dict[str, dict[str, LoraFactors]]] = {}
+        # Adapters' low-rank factors, least recently used first; past max_loaded_adapters the least recently used
+        # one that is not active is dropped (with its fused set). Fused sets have their own, smaller LRU.
+        self.max_loaded_adapters = max_loaded_adapters
+        self._adapters: OrderedDict[str, dict[str, dict[str, LoraFactors]]] = OrderedDict()
         self._fused = FusedWeights(max_cached_adapters)
         self._active: str | None = None
         self._savings = 0
@@ -329,8 +336,10 @@ class OnnxBackend:
 
     # -- LoRA --------------------------------------------------------------------------------------------------
     def load_adapter(self, key: str, path: str | Path) -> None:
-        """Read a diffusers-format LoRA (safetensors) under `key`; loading a key twice is a no-op."""
+        """Read a diffusers-format LoRA (safetensors) under `key`; loading a key that is loaded is a no-op that
+        marks it recently used. May drop the least recently used other adapter (see `loaded_adapters`)."""
         if key in self._adapters:
+            self._adapters.move_to_end(key)
             return
         factors = read_lora(path, self.model_dir)
         for component, modules in factors.items():
@@ -343,17 +352,46 @@ class OnnxBackend:
                     "or use the torch backend"
                 )
         self._adapters[key] = factors
+        self._evict()
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """The adapters loaded now, least recently used first."""
+        return list(self._adapters)
 
     def use_adapter(self, adapter: str | None) -> None:
-        if adapter == self._active:
-            return
-        if adapter is None:
-            self._bind(self._base)
-        else:
+        if adapter is not None:
             if adapter not in self._adapters:
                 raise AdapterError(f"adapter {adapter!r} is not loaded")
-            self._bind(self._fused.get(adapter, self._fuse))
-        self._active = adapter
+            self._adapters.move_to_end(adapter)
+        if adapter != self._active:
+            if adapter is None:
+                self._bind(self._base)
+            else:
+                self._bind(self._fused.get(adapter, self._fuse))
+            self._active = adapter
+        self._evict()  # the adapter active until now may be the one over capacity
+
+    def unload_adapter(self, key: str) -> None:
+        """Forget `key` (factors and fused set); unknown keys are ignored. Unloading the active adapter binds the
+        base weights again."""
+        if key not in self._adapters:
+            return
+        if key == self._active:
+            self._bind(self._base)
+            self._active = None
+        del self._adapters[key]
+        self._fused.discard(key)
+
+    def _evict(self) -> None:
+        """Drop least recently used adapters until at most max_loaded_adapters remain, never the active one nor
+        the most recently used one (the one just loaded or just put to use)."""
+        while len(self._adapters) > self.max_loaded_adapters:
+            victim = next((k for k in list(self._adapters)[:-1] if k != self._active), None)
+            if victim is None:
+                return
+            self.unload_adapter(victim)
+            log.info("onnx backend: adapter %s dropped (%d stay loaded at most)", victim, self.max_loaded_adapters)
 
     def _fuse(self, adapter: str) -> dict[str, dict[str, object]]:
         fused = {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import torch
 from skillgen.inference.errors import AdapterError, ModelLoadError
 from skillgen.inference.lora import weights_file
 from skillgen.inference.memory import SLICED, TILED, Geometry
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(device: str) -> torch.device:
@@ -21,10 +26,14 @@ def pick_device(device: str) -> torch.device:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: str | Path, device: str = "auto", precision: str = "fp16"):
+    def __init__(
+        self, model: str | Path, device: str = "auto", precision: str = "fp16", max_loaded_adapters: int = 8
+    ):
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
+        if max_loaded_adapters < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
         diffusers_logging.disable_progress_bar()  # services log lines, not progress bars
         self.device = pick_device(device)
         # fp16 matmuls on a CPU are slow and lossy: precision applies where the hardware has it.
@@ -51,8 +60,12 @@ class TorchBackend:
             # SDPA's flash and memory-efficient kernels never hold the score matrix.
             materializes_attention=False,
         )
-        self._adapters: set[str] = set()
-        self._active: str | None = None
+        # Adapters in the pipeline, least recently used first; past max_loaded_adapters the least recently used
+        # one that is not the active one is deleted from the pipeline (its LoRA weights leave the GPU).
+        self.max_loaded_adapters = max_loaded_adapters
+        self._adapters: OrderedDict[str, None] = OrderedDict()
+        self._active: str | None = None  # what use_adapter last asked for; None is the base model
+        self._stale = False  # the pipeline's LoRA state may differ from _active (a load or a deletion changed it)
         self._savings = 0
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -90,8 +103,10 @@ class TorchBackend:
 
     # -- LoRA -----------------------------------------------------------------------------------------------
     def load_adapter(self, key: str, path: str | Path) -> None:
-        """Load a diffusers-format LoRA (safetensors only) under `key`; loading a key twice is a no-op."""
+        """Load a diffusers-format LoRA (safetensors only) under `key`; loading a key that is loaded is a no-op
+        that marks it recently used. May delete the least recently used other adapter (see `loaded_adapters`)."""
         if key in self._adapters:
+            self._adapters.move_to_end(key)
             return
         weights = weights_file(path)
         try:
@@ -101,18 +116,52 @@ class TorchBackend:
             )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise AdapterError(f"adapter {key!r} does not fit this model: {exc}") from exc
-        self._adapters.add(key)
-        self._active = "__unset__"
+        self._adapters[key] = None
+        self._stale = True  # diffusers activates what it just loaded
+        self._evict()
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """The adapters in the pipeline now, least recently used first."""
+        return list(self._adapters)
 
     def use_adapter(self, adapter: str | None) -> None:
-        if adapter == self._active:
-            return
-        if adapter is None:
-            if self._adapters:
-                self.pipe.disable_lora()  # bypasses the LoRA layers: exactly the base output again
-        else:
+        if adapter is not None:
             if adapter not in self._adapters:
                 raise AdapterError(f"adapter {adapter!r} is not loaded")
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([adapter])
-        self._active = adapter
+            self._adapters.move_to_end(adapter)
+        if adapter != self._active or self._stale:
+            if adapter is None:
+                if self._adapters:
+                    self.pipe.disable_lora()  # bypasses the LoRA layers: exactly the base output again
+            else:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([adapter])
+            self._active = adapter
+            self._stale = False
+        self._evict()  # the adapter active until now may be the one over capacity
+
+    def unload_adapter(self, key: str) -> None:
+        """Delete `key`'s LoRA weights from the UNet and the text encoder; unknown keys are ignored. After deleting
+        the active adapter, use_adapter must name the next one (None included) before a generation."""
+        if key not in self._adapters:
+            return
+        with warnings.catch_warnings():
+            # peft warns when a deleted adapter was the layers' active one and picks another: use_adapter sets
+            # the state it needs again (_stale), so that choice never shows.
+            warnings.simplefilter("ignore", UserWarning)
+            self.pipe.delete_adapters([key])
+        del self._adapters[key]
+        if key == self._active:
+            self._active = None
+        self._stale = True
+
+    def _evict(self) -> None:
+        """Delete least recently used adapters until at most max_loaded_adapters remain, never the active one
+        nor the most recently used one (the one just loaded or just put to use)."""
+        while len(self._adapters) > self.max_loaded_adapters:
+            victim = next((k for k in list(self._adapters)[:-1] if k != self._active), None)
+            if victim is None:
+                return
+            self.unload_adapter(victim)
+            log.info("adapter %s deleted from the pipeline (%d stay loaded at most)", victim, self.max_loaded_adapters)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from bench.pipeline import psnr_db, write_random_lora  # noqa: E402
-from skillgen.inference import DoesNotFit, PipelineError, load_engine  # noqa: E402
+from skillgen.inference import AdapterError, DoesNotFit, PipelineError, load_engine  # noqa: E402
 from skillgen.inference import engine as engine_mod  # noqa: E402
 from skillgen.inference.engine import BatchSpec, Engine, Sample  # noqa: E402
 from skillgen.inference.memory import (  # noqa: E402
@@ -164,3 +166,94 @@ def test_out_of_memory_is_recognised_from_every_runtime():
     assert is_out_of_memory(Fail("BFCArena::AllocateRawInternal Failed to allocate memory for requested buffer"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(Fail("Invalid input name"))
+
+
+# -- adapters past max_loaded_adapters: the least recently used idle one is deleted from the pipeline -----------
+LRU_SPEC = BatchSpec(width=64, height=64, steps=2)
+
+
+@pytest.fixture(scope="module")
+def three_loras(tiny, tmp_path_factory):
+    return [write_random_lora(tiny, tmp_path_factory.mktemp(f"lru{i}"), seed=10 + i) for i in range(3)]
+
+
+def lora_params(module) -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
+
+
+def pipeline_adapters(pipe) -> dict[str, set[str]]:
+    return {component: set(names) for component, names in pipe.get_list_adapters().items()}
+
+
+def same_images(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_past_capacity_the_least_recently_used_idle_adapter_is_deleted(tiny, three_loras):
+    engine = load_engine(tiny, "torch", "cpu", "fp32", max_loaded_adapters=2)
+    be, pipe = engine.backend, engine.backend.pipe
+    deleted: list[tuple[list[str], int, int]] = []  # (names, LoRA parameters in the UNet before, after)
+    delete = pipe.delete_adapters
+
+    def spy(names):
+        before = lora_params(pipe.unet)
+        delete(names)
+        deleted.append((list(names), before, lora_params(pipe.unet)))
+
+    pipe.delete_adapters = spy
+    gen = lambda adapter: engine.generate(replace(LRU_SPEC, adapter=adapter), samples(2))  # noqa: E731
+
+    base = gen(None)
+    be.load_adapter("a", three_loras[0])
+    first_a = gen("a")
+    be.load_adapter("b", three_loras[1])
+    be.load_adapter("c", three_loras[2])
+    # "a" is the least recently used, but it is the active one: "b" goes instead.
+    assert [names for names, _, _ in deleted] == [["b"]]
+    assert deleted[0][2] < deleted[0][1]
+    assert be.loaded_adapters == ["a", "c"]
+    assert pipeline_adapters(pipe) == {"unet": {"a", "c"}, "text_encoder": {"a", "c"}}
+    assert same_images(gen("a"), first_a)  # set_adapters still works after a deletion
+    assert same_images(gen(None), base)  # and so does disable_lora
+
+    gen("c")
+    be.load_adapter("b", three_loras[1])  # "a" is now the least recently used and idle: deleted
+    assert deleted[-1][0] == ["a"] and deleted[-1][2] < deleted[-1][1]
+    assert be.loaded_adapters == ["c", "b"]
+    assert all("a" not in names for names in pipeline_adapters(pipe).values())
+    with pytest.raises(AdapterError, match="not loaded"):
+        be.use_adapter("a")
+
+    # Asked for again, the evicted adapter loads again and draws what it drew the first time.
+    be.load_adapter("a", three_loras[0])
+    assert be.loaded_adapters == ["c", "a"]  # "c" is active (the last generation), so "b" went
+    assert same_images(gen("a"), first_a)
+
+    for key in be.loaded_adapters:
+        be.unload_adapter(key)
+    assert be.loaded_adapters == [] and lora_params(pipe.unet) == 0
+    assert same_images(gen(None), base)
+    # With every adapter deleted (the text encoder's peft config included), loading works as on a fresh pipeline.
+    be.load_adapter("a", three_loras[0])
+    assert same_images(gen("a"), first_a)
+    assert same_images(gen(None), base)
+
+
+def test_capacity_one_keeps_the_active_adapter_until_the_next_one_is_used(tiny, three_loras):
+    engine = load_engine(tiny, "torch", "cpu", "fp32", max_loaded_adapters=1)
+    be = engine.backend
+    gen = lambda adapter: engine.generate(replace(LRU_SPEC, adapter=adapter), samples(1))  # noqa: E731
+    base = gen(None)
+    be.load_adapter("a", three_loras[0])
+    first_a = gen("a")
+    gen(None)
+    be.load_adapter("b", three_loras[1])  # "a" is idle (the base model is active): deleted at once
+    assert be.loaded_adapters == ["b"]
+    assert same_images(gen(None), base)
+    assert psnr_db(gen("b")[0], base[0]) < 45
+    be.load_adapter("a", three_loras[0])
+    assert be.loaded_adapters == ["b", "a"]  # "b" is active: over capacity until another one is used
+    assert same_images(gen("a"), first_a)
+    assert be.loaded_adapters == ["a"]
+    be.load_adapter("a", three_loras[0])  # loaded already: a no-op
+    assert be.loaded_adapters == ["a"]

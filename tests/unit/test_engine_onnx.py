@@ -90,6 +90,28 @@ def test_lora_on_onnx_matches_torch_and_switching_back_is_exact(onnx, torch_ref,
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, base_again))
 
 
+def test_onnx_adapters_past_capacity_are_dropped_never_the_active_one(tiny, cache, lora, tmp_path):
+    engine = load_engine(tiny, "onnx", "cpu", "fp32", cache_dir=cache, max_cached_adapters=2, max_loaded_adapters=2)
+    be = engine.backend
+    others = [write_random_lora(tiny, tmp_path / f"o{i}", seed=20 + i) for i in range(2)]
+    styled_spec = BatchSpec(width=64, height=64, steps=2, adapter="a")
+    be.load_adapter("a", lora)
+    first = engine.generate(styled_spec, samples(1))
+    be.load_adapter("b", others[0])
+    be.use_adapter("b")
+    be.use_adapter("a")
+    assert "b" in be._fused
+    be.load_adapter("c", others[1])  # "a" is active: "b" goes, with its fused set
+    assert be.loaded_adapters == ["a", "c"] and "b" not in be._fused
+    with pytest.raises(AdapterError, match="not loaded"):
+        be.use_adapter("b")
+    be.use_adapter("c")
+    be.load_adapter("b", others[0])  # now "a" is the idle one
+    assert be.loaded_adapters == ["c", "b"] and "a" not in be._fused
+    be.load_adapter("a", lora)
+    assert np.array_equal(np.asarray(engine.generate(styled_spec, samples(1))[0]), np.asarray(first[0]))
+
+
 def test_adapter_on_a_module_the_export_keeps_fixed_is_refused(onnx, tiny, tmp_path):
     ff = write_random_lora(tiny, tmp_path / "ff", unet_targets=("ff.net.2",), text_targets=())
     with pytest.raises(AdapterError, match="keeps fixed"):
