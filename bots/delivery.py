@@ -38,7 +38,7 @@ from bots.markers import Markers
 from bots.settings import DeliverySettings
 from bots.slack_post import SlackPoster
 from schemas.codec import CodecError, decode, header
-from schemas.messages import EventKind, JobEvent, Origin, Platform
+from schemas.messages import EventKind, JobEvent, Platform
 from schemas.topics import DELIVERY_GROUP
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job
@@ -56,7 +56,7 @@ MAX_IN_HAND = 50  # events fetched and not yet handled, over all partitions
 class Poster(Protocol):
     platform: Platform
 
-    def message_key(self, origin: Origin) -> str | None: ...
+    def message_key(self, event: JobEvent) -> str | None: ...
     async def status(self, event: JobEvent) -> None: ...
     async def final(self, event: JobEvent, images: list[tuple[str, bytes]]) -> None: ...
 
@@ -64,8 +64,12 @@ class Poster(Protocol):
 class Delivery:
     def __init__(self, settings: DeliverySettings, posters: dict[Platform, Poster], store: Store,
                  blobs: BlobStore | None = None, consumer_options: dict | None = None):
+        if settings.signing_key is None:
+            raise BotError("delivery posts only where a sealed request points: set SKILL_SIGNING_KEY, the same "
+                           "key the bots use (docs/security.md)")
         self.settings = settings
         self.posters = posters
+        self._key = settings.signing_key.get_secret_value().encode()
         self.markers = Markers(store, settings.lease_s, settings.marker_ttl_s)
         self.blobs = blobs or BlobStore(settings.blob_url)
         self.topics = settings.topics
@@ -119,6 +123,12 @@ class Delivery:
         poster = self.posters.get(event.origin.platform)
         if poster is None:
             return  # the console's events, or a platform this delivery has no token for
+        if not event.origin.verify(event.request_id, self._key):
+            # Not a request the bots accepted (or one altered on the way): whoever wrote it cannot choose a channel.
+            metrics.POSTS.labels(poster.platform.value, event.kind.value, "forged").inc()
+            await self.service.dead_letter(record, "the event's origin seal does not verify: not a request the bots "
+                                                   "accepted")
+            return
         due = header(record.headers, DELIVER_AFTER)
         if due is not None and not await self._wait_until(float(due)):
             await self.requeue(record, float(due), count=False)
@@ -158,7 +168,7 @@ class Delivery:
     async def _status(self, poster: Poster, event: JobEvent) -> None:
         if await self.markers.finished(event.request_id):
             return  # late: the result is posted (or being posted) and must not be overwritten
-        key = poster.message_key(event.origin)
+        key = poster.message_key(event)
         if key is None or not self._edit_allowed(key):
             return
         try:

@@ -19,6 +19,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bots import extensions, grammar, metrics, render
+from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
 from bots.intake import Intake
 from bots.settings import DiscordSettings
@@ -53,11 +54,16 @@ def origin_of(interaction: discord.Interaction) -> Origin:
         channel_id=str(interaction.channel_id),
         user_id=str(interaction.user.id),
         thread_id=str(interaction.channel_id) if in_thread else None,
-        interaction_token=interaction.token,
-        application_id=str(interaction.application_id),
-        # The token's 15 minutes run from the interaction's creation, which its snowflake id records.
         created_at=interaction.created_at,
     )
+
+
+async def remember_token(intake: Intake, interaction: discord.Interaction, request_id: str) -> None:
+    """Keep the interaction token where delivery finds it (Redis, by request id; never Kafka). Called before the
+    request is published, so delivery's first edit can use it."""
+    # The token's 15 minutes run from the interaction's creation, which its snowflake id records.
+    await Interactions(intake.store).remember(request_id, str(interaction.application_id), interaction.token,
+                                              interaction.created_at)
 
 
 def is_admin(interaction: discord.Interaction) -> bool:
@@ -124,6 +130,7 @@ class SkillBot(discord.Client):
         only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
         await interaction.edit_original_response(content=render.queued(req), allowed_mentions=only_author)
         try:
+            await remember_token(self.intake, interaction, req.request_id)
             await self.intake.publish(req)
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
@@ -166,6 +173,7 @@ async def serve(settings: DiscordSettings, stop: asyncio.Event | None = None) ->
     """Run the bot until `stop` is set (or SIGTERM/SIGINT)."""
     if settings.discord_token is None:
         raise BotError("set SKILL_DISCORD_TOKEN to the bot token (docs/chat-apps.md says where to find it)")
+    settings.check_chat()
     configure_endpoints(settings)
     stop = stop or asyncio.Event()
     stop_on_signals(stop.set)

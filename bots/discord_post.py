@@ -1,7 +1,8 @@
 """Delivery to Discord over its REST API (plain aiohttp, so every 429, 5xx and 404 reaches delivery's own
 retry rules instead of discord.py's built-in waits).
 
-While the interaction token lives (15 minutes from the command, less a margin: SKILL_WEBHOOK_MAX_AGE_S),
+While the interaction token lives (15 minutes from the command, less a margin: SKILL_WEBHOOK_MAX_AGE_S; the bot
+keeps it in Redis by request id, bots/credentials.py, never on Kafka),
 status and results are edits of the command's original response through the interaction webhook, images
 attached. After that, or once the webhook answered 404, results go to the channel with the bot token, and a
 webhook that answered 404 is not used again. A training outlives the token: its progress then moves to a channel
@@ -12,13 +13,12 @@ ephemeral follow-up while the token lives, a direct message after; the channel's
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from datetime import datetime, timezone
 
 import aiohttp
 
 from bots import render
+from bots.credentials import Interactions
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from skillgen.runtime.redis import Store
@@ -43,21 +43,22 @@ class DiscordPoster:
         self.api_base = api_base.rstrip("/")
         self.bot_token = bot_token
         self.store = store
+        self.interactions = Interactions(store)
         self.webhook_max_age_s = webhook_max_age_s
 
-    def message_key(self, origin: Origin) -> str | None:
-        return origin.interaction_token
+    def message_key(self, event: JobEvent) -> str | None:
+        return f"discord:{event.request_id}"
 
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
         payload = {"content": render.status(event), "allowed_mentions": _only(event.origin)}
-        hook = await self._webhook(event.origin)
+        hook = await self._webhook(event)
         if hook is not None:
             try:
                 await self._call("PATCH", f"{hook}/messages/@original", payload)
                 return
             except NotFound as exc:
-                await self._bury(event.origin, exc)
+                await self._bury(event, exc)
         if event.job != "finetune":
             return  # an image job without the token: the result alone goes to the channel
         # A training runs for longer than the token lives: one channel message, edited, keeps its progress.
@@ -83,13 +84,13 @@ class DiscordPoster:
             "components": render.discord_buttons(event.request_id) if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
-        hook = await self._webhook(event.origin)
+        hook = await self._webhook(event)
         if hook is not None:
             try:
                 await self._call("PATCH", f"{hook}/messages/@original", payload, images)
                 return
             except NotFound as exc:
-                await self._bury(event.origin, exc)
+                await self._bury(event, exc)
         channel = f"/channels/{event.origin.channel_id}/messages"
         message_id = await self.store.get(_status_key(event.request_id)) if event.job == "finetune" else None
         if message_id is not None:
@@ -102,7 +103,7 @@ class DiscordPoster:
 
     async def _tell_privately(self, event: JobEvent) -> None:
         text = {"content": render.blocked(event), "allowed_mentions": _only(event.origin)}
-        hook = await self._webhook(event.origin)
+        hook = await self._webhook(event)
         if hook is not None:
             try:
                 try:
@@ -114,23 +115,23 @@ class DiscordPoster:
                 await self._call("POST", hook, {**text, "flags": EPHEMERAL})
                 return
             except NotFound as exc:
-                await self._bury(event.origin, exc)
+                await self._bury(event, exc)
         dm = await self._call("POST", "/users/@me/channels", {"recipient_id": event.origin.user_id}, bot=True)
         await self._call("POST", f"/channels/{dm['id']}/messages", text, bot=True)
 
     # -- the interaction webhook -------------------------------------------------------------------------------
-    async def _webhook(self, origin: Origin) -> str | None:
+    async def _webhook(self, event: JobEvent) -> str | None:
         """The path of the interaction webhook while it can still be used, else None."""
-        if not origin.interaction_token or not origin.application_id:
+        interaction = await self.interactions.recall(event.request_id)
+        if interaction is None or interaction.age_s() > self.webhook_max_age_s:
             return None
-        age_s = (datetime.now(timezone.utc) - origin.created_at).total_seconds()
-        if age_s > self.webhook_max_age_s or await self.store.get(_dead_key(origin)) is not None:
+        if await self.store.get(_dead_key(event.request_id)) is not None:
             return None
-        return f"/webhooks/{origin.application_id}/{origin.interaction_token}"
+        return f"/webhooks/{interaction.application_id}/{interaction.token}"
 
-    async def _bury(self, origin: Origin, exc: NotFound) -> None:
+    async def _bury(self, event: JobEvent, exc: NotFound) -> None:
         if exc.code in (UNKNOWN_WEBHOOK, None):
-            await self.store.put(_dead_key(origin), "404", 15 * 60)  # the token dies by then anyway
+            await self.store.put(_dead_key(event.request_id), "404", 15 * 60)  # the token dies by then anyway
 
     # -- HTTP ------------------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, payload: dict | None = None,
@@ -172,8 +173,8 @@ def _only(origin: Origin) -> dict:
     return {"parse": [], "users": [origin.user_id]}
 
 
-def _dead_key(origin: Origin) -> str:
-    return "discord:dead-webhook:" + hashlib.sha256((origin.interaction_token or "").encode()).hexdigest()[:32]
+def _dead_key(request_id: str) -> str:
+    return f"discord:dead-webhook:{request_id}"
 
 
 def _status_key(request_id: str) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from schemas.codec import CodecError, decode
 from schemas.messages import JobEvent
-from skillgen.runtime.kafka import partitions_of
+from skillgen.runtime.kafka import make_consumer, partitions_of
 from skillgen.runtime.settings import CommonSettings
 
 log = logging.getLogger("skillgen.events")
@@ -25,12 +25,8 @@ class EventFollower:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            fetch_max_wait_ms=50,  # some brokers answer a fetch only when this runs out: it bounds event latency
-        )
+        # fetch_max_wait_ms: some brokers answer a fetch only when this runs out: it bounds event latency
+        self._consumer = make_consumer(self.settings, group=None, auto_offset_reset="latest", fetch_max_wait_ms=50)
         await self._consumer.start()
         topic = self.settings.topics.events
         parts = await partitions_of(self.settings, topic)

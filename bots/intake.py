@@ -29,6 +29,9 @@ from skillgen.safety.prompt import PromptPolicy
 
 log = logging.getLogger("skillgen.intake")
 
+NOT_ALLOWED = (
+    "skillgen is not enabled for this {where}. Ask whoever runs it to add `{who}` to SKILL_ALLOWED_TEAMS."
+)
 FORGOTTEN = (
     "I no longer have the request behind this button (results can be re-rolled for a limited time); "
     "run /skill again with the same prompt."
@@ -49,6 +52,7 @@ class Intake:
         self.store = store
         self.limiter = limiter or RateLimiter.from_settings(settings, store)
         self.policy = policy or PromptPolicy.from_settings()
+        self._key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
 
     @classmethod
     @asynccontextmanager
@@ -66,6 +70,7 @@ class Intake:
 
     async def admit(self, command: str | grammar.Parsed, origin: Origin, *, admin: bool = False) -> GenerateRequest | None:
         """The request a command asks for, or None for help. Raises Refusal with a message for the sender."""
+        self.check_team(origin)
         req = grammar.parse(command, origin, self.settings.defaults)
         if req is None:
             return None
@@ -76,6 +81,7 @@ class Intake:
     async def remix(self, request_id: str, action: str, origin: Origin, *, admin: bool = False) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
         on behalf of whoever clicked, in the channel they clicked in."""
+        self.check_team(origin)
         raw = await self.store.get(f"req:{request_id}")
         if raw is None:
             raise Refusal(FORGOTTEN)
@@ -92,11 +98,25 @@ class Intake:
         await self.limiter.admit(origin, req.num_images, admin=admin)
         return req
 
+    def check_team(self, origin: Origin) -> None:
+        """Refuse a team (Discord server, Slack workspace) that SKILL_ALLOWED_TEAMS does not list."""
+        if not self.settings.team_allowed(origin.platform.value, origin.team_id):
+            where = {"discord": "Discord server", "slack": "Slack workspace"}.get(origin.platform.value, "team")
+            raise Refusal(NOT_ALLOWED.format(where=where, who=f"{origin.platform.value}:{origin.team_id}"))
+
     def check_prompt(self, prompt: str) -> None:
         decision = self.policy.check(prompt)
         if not decision.allowed:
             log.info("prompt refused early (%s)", decision.category)
             raise Refusal(decision.reason)
+
+    def seal(self, msg: BaseModel) -> BaseModel:
+        """The message with its origin sealed for its request id: delivery posts only where a sealed origin points.
+        (Without SKILL_SIGNING_KEY, as in the console demo, nothing is sealed and delivery posts nothing.)"""
+        request_id = getattr(msg, "request_id", None)
+        if self._key is None or request_id is None:
+            return msg
+        return msg.model_copy(update={"origin": msg.origin.sealed(request_id, self._key)})
 
     async def publish(self, req: GenerateRequest) -> None:
         # Remembered first: the buttons on its result can appear before a slow write here would finish.
@@ -105,6 +125,6 @@ class Intake:
         log.info("published %r", req.prompt[:60], extra=job(req.request_id, platform=req.origin.platform.value))
 
     async def send(self, topic: str, msg: BaseModel, key: bytes) -> None:
-        """Publish any message (extensions use this for their own requests, e.g. fine-tunes)."""
-        value, headers = encode(msg)
+        """Publish any message (extensions use this for their own requests, e.g. fine-tunes), its origin sealed."""
+        value, headers = encode(self.seal(msg))
         await self.producer.send_and_wait(topic, value, key=key, headers=headers)

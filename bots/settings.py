@@ -64,6 +64,18 @@ class BotSettings(CommonSettings):
 
     _split = field_validator("admins", "bot_extensions", mode="before")(_split_commas)
 
+    def check_chat(self) -> None:
+        """What a bot facing Discord or Slack refuses to start without (docs/security.md)."""
+        from bots.errors import BotError
+
+        if self.signing_key is None:
+            raise BotError("set SKILL_SIGNING_KEY (the same key as delivery's; `openssl rand -hex 32`): the bots seal "
+                           "each request's origin so that delivery posts only where a request came from")
+        if not self.allowed_teams:
+            raise BotError("set SKILL_ALLOWED_TEAMS to the servers and workspaces that may use the bot, e.g. "
+                           "discord:123456789012345678,slack:T0123ABCD (or * for any, which lets every server that "
+                           "adds the bot use your GPUs)")
+
     @property
     def defaults(self) -> Defaults:
         return Defaults(

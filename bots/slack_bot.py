@@ -135,6 +135,7 @@ def check(settings: SlackSettings) -> None:
         raise BotError("HTTP mode checks every request's signature: set SKILL_SLACK_SIGNING_SECRET")
     if settings.slack_mode == "socket" and settings.slack_app_token is None:
         raise BotError("Socket Mode needs SKILL_SLACK_APP_TOKEN, an app-level token xapp-... (docs/chat-apps.md)")
+    settings.check_chat()
 
 
 def build_app(settings: SlackSettings, intake: Intake) -> AsyncApp:

@@ -27,8 +27,9 @@ class SlackPoster:
     def __init__(self, client: AsyncWebClient):
         self.client = client
 
-    def message_key(self, origin: Origin) -> str | None:
-        return f"{origin.channel_id}/{origin.status_message_id}" if origin.status_message_id else None
+    def message_key(self, event: JobEvent) -> str | None:
+        o = event.origin
+        return f"slack:{o.channel_id}/{o.status_message_id}" if o.status_message_id else None
 
     async def status(self, event: JobEvent) -> None:
         if not event.origin.status_message_id:

@@ -7,6 +7,9 @@ references (claim check), so records stay small.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
 import uuid
 from datetime import datetime, timezone
@@ -18,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,6 +35,10 @@ MAX_IMAGES = 4
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
 MAX_SEED = 2**32 - 1
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# A request id becomes a file name (the trainer's work dir, replay's sink), a Redis key and part of a URL: it is
+# letters, digits, '_' and '-' only, so '../victim', '/' and 'a/b' never get past the contract.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN, description="letters, digits, '_' and '-', 1-64")]
 # The one list of samplers: the request contract, the engine's table, the bots' settings and the grammar's
 # messages are all derived from it.
 Scheduler = Literal["dpmpp", "euler", "lcm"]
@@ -60,20 +68,64 @@ def mention(platform: Platform, user_id: str) -> str:
     return f"<@{user_id}>" if platform in (Platform.discord, Platform.slack) else user_id
 
 
+# What each platform's ids look like. They become REST paths (Discord's /channels/{id}) and Redis keys, so free
+# text such as '../../guilds/1' is refused here rather than escaped everywhere it is used.
+_SNOWFLAKE = r"[0-9]{1,20}"
+_SLACK_TS = r"[0-9]{1,12}\.[0-9]{1,8}"
+ID_PATTERNS: dict[str, dict[str, str]] = {
+    "discord": {"team_id": rf"(dm-)?{_SNOWFLAKE}", "channel_id": _SNOWFLAKE, "user_id": _SNOWFLAKE,
+                "thread_id": _SNOWFLAKE, "status_message_id": _SNOWFLAKE},
+    "slack": {"team_id": r"[TE][A-Z0-9]{1,20}", "channel_id": r"[CDG][A-Z0-9]{1,20}", "user_id": r"[UWB][A-Z0-9]{1,20}",
+              "thread_id": _SLACK_TS, "status_message_id": _SLACK_TS},
+    "console": dict.fromkeys(("team_id", "channel_id", "user_id", "thread_id", "status_message_id"),
+                             r"[A-Za-z0-9_.-]{1,64}"),
+}
+_WHAT = {"discord": "a Discord id (digits)", "slack": "a Slack id", "console": "letters, digits, '_', '.' or '-'"}
+SEAL_FIELDS = ("platform", "team_id", "channel_id", "user_id", "thread_id", "status_message_id")
+
+
 class Origin(_Message):
-    """Everything needed to answer in the same channel (and thread) the request came from."""
+    """Everything needed to answer in the same channel (and thread) the request came from.
+
+    No chat credential travels here (or anywhere on Kafka): Discord interaction tokens stay in the bots' Redis,
+    keyed by request id. `seal` is the bots' HMAC over the request id and the routing fields (SEAL_FIELDS), so
+    delivery posts only where an accepted request pointed, whoever wrote the event."""
 
     platform: Platform
     team_id: str = Field(min_length=1, max_length=64, description="Discord guild id, Slack team id, or 'local'")
     channel_id: str = Field(min_length=1, max_length=64)
     user_id: str = Field(min_length=1, max_length=64)
     thread_id: str | None = Field(default=None, max_length=64, description="Slack thread_ts or Discord thread id")
-    # Discord: the interaction token (valid 15 minutes) and application id, to edit the deferred response.
-    interaction_token: str | None = Field(default=None, max_length=512)
-    application_id: str | None = Field(default=None, max_length=64)
-    # Slack: the status message that chat.update keeps current; Slack/Discord response URLs die too.
+    # Slack: the status message that chat.update keeps current.
     status_message_id: str | None = Field(default=None, max_length=64)
+    seal: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     created_at: datetime = Field(default_factory=_now)
+
+    @field_validator("team_id", "channel_id", "user_id", "thread_id", "status_message_id")
+    @classmethod
+    def _id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        platform = info.data.get("platform")
+        if value is None or platform is None:  # (an unknown platform is refused on its own field)
+            return value
+        if not re.fullmatch(ID_PATTERNS[platform.value][info.field_name], value):
+            raise ValueError(f"{value[:80]!r} is not {_WHAT[platform.value]}")
+        return value
+
+    def _mac(self, request_id: str, key: bytes) -> str:
+        body = json.dumps([request_id, *self.routing()], separators=(",", ":"))
+        return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+    def sealed(self, request_id: str, key: bytes) -> "Origin":
+        """This origin with its seal for `request_id` (what the bots do when they accept a request)."""
+        return self.model_copy(update={"seal": self._mac(request_id, key)})
+
+    def verify(self, request_id: str, key: bytes) -> bool:
+        """Whether the seal was made with `key` for this request id and these routing fields."""
+        return self.seal is not None and hmac.compare_digest(self.seal, self._mac(request_id, key))
+
+    def routing(self) -> tuple:
+        """The fields that decide where an answer goes (equal tuples: the same place)."""
+        return tuple(getattr(self, f) for f in SEAL_FIELDS)
 
 
 def _adapter_name(v: str) -> str:
@@ -112,7 +164,7 @@ Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 class GenerateRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=64)
+    request_id: RequestId = Field(default_factory=new_request_id)
     origin: Origin
     prompt: Prompt
     negative_prompt: Prompt = ""
@@ -146,14 +198,23 @@ class GenerateRequest(_Message):
 
 class FineTuneRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=64)
+    request_id: RequestId = Field(default_factory=new_request_id)
     origin: Origin
     adapter: AdapterName
-    image_urls: list[str] = Field(min_length=1, max_length=200)
+    # Files to fetch over HTTPS (Discord attachments: no token needed) and files a bot already fetched into the
+    # blob store (Slack's private files: only the Slack bot holds the token). At least one of the two.
+    image_urls: list[str] = Field(default_factory=list, max_length=200)
+    images: list[BlobRef] = Field(default_factory=list, max_length=200)
     trigger: str = Field(default="sks", min_length=1, max_length=32, pattern=r"^[\w-]+$")
     caption: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     steps: int = Field(default=500, ge=10, le=5000)
     created_at: datetime = Field(default_factory=_now)
+
+    @model_validator(mode="after")
+    def _some_images(self) -> "FineTuneRequest":
+        if not self.image_urls and not self.images:
+            raise ValueError("give at least one image URL or uploaded image")
+        return self
 
 
 class FineTuneCancel(_Message):
@@ -196,7 +257,7 @@ class BlobRef(_Message):
 
 class JobEvent(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=64)
+    request_id: RequestId
     kind: EventKind
     origin: Origin
     job: Literal["generate", "finetune"] = "generate"

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests.harness import (
+    SIGNING_KEY,
     Broker,
     HarnessError,
     Namespace,
@@ -133,6 +134,8 @@ def skill_env(
             "SKILL_REDIS_URL": redis_server.url,
             "SKILL_REDIS_PREFIX": namespace.redis_prefix,
             "SKILL_BLOB_URL": blob_dir.as_uri(),
+            "SKILL_SIGNING_KEY": SIGNING_KEY,
+            "SKILL_ALLOWED_TEAMS": "*",
         },
         namespace=namespace,
         blob_dir=blob_dir,

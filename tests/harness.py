@@ -31,6 +31,9 @@ from aiokafka.errors import KafkaError
 from schemas.topics import Topics
 from skillgen.tools.embedded import EmbeddedError, free_port, tansu_binary
 
+# The HMAC key every service under test shares (SKILL_SIGNING_KEY): fixed, so tests can seal origins as the bots do.
+SIGNING_KEY = "test-signing-key-0123456789abcdef0123456789abcdef"
+
 T = TypeVar("T")
 
 # Tansu holds a new group's first JoinGroup for about session_timeout_ms / 2 (5 s with aiokafka's default

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 
 import fsspec
@@ -21,6 +22,9 @@ class BlobError(RuntimeError):
 
 
 _EXT = {"image/png": ".png", "application/json": ".json", "application/octet-stream": ".bin"}
+# The only names this store writes, so the only names it reads: `ab/ab12...64 hex.ext`. A reference that names
+# anything else (`../`, another folder, a name that is not its own digest) is refused before touching the disk.
+_NAME = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})\.(png|json|bin)")
 
 
 class BlobStore:
@@ -42,11 +46,20 @@ class BlobStore:
             self.fs.mv(tmp, path)  # readers never see a half-written blob
         return BlobRef(url=f"{self.url}/{rel}", sha256=digest, content_type=content_type, bytes=len(data), **meta)
 
-    def get(self, ref: BlobRef) -> bytes:
+    def name_of(self, ref: BlobRef) -> str:
+        """The blob's name inside this store, or BlobError when the reference is not one of this store's."""
         if not ref.url.startswith(self.url + "/"):
-            raise BlobError(f"{ref.url} is outside this store ({self.url})")
+            raise BlobError(f"{ref.url[:200]} is outside this store ({self.url})")
+        rel = ref.url[len(self.url) + 1 :]
+        m = _NAME.fullmatch(rel)
+        if m is None or m.group(2) != ref.sha256 or m.group(1) != ref.sha256[:2]:
+            raise BlobError(f"{ref.url[:200]} is not a content-addressed name of this store")
+        return rel
+
+    def get(self, ref: BlobRef) -> bytes:
+        rel = self.name_of(ref)
         try:
-            with self.fs.open(posixpath.join(self.root, ref.url[len(self.url) + 1 :]), "rb") as f:
+            with self.fs.open(posixpath.join(self.root, rel), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise BlobError(f"blob {ref.url} is missing from the store") from None
@@ -57,5 +70,5 @@ class BlobStore:
     def local_path(self, ref: BlobRef) -> str | None:
         """Path on local disk when the store is file://, for printing to a person."""
         if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
-            return posixpath.join(self.root, ref.url[len(self.url) + 1 :])
+            return posixpath.join(self.root, self.name_of(ref))
         return None

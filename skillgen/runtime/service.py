@@ -23,6 +23,10 @@ What every service gets the same way:
   next owner, finished work is committed and the group is left at once.
 - **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently.
 - **Dead letters** (`dead_letter`) and **emits** (`emit`, produced and acknowledged, retried with backoff).
+- **Crash loops** (`count_attempts=True`, skillgen/runtime/attempts.py): each record's attempts are counted in
+  Redis, `job.attempt` says which one this is (above 1: a process died holding it), and past
+  SKILL_RECORD_MAX_ATTEMPTS the record is dead-lettered, `on_poison(job, reason)` tells the requester, and it is
+  finished without running the handler.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -43,67 +45,14 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from skillgen.runtime.attempts import Attempts
+from skillgen.runtime.jobs import Job, Offsets
 from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.observability import HealthFn, metrics_server
+from skillgen.runtime.redis import Store
 from skillgen.runtime.settings import CommonSettings
 
 log = logging.getLogger("skillgen.service")
-
-@dataclass(eq=False)
-class Job:
-    """One fetched record, from fetch to its answer."""
-
-    record: ConsumerRecord
-    tp: TopicPartition
-    received: float  # time.monotonic() at fetch
-    message: Any = None  # the decoded record, once the handler has decoded it
-    abandoned: bool = False  # its partition went to another member: answer nothing, commit nothing
-    left: bool = False  # given up here on purpose: not committed, not waited for
-    # Events of one job reach the producer in the order they were emitted, whichever task emits them.
-    emitting: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class Offsets:
-    """Per partition, the fetched records not yet answered, and so how far the group may commit."""
-
-    def __init__(self) -> None:
-        self._open: dict[TopicPartition, dict[int, Job]] = {}
-        self._next: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
-
-    def __len__(self) -> int:
-        """Open jobs that are still being worked on here (left ones only hold the commit point back)."""
-        return sum(1 for o in self._open.values() for j in o.values() if not j.left)
-
-    def add(self, job: Job) -> None:
-        self._open.setdefault(job.tp, {})[job.record.offset] = job
-        self._next[job.tp] = max(self._next.get(job.tp, 0), job.record.offset + 1)
-
-    def finish(self, job: Job) -> None:
-        self._open.get(job.tp, {}).pop(job.record.offset, None)
-
-    def point(self, tp: TopicPartition) -> int | None:
-        """The offset to commit: the first unanswered record, or the one after the last fetched."""
-        open_ = self._open.get(tp)
-        return min(open_) if open_ else self._next.get(tp)
-
-    def to_commit(self, tps) -> dict[TopicPartition, int]:
-        points = {tp: self.point(tp) for tp in tps}
-        return {tp: p for tp, p in points.items() if p is not None and p > self._committed.get(tp, -1)}
-
-    def committed(self, points: dict[TopicPartition, int]) -> None:
-        self._committed.update(points)
-
-    def oldest_s(self, now: float) -> float:
-        """Age of the oldest job still being worked on (0 when none)."""
-        ages = [now - j.received for o in self._open.values() for j in o.values() if not j.left]
-        return max(ages, default=0.0)
-
-    def drop(self, tp: TopicPartition) -> list[Job]:
-        self._next.pop(tp, None)
-        self._committed.pop(tp, None)
-        return list(self._open.pop(tp, {}).values())
-
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, service: KafkaService):
@@ -136,6 +85,8 @@ class KafkaService:
         healthy_loop_s: float = 60.0,
         consumer_options: dict | None = None,
         producer_options: dict | None = None,
+        count_attempts: bool = False,
+        on_poison: Callable[[Job, str], Awaitable[None]] | None = None,
     ):
         if max_in_hand < 1:
             raise ValueError(f"max_in_hand must be at least 1, got {max_in_hand}")
@@ -154,6 +105,9 @@ class KafkaService:
         self.healthy_loop_s = healthy_loop_s
         self.consumer_options = consumer_options or {}
         self.producer_options = producer_options or {}
+        self.count_attempts = count_attempts
+        self._on_poison = on_poison
+        self.attempts: Attempts | None = None
         self.offsets = Offsets()
         self.finished = 0  # records answered (or dead-lettered) here
         self.commit_failures = 0
@@ -184,10 +138,20 @@ class KafkaService:
         self.offsets.finish(job)
         self.finished += 1
         self._dirty.set()
+        if job.counted and self.attempts is not None:
+            job.counted = False
+            self.spawn(self.attempts.end(job.record))
 
     def leave(self, job: Job) -> None:
         """Give the job up unanswered: it holds its partition's commit point until the partition moves."""
         job.left = True
+        self._give_back(job)
+
+    def _give_back(self, job: Job) -> None:
+        """A job given up on purpose: its attempt did not die with this process, so it is not counted."""
+        if job.counted and self.attempts is not None and not self.stopping:  # (the drain gives back the rest)
+            job.counted = False
+            self.spawn(self.attempts.undo(job.record))
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -260,6 +224,9 @@ class KafkaService:
         }
         self.consumer = consumer = make_consumer(s, group=self.group, **options)
         self.producer = make_producer(s, **self.producer_options)
+        store = Store.from_settings(s) if self.count_attempts and s.redis_url else None
+        if store is not None:
+            self.attempts = Attempts(store, self.group, s.record_max_attempts)
         background: list[asyncio.Task] = []
         try:
             async with metrics_server(s.metrics_port, self.registry or CollectorRegistry(), self.health):
@@ -282,6 +249,8 @@ class KafkaService:
         finally:
             self.state = "stopped"
             await self.producer.stop()
+            if store is not None:
+                await store.close()
 
     async def _fetch(self) -> None:
         consumer = self.consumer
@@ -324,6 +293,8 @@ class KafkaService:
     async def _run_handler(self, job: Job) -> None:
         self._handling.add(job)
         try:
+            if self.attempts is not None and not await self._attempt(job):
+                return
             await self._handle(job)
         except asyncio.CancelledError:
             raise
@@ -336,6 +307,23 @@ class KafkaService:
         finally:
             self._handling.discard(job)
 
+    async def _attempt(self, job: Job) -> bool:
+        """Count this attempt; False (and the record set aside) when earlier ones kept killing their process."""
+        job.attempt = await self.attempts.begin(job.record)
+        job.counted = True
+        if job.attempt <= self.attempts.max_attempts:
+            return True
+        reason = (f"set aside after {job.attempt - 1} attempts: every process that took this record up died "
+                  "before answering it")
+        await self.dead_letter(job.record, reason)
+        if self._on_poison is not None:
+            try:
+                await self._on_poison(job, reason)
+            except Exception:  # noqa: BLE001 - the record is set aside either way
+                log.exception("%s: telling the requester about a set-aside record failed", self.name)
+        self.finish(job)
+        return False
+
     async def _drain(self) -> None:
         log.info("%s stopping: %d records in hand, finishing them within %.0fs", self.name, len(self.offsets),
                  self.drain_timeout_s)
@@ -347,6 +335,11 @@ class KafkaService:
                     await asyncio.sleep(0.05)
         except TimeoutError:
             log.warning("%s: drain timed out: %d records unanswered go to the next owner", self.name, len(self.offsets))
+        if self.attempts is not None:  # what goes to the next owner unanswered did not die with this process
+            for job in self.offsets.jobs():
+                if job.counted:
+                    job.counted = False
+                    await self.attempts.undo(job.record)
         await self._commit()
 
     def _reap(self, task: asyncio.Task) -> None:
@@ -389,6 +382,7 @@ class KafkaService:
         for tp in revoked:
             for job in self.offsets.drop(tp):
                 job.abandoned = True
+                self._give_back(job)
                 dropped.append(job)
             if (queue := self._queues.pop(tp, None)) is not None:
                 queue.put_nowait(None)

@@ -10,17 +10,19 @@ from datetime import datetime, timedelta, timezone
 
 from PIL import Image
 
+from bots.credentials import Interactions
 from bots.delivery import Delivery, open_delivery
 from bots.settings import DeliverySettings
 from schemas.codec import encode
 from schemas.messages import BlobRef, EventKind, JobEvent, Origin, Platform
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.kafka import make_producer
+from skillgen.runtime.redis import Store
 from tests.fakes import discord as fd
 from tests.fakes import slack as fs
 from tests.fakes.discord import FakeDiscord, Interaction
 from tests.fakes.slack import FakeSlack
-from tests.harness import FAST_GROUP, SkillEnv
+from tests.harness import FAST_GROUP, SIGNING_KEY, SkillEnv
 
 
 def png_bytes(seed: int, size_px: int = 16) -> bytes:
@@ -39,6 +41,7 @@ class World:
         self.discord = discord
         self.slack = slack
         self.blobs = BlobStore(env.vars["SKILL_BLOB_URL"])
+        self._interactions: dict[Origin, Interaction] = {}  # the Discord bot keeps these in Redis, by request id
 
     def settings(self, **overrides) -> DeliverySettings:
         fields: dict = {"backoff_s": 0.2}
@@ -66,16 +69,27 @@ class World:
                 delivery.stop()
                 await task
 
-    async def send(self, *events: JobEvent, headers: list | None = None) -> None:
+    async def send(self, *events: JobEvent, headers: list | None = None, seal: bool = True) -> None:
+        """Publish events as the consumer would, for requests the bots accepted: each origin sealed for its request
+        id (unless `seal=False` or it carries a seal already) and a Discord interaction's token remembered."""
         producer = make_producer(self.settings())
+        store = Store.from_settings(self.settings())
         await producer.start()
         try:
             for event in events:
+                it = self._interactions.get(event.origin)
+                if it is not None:
+                    await Interactions(store).remember(event.request_id, fd.APPLICATION_ID, it.token,
+                                                       event.origin.created_at)
+                if seal and event.origin.seal is None:
+                    event = event.model_copy(
+                        update={"origin": event.origin.sealed(event.request_id, SIGNING_KEY.encode())})
                 value, hdrs = encode(event)
                 await producer.send_and_wait(self.env.topics.events, value, key=event.request_id.encode(),
                                              headers=hdrs + (headers or []))
         finally:
             await producer.stop()
+            await store.close()
 
     async def send_raw(self, value: bytes, key: bytes = b"garbage") -> None:
         producer = make_producer(self.settings())
@@ -88,11 +102,12 @@ class World:
     def image(self, seed: int = 1) -> BlobRef:
         return self.blobs.put(png_bytes(seed), width=16, height=16, seed=seed)
 
-    @staticmethod
-    def discord_origin(interaction: Interaction, age_s: float = 0) -> Origin:
-        return Origin(platform=Platform.discord, team_id=fd.GUILD_ID, channel_id=interaction.channel_id,
-                      user_id=fd.USER_ID, interaction_token=interaction.token, application_id=fd.APPLICATION_ID,
-                      created_at=datetime.now(timezone.utc) - timedelta(seconds=age_s))
+    def discord_origin(self, interaction: Interaction, age_s: float = 0) -> Origin:
+        """The origin of a deferred interaction `age_s` old; its token reaches Redis when an event for it is sent."""
+        origin = Origin(platform=Platform.discord, team_id=fd.GUILD_ID, channel_id=interaction.channel_id,
+                        user_id=fd.USER_ID, created_at=datetime.now(timezone.utc) - timedelta(seconds=age_s))
+        self._interactions[origin] = interaction
+        return origin
 
     def slack_origin(self, thread_ts: str | None = None) -> Origin:
         """An origin with a status message already posted, as the Slack bot leaves it."""

@@ -17,6 +17,7 @@ from tests.fakes.discord import FakeDiscord
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import FakeSlack
 from tests.fakes.world import World, event
+from tests.harness import SIGNING_KEY
 
 Q, S, P, OK, FAIL, BLOCK = (EventKind.queued, EventKind.started, EventKind.progress, EventKind.succeeded,
                             EventKind.failed, EventKind.blocked)
@@ -229,7 +230,7 @@ async def test_one_bad_event_never_stops_the_service(world):
     async with world.running():
         await world.send_raw(b"\xff not json")
         await world.send(event(o, OK, rid(), blobs=[missing]))
-        await world.send(event(o.model_copy(update={"interaction_token": None, "channel_id": "404404"}), FAIL, rid()))
+        await world.send(event(o.model_copy(update={"channel_id": "404404"}), FAIL, rid()))
         world.discord.fail("POST", r"^/channels/404404/messages$", 404, body={"message": "Unknown Channel",
                                                                                "code": 10003})
         good = world.discord.deferred()
@@ -335,7 +336,7 @@ def test_status_edits_are_at_most_one_per_2_seconds_per_message(tmp_path, monkey
 
     clock = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
-    d = Delivery(DeliverySettings(), {}, Store(None), BlobStore(tmp_path.as_uri()))
+    d = Delivery(DeliverySettings(signing_key=SIGNING_KEY), {}, Store(None), BlobStore(tmp_path.as_uri()))
     assert d._edit_allowed("a") and d._edit_allowed("b")
     clock[0] += 1.9
     assert not d._edit_allowed("a")

@@ -7,9 +7,12 @@ import time
 import pytest
 
 from bots import discord_bot, render
+from bots.credentials import Interactions
 from bots.intake import FORGOTTEN
 from bots.settings import DiscordSettings
 from schemas.messages import GenerateRequest
+from skillgen.runtime.redis import Store
+from skillgen.runtime.settings import CommonSettings
 from tests.fakes.discord import (
     APPLICATION_ID,
     CHANNEL_ID,
@@ -19,8 +22,17 @@ from tests.fakes.discord import (
     FakeDiscord,
 )
 from tests.fakes.records import TopicReader
+from tests.harness import SIGNING_KEY
 
 ADMINISTRATOR = str(1 << 3)
+
+
+async def recall_interaction(request_id: str):
+    store = Store.from_settings(CommonSettings())
+    try:
+        return await Interactions(store).recall(request_id)
+    finally:
+        await store.close()
 
 
 @pytest.fixture
@@ -52,7 +64,11 @@ async def test_skill_defers_within_3_seconds_says_queued_and_publishes(bot):
     assert (req.prompt, req.num_images, req.seed) == ("a violinist's bow hold", 2, 42) and req.width > req.height
     o = req.origin
     assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("discord", GUILD_ID, CHANNEL_ID, USER_ID)
-    assert (o.interaction_token, o.application_id, o.thread_id) == (it.token, APPLICATION_ID, None)
+    # The interaction token stays out of Kafka: delivery finds it in Redis by request id.
+    assert o.thread_id is None and it.token not in req.model_dump_json()
+    assert o.verify(req.request_id, SIGNING_KEY.encode())
+    kept = await recall_interaction(req.request_id)
+    assert (kept.token, kept.application_id) == (it.token, APPLICATION_ID)
     assert abs(o.created_at.timestamp() - time.time()) < 10  # from the interaction's snowflake
     assert it.original.content == f"⏳ <@{USER_ID}> queued (2 images): *a violinist's bow hold*"
     assert not it.original.ephemeral
@@ -114,7 +130,8 @@ async def test_reroll_and_variations_buttons_start_new_jobs(bot):
     reroll, vary = sorted(remixes, key=lambda r: r.num_images)
     for req in (reroll, vary):
         assert req.prompt == original.prompt and req.seed != original.seed and req.origin.user_id == "777"
-        assert req.origin.interaction_token not in (None, first.token)
+        kept = await recall_interaction(req.request_id)
+        assert kept is not None and kept.token not in (None, first.token)
     assert (reroll.num_images, reroll.reroll, vary.num_images) == (1, 1, 4)
 
 

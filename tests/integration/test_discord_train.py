@@ -26,6 +26,8 @@ from tests.fakes.discord import (
     FakeDiscord,
 )
 from tests.fakes.records import TopicReader
+from tests.harness import SIGNING_KEY
+from tests.integration.test_discord_bot import recall_interaction
 from tests.unit.test_registry import lora_weights, record
 
 OTHER_GUILD = "999999999999999999"
@@ -100,8 +102,9 @@ async def test_a_trainer_trains_the_request_carries_the_attachments_and_the_inte
     [req] = await bot.finetunes.wait(1)
     assert (req.adapter, req.trigger, req.steps, req.image_urls) == ("team-style", "zq", 40, [a.url, b.url])
     o = req.origin
-    assert (o.platform, o.team_id, o.channel_id, o.user_id, o.interaction_token) == (
-        "discord", GUILD_ID, CHANNEL_ID, USER_ID, it.token)
+    assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("discord", GUILD_ID, CHANNEL_ID, USER_ID)
+    assert it.token not in req.model_dump_json() and o.verify(req.request_id, SIGNING_KEY.encode())
+    assert (await recall_interaction(req.request_id)).token == it.token
     assert bot.finetunes.seen == [req] and bot.cdn_fetches == []  # the bot never downloads; the trainer does
 
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
-from skillgen.runtime.kafka import client_options, ensure_topics, make_consumer, make_producer, partitions_of
+from skillgen.runtime.kafka import (
+    client_options,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+)
 from skillgen.runtime.settings import CommonSettings
 from tests.harness import Broker, Namespace
 

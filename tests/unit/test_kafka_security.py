@@ -12,7 +12,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.topics import Topics
-from skillgen.runtime.kafka import client_options, ensure_topics, make_consumer, make_producer, topic_configs
+from skillgen.runtime.kafka import (
+    client_options,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    topic_configs,
+)
 from skillgen.runtime.settings import CommonSettings
 
 pytestmark = pytest.mark.unit

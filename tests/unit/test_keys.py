@@ -42,7 +42,7 @@ def test_a_request_without_a_seed_gets_one_from_its_content():
 
 
 def test_identical_requests_share_a_cache_key_whoever_sends_them():
-    other = Origin(platform="slack", team_id="t2", channel_id="d", user_id="v")
+    other = Origin(platform="slack", team_id="T2", channel_id="D1", user_id="U2")
     a, b = req(), GenerateRequest(**{**req().model_dump(), "origin": other, "request_id": "other"})
     assert cache_key(a, MODEL, None) == cache_key(b, MODEL, None)
 

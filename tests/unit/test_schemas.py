@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.codec import MAX_RECORD_BYTES, CodecError, decode, describe, encode
 from schemas.messages import (
     ADAPTER_NAME_RE,
+    ID_PATTERNS,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -26,6 +27,7 @@ from schemas.messages import (
     MAX_STEPS,
     MIN_GUIDANCE,
     MIN_SIDE_PX,
+    REQUEST_ID_PATTERN,
     SCHEDULERS,
     AdapterRef,
     BlobRef,
@@ -54,19 +56,23 @@ moments = st.datetimes(
     timezones=st.none() | st.sampled_from([timezone.utc, timezone(timedelta(hours=5, minutes=30)),
                                            timezone(timedelta(hours=-8))]),
 )
-ids = st.text(min_size=1, max_size=64)
-origins = st.builds(
-    Origin,
-    platform=st.sampled_from(Platform),
-    team_id=ids,
-    channel_id=ids,
-    user_id=ids,
-    thread_id=maybe(st.text(max_size=64)),
-    interaction_token=maybe(st.text(max_size=512)),
-    application_id=maybe(st.text(max_size=64)),
-    status_message_id=maybe(st.text(max_size=64)),
-    created_at=moments,
-)
+ids = st.from_regex(REQUEST_ID_PATTERN, fullmatch=True)
+
+
+@st.composite
+def origins(draw) -> Origin:
+    """Any origin the contract accepts: each platform's ids in that platform's shape."""
+    platform = draw(st.sampled_from(Platform))
+    shape = {name: st.from_regex(f"^{pattern}$", fullmatch=True) for name, pattern in ID_PATTERNS[platform].items()}
+    return Origin(
+        platform=platform, team_id=draw(shape["team_id"]), channel_id=draw(shape["channel_id"]),
+        user_id=draw(shape["user_id"]), thread_id=draw(maybe(shape["thread_id"])),
+        status_message_id=draw(maybe(shape["status_message_id"])),
+        seal=draw(maybe(st.from_regex(r"^[0-9a-f]{64}$", fullmatch=True))), created_at=draw(moments),
+    )
+
+
+origins = origins()
 adapter_names = st.from_regex(ADAPTER_NAME_RE, fullmatch=True)
 # AdapterRef.parse reads at most six digits of version, so that is the range a person can type
 adapters = st.builds(AdapterRef, name=adapter_names, version=maybe(st.integers(1, 999_999)))
@@ -181,7 +187,7 @@ def test_bad_adapter_text_is_a_value_error(text):
 
 # ------------------------------------------------------------------------------------------------ rejection
 
-ORIGIN = {"platform": "discord", "team_id": "g1", "channel_id": "c1", "user_id": "u1"}
+ORIGIN = {"platform": "discord", "team_id": "111", "channel_id": "222", "user_id": "333"}
 BASE = {
     GenerateRequest: {"origin": ORIGIN, "prompt": "a drummer's paradiddle, top view"},
     FineTuneRequest: {"origin": ORIGIN, "adapter": "house-style", "image_urls": ["file:///data/a.png"]},
@@ -242,7 +248,11 @@ INVALID = [
     (JobEvent, "blobs", st.just({"kind": "succeeded", "blobs": [BLOB] * 17})),
     (Origin, "platform", st.text().filter(lambda v: v not in set(Platform)).map(lambda v: {"platform": v})),
     (Origin, "team_id", st.sampled_from(["", "x" * 65]).map(lambda v: {"team_id": v})),
-    (Origin, "interaction_token", st.just({"interaction_token": "x" * 513})),
+    (Origin, "interaction_token", st.just({"interaction_token": "x"})),  # no credential has a field: extra
+    (Origin, "channel_id", st.sampled_from(["../../x", "c1/../2", "1 2"]).map(lambda v: {"channel_id": v})),
+    (Origin, "seal", st.sampled_from(["", "x" * 64, "A" * 64]).map(lambda v: {"seal": v})),
+    (GenerateRequest, "request_id", st.sampled_from(["../victim", "/", "a/b", "a.b"]).map(lambda v: {"request_id": v})),
+    (JobEvent, "request_id", st.sampled_from(["../victim", "/", "a/b"]).map(lambda v: {"request_id": v})),
 ]
 
 

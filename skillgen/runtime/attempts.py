@@ -1,0 +1,57 @@
+"""How many processes a record has been handed to, kept in Redis so the count survives the process dying.
+
+A record whose handling kills its process (a decoder bomb, a driver crash, an out-of-memory kill) is redelivered
+to the next owner, which dies the same way: without a count that outlives the process, one record takes down
+every replica in turn, forever. So each time a service takes up a record it increments
+`attempts:<group>:<topic>:<partition>:<offset>`, and decrements it again when it gives the record up on purpose
+(shutdown, a partition revoked). A count above one therefore means a process died holding the record: the
+consumer runs such a record alone (its batch-mates are not taken down with it), and past
+SKILL_RECORD_MAX_ATTEMPTS the record goes to the dead-letter topic with a failed event to whoever asked.
+
+Without Redis (unset or down) nothing is counted (every attempt reads as the first): the guard needs a memory
+that survives the process, and this process's own would not.
+"""
+
+from __future__ import annotations
+
+from aiokafka import ConsumerRecord
+
+from skillgen.runtime.redis import Store
+
+ATTEMPTS_TTL_S = 7 * 86400  # as long as a record can stay in a topic under the default retention
+
+# KEYS[1]: the counter. ARGV: its TTL in seconds. Returns the count after this attempt.
+_BEGIN = "local n = redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], ARGV[1]); return n"
+# Gives one attempt back, never below zero, and removes the key at zero.
+_UNDO = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n <= 1 then redis.call('DEL', KEYS[1]) return 0 end
+return redis.call('DECR', KEYS[1])
+"""
+
+
+class Attempts:
+    def __init__(self, store: Store, group: str, max_attempts: int, ttl_s: int = ATTEMPTS_TTL_S):
+        self.store = store
+        self.group = group
+        self.max_attempts = max_attempts
+        self.ttl_s = ttl_s
+
+    def key(self, record: ConsumerRecord) -> str:
+        return f"attempts:{self.group}:{record.topic}:{record.partition}:{record.offset}"
+
+    async def begin(self, record: ConsumerRecord) -> int:
+        """Count this process taking the record up; returns which attempt this is (1 without Redis)."""
+        name = self.store.key(self.key(record))
+        n = await self.store.call(lambda r: r.eval(_BEGIN, 1, name, self.ttl_s), lambda: 1)
+        return int(n)
+
+    async def end(self, record: ConsumerRecord) -> None:
+        """The record is answered: its count is of no use any more."""
+        name = self.store.key(self.key(record))
+        await self.store.call(lambda r: r.delete(name), lambda: 0)
+
+    async def undo(self, record: ConsumerRecord) -> None:
+        """The record was given up on purpose (shutdown, revoke): that attempt did not die with its process."""
+        name = self.store.key(self.key(record))
+        await self.store.call(lambda r: r.eval(_UNDO, 1, name), lambda: 0)
