@@ -38,8 +38,12 @@ SKILL_VARS = {
     "SKILL_DISCORD_TOKEN", "SKILL_DISCORD_APPLICATION_ID", "SKILL_SLACK_BOT_TOKEN", "SKILL_SLACK_SIGNING_SECRET",
     "SKILL_SLACK_APP_TOKEN", "SKILL_SLACK_MODE", "SKILL_SLACK_PORT",
     "SKILL_TRAIN_PERMISSIONS", "SKILL_BOT_EXTENSIONS", "SKILL_WORK_DIR", "SKILL_TRAIN_THREAD_TTL_S",
+    # the trust boundary (docs/security.md)
+    "SKILL_KAFKA_SECURITY_PROTOCOL", "SKILL_KAFKA_SASL_MECHANISM", "SKILL_KAFKA_USERNAME", "SKILL_KAFKA_PASSWORD",
+    "SKILL_KAFKA_CA_FILE", "SKILL_KAFKA_CERT_FILE", "SKILL_KAFKA_KEY_FILE", "SKILL_CACHE_REDIS_URL",
+    "SKILL_SIGNING_KEY", "SKILL_ALLOWED_TEAMS", "SKILL_ADMINS", "SKILL_RECORD_MAX_ATTEMPTS",
 }
-SECRETS = {v for v in SKILL_VARS if v.endswith(("_TOKEN", "_SECRET", "_APPLICATION_ID"))}
+SECRETS = {v for v in SKILL_VARS if v.endswith(("_TOKEN", "_SECRET", "_APPLICATION_ID", "_PASSWORD", "_SIGNING_KEY"))}
 
 # What the services expose on SKILL_METRICS_PORT; the dashboard may use these and nothing else.
 METRICS = {
@@ -387,7 +391,11 @@ def test_k8s_workloads_run_skillgen_with_limits_probes_and_their_own_labels():
                 gpu = c["image"] == "skillgen-gpu"
                 assert (c["resources"]["limits"].get("nvidia.com/gpu") == 1) == gpu, name
                 for m in c.get("volumeMounts", []):
-                    claim = mounted_volumes[m["name"]]["persistentVolumeClaim"]["claimName"]
+                    volume = mounted_volumes[m["name"]]
+                    if "persistentVolumeClaim" not in volume:  # scratch space or a mounted Secret (the Kafka CA)
+                        assert "emptyDir" in volume or "secret" in volume, f"{name}: {m['name']}"
+                        continue
+                    claim = volume["persistentVolumeClaim"]["claimName"]
                     assert claim in k8s("PersistentVolumeClaim"), f"{name}: no claim {claim}"
                 assert {"configMapRef": {"name": "skillgen-config"}} in c["envFrom"], name
                 if kind == "Deployment":
@@ -414,6 +422,248 @@ def test_keda_scales_consumers_on_the_lag_of_their_group_on_skill_generate():
     assert job_cmd[:3] == ["skillgen", "topics", "ensure"]
     partitions = int(job_cmd[job_cmd.index("--partitions") + 1])
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= partitions
+
+
+# --- the trust boundary (docs/security.md) ----------------------------------------------------------------
+# Static checks on the ops files: each fails if the property it names is removed.
+
+
+def compose_text() -> str:
+    return (ROOT / "compose.yaml").read_text()
+
+
+def command_words(svc: dict) -> list[str]:
+    cmd = svc["command"]
+    return cmd if isinstance(cmd, list) else cmd.split()
+
+
+def test_compose_requires_every_secret_it_passes():
+    secrets = re.findall(r"\$\{((?:[A-Z0-9_]*_PASSWORD)|SKILL_SIGNING_KEY)(\S{0,2})", compose_text())
+    assert {name for name, _ in secrets} >= {
+        "REDIS_PASSWORD", "REDIS_CACHE_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "SKILL_SIGNING_KEY", "KAFKA_ADMIN_PASSWORD",
+        "KAFKA_BOTS_PASSWORD", "KAFKA_CONSUMER_PASSWORD", "KAFKA_DELIVERY_PASSWORD", "KAFKA_TRAINER_PASSWORD",
+        "KAFKA_OPS_PASSWORD",
+    }
+    optional = sorted({name for name, op in secrets if not op.startswith(":?")})
+    assert not optional, f"secrets compose must refuse to start without (`${{NAME:?message}}`): {optional}"
+
+
+def test_published_ports_bind_to_loopback_only():
+    for name, svc in services().items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_correctness_redis_never_evicts_and_the_cache_has_its_own_instance():
+    def option(svc: dict, flag: str) -> str:
+        cmd = command_words(svc)
+        return cmd[cmd.index(flag) + 1]
+
+    redis, cache = services()["redis"], services()["redis-cache"]
+    assert option(redis, "--maxmemory-policy") == "noeviction"
+    assert option(redis, "--requirepass").startswith("${REDIS_PASSWORD:?")
+    assert option(cache, "--maxmemory-policy") == "allkeys-lru"
+    assert option(cache, "--requirepass").startswith("${REDIS_CACHE_PASSWORD:?")
+    assert option(cache, "--appendonly") == "no" and option(cache, "--save") == ""
+    assert not cache.get("volumes") and not cache.get("ports"), "the cache keeps nothing and stays inside"
+    for svc in (redis, cache):  # the healthcheck authenticates (REDISCLI_AUTH) and wants PONG, not NOAUTH
+        assert svc["environment"]["REDISCLI_AUTH"] == option(svc, "--requirepass")
+        assert "PONG" in " ".join(svc["healthcheck"]["test"])
+    for name, svc in app_services().items():
+        if "environment" not in svc:  # model-tiny: writes a file, talks to nothing
+            continue
+        env = svc["environment"]
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]*\}@redis:6379/0", env["SKILL_REDIS_URL"]), name
+        if svc["command"] == ["consumer"]:
+            assert re.fullmatch(r"redis://:\$\{REDIS_CACHE_PASSWORD:\?[^}]*\}@redis-cache:6379/0",
+                                env["SKILL_CACHE_REDIS_URL"]), name
+        assert {"redis", "redis-cache"} <= set(svc.get("depends_on", {})) or one_shot(svc), name
+
+
+def test_grafana_requires_a_password_and_admits_no_anonymous_visitor():
+    env = services()["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+
+
+def test_kafka_authenticates_every_listener_and_authorizes_by_acl():
+    env = services()["kafka"]["environment"]
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(protocols.values()) <= {"SASL_PLAINTEXT", "SASL_SSL"}, "a PLAINTEXT listener admits User:ANONYMOUS"
+    listeners = {entry.split("://")[0] for entry in env["KAFKA_LISTENERS"].split(",")}
+    assert listeners == set(protocols)
+    assert "CONTROLLER://localhost:" in env["KAFKA_LISTENERS"], "the controller listens on loopback only"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_SUPER_USERS"] == "User:admin"
+    assert "java.security.auth.login.config=/tmp/kafka_server_jaas.conf" in env["KAFKA_OPTS"]
+    script = command_words(services()["kafka"])[-1]
+    assert "/tmp/kafka_server_jaas.conf" in script and script.rstrip().endswith("exec /etc/kafka/docker/run")
+    assert "--command-config /tmp/admin.properties" in " ".join(services()["kafka"]["healthcheck"]["test"])
+
+
+def kafka_init_grants() -> tuple[set[str], dict[str, set[tuple[str, str, str]]]]:
+    """kafka-init's SCRAM users and, per user, its (operation, resource type, name) ACLs, prefix left out."""
+    script = command_words(services()["kafka-init"])[-1]
+    users = set(re.findall(r"^user (\w+) ", script, re.M))
+    grants: dict[str, set[tuple[str, str, str]]] = {}
+    for user, rest in re.findall(r"^allow (\w+) (.+)$", script, re.M):
+        (op,) = re.findall(r"--operation (\w+)", rest)
+        for kind, name in re.findall(r'--(topic|group) "\$\$\{p\}([^"]+)"', rest):
+            grants.setdefault(user, set()).add((op, kind, name))
+    return users, grants
+
+
+def test_kafka_init_grants_each_service_only_its_own_topics_and_group():
+    t = topics.Topics("")
+    read, write = "Read", "Write"
+    expected = {
+        "bots": {(write, "topic", t.generate), (write, "topic", t.finetune), (write, "topic", t.finetune_cancel)},
+        "consumer": {(read, "topic", t.generate), (read, "group", topics.CONSUMER_GROUP),
+                     (write, "topic", t.events), (write, "topic", t.dlq(t.generate))},
+        "delivery": {(read, "topic", t.events), (read, "group", topics.DELIVERY_GROUP),
+                     (write, "topic", t.events), (write, "topic", t.dlq(t.events))},
+        "trainer": {(read, "topic", t.finetune), (read, "topic", t.finetune_cancel), (read, "group", topics.TRAINER_GROUP),
+                    (write, "topic", t.events), (write, "topic", t.dlq(t.finetune))},
+        "ops": {(read, "topic", t.generate), (read, "topic", t.dlq(t.generate)), (read, "topic", t.events),
+                (write, "topic", t.generate), (write, "topic", t.events)},
+    }
+    users, grants = kafka_init_grants()
+    assert users == set(expected) and grants == expected
+    init = services()["kafka-init"]
+    assert init["image"] == services()["kafka"]["image"] and one_shot(init)
+    assert init["environment"]["TOPIC_PREFIX"] == "${SKILL_TOPIC_PREFIX:-}"
+    assert services()["topics"]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+
+
+def test_each_compose_service_logs_in_to_kafka_as_its_own_user():
+    users, _ = kafka_init_grants()
+    by_command = {"consumer": "consumer", "trainer": "trainer", "bot discord": "bots", "bot slack": "bots",
+                  "bot delivery": "delivery", "bot console": "ops", "topics ensure": "admin"}
+    for name, svc in app_services().items():
+        if svc["command"][:2] == ["model", "tiny"]:
+            continue
+        env = svc["environment"]
+        key = " ".join(svc["command"][:2]) if svc["command"][0] in ("bot", "topics") else svc["command"][0]
+        user = by_command[key]
+        assert env["SKILL_KAFKA_USERNAME"] == user, name
+        assert env["SKILL_KAFKA_PASSWORD"].startswith(f"${{KAFKA_{user.upper()}_PASSWORD:?"), name
+        assert env["SKILL_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
+        # admin is a PLAIN user known to the broker's JAAS file only; every service uses SCRAM from kafka-init
+        assert env["SKILL_KAFKA_SASL_MECHANISM"] == ("PLAIN" if user == "admin" else "SCRAM-SHA-512"), name
+        assert user == "admin" or user in users, name
+        assert env["SKILL_SIGNING_KEY"].startswith("${SKILL_SIGNING_KEY:?"), name
+        assert env["SKILL_ALLOWED_TEAMS"] == "${SKILL_ALLOWED_TEAMS:-}", name
+
+
+def test_only_the_services_that_write_a_volume_mount_it_read_write():
+    writers = {"blobs": {"consumer", "trainer", "bot slack"}, "adapters": {"trainer"}}
+    for name, svc in app_services().items():
+        key = " ".join(svc["command"][:2]) if svc["command"][0] == "bot" else svc["command"][0]
+        for volume in svc.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            if source in writers:
+                assert (mode != ["ro"]) == (key in writers[source]), f"{name}: {volume}"
+
+
+def test_no_trainer_holds_a_chat_credential():
+    for name, svc in app_services().items():
+        if svc["command"] == ["trainer"]:
+            assert not [k for k in svc["environment"] if "SLACK" in k or "DISCORD" in k], name
+    assert "SLACK" not in (K8S / "trainer.yaml").read_text()
+    for c in k8s("Deployment")["trainer"]["spec"]["template"]["spec"]["containers"]:
+        assert not [e["name"] for e in c.get("env", []) if "SLACK" in e["name"] or "DISCORD" in e["name"]]
+
+
+def k8s_pod_specs() -> dict[str, dict]:
+    return {name: doc["spec"]["template"]["spec"] for kind in ("Deployment", "Job") for name, doc in k8s(kind).items()}
+
+
+def test_k8s_pods_run_non_root_on_a_read_only_root_without_privileges():
+    for name, pod in k8s_pod_specs().items():
+        assert pod["automountServiceAccountToken"] is False, name
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] > 0, name
+        assert ctx["seccompProfile"]["type"] == "RuntimeDefault", name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), name
+            assert sc.get("runAsNonRoot", ctx["runAsNonRoot"]) is True, name
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]["name"]], f"{name}: /tmp must be a writable emptyDir"
+            ca = mounts["/etc/skillgen/kafka-ca"]
+            assert ca["readOnly"] is True and volumes[ca["name"]]["secret"]["secretName"] == "kafka-ca", name
+    delivery = k8s_pod_specs()["delivery"]["containers"][0]
+    assert all(m["readOnly"] for m in delivery["volumeMounts"] if m["name"] != "tmp"), "delivery only reads"
+
+
+def test_k8s_secrets_come_from_secrets_per_workload_and_none_is_committed():
+    assert not k8s("Secret"), "never commit a Secret: README.md says how to create them"
+    config = configmap()
+    leaked = [k for k in config if re.search(r"PASSWORD|TOKEN|SECRET|SIGNING_KEY|REDIS_URL", k)]
+    assert not leaked, f"secrets (Redis URLs carry a password) belong in a Secret, not the ConfigMap: {leaked}"
+    assert config["SKILL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and config["SKILL_KAFKA_SASL_MECHANISM"].startswith("SCRAM")
+    users = {"consumer": "consumer", "trainer": "trainer", "discord-bot": "bots", "slack-bot": "bots",
+             "delivery": "delivery", "topics-ensure": "admin"}
+    assert set(users) == set(k8s_pod_specs())
+    for name, pod in k8s_pod_specs().items():
+        (c,) = pod["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        for var in ("SKILL_KAFKA_USERNAME", "SKILL_KAFKA_PASSWORD"):
+            assert refs[var]["name"] == f"skillgen-kafka-{users[name]}" and refs[var]["key"] == var, name
+        if name != "topics-ensure":
+            for var in ("SKILL_REDIS_URL", "SKILL_SIGNING_KEY"):
+                assert refs[var] == {"name": "skillgen-secrets", "key": var}, name
+    (auth,) = k8s("TriggerAuthentication").values()
+    assert {r["name"] for r in auth["spec"]["secretTargetRef"] if r["parameter"] != "ca"} == {"skillgen-kafka-consumer"}
+    (scaled,) = k8s("ScaledObject").values()
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+
+
+def policy_selects(policy: dict, labels: dict[str, str]) -> bool:
+    sel = policy["spec"]["podSelector"]
+    if not sel.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", []) if e["operator"] == "In")
+
+
+def egress_of(labels: dict[str, str]) -> list[tuple[dict, int]]:
+    """(peer, port) pairs the policies allow a pod with these labels to reach."""
+    allowed = []
+    for policy in k8s("NetworkPolicy").values():
+        if policy_selects(policy, labels):
+            for rule in policy["spec"].get("egress", []):
+                allowed += [(peer, p["port"]) for peer in rule["to"] for p in rule["ports"]]
+    return allowed
+
+
+def test_k8s_network_policies_deny_by_default_and_allow_each_workload_only_what_it_needs():
+    policies = k8s("NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny.get("ingress") and not deny.get("egress")
+    internet = {"discord-bot", "slack-bot", "delivery", "trainer"}
+    for name, doc in {**k8s("Deployment"), **k8s("Job")}.items():
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        component = labels["app.kubernetes.io/component"]
+        allowed = egress_of(labels)
+        namespaces = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]: port
+                      for peer, port in allowed if "namespaceSelector" in peer}
+        assert namespaces.get("kube-system") == 53 and "kafka" in namespaces, name
+        assert ("redis" in namespaces) == (component != "topics"), name
+        blocks = [peer["ipBlock"] for peer, port in allowed if "ipBlock" in peer]
+        assert bool(blocks) == (component in internet), f"{name}: internet egress"
+        for peer, port in allowed:
+            if "ipBlock" in peer:
+                assert port == 443 and {"10.0.0.0/8", "169.254.0.0/16"} <= set(peer["ipBlock"]["except"]), name
+    ingress = [rule for p in policies.values() for rule in p["spec"].get("ingress", [])]
+    assert [p["port"] for rule in ingress for p in rule["ports"]] == [int(configmap()["SKILL_METRICS_PORT"])]
 
 
 # --- every command the ops files run exists in the CLI ----------------------------------------------------
