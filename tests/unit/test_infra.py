@@ -494,6 +494,7 @@ def test_kafka_authenticates_every_listener_and_authorizes_by_acl():
     listeners = {entry.split("://")[0] for entry in env["KAFKA_LISTENERS"].split(",")}
     assert listeners == set(protocols)
     assert "CONTROLLER://localhost:" in env["KAFKA_LISTENERS"], "the controller listens on loopback only"
+    assert env["KAFKA_LISTENER_NAME_CONTROLLER_SASL_ENABLED_MECHANISMS"] == env["KAFKA_SASL_MECHANISM_CONTROLLER_PROTOCOL"]
     assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
     assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
     assert env["KAFKA_SUPER_USERS"] == "User:admin"
