@@ -18,7 +18,8 @@ from skillgen.inference.errors import AdapterError
 log = logging.getLogger("skillgen.consumer")
 
 # Bump when the meaning of a cached value changes: old entries then simply stop matching.
-CACHE_KEY_VERSION = 1
+# 2: values are signed envelopes (consumer/cache.py), keys carry the safety policy's fingerprint.
+CACHE_KEY_VERSION = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt")
 _CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -85,12 +86,15 @@ def no_registry(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
 # -- keys -------------------------------------------------------------------------------------------------
 
 
-def cache_key(req: GenerateRequest, model: str, adapter: ResolvedAdapter | None) -> str:
-    """Hash of everything that decides the pixels. `model` names the model and its weights (see
-    `model_identity`); the adapter enters by version and weights hash, never by name alone."""
+def cache_key(req: GenerateRequest, model: str, adapter: ResolvedAdapter | None, policy: str) -> str:
+    """Hash of everything that decides the pixels, and of the policy that let them be shown. `model` names the
+    model and its weights (see `model_identity`); the adapter enters by version and weights hash, never by name
+    alone; `policy` is the safety policy's fingerprint (skillgen.safety.fingerprint), so an image cached under
+    one policy is a miss under another."""
     body = {
         "v": CACHE_KEY_VERSION,
         "model": model,
+        "policy": policy,
         **content(req),
         "adapter": adapter.model_dump(include={"name", "version", "sha256"}) if adapter else None,
         "seeds": image_seeds(req),

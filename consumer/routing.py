@@ -1,11 +1,12 @@
 """Where a request goes before the GPU: refused, answered from the cache, or drawn.
 
-    route = await Router(prompt_policy, resolve_adapter, cache, model_id).route(req)
+    route = await Router(prompt_policy, resolve_adapter, cache, model_id, policy_id).route(req)
 
 The order is the rule: the prompt policy first (nothing is looked up for a prompt that may not be drawn), then
 the adapter (a name the team does not have is the requester's mistake, said plainly), then the cache under the
-key of everything that decides the pixels. What is left is a `Draw`: single flight and the batcher take it from
-there (consumer/worker.py). No Kafka here, so the rules are unit-tested on their own.
+key of everything that decides the pixels and of the safety policy's fingerprint. What is left is a `Draw`:
+single flight and the batcher take it from there (consumer/worker.py). No Kafka here, so the rules are
+unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ Route = Refuse | Hit | Draw
 
 class Router:
     def __init__(self, prompt_policy: PromptPolicy, resolve_adapter: AdapterResolver, cache: TwoLevelCache,
-                 model_id: str):
+                 model_id: str, policy_id: str):
         self.prompt_policy = prompt_policy
         self.resolve_adapter = resolve_adapter
         self.cache = cache
         self.model_id = model_id
+        self.policy_id = policy_id  # skillgen.safety.fingerprint.policy_fingerprint, computed once at start
 
     async def route(self, req: GenerateRequest) -> Route:
         decision = self.prompt_policy.check(req.prompt)
@@ -78,7 +80,7 @@ class Router:
                 adapter = await asyncio.to_thread(self.resolve_adapter, req.adapter, req.origin.team_id)
             except PipelineError as exc:
                 return Refuse(EventKind.failed, str(exc), "adapter")
-        key = cache_key(req, self.model_id, adapter)
+        key = cache_key(req, self.model_id, adapter, self.policy_id)
         hit = await self.cache.get(key)
         if hit is not None:
             return Hit(*hit)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from consumer.cache import L1, L2, CacheEntry, RedisLink, TwoLevelCache
+from consumer.cache import L1, L2, CacheEntry, RedisLink, TwoLevelCache, cache_link
 from consumer.flight import Flight, Leases
 from consumer.gpu import GpuLoop
 from consumer.keys import AdapterResolver, ResolvedAdapter, model_identity, no_registry
@@ -32,8 +32,9 @@ from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job as job_fields
 from skillgen.runtime.observability import stop_on_signals
 from skillgen.runtime.service import Job, KafkaService
-from skillgen.safety import Decision, ImagePolicy, PromptPolicy
+from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
 from skillgen.safety.decision import CHECK_FAILED
+from skillgen.safety.fingerprint import policy_fingerprint
 from skillgen.safety.postprocess import release
 
 log = logging.getLogger("skillgen.consumer")
@@ -47,7 +48,8 @@ class Worker:
     The safety policies default to SafetySettings (the image policy is loaded in `run`, and a consumer whose
     checks cannot load does not start). `resolve_adapter` maps a request's AdapterRef to a version; without
     one, requests naming an adapter fail with a clear message. `model_id` overrides the model's identity in
-    cache keys (default: computed from settings.model, see keys.model_identity).
+    cache keys (default: computed from settings.model, see keys.model_identity); the safety policy's
+    fingerprint (`policy_id`, from SafetySettings) is computed in `run` and is in every cache key too.
     """
 
     def __init__(
@@ -108,19 +110,21 @@ class Worker:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
         if self.image_policy is None:
-            from skillgen.safety import SafetySettings
-
             device = "cuda" if s.device == "cuda" else "cpu"
             self.image_policy = await asyncio.to_thread(ImagePolicy.from_settings, SafetySettings(), device)
         if self.model_id is None:
             self.model_id = await asyncio.to_thread(model_identity, s.model, s.backend, s.precision)
+        self.policy_id = await asyncio.to_thread(policy_fingerprint, SafetySettings())
+        # Leases are correctness keys (the noeviction Redis); the cache has its own (allkeys-lru) when set.
         link = RedisLink(s.redis_url, s.redis_timeout_s, s.redis_retry_s) if s.redis_url else None
-        self.cache = TwoLevelCache(L1(s.l1_max_bytes), L2(link, s.redis_prefix, s.cache_ttl_s) if link else None)
+        l2_link = cache_link(s, link)
+        self.cache = TwoLevelCache(L1(s.l1_max_bytes), L2.from_settings(s, l2_link) if l2_link else None)
         self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms)
-        self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id)
-        if link:
-            log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds); single flight across consumers",
-                     s.l1_max_bytes >> 20, link.url, s.cache_ttl_s)
+        self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id)
+        if l2_link:
+            log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds, safety policy %s); single flight "
+                     "%s", s.l1_max_bytes >> 20, l2_link.url, s.cache_ttl_s, self.policy_id,
+                     f"across consumers (leases at {link.url})" if link else "in this process only")
         else:
             log.info("cache: L1 in process only (%d MiB), single flight in this process only: SKILL_REDIS_URL is unset",
                      s.l1_max_bytes >> 20)
@@ -136,8 +140,8 @@ class Worker:
         try:
             await self.service.run(started)
         finally:
-            if link:
-                await link.close()
+            for opened in {id(x): x for x in (link, l2_link) if x is not None}.values():
+                await opened.close()
             self.gpu.shutdown()
             self._post.shutdown(wait=False, cancel_futures=True)
 

@@ -26,6 +26,11 @@ from skillgen.safety.errors import SafetyError
 if TYPE_CHECKING:
     from PIL import Image
 
+# Bump when the rule of this step changes (which images are checked, how a verdict is reached, what is stored):
+# it is part of the safety policy's fingerprint (fingerprint.py), so cached images made under the old rule
+# become misses instead of being served for the rest of their TTL.
+POSTPROCESS_VERSION = 1
+
 
 class ImageChecker(Protocol):
     def check(self, images: Sequence[Image.Image]) -> list[Decision]: ...

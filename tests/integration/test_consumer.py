@@ -428,17 +428,19 @@ async def test_a_lease_held_by_another_consumer_is_waited_for_then_taken_over(sk
     async with Kafka(settings) as kafka, running(settings, engine, image_policy=image_policy) as worker:
         # Another consumer is drawing `shared` and finishes it: this one answers from its result.
         shared, dead = request("a rower's catch"), request("a rower's finish")
-        client.set(f"{settings.redis_prefix}lease:{cache_key(shared, worker.model_id, None)}", "other", px=5000)
+        shared_key, dead_key = (cache_key(r, worker.model_id, None, worker.policy_id) for r in (shared, dead))
+        client.set(f"{settings.redis_prefix}lease:{shared_key}", "other", px=5000)
         # Another consumer took `dead` and was killed: its lease lapses, and this one draws it.
-        client.set(f"{settings.redis_prefix}lease:{cache_key(dead, worker.model_id, None)}", "killed", px=1000)
+        client.set(f"{settings.redis_prefix}lease:{dead_key}", "killed", px=1000)
         await kafka.publish(shared)
         t0 = time.monotonic()
         await kafka.publish(dead)
         await kafka.wait_for(lambda k: any(e.kind == EventKind.queued for e in k.of(shared.request_id)))
         ref = BlobRef(url="file:///elsewhere/x.png", sha256="b" * 64, bytes=1, seed=1)
-        client.set(f"{settings.redis_prefix}cache:{cache_key(shared, worker.model_id, None)}",
-                   CacheEntry(blobs=[ref], model=worker.model_id).model_dump_json(), ex=60)
-        client.delete(f"{settings.redis_prefix}lease:{cache_key(shared, worker.model_id, None)}")
+        # signed as the other consumer signs it: the same SKILL_SIGNING_KEY
+        client.set(f"{settings.redis_prefix}cache:{shared_key}",
+                   worker.cache.l2.seal(shared_key, CacheEntry(blobs=[ref], model=worker.model_id)), ex=60)
+        client.delete(f"{settings.redis_prefix}lease:{shared_key}")
         await kafka.wait_for(lambda k: k.all_final([shared.request_id, dead.request_id]))
         took_over_after = kafka.arrived[kafka.events.index(kafka.final(dead.request_id))] - t0
     client.close()

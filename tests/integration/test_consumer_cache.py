@@ -21,13 +21,14 @@ ENTRY = CacheEntry(
     model="m",
     created_at=datetime(2025, 1, 1, tzinfo=timezone.utc),
 )
+KEY = b"k" * 32  # what mac_key derives from SKILL_SIGNING_KEY
 # protocol-0 pickle of os.system("touch <marker>"): unpickling it would create the marker file
 PLANTED = "cposix\nsystem\n(S'touch {marker}'\ntR."
 
 
 async def test_l2_round_trips_and_every_key_has_a_ttl(redis_server, namespace):
     link = RedisLink(redis_server.url)
-    l2 = L2(link, namespace.redis_prefix, ttl_s=60)
+    l2 = L2(link, namespace.redis_prefix, ttl_s=60, key=KEY)
     try:
         assert await l2.get("k") is None
         await l2.put("k", ENTRY)
@@ -47,7 +48,7 @@ async def test_a_pickle_planted_under_a_cache_key_is_a_miss_and_never_runs(redis
     link = RedisLink(redis_server.url)
     try:
         with caplog.at_level(logging.WARNING, "skillgen.consumer.cache"):
-            assert await L2(link, namespace.redis_prefix, ttl_s=60).get("k") is None
+            assert await L2(link, namespace.redis_prefix, ttl_s=60, key=KEY).get("k") is None
     finally:
         await link.close()
         raw.close()
@@ -58,7 +59,7 @@ async def test_a_pickle_planted_under_a_cache_key_is_a_miss_and_never_runs(redis
 async def test_redis_down_means_misses_one_warning_and_recovery(redis_factory, namespace, caplog):
     server = redis_factory()
     link = RedisLink(server.url, timeout_s=0.5, retry_s=0.2)
-    l2 = L2(link, namespace.redis_prefix, ttl_s=60)
+    l2 = L2(link, namespace.redis_prefix, ttl_s=60, key=KEY)
     try:
         await l2.put("k", ENTRY)
         server.stop()
@@ -80,7 +81,7 @@ async def test_redis_down_means_misses_one_warning_and_recovery(redis_factory, n
 async def test_a_lease_is_exclusive_and_a_killed_holders_lease_lapses(redis_server, namespace):
     links = [RedisLink(redis_server.url) for _ in range(2)]
     a, b = (Leases(link, namespace.redis_prefix, ttl_s=0.6, poll_ms=20) for link in links)
-    l2 = L2(links[1], namespace.redis_prefix, ttl_s=60)
+    l2 = L2(links[1], namespace.redis_prefix, ttl_s=60, key=KEY)
     try:
         held = await a.acquire("k")
         assert held is not None and await b.acquire("k") is None
@@ -104,7 +105,7 @@ async def test_a_lease_is_exclusive_and_a_killed_holders_lease_lapses(redis_serv
 async def test_a_waiter_gets_the_holders_result_from_l2(redis_server, namespace):
     link = RedisLink(redis_server.url)
     leases = Leases(link, namespace.redis_prefix, ttl_s=5, poll_ms=20)
-    l2 = L2(link, namespace.redis_prefix, ttl_s=60)
+    l2 = L2(link, namespace.redis_prefix, ttl_s=60, key=KEY)
     try:
         held = await leases.acquire("k")
 

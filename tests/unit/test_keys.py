@@ -24,6 +24,7 @@ pytestmark = pytest.mark.unit
 
 ORIGIN = Origin(platform="console", team_id="t1", channel_id="c", user_id="u")
 MODEL = "models/x|abc|torch|fp16"
+POLICY = "0123456789abcdef"
 V1 = ResolvedAdapter(name="ink", version=1, path="/a/ink/v1", sha256="1" * 64)
 V2 = ResolvedAdapter(name="ink", version=2, path="/a/ink/v2", sha256="2" * 64)
 
@@ -44,7 +45,7 @@ def test_a_request_without_a_seed_gets_one_from_its_content():
 def test_identical_requests_share_a_cache_key_whoever_sends_them():
     other = Origin(platform="slack", team_id="T2", channel_id="D1", user_id="U2")
     a, b = req(), GenerateRequest(**{**req().model_dump(), "origin": other, "request_id": "other"})
-    assert cache_key(a, MODEL, None) == cache_key(b, MODEL, None)
+    assert cache_key(a, MODEL, None, POLICY) == cache_key(b, MODEL, None, POLICY)
 
 
 @pytest.mark.parametrize(
@@ -63,18 +64,24 @@ def test_identical_requests_share_a_cache_key_whoever_sends_them():
     ],
 )
 def test_every_field_that_decides_the_pixels_changes_the_cache_key(change):
-    assert cache_key(req(**change), MODEL, None) != cache_key(req(), MODEL, None)
+    assert cache_key(req(**change), MODEL, None, POLICY) != cache_key(req(), MODEL, None, POLICY)
 
 
 def test_model_weights_and_adapter_version_change_the_cache_key():
-    base = cache_key(req(), MODEL, None)
-    assert cache_key(req(), "models/x|abd|torch|fp16", None) != base
-    assert cache_key(req(), "models/x|abc|onnx|fp16", None) != base
-    with_v1 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V1)
-    with_v2 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V2)
+    base = cache_key(req(), MODEL, None, POLICY)
+    assert cache_key(req(), "models/x|abd|torch|fp16", None, POLICY) != base
+    assert cache_key(req(), "models/x|abc|onnx|fp16", None, POLICY) != base
+    with_v1 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V1, POLICY)
+    with_v2 = cache_key(req(adapter=AdapterRef(name="ink")), MODEL, V2, POLICY)
     assert len({base, with_v1, with_v2}) == 3
     retrained = V1.model_copy(update={"sha256": "3" * 64})
-    assert cache_key(req(adapter=AdapterRef(name="ink")), MODEL, retrained) != with_v1
+    assert cache_key(req(adapter=AdapterRef(name="ink")), MODEL, retrained, POLICY) != with_v1
+
+
+@pytest.mark.security
+def test_the_same_request_under_another_safety_policy_is_another_key():
+    # an image cached under a looser policy is never served under a stricter one
+    assert cache_key(req(), MODEL, None, POLICY) != cache_key(req(), MODEL, None, "fedcba9876543210")
 
 
 def test_batch_key_groups_by_shape_and_adapter_version_not_by_prompt_or_seed():

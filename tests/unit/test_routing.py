@@ -18,6 +18,7 @@ pytestmark = pytest.mark.unit
 ORIGIN = Origin(platform="console", team_id="local", channel_id="c1", user_id="u1")
 ADAPTER = ResolvedAdapter(name="clay", version=3, path="/adapters/clay/v3/x.safetensors", sha256="a" * 64)
 BLOB = BlobRef(url="file:///blobs/ab/" + "b" * 64 + ".png", sha256="b" * 64, bytes=10)
+POLICY_ID = "0123456789abcdef"
 
 
 def request(prompt: str = "a drummer's paradiddle, top view", **kw) -> GenerateRequest:
@@ -41,7 +42,8 @@ def policy() -> PromptPolicy:
 
 
 def router(policy, resolver=None, cache=None) -> Router:
-    return Router(policy, resolver or Resolver(), cache or TwoLevelCache(L1(1 << 20)), "model|sha|torch|fp32")
+    return Router(policy, resolver or Resolver(), cache or TwoLevelCache(L1(1 << 20)), "model|sha|torch|fp32",
+                  POLICY_ID)
 
 
 async def test_a_blocked_prompt_is_refused_before_its_adapter_is_even_looked_up(policy):
@@ -59,15 +61,15 @@ async def test_an_unknown_adapter_fails_with_the_registrys_words(policy):
 async def test_a_miss_is_drawn_under_the_key_of_everything_that_decides_the_pixels(policy):
     req = request(adapter=AdapterRef.parse("clay"), num_images=2)
     route = await router(policy).route(req)
-    assert route == Draw(cache_key(req, "model|sha|torch|fp32", ADAPTER), batch_key(req, ADAPTER), ADAPTER,
-                         image_seeds(req))
+    assert route == Draw(cache_key(req, "model|sha|torch|fp32", ADAPTER, POLICY_ID), batch_key(req, ADAPTER),
+                         ADAPTER, image_seeds(req))
     assert len(route.seeds) == 2 and route.batch.adapter == ADAPTER.key
 
 
 async def test_a_cached_picture_is_a_hit_and_names_its_level(policy):
     req = request()
     cache = TwoLevelCache(L1(1 << 20))
-    cache.l1.put(cache_key(req, "model|sha|torch|fp32", None), CacheEntry(blobs=[BLOB], model="m"))
+    cache.l1.put(cache_key(req, "model|sha|torch|fp32", None, POLICY_ID), CacheEntry(blobs=[BLOB], model="m"))
     route = await router(policy, cache=cache).route(req)
     assert isinstance(route, Hit) and route.level == "l1" and route.entry.blobs == [BLOB]
     # another seed is another picture: a miss
@@ -76,7 +78,7 @@ async def test_a_cached_picture_is_a_hit_and_names_its_level(policy):
 
 def flight(attempts: int = 0, prompt: str = "a rower's catch") -> Flight:
     req = request(prompt)
-    f = Flight(cache_key(req, "m", None), batch_key(req, None), req, None, image_seeds(req))
+    f = Flight(cache_key(req, "m", None, POLICY_ID), batch_key(req, None), req, None, image_seeds(req))
     f.attempts = attempts
     return f
 
