@@ -129,6 +129,12 @@ class Delivery:
             await self.service.dead_letter(record, "the event's origin seal does not verify: not a request the bots "
                                                    "accepted")
             return
+        age_s = time.time() - event.origin.created_at.timestamp()
+        if age_s > self.settings.marker_ttl_s:
+            # Its "posted" marker may be gone by now: a replayed old event must not post a second time.
+            await self.service.dead_letter(record, f"the request is {age_s / 86400:.1f} days old, older than the "
+                                                   "delivery markers live (SKILL_MARKER_TTL_S): not posted")
+            return
         due = header(record.headers, DELIVER_AFTER)
         if due is not None and not await self._wait_until(float(due)):
             await self.requeue(record, float(due), count=False)

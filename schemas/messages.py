@@ -88,8 +88,8 @@ class Origin(_Message):
     """Everything needed to answer in the same channel (and thread) the request came from.
 
     No chat credential travels here (or anywhere on Kafka): Discord interaction tokens stay in the bots' Redis,
-    keyed by request id. `seal` is the bots' HMAC over the request id and the routing fields (SEAL_FIELDS), so
-    delivery posts only where an accepted request pointed, whoever wrote the event."""
+    keyed by request id. `seal` is the bots' HMAC over the request id, the routing fields (SEAL_FIELDS) and
+    created_at, so delivery posts only where an accepted request pointed, whoever wrote the event."""
 
     platform: Platform
     team_id: str = Field(min_length=1, max_length=64, description="Discord guild id, Slack team id, or 'local'")
@@ -112,7 +112,10 @@ class Origin(_Message):
         return value
 
     def _mac(self, request_id: str, key: bytes) -> str:
-        body = json.dumps([request_id, *self.routing()], separators=(",", ":"))
+        # created_at too: delivery refuses an origin older than its markers live, so a seal cannot be replayed
+        # after the marker that stops a second post has expired.
+        at_ms = round(self.created_at.timestamp() * 1000)
+        body = json.dumps([request_id, *self.routing(), at_ms], separators=(",", ":"))
         return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
     def sealed(self, request_id: str, key: bytes) -> "Origin":
@@ -201,20 +204,22 @@ class FineTuneRequest(_Message):
     request_id: RequestId = Field(default_factory=new_request_id)
     origin: Origin
     adapter: AdapterName
-    # Files to fetch over HTTPS (Discord attachments: no token needed) and files a bot already fetched into the
-    # blob store (Slack's private files: only the Slack bot holds the token). At least one of the two.
-    image_urls: list[str] = Field(default_factory=list, max_length=200)
+    # Files a bot already fetched into the blob store (Slack's private files: only the Slack bot holds the token)
+    # and files to fetch over HTTPS (Discord attachments: no token needed). At least one of the two; `images`
+    # comes first so that the check on `image_urls` (always run) sees it.
     images: list[BlobRef] = Field(default_factory=list, max_length=200)
+    image_urls: list[str] = Field(default_factory=list, max_length=200, validate_default=True)
     trigger: str = Field(default="sks", min_length=1, max_length=32, pattern=r"^[\w-]+$")
     caption: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     steps: int = Field(default=500, ge=10, le=5000)
     created_at: datetime = Field(default_factory=_now)
 
-    @model_validator(mode="after")
-    def _some_images(self) -> "FineTuneRequest":
-        if not self.image_urls and not self.images:
+    @field_validator("image_urls")
+    @classmethod
+    def _some_images(cls, urls: list[str], info: ValidationInfo) -> list[str]:
+        if not urls and not info.data.get("images"):
             raise ValueError("give at least one image URL or uploaded image")
-        return self
+        return urls
 
 
 class FineTuneCancel(_Message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -95,7 +96,7 @@ def test_a_seal_binds_the_request_id_and_every_routing_field():
     assert not sealed.verify("r2", key)
     assert not sealed.verify("r1", b"another key of the same length as the real one!!")
     for field, other in [("channel_id", "999"), ("team_id", "998"), ("user_id", "997"), ("thread_id", "996"),
-                         ("status_message_id", "995")]:
+                         ("status_message_id", "995"), ("created_at", sealed.created_at - timedelta(days=30))]:
         assert not sealed.model_copy(update={field: other}).verify("r1", key), field
 
 
@@ -121,6 +122,10 @@ async def test_forged_events_post_nothing_and_go_to_the_dlq(world):
               message="the right seal, another channel"),
         event(accepted.sealed(accepted_id, b"k" * 48), EventKind.failed, accepted_id, message="another key"),
     ]
+    # and a genuinely sealed origin from before the delivery markers' lifetime: its "posted" marker may be gone
+    old = accepted.model_copy(update={"created_at": accepted.created_at - timedelta(days=8)})
+    old_id = uuid.uuid4().hex
+    forgeries.append(event(old.sealed(old_id, SIGNING_KEY.encode()), EventKind.failed, old_id, message="replayed"))
     async with world.running():
         await world.send(*forgeries, seal=False)
         # and one real result after them, so we know delivery has read past the forgeries
@@ -134,7 +139,9 @@ async def test_forged_events_post_nothing_and_go_to_the_dlq(world):
     async with TopicReader(world.env.vars["SKILL_KAFKA_BOOTSTRAP"], world.env.topics.dlq(world.env.topics.events),
                            JobEvent) as dlq:
         await dlq.wait(len(forgeries))
-    assert all("seal does not verify" in header(h, "error") for h in dlq.headers)
+    reasons = sorted(header(h, "error").split(":")[0] for h in dlq.headers)
+    too_old = "the request is 8.0 days old, older than the delivery markers live (SKILL_MARKER_TTL_S)"
+    assert reasons == ["the event's origin seal does not verify"] * 4 + [too_old]
     assert {e.message for e in dlq.seen} == {f.message for f in forgeries}
     # the channel holds the two deferred responses, and only the genuine one says anything
     assert [m.id for m in world.discord.channel(fd.CHANNEL_ID) if m.content] == [good.original.id]
