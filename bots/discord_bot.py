@@ -66,10 +66,6 @@ async def remember_token(intake: Intake, interaction: discord.Interaction, reque
                                               interaction.created_at)
 
 
-def is_admin(interaction: discord.Interaction) -> bool:
-    return interaction.guild_id is not None and interaction.permissions.administrator
-
-
 class SkillBot(discord.Client):
     """The Discord front-end. `intake` publishes; `tree` holds /skill and any extension's commands."""
 
@@ -95,7 +91,8 @@ class SkillBot(discord.Client):
     async def on_skill(self, interaction: discord.Interaction, prompt: str, options: dict[str, object]) -> None:
         origin = origin_of(interaction)
         try:
-            req = await self.intake.admit(grammar.from_options(prompt, options), origin, admin=is_admin(interaction))
+            # A server's administrators get no exemption: limits follow SKILL_ADMINS alone (bots/ratelimit.py).
+            req = await self.intake.admit(grammar.from_options(prompt, options), origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
             await interaction.response.send_message(str(exc), ephemeral=True)
@@ -116,7 +113,7 @@ class SkillBot(discord.Client):
             return  # another feature's component
         action, request_id = parsed
         try:
-            req = await self.intake.remix(request_id, action, origin_of(interaction), admin=is_admin(interaction))
+            req = await self.intake.remix(request_id, action, origin_of(interaction))
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
             await interaction.response.send_message(str(exc), ephemeral=True)

@@ -4,6 +4,12 @@ Each limit is a sliding window: at most `count` units in any `window_s`. A reque
 limit has room, and then counts against all of them at once (one Lua script, so two replicas cannot both take
 the last slot). When one is full the person is told when the oldest use that blocks them leaves the window.
 Without Redis, or while it is down, the same windows are kept in this process.
+
+A person's limits count across every team they use the bot from (`rl:user:<platform>:<user id>:...`): someone in
+ten Discord servers gets one allowance, not ten. A team's limits count everyone in it (`rl:team:<platform>:<team
+id>:...`). The people in SKILL_ADMINS (`discord:<user id>`, `slack:<user id>`) skip the per-person limits only;
+their team's rate and daily quota still count them, so an exempt person cannot spend a team's GPUs beyond what the
+team is given. Nobody else is exempt: a Discord server's administrators are limited like everyone in it.
 """
 
 from __future__ import annotations
@@ -83,47 +89,56 @@ class RateLimiter:
         return cls(limits_from(settings), store, set(settings.admins))
 
     def is_admin(self, origin: Origin) -> bool:
+        """In SKILL_ADMINS: exempt from the per-person limits (never from the team's)."""
         return f"{origin.platform.value}:{origin.user_id}" in self.admins
 
     async def admit(self, origin: Origin, images: int, *, admin: bool = False) -> None:
-        """Count one request of `images` images against every limit, or raise RateLimited and count nothing."""
-        if admin or self.is_admin(origin) or not self.limits:
+        """Count one request of `images` images against every limit that applies to this person, or raise
+        RateLimited and count nothing. (`admin` exists only while bots/intake.py still passes it: exemptions come
+        from SKILL_ADMINS alone, so True is refused rather than obeyed.)"""
+        if admin:
+            raise TypeError("RateLimiter.admit(admin=True): exemptions come from SKILL_ADMINS only")
+        exempt = self.is_admin(origin)
+        limits = [limit for limit in self.limits if not (exempt and limit.scope == "user")]
+        if not limits:
             return
-        for limit in self.limits:
+        for limit in limits:
             if limit.unit == "images" and images > limit.count:
                 raise Refusal(f"--n {images} is more than {limit.describe()}; ask for at most {limit.count}")
-        keys = [self._key(limit, origin) for limit in self.limits]
-        costs = [images if limit.unit == "images" else 1 for limit in self.limits]
-        wait_s, which = await self._admit(keys, costs)
+        keys = [self._key(limit, origin) for limit in limits]
+        costs = [images if limit.unit == "images" else 1 for limit in limits]
+        wait_s, which = await self._admit(limits, keys, costs)
         if wait_s > 0:
             retry_at = time.time() + wait_s
             at = datetime.fromtimestamp(retry_at, timezone.utc).strftime("%H:%M:%S UTC")
             raise RateLimited(
-                f"You have reached {self.limits[which].describe()}. "
+                f"You have reached {limits[which].describe()}. "
                 f"Try again in {_duration(wait_s)} (at {at}).",
                 retry_at,
             )
 
-    def _key(self, limit: Limit, origin: Origin) -> str:
+    @staticmethod
+    def _key(limit: Limit, origin: Origin) -> str:
+        # A person's window has no team in its key: it is the same window in every server and workspace.
         who = origin.user_id if limit.scope == "user" else origin.team_id
-        return f"rl:{limit.scope}:{origin.platform.value}:{origin.team_id}:{who}:{limit.unit}:{limit.window_s}"
+        return f"rl:{limit.scope}:{origin.platform.value}:{who}:{limit.unit}:{limit.window_s}"
 
-    async def _admit(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
+    async def _admit(self, limits: list[Limit], keys: list[str], costs: list[int]) -> tuple[float, int]:
         argv: list[object] = []
-        for limit, cost in zip(self.limits, costs):
+        for limit, cost in zip(limits, costs):
             argv += [limit.count, limit.window_s * 1000, cost]
         names = [self.store.key(k) for k in keys]
         # Without Redis the windows are this process's: each replica admits up to the limit on its own.
         result = await self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
                                        lambda: None)
         if result is None:
-            return self._admit_local(keys, costs)
+            return self._admit_local(limits, keys, costs)
         return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)
 
-    def _admit_local(self, keys: list[str], costs: list[int]) -> tuple[float, int]:
+    def _admit_local(self, limits: list[Limit], keys: list[str], costs: list[int]) -> tuple[float, int]:
         now = time.monotonic()
         wait, which = 0.0, 0
-        for i, (limit, key, cost) in enumerate(zip(self.limits, keys, costs)):
+        for i, (limit, key, cost) in enumerate(zip(limits, keys, costs)):
             uses = self._local[key]
             while uses and uses[0] <= now - limit.window_s:
                 uses.popleft()

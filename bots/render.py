@@ -1,8 +1,13 @@
 """What the bots and delivery say in a channel, for Discord and Slack alike, and the Re-roll/Variations buttons.
 
 A button names its action and the request it acts on (`skill:reroll:<request id>`); the bot that receives the
-click looks the request up (bots/intake.py). Text quoting a prompt is escaped so a prompt cannot mention
-@everyone or break out of its formatting.
+click looks the request up (bots/intake.py).
+
+Whatever a sender controls (a prompt, a file's or an adapter's name, a caption) enters a message only through
+`safe(text, platform)`, one escaping per platform (`slack_text`, `discord_text`): it can then neither mention,
+broadcast, link nor break out of the formatting around it, and still reads as typed. Our own sentences that may
+quote sender text (the consumer's and the trainer's messages, refusals) go through `defuse(text, platform)`: their
+formatting stays, links and broadcasts do not.
 """
 
 from __future__ import annotations
@@ -37,12 +42,93 @@ def parse_custom_id(value: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def quote(prompt: str, platform: Platform) -> str:
+# -------------------------------------------------------------------------------------- text a sender controls
+
+ZWSP = "\u200b"  # a zero-width space: invisible, and it breaks the token it is put into
+QUOTE_MAX_CHARS = 1000  # a quoted prompt, escaped (Discord allows 2000 characters a message, a Slack section 3000)
+MESSAGE_MAX_CHARS = 900  # a consumer's or trainer's message, defused
+
+
+def slack_text(text: str) -> str:
+    """Sender text for Slack mrkdwn. `&`, `<` and `>` are Slack's control characters and entities its only escape:
+    with them escaped no `<!here>`, `<!channel>`, `<@U…>`, `<#C…>`, `<!subteam^…>` or `<url|text>` can form, and what
+    is left of mrkdwn (`*`, `_`, `~`, backticks) can change how the text looks, nothing more. (slack_blocks also
+    marks its text verbatim, so Slack does not turn a bare URL or channel name in it into a link either.)"""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# Every markdown character is escaped wherever it stands; `>`, `#` and `-` only at the start of a line, the only
+# place they act (quote, heading, list, -# subtext). This is by hand: discord.utils.escape_markdown escapes only the
+# first `[` of a masked link (so `[[a](https://x)](https://y)` keeps a live inner link) and leaves URLs unescaped.
+_DISCORD_MARKDOWN = re.compile(r"[\\*_~`|\[\]()]|^[ \t]*[>#-]", re.MULTILINE)
+
+
+def _discord_tokens(text: str) -> str:
+    """Break every `<...>` token and every autolink of `text`, and its @everyone/@here."""
+    # discord.py is installed wherever Discord text is written; imported here so Slack-only processes skip it.
+    from discord.utils import escape_mentions
+
+    # escape_mentions covers @everyone, @here and @<id> (a zero-width space after the @). By hand, because it does
+    # not: a zero-width space after every `<`, which breaks <@id> with a short id, <@&role>, <#channel>, <t:0:R>,
+    # </command:id>, <:emoji:id> and <https://...>; and one inside `://`, so a URL neither links nor unfurls.
+    return escape_mentions(text.replace("<", "<" + ZWSP)).replace("://", ":" + ZWSP + "//")
+
+
+def discord_text(text: str) -> str:
+    """Sender text for Discord markdown: every markdown character escaped (a masked link `[text](url)` cannot form),
+    every mention, channel, timestamp and command token broken, @everyone and @here defused. A backslash escape is
+    invisible in Discord, so `a drummer's paradiddle (live)` reads as typed."""
+    escaped = _DISCORD_MARKDOWN.sub(lambda m: m.group()[:-1] + "\\" + m.group()[-1], text)
+    return _discord_tokens(escaped)
+
+
+def safe(text: str, platform: Platform) -> str:
+    """Text a sender controls, escaped for the platform it is shown on (the console shows it as typed)."""
     if platform == Platform.slack:
-        text = prompt.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return slack_text(text)
+    if platform == Platform.discord:
+        return discord_text(text)
+    return text
+
+
+_SLACK_USER = re.compile(r"&lt;@([UWB][A-Z0-9]{1,20})&gt;")
+_DISCORD_USER = re.compile(r"(<@!?[0-9]{1,20}>)")
+
+
+def defuse(text: str, platform: Platform) -> str:
+    """One of our own sentences that may quote sender text (the consumer's or trainer's message, a refusal): its
+    formatting stays (code spans, bold), but no link, broadcast or channel, role, time or command token survives.
+    A well-formed user mention stays: it is how the trainer names who cancelled a training (on Discord delivery's
+    allowed_mentions still lets it ping nobody but the requester)."""
+    if platform == Platform.slack:
+        return _SLACK_USER.sub(r"<@\1>", slack_text(text))
+    if platform == Platform.discord:
+        parts = _DISCORD_USER.split(text)  # odd indexes are user mentions, kept as they are
+        return "".join(p if i % 2 else _discord_tokens(p).replace("](", "]" + ZWSP + "(") for i, p in enumerate(parts))
+    return text
+
+
+def _bounded(text: str, escape, max_chars: int) -> str:
+    """escape(text), cut (before escaping, so no escape is split) to at most max_chars characters."""
+    out = escape(text)
+    while len(out) > max_chars:
+        text = text[: min(len(text) - 1, len(text) * (max_chars - 1) // len(out))]  # in proportion: escapes widen
+        out = escape(text) + "…"
+    return out
+
+
+def quote(prompt: str, platform: Platform) -> str:
+    """A prompt in a message: escaped, in italics."""
+    text = _bounded(prompt, lambda t: safe(t, platform), QUOTE_MAX_CHARS)
+    if platform == Platform.slack:
+        # mrkdwn has no escape for `_`: one inside would end the italics early, so it shows as a space.
         return f"_{text.replace('_', ' ')}_"
-    text = re.sub(r"([\\*_~`|])", r"\\\1", prompt)
     return f"*{text}*"
+
+
+def said(message: str | None, platform: Platform) -> str:
+    """A consumer's or trainer's message, defused and bounded."""
+    return _bounded(message or "", lambda t: defuse(t, platform), MESSAGE_MAX_CHARS)
 
 
 def mention(user_id: str) -> str:
@@ -66,7 +152,7 @@ def status(event: JobEvent) -> str:
         )
 
         bar = f"{_bar(event.step, event.total_steps)} " if progress else ""
-        return f"🧪 {who} {bar}{progress_text(event)}"
+        return f"🧪 {who} {bar}{said(progress_text(event), event.origin.platform)}"
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
     if event.kind == EventKind.queued:
@@ -89,21 +175,21 @@ def done(event: JobEvent) -> str:
     seed_note = f" (seed {', '.join(map(str, seeds))})" if seeds else ""
     cached = " · from cache" if event.cache_level else ""
     if event.job == "finetune":
-        return f"✅ {mention(event.origin.user_id)} {event.message or f'adapter {event.adapter} is ready'}"
+        return f"✅ {mention(event.origin.user_id)} {said(event.message or f'adapter {event.adapter} is ready', p)}"
     return f"✅ {mention(event.origin.user_id)} {what}{seed_note}{cached}"
 
 
 def failed(event: JobEvent) -> str:
     if event.job == "finetune":  # the trainer's message is a whole sentence: "Training of `x` failed: ..."
-        return f"❌ {mention(event.origin.user_id)} {event.message}"
+        return f"❌ {mention(event.origin.user_id)} {said(event.message, event.origin.platform)}"
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
-    return f"❌ {mention(event.origin.user_id)} could not draw {what}: {event.message}"
+    return f"❌ {mention(event.origin.user_id)} could not draw {what}: {said(event.message, p)}"
 
 
 def blocked(event: JobEvent) -> str:
     """Shown only to the person who asked; never names the prompt in a channel."""
-    return f"🚫 {event.message} Nothing was posted to the channel."
+    return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel."
 
 
 def discord_buttons(request_id: str) -> list[dict]:
@@ -119,7 +205,8 @@ def discord_buttons(request_id: str) -> list[dict]:
 
 
 def slack_blocks(text: str, request_id: str | None = None) -> list[dict]:
-    blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+    # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
+    blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
     if request_id:
         blocks.append(
             {

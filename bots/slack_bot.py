@@ -71,11 +71,12 @@ class SlackFrontEnd:
             req = await self.intake.admit(grammar.split(command.get("text") or "", command=False), origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
-            await self._ack(ack, claim, str(exc))
+            await self._ack(ack, claim, render.defuse(str(exc), Platform.slack))  # it may quote what was typed
             return
         if req is None:
             metrics.COMMANDS.labels("slack", "help").inc()
-            await self._ack(ack, claim, grammar.help_text(Platform.slack))
+            # `<prompt>` in it is text: `<` is a control character in mrkdwn
+            await self._ack(ack, claim, render.slack_text(grammar.help_text(Platform.slack)))
             return
         await self._ack(ack, claim, render.queued(req))
         await self.start_job(client, respond, req)
@@ -99,7 +100,8 @@ class SlackFrontEnd:
             req = await self.intake.remix(action["value"], name, origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
-            await respond(text=str(exc), response_type="ephemeral", replace_original=False)
+            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
+                          replace_original=False)
             return
         await self.start_job(client, respond, req)
 

@@ -201,11 +201,12 @@ def check_files(files: list[Attached], limits: IngestLimits) -> None:
     """Refuse, before anything is downloaded, what the trainer would refuse by name, type, count or size."""
     if not files:
         raise TrainCommandError("attach the training images (PNG, JPEG or WebP) or one zip of them")
-    for f in files:
+    # A file is named by its place among those sent ("file 2"), never by its sender-chosen name.
+    for i, f in enumerate(files, 1):
         if f.kind is None:
-            raise TrainCommandError(f"{f.name} is not a PNG, JPEG or WebP image or a zip of them")
+            raise TrainCommandError(f"file {i} is not a PNG, JPEG or WebP image or a zip of them")
         if f.size is not None and f.size > limits.max_file_bytes:
-            raise TrainCommandError(f"{f.name} is {size_text(f.size)}; files may be at most {size_text(limits.max_file_bytes)}")
+            raise TrainCommandError(f"file {i} is {size_text(f.size)}; files may be at most {size_text(limits.max_file_bytes)}")
     zips = [f for f in files if f.kind == "zip"]
     if zips and len(files) > 1:
         raise TrainCommandError("send either images or one zip of them, not both and not several zips")

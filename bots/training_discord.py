@@ -19,7 +19,7 @@ import time
 import discord
 from discord import app_commands
 
-from bots.discord_bot import SkillBot, is_admin, origin_of
+from bots.discord_bot import SkillBot, origin_of
 from bots.metrics import TRAIN_COMMANDS
 from bots.render import queue_down
 from bots.settings import TrainCommandSettings
@@ -49,10 +49,11 @@ AUTOCOMPLETE_CACHE_S = 10.0  # autocomplete asks at every keystroke; the registr
 
 
 def member_of(interaction: discord.Interaction) -> Member:
-    """Role ids come from the guild cache that the guilds intent keeps (roles arrive with GUILD_CREATE)."""
+    """Role ids come from the guild cache that the guilds intent keeps (roles arrive with GUILD_CREATE). On Discord
+    who may train is the team's roles alone (check_allowed): a server administrator needs a listed role too."""
     user = interaction.user
     roles = frozenset(str(role.id) for role in getattr(user, "roles", ()))
-    return Member(str(user.id), role_ids=roles, is_admin=is_admin(interaction))
+    return Member(str(user.id), role_ids=roles)
 
 
 def attached(attachment: discord.Attachment) -> Attached:

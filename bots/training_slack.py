@@ -33,7 +33,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.metrics import TRAIN_COMMANDS
-from bots.render import QUEUE_DOWN
+from bots.render import QUEUE_DOWN, defuse, safe
 from bots.settings import TeamPolicy, TrainCommandSettings
 from bots.slack_bot import CANNOT_POST
 from bots.train_commands import (
@@ -57,7 +57,6 @@ from bots.training_slack_threads import (
     SharedFile,
     collecting_text,
     dropped_text,
-    escape,
     pending_key,
     queued_text,
     received,
@@ -144,7 +143,7 @@ class SlackTrainCommands:
             await self.check_member(client, origin)
         except TrainCommandError as exc:
             TRAIN_COMMANDS.labels("slack", "train", "refused").inc()
-            await self._ack(ack, claim, str(exc))
+            await self._ack(ack, claim, defuse(str(exc), Platform.slack))  # it may quote what was typed
             return
         if isinstance(cmd, Cancel):
             await self.cancel(ack, claim, client, respond, cmd, origin)
@@ -297,7 +296,9 @@ class SlackTrainCommands:
             await self._drop(client, session, raw, session.user_id)
             return
         before = len(session.files)
-        refused = [reason for f in files if (reason := await self._add(client, session, f))]
+        # A file is named by its place in the thread ("File 3", counting the files kept so far), never by its name.
+        refused = [reason for i, f in enumerate(files, len(session.files) + 1)
+                   if (reason := await self._add(client, session, f, f"File {i}"))]
         if len(session.files) != before:
             raw = session.model_dump_json()
             key = session.key()
@@ -314,8 +315,9 @@ class SlackTrainCommands:
         elif word == "go":
             await self._go(client, session, raw)
 
-    async def _add(self, client: AsyncWebClient, session: Session, f: dict) -> str | None:
-        """Take one shared file into the session; the reason it is refused, for the thread, otherwise."""
+    async def _add(self, client: AsyncWebClient, session: Session, f: dict, name: str) -> str | None:
+        """Take one shared file into the session; the reason it is refused, for the thread, otherwise (the file
+        called `name`: its position, never the sender's file name)."""
         if any(taken.id == f.get("id") for taken in session.files):
             return None  # the same file again (a retried event)
         if f.get("file_access") == "check_file_info" or not f.get("url_private_download"):
@@ -324,34 +326,33 @@ class SlackTrainCommands:
                 f = (await client.files_info(file=f["id"]))["file"]
             except SlackApiError as exc:
                 return f"I cannot read a shared file (Slack answered `{_slack_error(exc)}`)."
-        name = escape(f.get("name") or f.get("title") or f["id"])
         kind = Attached(f.get("name") or "", f.get("mimetype"), f.get("size")).kind
         limits = self.settings.ingest
         if kind is None:
-            what = f.get("mimetype") or "of an unknown type"
-            return f"`{name}` is {what}: share PNG, JPEG or WebP images, or one zip of them."
+            what = safe(f.get("mimetype") or "", Platform.slack) or "of an unknown type"
+            return f"{name} is {what}: share PNG, JPEG or WebP images, or one zip of them."
         url = f.get("url_private_download") or f.get("url_private")
         if not url or f.get("is_external"):
-            return f"`{name}` is a link to another service: share the file itself."
+            return f"{name} is a link to another service: share the file itself."
         try:
             await asyncio.to_thread(check_url, url, limits)  # resolves the host: off the event loop
         except IngestError as exc:
-            return f"`{name}`: {exc}"
+            return f"{name}: {defuse(str(exc), Platform.slack)}"
         size = int(f.get("size") or 0)
         if size > limits.max_file_bytes:
-            return f"`{name}` is {size_text(size)}; files may be at most {size_text(limits.max_file_bytes)}."
+            return f"{name} is {size_text(size)}; files may be at most {size_text(limits.max_file_bytes)}."
         total = size + sum(x.size_bytes for x in session.files)
         if total > limits.max_total_bytes:
-            return (f"`{name}` would bring the files to {size_text(total)}; at most "
+            return (f"{name} would bring the files to {size_text(total)}; at most "
                     f"{size_text(limits.max_total_bytes)} in all.")
         has_zip = any(x.kind == "zip" for x in session.files)
         if has_zip:
-            return f"`{name}` not added: this thread already has {received(session.files)}, and a zip comes alone."
+            return f"{name} not added: this thread already has {received(session.files)}, and a zip comes alone."
         if kind == "zip" and session.files:
-            return (f"`{name}` not added: send one zip or images, not both; this thread already has "
+            return (f"{name} not added: send one zip or images, not both; this thread already has "
                     f"{received(session.files)} (reply `cancel` and start again to send a zip instead).")
         if kind == "image" and len(session.files) >= limits.max_images:
-            return f"`{name}` not added: at most {limits.max_images} images per training."
+            return f"{name} not added: at most {limits.max_images} images per training."
         session.files.append(SharedFile(id=f["id"], name=f.get("name") or f["id"], kind=kind, url=url,
                                         size_bytes=size))
         return None

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from bots.render import slack_text
 from bots.train_commands import Train
 from schemas.limits import IngestLimits
 from schemas.messages import Origin, Platform
@@ -94,13 +95,13 @@ async def thread_lock(store: Store, thread: str) -> AsyncIterator[None]:
 
 
 def escape(text: str) -> str:
-    # A file name is the sender's text: it must not become a mention or a link in the channel.
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    """Sender text for inside backticks: Slack's escaping (bots/render.py), and no backtick to end the code span."""
+    return slack_text(text).replace("`", "'")
 
 
 def received(files: list[SharedFile]) -> str:
     if files and files[0].kind == "zip":
-        return f"1 zip (`{escape(files[0].name)}`)"
+        return "1 zip"  # not its name: the sender's text stays out of the channel
     return f"{len(files)} image" + ("" if len(files) == 1 else "s")
 
 

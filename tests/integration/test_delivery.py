@@ -342,3 +342,20 @@ def test_status_edits_are_at_most_one_per_2_seconds_per_message(tmp_path, monkey
     assert not d._edit_allowed("a")
     clock[0] += 0.2
     assert d._edit_allowed("a") and not d._edit_allowed("a")
+
+
+@pytest.mark.security
+async def test_a_consumers_message_quoting_sender_text_is_shown_without_links_or_broadcasts(world):
+    it, slack = world.discord.deferred(), world.slack_origin()
+    quoting = "no adapter named [docs](https://evil.example) <!channel> @everyone <#1>"
+    async with world.running():
+        await world.send(event(world.discord_origin(it), FAIL, rid(), message=quoting),
+                         event(slack, FAIL, rid(), message=quoting))
+        await world.discord.wait_for(original_edits(world.discord, it.token))
+        await world.slack.wait_for(lambda c: c.path == "chat.update")
+    shown = it.original.content
+    assert shown.startswith(f"❌ <@{fd.USER_ID}> could not draw *a drummer's paradiddle*: no adapter named [docs]")
+    assert "](" not in shown and "://" not in shown and "@everyone" not in shown and "<#" not in shown
+    assert world.slack.messages[slack.status_message_id].text == (
+        f"❌ <@{fs.USER_ID}> could not draw _a drummer's paradiddle_: no adapter named [docs](https://evil.example) "
+        "&lt;!channel&gt; @everyone &lt;#1&gt;")

@@ -8,9 +8,9 @@ import pytest
 
 from bots import discord_bot, render
 from bots.credentials import Interactions
-from bots.intake import FORGOTTEN
+from bots.intake import FORGOTTEN, NOT_ALLOWED
 from bots.settings import DiscordSettings
-from schemas.messages import GenerateRequest
+from schemas.messages import EventKind, GenerateRequest
 from skillgen.runtime.redis import Store
 from skillgen.runtime.settings import CommonSettings
 from tests.fakes.discord import (
@@ -22,9 +22,11 @@ from tests.fakes.discord import (
     FakeDiscord,
 )
 from tests.fakes.records import TopicReader
+from tests.fakes.world import World, event
 from tests.harness import SIGNING_KEY
 
 ADMINISTRATOR = str(1 << 3)
+SKILL_ADMIN_ID = "888888888888888888"  # in SKILL_ADMINS, where a test's bot says so
 
 
 async def recall_interaction(request_id: str):
@@ -36,10 +38,12 @@ async def recall_interaction(request_id: str):
 
 
 @pytest.fixture
-async def bot(skill_env):
+async def bot(skill_env, request):
+    """A running bot on a fake Discord; a test changes its settings with parametrize("bot", [{...}], indirect=True)."""
     fake = await FakeDiscord().start()
+    overrides = {"rate_user_per_min": 2, **getattr(request, "param", {})}
     settings = DiscordSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake.settings().items()},
-                               rate_user_per_min=2)
+                               **overrides)
     stop = asyncio.Event()
     task = asyncio.create_task(discord_bot.serve(settings, stop))
     await asyncio.wait_for(fake.identified.wait(), 15)
@@ -107,15 +111,67 @@ async def test_refusals_and_help_are_ephemeral_and_publish_nothing(bot, options,
     assert await bot.requests.settle(0.5) == []
 
 
-async def test_over_the_rate_limit_is_told_when_to_retry_and_admins_are_not_limited(bot):
-    for i in range(2):  # one at a time: discord.py handles interactions concurrently
-        done = await bot.invoke("skill", {"prompt": f"study {i}"})
-        await bot.wait_for(callback_of(bot, done))
-    it = await bot.invoke("skill", {"prompt": "one too many"})
+async def answered(bot: FakeDiscord, prompt: str, **kw) -> dict:
+    """Run /skill and wait for the bot's answer to it (one at a time: discord.py handles interactions at once)."""
+    it = await bot.invoke("skill", {"prompt": prompt}, **kw)
     [callback] = await bot.wait_for(callback_of(bot, it))
-    assert "You have reached your limit of 2 requests per minute. Try again in" in callback.body["data"]["content"]
-    await bot.invoke("skill", {"prompt": "an admin's study"}, permissions=ADMINISTRATOR)
-    assert sorted(r.prompt for r in await bot.requests.wait(3)) == ["an admin's study", "study 0", "study 1"]
+    return callback.body
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("bot", [{"admins": [f"discord:{SKILL_ADMIN_ID}"], "quota_team_per_day": 5}], indirect=True)
+async def test_over_the_rate_limit_is_told_when_to_retry_and_only_skill_admins_skip_it(bot):
+    # A server administrator is limited like anyone: whoever adds the bot to a server administers it.
+    for i in range(2):
+        assert (await answered(bot, f"study {i}", permissions=ADMINISTRATOR))["type"] == 5
+    said = (await answered(bot, "one too many", permissions=ADMINISTRATOR))["data"]
+    assert said["flags"] & 64 and "You have reached your limit of 2 requests per minute. Try again in" in said["content"]
+    # Someone in SKILL_ADMINS skips the per-person rate, not the team's daily quota (5 images: 2 used above).
+    for i in range(3):
+        assert (await answered(bot, f"admin's study {i}", user_id=SKILL_ADMIN_ID))["type"] == 5
+    said = (await answered(bot, "admin's fourth", user_id=SKILL_ADMIN_ID))["data"]
+    assert said["flags"] & 64 and "You have reached your team's limit of 5 images per day" in said["content"]
+    assert sorted(r.prompt for r in await bot.requests.wait(5)) == [
+        "admin's study 0", "admin's study 1", "admin's study 2", "study 0", "study 1"]
+    assert len(await bot.requests.settle(0.5)) == 5
+
+
+@pytest.fixture
+def other_teams_only(skill_env, monkeypatch):
+    """SKILL_ALLOWED_TEAMS without the fakes' server and workspace (set before the bot fixture reads it)."""
+    monkeypatch.setenv("SKILL_ALLOWED_TEAMS", "discord:123456789012345678,slack:T0OTHER")
+
+
+@pytest.mark.security
+async def test_a_server_outside_allowed_teams_is_refused_and_nothing_is_published(other_teams_only, bot):
+    said = (await answered(bot, "a violinist's bow hold"))["data"]
+    expected = NOT_ALLOWED.format(where="Discord server", who=f"discord:{GUILD_ID}")
+    assert said["flags"] & 64 and said["content"] == expected
+    assert await bot.requests.settle(0.5) == []
+    assert bot.matching(lambda c: c.method == "PATCH") == []  # nothing shown in the channel
+
+
+@pytest.mark.security
+async def test_a_prompt_with_a_masked_link_and_mentions_is_shown_as_text_through_delivery(bot, skill_env):
+    prompt = "see [the docs](https://evil.example) @everyone <@&1> <#123> **now**"
+    it = await bot.invoke("skill", {"prompt": prompt})
+    [req] = await bot.requests.wait(1)
+    assert req.prompt == prompt  # the request keeps what was typed; only what is shown is escaped
+    world = World(skill_env, discord=bot)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/{it.token}/messages/@original")
+                           and bool(c.files))
+    shown = it.original.content
+    assert shown.startswith(f"✅ <@{USER_ID}> *see \\[the docs\\]\\(https:") and "\\*\\*now\\*\\**" in shown
+    assert "@everyone" not in shown and "](" not in shown and "://" not in shown
+    assert "<@&" not in shown and "<#" not in shown
+    edits = bot.matching(lambda c: c.method == "PATCH")  # the bot's "queued", then delivery's result
+    assert len(edits) == 2 and edits[0].body["content"].startswith(f"⏳ <@{USER_ID}> queued: *see \\[the docs\\]")
+    for call in edits:
+        assert "](" not in call.body["content"] and "@everyone" not in call.body["content"]
+        assert call.body["allowed_mentions"]["parse"] == []
 
 
 async def test_reroll_and_variations_buttons_start_new_jobs(bot):

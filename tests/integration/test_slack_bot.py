@@ -10,11 +10,20 @@ import aiohttp
 import pytest
 
 from bots import render, slack_bot
+from bots.intake import NOT_ALLOWED
 from bots.settings import SlackSettings
-from schemas.messages import GenerateRequest
+from schemas.messages import EventKind, GenerateRequest
 from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import CHANNEL_ID, SIGNING_SECRET, USER_ID, FakeSlack, sign
+from tests.fakes.slack import (
+    CHANNEL_ID,
+    SIGNING_SECRET,
+    TEAM_ID,
+    USER_ID,
+    FakeSlack,
+    sign,
+)
+from tests.fakes.world import World, event
 
 
 @pytest.fixture
@@ -143,6 +152,43 @@ async def test_a_channel_the_bot_cannot_post_in_gets_instructions_and_no_job(bot
     await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
     assert "add me with `/invite @skillgen`" in bot.fake.ephemerals[-1].text
     assert await bot.requests.settle(0.5) == []
+
+
+@pytest.fixture
+def other_teams_only(skill_env, monkeypatch):
+    """SKILL_ALLOWED_TEAMS without the fakes' workspace and server (set before the bot fixture reads it)."""
+    monkeypatch.setenv("SKILL_ALLOWED_TEAMS", "slack:T0OTHER,discord:123456789012345678")
+
+
+@pytest.mark.security
+async def test_a_workspace_outside_allowed_teams_is_refused_and_nothing_is_published(other_teams_only, bot):
+    status, answer, _ = await bot.command("a violinist's bow hold")
+    assert status == 200 and answer["response_type"] == "ephemeral"
+    assert answer["text"] == NOT_ALLOWED.format(where="Slack workspace", who=f"slack:{TEAM_ID}")
+    assert await bot.requests.settle(0.5) == [] and bot.fake.visible(CHANNEL_ID) == []
+
+
+@pytest.mark.security
+async def test_a_prompt_with_a_broadcast_and_a_link_is_shown_as_text_through_delivery(bot, skill_env):
+    prompt = "<!here> see <https://evil.example|docs>"
+    _, answer, _ = await bot.command(prompt)
+    [req] = await bot.requests.wait(1)
+    assert req.prompt == prompt  # the request keeps what was typed; only what is shown is escaped
+    world = World(skill_env, slack=bot.fake)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.fake.wait_for(lambda c: c.path == "files.completeUploadExternal")
+    [status_msg] = bot.fake.visible(CHANNEL_ID)
+    assert status_msg.edits[-1].startswith(f"✅ <@{USER_ID}> _")
+    section = status_msg.blocks[0]["text"]
+    assert section["verbatim"] is True and section["text"] == status_msg.text
+    shown = [answer["text"], *[c.body["text"] for c in bot.fake.matching(lambda c: c.path == "chat.postMessage")],
+             *status_msg.edits, section["text"]]
+    for text in shown:
+        assert "<!here>" not in text and "<https:" not in text and "|docs>" not in text
+        assert "&lt;!here&gt; see &lt;https://evil.example|docs&gt;" in text
+        assert text.count("<") == 1  # the requester's own mention, nothing else
 
 
 async def test_socket_mode_takes_commands_over_the_websocket(skill_env, fake_slack):

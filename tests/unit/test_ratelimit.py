@@ -1,5 +1,6 @@
-"""Rate limits and quotas: sliding windows per person and per team, admins exempt, a clear time to retry;
-the same rules in Redis (shared by replicas) and in memory (no Redis, or Redis down)."""
+"""Rate limits and quotas: sliding windows per person (across every team) and per team, SKILL_ADMINS exempt from
+the per-person ones only, a clear time to retry; the same rules in Redis (shared by replicas) and in memory (no
+Redis, or Redis down)."""
 
 import time
 
@@ -75,11 +76,41 @@ async def test_quotas_count_images(store):
         await limiter.admit(origin(), 6)
 
 
-async def test_admins_are_exempt(store):
-    limiter = RateLimiter([Limit("user", 1, 60, "requests")], store, admins={"slack:UADMIN"})
-    for _ in range(3):
+async def test_admins_skip_the_per_person_limits_but_not_their_teams(store):
+    limits = [Limit("user", 1, 60, "requests"), Limit("user", 2, 86400, "images"),
+              Limit("team", 4, 60, "requests"), Limit("team", 5, 86400, "images")]
+    limiter = RateLimiter(limits, store, admins={"slack:UADMIN"})
+    for _ in range(3):  # over their own rate and quota
         await limiter.admit(origin("UADMIN"), 1)
-        await limiter.admit(origin("U1"), 1, admin=True)  # e.g. a Discord server administrator
+    await limiter.admit(origin("U1"), 1)
+    with pytest.raises(RateLimited, match="your team's limit of 4 requests per minute"):
+        await limiter.admit(origin("UADMIN"), 1)
+    with pytest.raises(Refusal, match="--n 6 is more than your team's limit of 5 images per day"):
+        await limiter.admit(origin("UADMIN"), 6)
+
+
+@pytest.mark.security
+async def test_nobody_else_is_exempt(store):
+    limiter = RateLimiter([Limit("user", 1, 60, "requests")], store, admins={"discord:UADMIN"})
+    await limiter.admit(origin("U1"), 1)
+    with pytest.raises(TypeError, match="SKILL_ADMINS only"):  # what a Discord server administrator used to get
+        await limiter.admit(origin("U1"), 1, admin=True)
+    with pytest.raises(RateLimited):
+        await limiter.admit(origin("U1"), 1)
+    await limiter.admit(origin("UADMIN"), 1)  # an entry names a platform: discord:UADMIN is not slack:UADMIN
+    with pytest.raises(RateLimited):
+        await limiter.admit(origin("UADMIN"), 1)
+
+
+@pytest.mark.security
+async def test_a_person_in_several_teams_has_one_allowance(store):
+    limiter = RateLimiter([Limit("user", 2, 60, "requests"), Limit("user", 3, 86400, "images")], store)
+    await limiter.admit(origin("U1", team="T1"), 1)
+    await limiter.admit(origin("U1", team="T2"), 1)
+    with pytest.raises(RateLimited, match="your limit of 2 requests per minute"):
+        await limiter.admit(origin("U1", team="T3"), 1)
+    assert RateLimiter._key(limiter.limits[0], origin("U1", team="T9")) == "rl:user:slack:U1:requests:60"
+    assert RateLimiter._key(Limit("team", 2, 60, "requests"), origin("U1", team="T9")) == "rl:team:slack:T9:requests:60"
 
 
 @pytest.mark.unit
