@@ -7,13 +7,15 @@
 Slack sends the text after the command: `parse(text)`. Discord sends typed options: `train_command(name=...,
 trigger=..., steps=..., caption=...)`. Either way `check_allowed` decides, then `finetune_request` (published on
 `topics.finetune`, key `finetune_key(req)`) or `cancel_request` (published on `topics.finetune_cancel`, which every
-trainer follows). 
+trainer follows). A `--caption` goes through the prompt policy as soon as it is parsed (the trainer checks every
+caption again: it trusts no producer).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cache
 
 from pydantic import ValidationError
 
@@ -22,6 +24,7 @@ from schemas.codec import describe
 from schemas.limits import IngestLimits
 from schemas.messages import (
     AdapterRef,
+    BlobRef,
     EventKind,
     FineTuneCancel,
     FineTuneRequest,
@@ -32,6 +35,7 @@ from schemas.messages import (
 )
 from skillgen.adapters.registry import Registry
 from skillgen.runtime.fetch import IngestError, check_url
+from skillgen.safety.prompt import PromptPolicy
 
 HELP = """\
 **/skill-train** teaches your team's model a style or a thing from a few images.
@@ -100,6 +104,20 @@ def _name(value: str) -> str:
     return name
 
 
+@cache
+def prompt_policy() -> PromptPolicy:
+    """The consumer's prompt policy (SKILL_SAFETY_EXTRA_TERMS included), built once per process."""
+    return PromptPolicy.from_settings()
+
+
+def check_caption(caption: str | None) -> None:
+    """TrainCommandError with the policy's reason when `--caption` asks for what /skill would refuse."""
+    if caption:
+        decision = prompt_policy().check(caption)
+        if not decision.allowed:
+            raise TrainCommandError(f"--caption refused. {decision.reason}")
+
+
 def train_command(name: str, trigger: str | None = None, steps: int | str | None = None,
                   caption: str | None = None) -> Train:
     """A checked Train from typed options (Discord) or parsed text (Slack)."""
@@ -109,6 +127,7 @@ def train_command(name: str, trigger: str | None = None, steps: int | str | None
         steps = int(steps)
     if trigger is not None and not re.fullmatch(r"[\w-]{1,32}", trigger.strip()):
         raise TrainCommandError(f"--trigger must be one word of letters, digits, '_' or '-', got {trigger!r}")
+    check_caption(caption)
     return Train(_name(name), trigger.strip() if trigger else None, steps, caption.strip() if caption else None)
 
 
@@ -220,20 +239,24 @@ def check_files(files: list[Attached], limits: IngestLimits) -> None:
 # ------------------------------------------------------------------------------------------------- messages
 
 
-def finetune_request(cmd: Train, origin: Origin, image_urls: list[str], settings: TrainCommandSettings) -> FineTuneRequest:
-    """The request to publish; URLs are checked against the download policy now, so a bad one is reported at
-    once (the trainer checks them again: it trusts no producer)."""
-    if not image_urls:
+def finetune_request(cmd: Train, origin: Origin, image_urls: list[str], settings: TrainCommandSettings,
+                     images: list[BlobRef] | None = None) -> FineTuneRequest:
+    """The request to publish: `image_urls` for the trainer to download (checked against the download policy now,
+    so a bad one is reported at once), and/or `images`, files a bot already put in the blob store (Slack's
+    private files). The trainer checks everything again: it trusts no producer."""
+    if not image_urls and not images:
         raise TrainCommandError("attach the training images (PNG, JPEG or WebP) or one zip of them")
-    try:
-        for url in image_urls:
+    check_caption(cmd.caption)
+    for n, url in enumerate(image_urls, 1):
+        try:
             check_url(url, settings.ingest)
-    except IngestError as exc:
-        raise TrainCommandError(str(exc)) from None
+        except IngestError as exc:
+            raise TrainCommandError(f"file {n}: {exc}" if len(image_urls) > 1 else str(exc)) from None
     fields = {
         "origin": origin,
         "adapter": cmd.name,
         "image_urls": image_urls,
+        "images": images or [],
         "steps": cmd.steps or settings.default_train_steps,
         "caption": cmd.caption,
     }

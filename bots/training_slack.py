@@ -17,8 +17,9 @@ file already taken is skipped. A team has at most one pending thread per adapter
 `/skill-train cancel <name>` drop it. The thread's state, store keys, lock and wording live in
 bots/training_slack_threads.py.
 
-Files are Slack-private: the request carries their url_private_download, which the trainer fetches with the
-bot token (trainer/ingest.py sends it only to IngestLimits.slack_file_hosts). No torch here.
+Files are Slack-private: at `go` (after Slack's ack: Bolt acks an event before its listener runs) the bot fetches
+them with its own token into the blob store (fetch_to_blobs), and the request carries blob references, never a
+Slack URL: the trainer holds no Slack token. No torch here.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from bots.training_slack_threads import (
     SharedFile,
     collecting_text,
     dropped_text,
+    fetch_to_blobs,
     pending_key,
     queued_text,
     received,
@@ -66,6 +68,7 @@ from bots.training_slack_threads import (
 )
 from schemas.messages import Origin, Platform, new_request_id
 from skillgen.adapters.registry import Registry
+from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.fetch import IngestError, check_url
 from skillgen.runtime.logs import job
 
@@ -119,6 +122,7 @@ class SlackTrainCommands:
         self.store = intake.store
         self.settings = settings
         self.registry = registry or Registry(settings.adapter_url)
+        self.blobs = BlobStore(settings.blob_url)
 
     def register(self, app: AsyncApp) -> None:
         app.command(TRAIN_COMMAND)(self.on_train)
@@ -363,19 +367,19 @@ class SlackTrainCommands:
                              "Share the training images (PNG, JPEG or WebP) or one zip in this thread first, "
                              "then reply `go`.")
             return
-        try:
-            req = await asyncio.to_thread(finetune_request, session.command(), session.origin(),
-                                          [f.url for f in session.files], self.settings)
-        except TrainCommandError as exc:
-            await self._post(client, session.channel_id, session.thread_ts, f"❌ {exc}")
-            return
-        req = req.model_copy(update={"request_id": session.request_id})
         try:  # who may train can have changed since the thread started
             await self.check_member(client, session.origin())
         except TrainCommandError as exc:
             TRAIN_COMMANDS.labels("slack", "train", "refused").inc()
             await self._post(client, session.channel_id, session.thread_ts, f"❌ {exc} Nothing was sent to the trainer.")
             return
+        try:  # with this bot's token, into the blob store: the trainer never holds a Slack token
+            images = await fetch_to_blobs(session.files, self.settings.ingest, client.token, self.blobs)
+            req = finetune_request(session.command(), session.origin(), [], self.settings, images=images)
+        except TrainCommandError as exc:
+            await self._post(client, session.channel_id, session.thread_ts, f"❌ {exc}")
+            return
+        req = req.model_copy(update={"request_id": session.request_id})
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 await self.intake.send(self.intake.settings.topics.finetune, req, key=finetune_key(req))

@@ -1,11 +1,16 @@
 """A Slack training thread's state (bots/training_slack.py holds its listeners): the pending training stored
-under its thread, the keys it lives under, the lock that lets one event of a thread be handled at a time, and
-what its status message says.
+under its thread, the keys it lives under, the lock that lets one event of a thread be handled at a time, what
+its status message says, and, at `go`, the download of its files into the blob store.
+
+Slack's files are private: only the bot's token fetches them. The trainer never holds that token, so at `go` the
+bot downloads each file itself (skillgen.runtime.fetch: Slack's file hosts only, the token only to
+IngestLimits.slack_file_hosts, byte caps) into the blob store, and the request carries the blob references.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,10 +19,14 @@ from typing import Literal
 from pydantic import BaseModel
 
 from bots.render import slack_text
-from bots.train_commands import Train
+from bots.train_commands import Train, TrainCommandError
 from schemas.limits import IngestLimits
-from schemas.messages import Origin, Platform
+from schemas.messages import BlobRef, Origin, Platform
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.fetch import IngestError, download_all
 from skillgen.runtime.redis import Lease, Store, WithoutRedis
+
+log = logging.getLogger("skillgen.slack.train")
 
 LOCK_TTL_S = 15
 LOCK_WAIT_S = 120  # an event waits this long for the one before it in its thread (each Slack call times out)
@@ -120,3 +129,26 @@ def queued_text(s: Session) -> str:
 def dropped_text(s: Session, by: str) -> str:
     who = "" if by == s.user_id else f" by <@{by}>"
     return f"🗑️ <@{s.user_id}> training `{s.name}` dropped{who}: nothing was sent to the trainer."
+
+
+# ------------------------------------------------------------------------------------------------- files at go
+
+BLOBS_DOWN = "I could not keep the files for the trainer (storage is unreachable). Your files are kept: reply `go` again."
+# What the trainer is sent: its sniffing of the bytes decides what a file is, not the sender's declared type.
+UPLOAD_TYPE = "application/octet-stream"
+
+
+async def fetch_to_blobs(files: list[SharedFile], limits: IngestLimits, token: str | None,
+                         blobs: BlobStore) -> list[BlobRef]:
+    """Download the thread's files with the bot's token and put each in the blob store, in order; the references
+    for the request. TrainCommandError when a download is refused (naming the file by position) or the store
+    cannot be written."""
+    try:
+        fetched = await download_all([f.url for f in files], limits, slack_token=token)
+    except IngestError as exc:
+        raise TrainCommandError(f"{exc}. Nothing was sent to the trainer.") from None
+    try:
+        return [await asyncio.to_thread(blobs.put, data, UPLOAD_TYPE) for _, data in fetched]
+    except Exception:
+        log.exception("cannot put the training files in the blob store")
+        raise TrainCommandError(BLOBS_DOWN) from None

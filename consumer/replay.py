@@ -30,6 +30,7 @@ from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode, header
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
 from skillgen.runtime.kafka import make_consumer, make_producer, partitions_of
+from skillgen.runtime.paths import under
 from skillgen.runtime.redis import Store
 from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
 from skillgen.safety.decision import CHECK_FAILED
@@ -233,7 +234,7 @@ async def reprocess(
             if sink is not None:
                 sink.mkdir(parents=True, exist_ok=True)
                 for i, ref in enumerate(released):
-                    (sink / f"{req.request_id}-{i}.png").write_bytes(blobs.get(ref))
+                    under(sink, f"{req.request_id}-{i}.png").write_bytes(blobs.get(ref))
             await _emit(producer, settings, req, origin, EventKind.succeeded, blobs=released)
             outcomes["reprocessed"] += 1
     finally:

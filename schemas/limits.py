@@ -17,6 +17,8 @@ class IngestLimits(BaseModel):
     max_file_bytes: int = Field(10 * MiB, gt=0)
     max_total_bytes: int = Field(100 * MiB, gt=0)
     max_pixels: int = Field(4096 * 4096, gt=0, description="width x height, checked before decoding")
+    max_aspect_ratio: float = Field(4.0, ge=1.0, description="long side / short side, checked before decoding")
+    max_side_px: int = Field(1024, ge=64, description="every image is downscaled to this long side at ingest")
     max_zip_members: int = Field(200, ge=1)
     max_zip_total_bytes: int = Field(200 * MiB, gt=0, description="sum of the members' uncompressed sizes")
     max_zip_ratio: float = Field(50.0, gt=1.0, description="uncompressed / compressed size of any one member")

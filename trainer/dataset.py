@@ -28,10 +28,10 @@ class SkillDataset(torch.utils.data.Dataset):
         self.generator = generator
         self.captions = [e.caption for e in examples]
         lengths = [len(ids) for ids in tokenizer(self.captions, truncation=False).input_ids]
-        for example, n in zip(examples, lengths):
+        for i, n in enumerate(lengths, 1):  # by position: the name is the sender's text
             if n > tokenizer.model_max_length:
                 raise IngestError(
-                    f"the caption of {example.name} is {n} tokens; the model reads {tokenizer.model_max_length}: shorten it"
+                    f"the caption of image {i} is {n} tokens; the model reads {tokenizer.model_max_length}: shorten it"
                 )
         self.images = [_short_side(e.image, size_px) for e in examples]
 

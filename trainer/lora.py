@@ -94,12 +94,15 @@ def load_components(model: str | Path, device: torch.device, dtype: torch.dtype 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     model = str(model)
+    # use_safetensors=True: a pickled .bin beside (or instead of) the weights is never unpickled; without
+    # safetensors weights the load fails here, naming the model.
     try:
         parts = Components(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype),
-            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype,
+                                                       use_safetensors=True),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype, use_safetensors=True),
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, use_safetensors=True),
             noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler"),
         )
     except (OSError, ValueError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.limits import IngestLimits
@@ -25,8 +25,8 @@ class TrainerSettings(CommonSettings):
     model: str = Field(default_factory=default_model, description="base model: a diffusers directory")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     adapter_url: str = Field(DEFAULT_ADAPTER_URL, description="adapter registry root: file:///path or s3://bucket/prefix")
+    # No chat token: Slack's private files reach the trainer through the blob store, fetched by the Slack bot.
     work_dir: Path = Field(Path(".cache/trainer"), description="checkpoints of running jobs, for resuming")
-    slack_bot_token: SecretStr | None = Field(None, description="sent only to SKILL_INGEST__SLACK_FILE_HOSTS (files.slack.com), to fetch shared files")
     progress_interval_s: float = Field(2.0, ge=0, description="at most one progress event per interval")
     cancel_lookback_s: float = Field(86_400, ge=0, description="cancels this recent are read at start")
     sample_images: int = Field(4, ge=1, le=8, description="images per row of the sample grid")

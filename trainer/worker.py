@@ -9,6 +9,11 @@ Training runs in a worker thread. A record that cannot be decoded goes to the DL
 a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
 stops without committing: the record comes back and training resumes from that checkpoint.
 
+Behind the same trust boundary as the other services: a team SKILL_ALLOWED_TEAMS does not list is refused (its
+cancels ignored), every caption and training image is checked (trainer/screening.py) before training, paths built
+from message data stay under their root (skillgen.runtime.paths), and no chat token is held here (Slack's files
+arrive as blobs that the Slack bot fetched).
+
 Cancels arrive on `<prefix>skill.finetune.cancel` (Topics.finetune_cancel), which every trainer reads without a
 group, starting SKILL_CANCEL_LOOKBACK_S back: the trainer running that team's adapter stops it, and each trainer
 remembers the cancel for that adapter's jobs asked before it and not started yet.
@@ -49,8 +54,11 @@ from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.fetch import IngestError
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import stop_on_signals
+from skillgen.runtime.paths import under
 from skillgen.runtime.service import Job, KafkaService
-from skillgen.safety.postprocess import ImageChecker, png_bytes, screen
+from skillgen.safety.postprocess import ImageChecker, png_bytes
+from skillgen.safety.prompt import PromptPolicy
+from trainer import screening
 from trainer.errors import TrainerError
 from trainer.ingest import Example, dataset_sha256, ingest
 from trainer.settings import TrainerSettings
@@ -58,6 +66,7 @@ from trainer.settings import TrainerSettings
 log = logging.getLogger("skillgen.trainer")
 
 SHUTDOWN = "the trainer is shutting down"
+TEAM_REFUSED = "this team may not use skillgen"
 CANCEL_MEMORY = 10_000
 HEALTHY_LOOP_S = 30.0
 
@@ -80,10 +89,12 @@ class TrainerWorker:
     """`await TrainerWorker(settings).run(ready)` until `stop()`."""
 
     def __init__(self, settings: TrainerSettings, blobs: BlobStore | None = None, registry: Registry | None = None,
-                 image_policy: ImageChecker | None = None):
+                 image_policy: ImageChecker | None = None, prompt_policy: PromptPolicy | None = None):
         self.settings = settings
-        # Checks every cell of the sample grid; None builds the consumer's policy in the training thread, once.
+        # Checks every training image and every cell of the sample grid; None builds the consumer's policy in
+        # the training thread, once. The prompt policy checks every caption and the sample prompt.
         self.image_policy = image_policy
+        self.prompt_policy = prompt_policy or PromptPolicy.from_settings()
         self.topics = settings.topics
         self.blobs = blobs or BlobStore(settings.blob_url)
         self.registry = registry or Registry(settings.adapter_url)
@@ -193,6 +204,10 @@ class TrainerWorker:
     def cancel(self, msg: FineTuneCancel) -> None:
         """Stop the running job of that team's adapter, and refuse its queued ones asked before the cancel."""
         team, name = msg.origin.team_id, msg.adapter
+        if not self.settings.team_allowed(msg.origin.platform.value, team):
+            log.warning("ignoring a cancel of %s from %s:%s, which SKILL_ALLOWED_TEAMS does not list", name,
+                        msg.origin.platform.value, team)
+            return
         if len(self._cancels) >= CANCEL_MEMORY:
             self._cancels.pop(next(iter(self._cancels)))
         self._cancels[(team, name)] = msg.created_at
@@ -211,6 +226,12 @@ class TrainerWorker:
             self.metrics.jobs.labels("dead-lettered").inc()
             return True
         ctx = job(req.request_id, adapter=req.adapter, team=req.origin.team_id)
+        if not self.settings.team_allowed(req.origin.platform.value, req.origin.team_id):
+            log.warning("refused: %s:%s is not in SKILL_ALLOWED_TEAMS", req.origin.platform.value, req.origin.team_id,
+                        extra=ctx)
+            await self.emit(req, EventKind.failed, message=f"Training of `{req.adapter}` refused: {TEAM_REFUSED}.")
+            self.metrics.jobs.labels("refused").inc()
+            return True
         cancelled_at = self._cancels.get((req.origin.team_id, req.adapter))
         if cancelled_at is not None and req.created_at <= cancelled_at:
             await self.emit(req, EventKind.failed, message=f"Training of `{req.adapter}` was cancelled before it started.")
@@ -221,12 +242,20 @@ class TrainerWorker:
             await self.succeeded(req, done)
             self.metrics.jobs.labels("succeeded").inc()
             return True
-        await self.emit(req, EventKind.started, message=f"Training `{req.adapter}`: fetching {len(req.image_urls)} files")
+        try:  # (the contract already refuses such ids, so this is defence in depth: a poison record)
+            workdir = under(self.settings.work_dir, req.request_id)
+        except ValueError as exc:
+            await self.service.dead_letter(record, exc)
+            self.metrics.jobs.labels("dead-lettered").inc()
+            return True
+        files = len(req.image_urls) + len(req.images)
+        await self.emit(req, EventKind.started, message=f"Training `{req.adapter}`: fetching {files} files")
         self._running = Running(req, SHUTDOWN if self.service.stopping else None)
         self.metrics.running.set(1)
-        workdir = self.settings.work_dir / req.request_id
         try:
-            examples = await ingest(req.image_urls, req.trigger, req.caption, self.settings.ingest, self._slack_token())
+            screening.check_captions(self.prompt_policy, req.caption)  # before anything is fetched
+            examples = await ingest(req, self.settings.ingest, self.blobs)
+            screening.check_captions(self.prompt_policy, None, examples)
             log.info("ingested %d images", len(examples), extra=ctx)
             meta = await asyncio.get_running_loop().run_in_executor(
                 self._gpu, self._train_and_publish, req, examples, workdir, self._progress_fn(req)
@@ -264,10 +293,6 @@ class TrainerWorker:
         log.info("%s", message, extra=ctx)
         await self.emit(req, EventKind.failed, message=message)
         return True
-
-    def _slack_token(self) -> str | None:
-        token = self.settings.slack_bot_token
-        return token.get_secret_value() if token else None
 
     def _progress_fn(self, req: FineTuneRequest) -> Callable[[int, int, float], None]:
         loop = asyncio.get_running_loop()
@@ -315,10 +340,11 @@ class TrainerWorker:
             from skillgen.safety import ImagePolicy, SafetySettings
 
             self.image_policy = ImagePolicy.from_settings(SafetySettings(), device.type)
+        screening.check_images(self.image_policy, examples)  # one blocked training image: nothing is trained
         data_sha = dataset_sha256(examples)
         parts = load_components(s.model, device, weight_dtype(recipe, device))
         result = train_lora(
-            parts, examples, recipe, req.steps, workdir / "checkpoint",
+            parts, examples, recipe, req.steps, under(workdir, "checkpoint"),
             fingerprint(recipe, req.steps, data_sha, self._base_sha256), progress, self._should_stop,
         )
         del parts
@@ -328,14 +354,18 @@ class TrainerWorker:
         weights = workdir / "adapter.safetensors"
         weights.write_bytes(result.weights)
 
-        # A fresh engine per job: the sample adapter is dropped with it instead of piling up in a long-lived one.
-        engine = Engine(TorchBackend(s.model, device=str(device), precision="fp16" if device.type == "cuda" else "fp32"))
-        cells = sample_grid(engine, f"sample/{req.request_id}", weights, examples[0].caption,
-                            list(range(s.sample_images)), result.resolution_px, s.sample_steps, s.sample_guidance)
-        del engine
-        # Every cell through the one image check before the grid exists; one blocked cell withholds the grid
-        # (the adapter itself is still published: its weights are not an image).
-        withheld = screen(cells.cells, self.image_policy)
+        # Drawn from a fixed neutral prompt and the trigger word, never a sender's caption; the prompt is checked,
+        # then every cell goes through the one image check before the grid exists. Anything blocked withholds the
+        # grid (the adapter itself is still published: its weights are not an image).
+        prompt = screening.sample_prompt(req.trigger)
+        withheld = screening.prompt_refused(self.prompt_policy, prompt)
+        if withheld is None:
+            # A fresh engine per job: the sample adapter is dropped with it instead of piling up in a long-lived one.
+            engine = Engine(TorchBackend(s.model, device=str(device), precision="fp16" if device.type == "cuda" else "fp32"))
+            cells = sample_grid(engine, f"sample/{req.request_id}", weights, prompt,
+                                list(range(s.sample_images)), result.resolution_px, s.sample_steps, s.sample_guidance)
+            del engine
+            withheld = screening.screen_cells(cells.cells, self.image_policy)
         grid = None
         if withheld is None:
             image = cells.compose()
@@ -369,7 +399,7 @@ class TrainerWorker:
         if grid is not None:
             ready = f"Adapter `{version}` is ready (top row: base model, bottom row: with the adapter)."
         else:
-            ready = (f"Adapter `{version}` is ready. Its sample grid was withheld by the image check: "
+            ready = (f"Adapter `{version}` is ready. Its sample grid was withheld by the safety checks: "
                      f"{meta.training.sample_grid_withheld}")
         await self.emit(
             req, EventKind.succeeded, adapter=version, blobs=[grid] if grid else [],

@@ -4,7 +4,8 @@ Every URL is checked before anything is fetched: https only, an allowlisted host
 credentials in the URL. The addresses a host resolves to are checked inside the HTTP client's own resolver
 (so the address checked is the address connected to: no DNS rebinding between check and connect), and every
 redirect hop is checked again, up to a few hops. Bodies are read with a byte cap whatever Content-Length says.
-Each refusal is an IngestError whose message names the file and the limit, for the person who sent it.
+Each refusal is an IngestError whose message names the file by its position ("file 2") and the host, never by
+the sender's file name or the URL's path (those are the sender's text, posted back into a channel), and the limit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
 
 class IngestError(ValueError):
-    """A file sent for training was refused; the message says which file and why, for the person who sent it."""
+    """A file sent for training was refused; the message says which file (by position) and why, for its sender."""
 
 
 class TooLarge(IngestError):
@@ -52,19 +53,19 @@ def check_url(url: str, limits: IngestLimits) -> URL:
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
-        raise IngestError(f"{shorten(url)} is not a URL") from None
+        raise IngestError("the link is not a URL") from None
+    host = (parsed.host or "").lower().rstrip(".")
+    where = (host if parsed.explicit_port is None else f"{host}:{parsed.explicit_port}") or "the link"
     scheme = (parsed.scheme or "").lower()
     if scheme != "https" and (limits.require_https or scheme != "http"):
-        raise IngestError(f"{shorten(url)}: only https downloads are allowed")
+        raise IngestError(f"{shorten(where)}: only https downloads are allowed")
     if parsed.user is not None or parsed.password is not None:
-        raise IngestError(f"{shorten(url)}: URLs with credentials are not allowed")
-    host = (parsed.host or "").lower().rstrip(".")
+        raise IngestError(f"{shorten(where)}: URLs with credentials are not allowed")
     if not host:
-        raise IngestError(f"{shorten(url)} has no host")
-    where = host if parsed.explicit_port is None else f"{host}:{parsed.explicit_port}"
+        raise IngestError("the link has no host")
     if where not in limits.allowed_hosts:
         allowed = ", ".join(limits.allowed_hosts)
-        raise IngestError(f"{shorten(url)}: downloads only come from {allowed}; attach the images to the message")
+        raise IngestError(f"{shorten(where)}: downloads only come from {allowed}; attach the images to the message")
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -129,22 +130,22 @@ async def download(http: aiohttp.ClientSession, url: str, limits: IngestLimits, 
                     current = check_url(str(current.join(URL(resp.headers["Location"]))), limits)
                     continue
                 if resp.status != 200:
-                    raise IngestError(f"{file_name(current)}: the server answered HTTP {resp.status}")
+                    raise IngestError(f"{shorten(current.host or '')}: the server answered HTTP {resp.status}")
                 if resp.content_length is not None and resp.content_length > max_bytes:
-                    raise TooLarge(f"{file_name(current)} is {resp.content_length} bytes; {bytes_limit(max_bytes)}")
+                    raise TooLarge(f"the file is {resp.content_length} bytes; {bytes_limit(max_bytes)}")
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     body += chunk
                     if len(body) > max_bytes:
-                        raise TooLarge(f"{file_name(current)} is over {max_bytes} bytes; {bytes_limit(max_bytes)}")
+                        raise TooLarge(f"the file is over {max_bytes} bytes; {bytes_limit(max_bytes)}")
                 return bytes(body)
         except IngestError:
             raise  # the resolver's refusal passes through aiohttp unchanged
         except aiohttp.ClientConnectorError as exc:
-            raise IngestError(f"{file_name(current)}: cannot connect to {current.host} ({exc.os_error})") from None
+            raise IngestError(f"cannot connect to {shorten(current.host or '')} ({exc.os_error})") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise IngestError(f"{file_name(current)}: download failed ({type(exc).__name__})") from None
-    raise IngestError(f"{file_name(url)}: more than {limits.max_redirects} redirects")
+            raise IngestError(f"{shorten(current.host or '')}: download failed ({type(exc).__name__})") from None
+    raise IngestError(f"more than {limits.max_redirects} redirects")
 
 
 def _is_slack_file_host(url: URL, limits: IngestLimits) -> bool:
@@ -157,24 +158,30 @@ def bytes_limit(max_bytes: int) -> str:
 
 
 async def download_all(urls: list[str], limits: IngestLimits, slack_token: str | None = None) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every URL, in order; all URLs are checked before the first byte is fetched."""
+    """(name, bytes) of every URL, in order; all URLs are checked before the first byte is fetched. A refusal
+    names the file by its position: "file 2: ..."."""
     if len(urls) > limits.max_images:
         raise IngestError(f"{len(urls)} files sent; at most {limits.max_images} images per training")
-    for url in urls:
-        check_url(url, limits)
+    for n, url in enumerate(urls, 1):
+        try:
+            check_url(url, limits)
+        except IngestError as exc:
+            raise IngestError(f"file {n}: {exc}") from None
     files: list[tuple[str, bytes]] = []
     total = 0
     async with session(limits) as http:
-        for url in urls:
+        for n, url in enumerate(urls, 1):
             left = limits.max_total_bytes - total
             try:
                 data = await download(http, url, limits, min(limits.max_file_bytes, left), slack_token)
-            except TooLarge:
+            except TooLarge as exc:
                 if left < limits.max_file_bytes:
                     raise IngestError(
                         f"the files add up to more than {limits.max_total_bytes} bytes; send fewer or smaller images"
                     ) from None
-                raise
+                raise TooLarge(f"file {n}: {exc}") from None
+            except IngestError as exc:
+                raise IngestError(f"file {n}: {exc}") from None
             total += len(data)
             files.append((file_name(url), data))
     return files

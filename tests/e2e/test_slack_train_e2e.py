@@ -1,7 +1,8 @@
 """`/skill-train` from Slack end to end: the real Bolt app with the trainer's extension -> a thread with images
-shared into it -> `go` -> real broker -> the trainer service (tiny model, a few steps), which fetches the files
-from the fake Slack's private file host with the bot token -> delivery edits the status message with progress
-and uploads the sample grid into the thread."""
+shared into it -> `go`: the bot fetches the files from the fake Slack's private file host with its own token into
+the blob store -> real broker (the request carries blob references, no Slack URL) -> the trainer service (tiny
+model, a few steps, no Slack token), which reads the blobs back -> delivery edits the status message with
+progress and uploads the sample grid into the thread."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from schemas.limits import IngestLimits
 from schemas.messages import FineTuneRequest
 from skillgen.adapters.registry import Registry
+from skillgen.runtime.blobstore import BlobStore
 from tests.fakes.slack import CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack
 from tests.fakes.world import World
 from tests.harness import serving
@@ -40,17 +42,19 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     await fake.stop()
 
 
-def trainer_running(model: Path, tmp_path: Path, fake: FakeSlack):
-    limits = IngestLimits(allowed_hosts=(fake.file_host,), slack_file_hosts=(fake.file_host,), require_https=False,
-                          allow_private_addresses=True)
-    return serving(TrainerWorker(trainer_settings(model, tmp_path, limits, slack_bot_token=fake.bot_token)))
+def trainer_running(model: Path, tmp_path: Path):
+    """The trainer with the default download policy and no Slack token (it has no field for one): everything it
+    trains on comes from the blob store."""
+    settings = trainer_settings(model, tmp_path, IngestLimits())
+    assert "slack_bot_token" not in type(settings).model_fields
+    return serving(TrainerWorker(settings))
 
 
 async def test_slack_thread_to_adapter_with_progress_and_the_sample_grid_in_the_thread(
     skill_env, fake_slack, monkeypatch, tmp_path, tiny_model
 ):
     async with running_bot(skill_env, fake_slack, monkeypatch, tmp_path) as bot, \
-            trainer_running(tiny_model, tmp_path, fake_slack), \
+            trainer_running(tiny_model, tmp_path), \
             World(skill_env, slack=fake_slack).running(edit_interval_s=0):
         status = await bot.start_thread("circles --trigger zq --steps 10 --caption a red circle")
         await bot.share(status.ts, [(f"{i}.png", red_circle_png(i)) for i in range(3)], text="go")
@@ -58,7 +62,10 @@ async def test_slack_thread_to_adapter_with_progress_and_the_sample_grid_in_the_
         await fake_slack.wait_for(lambda c: c.path == "files.completeUploadExternal", timeout_s=120)
 
     assert isinstance(req, FineTuneRequest) and req.origin.status_message_id == status.ts
-    fetched = fake_slack.matching(lambda c: c.path.startswith("files-pri/"))
+    assert req.image_urls == [] and "files-pri" not in req.model_dump_json() and len(req.images) == 3
+    store = BlobStore(skill_env.vars["SKILL_BLOB_URL"])
+    assert [store.get(ref) for ref in req.images] == [red_circle_png(i) for i in range(3)]
+    fetched = fake_slack.matching(lambda c: c.path.startswith("files-pri/"))  # by the bot, before publishing
     assert len(fetched) == 3 and {c.status for c in fetched} == {200}
     assert {c.headers.get("Authorization") for c in fetched} == {f"Bearer {fake_slack.bot_token}"}
 

@@ -7,7 +7,8 @@ what a channel shows from `fake.messages`, `fake.files` and `fake.ephemerals`.
 People and their files: `fake.users` (users.info: admins and owners) and `fake.usergroups`
 (usergroups.users.list); `fake.share_files(thread_ts, [(name, bytes)])` is a person sharing files into a thread:
 the files are kept (files.info) and served from the fake's private file host (`GET /files-pri/...`, which
-answers 403 without the bot token, as only the bot may fetch them), and the `message`/`file_share` event
+answers 403 without the bot token, as only the bot may fetch them; `file_delay_s` makes each download that
+slow), and the `message`/`file_share` event
 comes back as an Events API envelope, to send the app with `send_socket("events_api", ...)` or
 `post_event(...)` (signed, HTTP mode).
 """
@@ -146,6 +147,7 @@ class FakeSlack(FakePlatform):
         self.users: dict[str, dict] = {USER_ID: user(USER_ID)}
         self.usergroups: dict[str, list[str]] = {}  # user group id -> member ids
         self.user_files: dict[str, UserFile] = {}
+        self.file_delay_s = 0.0  # how long the private file host takes to answer each download
         self._uploads: dict[str, tuple[str, bytes | None]] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self.socket_connected = asyncio.Event()
@@ -346,6 +348,7 @@ class FakeSlack(FakePlatform):
 
     async def _private_file(self, request: web.Request) -> web.Response:
         """files.slack.com: a shared file, to the bot token only."""
+        await asyncio.sleep(self.file_delay_s)
         path = request.path.lstrip("/")
         shared = self.user_files.get(request.match_info["ref"].rsplit("-", 1)[-1])
         fault = self.fault_for("GET", path)

@@ -2,7 +2,8 @@
 trainer's extension loaded, against the fake Slack, publishing to a real broker, sessions in a real Redis.
 
 A training is a thread: the command posts a status message, the person shares images in its thread, `go`
-publishes one FineTuneRequest whose Origin points at that message."""
+fetches them with the bot's token into the blob store and publishes one FineTuneRequest whose Origin points at
+that message and whose `images` are blob references: no Slack URL leaves the bot, and the trainer holds no token."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from schemas.limits import IngestLimits
 from schemas.messages import FineTuneCancel, FineTuneRequest
 from skillgen.adapters.recipe import LoraRecipe
 from skillgen.adapters.registry import Registry, TrainedBy, TrainingRecord
+from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.fetch import IngestError, download_all
 from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
@@ -39,6 +41,7 @@ from tests.fakes.slack import (
     user,
 )
 from tests.fakes.world import png_bytes
+from trainer.settings import TrainerSettings
 
 OTHER_USER = "U0OTHER"
 GROUP = "S0TRAINERS"
@@ -153,6 +156,14 @@ async def keys_of(env, topic: str, count: int) -> list[bytes]:
         await consumer.stop()
 
 
+def contents(env, req: FineTuneRequest) -> list[bytes]:
+    """What the request's blobs hold, read back as the trainer reads them (the store checks each sha256); and the
+    request names no Slack URL: the trainer never needs the token to fetch one."""
+    assert req.image_urls == [] and "files-pri" not in req.model_dump_json()
+    store = BlobStore(env.vars["SKILL_BLOB_URL"])
+    return [store.get(ref) for ref in req.images]
+
+
 @pytest.fixture
 async def bot(skill_env, fake_slack, monkeypatch, tmp_path) -> AsyncIterator[Bot]:
     """The bot with U0FAKE allowed to train by user id, so no Slack lookup is needed."""
@@ -218,6 +229,13 @@ async def test_workspace_admins_and_usergroup_members_may_train(skill_env, fake_
         assert {c.path for c in fake_slack.calls} - {"auth.test", "chat.postMessage"} == asked
 
 
+@pytest.mark.security
+async def test_a_caption_the_prompt_policy_blocks_is_refused_when_the_command_is_parsed(bot):
+    answer = await bot.command("team-style --caption a nude figure, zq style")
+    assert answer["text"] == "--caption refused. Your prompt was blocked: it asks for sexual content or nudity."
+    assert bot.fake.messages == {} and await bot.requests.settle(0.5) == []
+
+
 async def test_a_missing_scope_is_named_for_the_admin(skill_env, fake_slack, monkeypatch, tmp_path):
     fake_slack.fail("GET", r"^usergroups\.users\.list$", 200, times=5,
                     body={"ok": False, "error": "missing_scope", "needed": "usergroups:read"})
@@ -271,7 +289,11 @@ async def test_images_in_the_thread_then_go_publish_one_request_pointing_at_the_
     await bot.say(status.ts, "Go!")
 
     [req] = await bot.requests.wait(1)
-    assert req.image_urls == [f.url_private_download for f in bot.fake.user_files.values()]
+    # The bot fetched each file with its own token, in the order shared, into the blob store.
+    assert contents(skill_env, req) == [f.data for f in bot.fake.user_files.values()]
+    fetched = bot.fake.matching(lambda c: c.path.startswith("files-pri/"))
+    assert [c.status for c in fetched] == [200] * 3
+    assert {c.headers.get("Authorization") for c in fetched} == {f"Bearer {bot.fake.bot_token}"}
     assert (req.adapter, req.trigger, req.steps, req.caption) == ("team-style", "zq", 20, "a flat icon")
     o = req.origin
     assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("slack", TEAM_ID, CHANNEL_ID, USER_ID)
@@ -298,7 +320,7 @@ async def test_a_command_run_in_a_thread_trains_in_that_thread(bot):
     await bot.status_says(status, "queued: 1 image")
 
 
-async def test_files_and_words_from_someone_else_are_ignored(bot):
+async def test_files_and_words_from_someone_else_are_ignored(bot, skill_env):
     status = await bot.start_thread("team-style")
     await bot.share(status.ts, [("theirs.png", png_bytes(5))], user_id=OTHER_USER)
     await bot.say(status.ts, "go", user_id=OTHER_USER)
@@ -307,7 +329,7 @@ async def test_files_and_words_from_someone_else_are_ignored(bot):
     assert not bot.fake.matching(lambda c: c.path == "chat.update") and bot.thread_posts(status.ts) == []
     await bot.share(status.ts, [("mine.png", png_bytes(6))], text="go")
     [req] = await bot.requests.wait(1)
-    assert [u.rsplit("/", 1)[-1] for u in req.image_urls] == ["mine.png"]
+    assert contents(skill_env, req) == [png_bytes(6)]
 
 
 @pytest.mark.parametrize(
@@ -350,13 +372,39 @@ async def test_go_before_any_file_asks_for_the_images(bot):
     assert await bot.requests.settle(0.5) == []
 
 
-async def test_two_uploads_at_once_are_both_counted(bot):
+async def test_two_uploads_at_once_are_both_counted(bot, skill_env):
     status = await bot.start_thread("team-style")
     await asyncio.gather(*(bot.share(status.ts, [(f"{i}.png", png_bytes(i))]) for i in range(4)))
     await bot.status_says(status, "Received so far: 4 images.")
     await bot.say(status.ts, "go")
     [req] = await bot.requests.wait(1)
-    assert sorted(u.rsplit("/", 1)[-1] for u in req.image_urls) == [f"{i}.png" for i in range(4)]
+    assert sorted(contents(skill_env, req)) == sorted(png_bytes(i) for i in range(4))
+
+
+async def test_go_is_acked_at_once_and_the_files_are_fetched_after(bot, skill_env):
+    status = await bot.start_thread("team-style")
+    bot.fake.file_delay_s = 3.5  # past Slack's 3 seconds: the event must be answered before the download
+    t0 = time.monotonic()
+    await bot.share(status.ts, [("a.png", png_bytes(1))], text="go")
+    assert time.monotonic() - t0 < 3
+    [req] = await bot.requests.wait(1)
+    assert time.monotonic() - t0 >= 3.5 and contents(skill_env, req) == [png_bytes(1)]
+
+
+@pytest.mark.security
+async def test_a_file_slack_will_not_serve_at_go_is_named_by_position_and_the_thread_kept(bot, skill_env):
+    status = await bot.start_thread("team-style")
+    await bot.share(status.ts, [("a.png", png_bytes(1)), ("<!here>.png", png_bytes(2))])
+    await bot.status_says(status, "Received so far: 2 images.")
+    second = list(bot.fake.user_files)[1]
+    bot.fake.fail("GET", rf"^files-pri/{TEAM_ID}-{second}/", 500)
+    await bot.say(status.ts, "go")
+    [reply] = await bot.replies(status.ts)
+    assert reply == "❌ file 2: 127.0.0.1: the server answered HTTP 500. Nothing was sent to the trainer."
+    assert await bot.requests.settle(0.5) == []
+    await bot.say(status.ts, "go")  # the files are kept: the next `go` sends them
+    [req] = await bot.requests.wait(1)
+    assert contents(skill_env, req) == [png_bytes(1), png_bytes(2)]
 
 
 async def test_cancel_in_the_thread_drops_it(bot):
@@ -430,20 +478,22 @@ async def test_socket_mode_carries_the_thread_events_too(skill_env, fake_slack, 
         async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.finetune,
                                FineTuneRequest) as reader:
             [req] = await reader.wait(1)
-        assert req.origin.status_message_id == status_ts and len(req.image_urls) == 1
+        assert req.origin.status_message_id == status_ts and len(req.images) == 1 and req.image_urls == []
         assert post.body["text"].startswith("📎")
     finally:
         stop.set()
         await task
 
 
-async def test_the_trainer_fetches_a_shared_file_with_the_bot_token_and_nowhere_else(fake_slack):
+@pytest.mark.security
+async def test_only_the_bot_fetches_a_shared_file_with_its_token_and_the_trainer_holds_none(fake_slack):
     url = fake_slack.share_files("1.2", [("a.png", png_bytes(1))])["event"]["files"][0]["url_private_download"]
     limits = IngestLimits(allowed_hosts=(fake_slack.file_host,), require_https=False, allow_private_addresses=True)
-    with pytest.raises(IngestError, match=r"a\.png: the server answered HTTP 403"):  # files.slack.com gets it, not us
+    with pytest.raises(IngestError, match=r"^file 1: 127\.0\.0\.1: the server answered HTTP 403$"):  # not a Slack host
         await download_all([url], limits, slack_token=fake_slack.bot_token)
     with_host = limits.model_copy(update={"slack_file_hosts": (fake_slack.file_host,)})
     [(name, data)] = await download_all([url], with_host, slack_token=fake_slack.bot_token)
     assert (name, data) == ("a.png", png_bytes(1))
     seen = [c.headers.get("Authorization") for c in fake_slack.calls if c.path.startswith("files-pri/")]
     assert seen == [None, f"Bearer {fake_slack.bot_token}"]
+    assert not [f for f in TrainerSettings.model_fields if "token" in f or "slack" in f]  # nothing to send it with

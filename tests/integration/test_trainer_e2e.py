@@ -1,12 +1,20 @@
 """Chat to adapter, end to end: `/skill-train` through bots.train_commands, a real broker, the trainer service and
 the real consumer, on the tiny model. The chat is faked at the commands layer (what the bots call); images come
-from a local HTTP server that only these tests put on the download allowlist."""
+from a local HTTP server that only these tests put on the download allowlist.
+
+The `security` tests are attacks on the trainer that must fail before anything is trained: a caption the prompt
+policy blocks (the request's, or one in a zip's captions file), a training image the image policy blocks, a
+resize bomb, a zip member named to ping a channel, and a team outside SKILL_ALLOWED_TEAMS."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
+import json
+import logging
+import time
+import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,22 +41,32 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import Worker, registry_resolver
 from schemas.codec import decode, encode, header
 from schemas.limits import IngestLimits
-from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent, Origin
+from schemas.messages import (
+    AdapterRef,
+    EventKind,
+    FineTuneRequest,
+    GenerateRequest,
+    JobEvent,
+    Origin,
+)
 from skillgen.adapters.recipe import LoraRecipe
 from skillgen.adapters.registry import Registry
 from skillgen.inference import load_engine
 from skillgen.runtime.blobstore import BlobStore
-from skillgen.safety import ImagePolicy
+from skillgen.safety import ImagePolicy, PromptPolicy
 from tests.fakes.checkers import NUDITY, BlockAt
 from tests.fakes.records import Publisher
 from tests.harness import FAST_GROUP, serving
+from tests.unit.test_ingest_bounds import MENTION, SizesSeen, resize_bomb
+from trainer import lora
+from trainer.screening import sample_prompt
 from trainer.settings import TrainerSettings
-from trainer.worker import TrainerWorker
+from trainer.worker import TEAM_REFUSED, TrainerWorker
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
-GUILD = Origin(platform="discord", team_id="111", channel_id="c1", user_id="u1")
-OTHER_GUILD = Origin(platform="discord", team_id="222", channel_id="c9", user_id="u9")
+GUILD = Origin(platform="discord", team_id="111", channel_id="1001", user_id="2001")
+OTHER_GUILD = Origin(platform="discord", team_id="222", channel_id="1009", user_id="2009")
 TRAINER_ROLE = Member("u1", role_ids=frozenset({"42"}))
 PERMISSIONS = {"111": TeamPolicy(discord_role_ids={"42"})}
 
@@ -89,6 +107,39 @@ async def attachments() -> AsyncIterator[tuple[list[str], IngestLimits]]:
     port = site._server.sockets[0].getsockname()[1]
     limits = IngestLimits(allowed_hosts=(f"127.0.0.1:{port}",), require_https=False, allow_private_addresses=True)
     yield [f"http://127.0.0.1:{port}/{i}.png" for i in range(3)], limits
+    await runner.cleanup()
+
+
+class Hosted:
+    """A local file server for the attacks: `put(name, bytes)` returns the URL to send; `limits` lets the trainer
+    fetch from it."""
+
+    def __init__(self, port: int):
+        self.files: dict[str, bytes] = {}
+        self.port = port
+        self.limits = IngestLimits(allowed_hosts=(f"127.0.0.1:{port}",), require_https=False,
+                                   allow_private_addresses=True)
+
+    def put(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture
+async def hosted() -> AsyncIterator[Hosted]:
+    app = web.Application()
+    runner = web.AppRunner(app)
+
+    async def serve(request):
+        body = host.files.get(request.match_info["name"])
+        return web.Response(body=body, content_type="application/octet-stream") if body else web.HTTPNotFound()
+
+    app.router.add_get("/{name}", serve)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host = Hosted(site._server.sockets[0].getsockname()[1])
+    yield host
     await runner.cleanup()
 
 
@@ -168,7 +219,7 @@ async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model,
 
     meta = registry.meta("111", "circles", 1)
     assert (meta.training.steps, meta.training.images, meta.training.trigger) == (10, 3, "zq")
-    assert meta.training.trained_by.user_id == "u1" and len(meta.training.loss_curve) == 10
+    assert meta.training.trained_by.user_id == GUILD.user_id and len(meta.training.loss_curve) == 10
     assert "`circles`: v1" in describe_adapters(registry, "111")
     assert "no adapters yet" in describe_adapters(registry, "222")
 
@@ -200,23 +251,39 @@ async def test_skill_train_then_generate_with_the_adapter(skill_env, tiny_model,
     assert refused.kind == EventKind.failed and "no adapter named 'circles'" in refused.message
 
 
-async def test_a_blocked_sample_cell_withholds_the_grid_but_not_the_adapter(skill_env, tiny_model, attachments, tmp_path):
+@pytest.mark.parametrize("blocked", ["cell", "sample-prompt"])
+async def test_a_blocked_sample_cell_withholds_the_grid_but_not_the_adapter(skill_env, tiny_model, attachments, tmp_path,
+                                                                           monkeypatch, blocked):
     urls, limits = attachments
     settings = trainer_settings(tiny_model, tmp_path, limits)
-    req = finetune_request(parse("checked --steps 10"), GUILD, urls, TrainCommandSettings(_env_file=None, ingest=limits))
-    checker = BlockAt(blocked=[3])  # the adapter's second sample
-    async with Chat(settings) as chat, running(TrainerWorker(settings, image_policy=checker)):
+    req = finetune_request(parse("checked --trigger zq --steps 10 --caption a red circle"), GUILD, urls,
+                           TrainCommandSettings(_env_file=None, ingest=limits))
+    checker = BlockAt(blocked=[3])  # the adapter's second sample (the three training images pass)
+    terms = tmp_path / "backgrounds.txt"  # a policy that refuses the sample prompt and nothing the captions say
+    terms.write_text("simple background\n")
+    prompts = PromptPolicy(extra_terms=[terms]) if blocked == "sample-prompt" else None
+    drawn, draw = [], lora.sample_grid
+    monkeypatch.setattr(lora, "sample_grid", lambda engine, key, weights, prompt, *a: drawn.append(prompt)
+                        or draw(engine, key, weights, prompt, *a))
+    async with Chat(settings) as chat, running(TrainerWorker(settings, image_policy=checker, prompt_policy=prompts)):
         await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
         done = (await chat.terminal(req.request_id))[-1]
 
     assert done.kind == EventKind.succeeded and done.adapter == "checked@v1", done.message
     assert done.blobs == []
-    assert f"Its sample grid was withheld by the image check: {NUDITY}" in done.message
+    assert "Its sample grid was withheld by the safety checks: " in done.message
     assert "--adapter checked" in done.message
-    assert checker.calls == [4]  # the 2x2 grid's cells, each checked before any grid was composed
     assert [p for p in skill_env.blob_dir.rglob("*") if p.is_file()] == []
     meta = Registry(settings.adapter_url).meta("111", "checked", 1)
-    assert meta.training.sample_grid is None and meta.training.sample_grid_withheld == NUDITY
+    assert meta.training.sample_grid is None
+    if blocked == "cell":
+        assert drawn == [sample_prompt("zq")] == ["a zq picture, simple background"]  # never the sender's caption
+        assert checker.calls == [3, 4]  # the training images, then the 2x2 grid's cells before any grid is composed
+        assert meta.training.sample_grid_withheld == NUDITY and done.message.endswith(
+            f"withheld by the safety checks: {NUDITY} Use it with `/skill <prompt with zq> --adapter checked`.")
+    else:
+        assert drawn == [] and checker.calls == [3]  # nothing drawn, so nothing to check
+        assert meta.training.sample_grid_withheld.startswith("the sample prompt was refused: Your prompt was blocked")
 
 
 async def test_one_job_at_a_time_the_second_waits_for_the_first(skill_env, tiny_model, attachments, tmp_path):
@@ -289,7 +356,7 @@ async def test_cancel_stops_a_running_training(skill_env, tiny_model, attachment
             while trainer.finished < 1:  # committed: the record will not come back
                 await asyncio.sleep(0.05)
     last = events[-1]
-    assert last.kind == EventKind.failed and "cancelled by <@u1> at step" in last.message
+    assert last.kind == EventKind.failed and f"cancelled by <@{GUILD.user_id}> at step" in last.message
     assert max(e.step or 0 for e in events) < 5000
     assert Registry(settings.adapter_url).adapters("111") == {}
     assert not (settings.work_dir / req.request_id).exists()
@@ -331,3 +398,111 @@ async def test_a_stopped_trainer_leaves_the_job_uncommitted_and_the_next_one_res
     assert after[-1].kind == EventKind.succeeded and after[-1].adapter == "resumed@v1"
     assert steps_after[0] > 2, steps_after  # resumed from a checkpoint, not from step 1
     assert Registry(settings.adapter_url).versions("111", "resumed") == [1]
+
+
+# ------------------------------------------------------------------------------------------------ attacks
+
+
+def circles_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def raw_request(origin: Origin, name: str, urls: list[str], **kw) -> FineTuneRequest:
+    """What a producer that skips the bots' checks could publish."""
+    return FineTuneRequest(origin=origin, adapter=name, image_urls=urls, steps=10, **kw)
+
+
+async def refused(skill_env, settings: TrainerSettings, reqs: list[FineTuneRequest], **worker) -> list[list[JobEvent]]:
+    """Each request's events, published to one trainer that answers them all with a failed event."""
+    async with Chat(settings) as chat, running(TrainerWorker(settings, **worker)) as trainer:
+        for req in reqs:
+            await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        events = [await chat.terminal(req.request_id) for req in reqs]
+        async with asyncio.timeout(10):
+            while trainer.finished < len(reqs):  # committed: refused records do not come back
+                await asyncio.sleep(0.05)
+    for req, mine in zip(reqs, events, strict=True):
+        assert mine[-1].kind == EventKind.failed, mine[-1].message
+        assert not [e for e in mine if e.kind == EventKind.progress]  # nothing was trained
+        assert not (settings.work_dir / req.request_id).exists()
+    assert Registry(settings.adapter_url).adapters(GUILD.team_id) == {}
+    return events
+
+
+@pytest.mark.security
+async def test_a_caption_the_prompt_policy_blocks_fails_the_job_in_the_trainer(skill_env, tiny_model, hosted, tmp_path):
+    settings = trainer_settings(tiny_model, tmp_path, hosted.limits)
+    circle = hosted.put("circle.png", red_circle_png(0))
+    captions = "\n".join(json.dumps({"file_name": n, "text": t}) for n, t in
+                         [("a.png", "a zq red circle"), (f"{MENTION}.png", "a n-u-d-e zq figure")])
+    archive = hosted.put("set.zip", circles_zip({"a.png": red_circle_png(1), f"{MENTION}.png": red_circle_png(2),
+                                                 "captions.jsonl": captions.encode()}))
+    checker = BlockAt()
+    own, in_zip = await refused(skill_env, settings, [
+        raw_request(GUILD, "own-caption", [circle], caption="a nude zq figure"),  # past a bot that would refuse it
+        raw_request(GUILD, "zip-caption", [archive], trigger="zq"),
+    ], image_policy=checker)
+    assert own[-1].message == ("Training of `own-caption` failed: the caption is refused: Your prompt was blocked: "
+                               "it asks for sexual content or nudity.")
+    assert in_zip[-1].message.startswith("Training of `zip-caption` failed: the caption of image 2 is refused: ")
+    assert MENTION not in in_zip[-1].message and "figure" not in in_zip[-1].message
+    assert checker.calls == []  # refused before the image check, let alone training
+
+
+@pytest.mark.security
+async def test_a_training_image_the_image_policy_blocks_fails_the_job_and_nothing_trains(skill_env, tiny_model, hosted,
+                                                                                         tmp_path):
+    settings = trainer_settings(tiny_model, tmp_path, hosted.limits)
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (200, 40, 40)).save(big, format="PNG")
+    urls = [hosted.put(f"{MENTION}.png", red_circle_png(0)), hosted.put("b.png", red_circle_png(1)),
+            hosted.put("big.png", big.getvalue())]
+    checker = SizesSeen(blocked=[1])
+    [events] = await refused(skill_env, settings, [raw_request(GUILD, "blocked-image", urls)], image_policy=checker)
+    assert events[-1].message == f"Training of `blocked-image` failed: image 2 is refused by the image check: {NUDITY}"
+    assert checker.calls == [3]  # every training image in one check; no grid was ever drawn
+    assert checker.sizes == [(64, 64), (64, 64), (1024, 683)]  # downscaled at ingest, before anything sees it
+
+
+@pytest.mark.security
+async def test_a_resize_bomb_and_a_mention_named_member_are_refused_by_position(skill_env, tiny_model, hosted, tmp_path):
+    settings = trainer_settings(tiny_model, tmp_path, hosted.limits)
+    bomb = [hosted.put("circle.png", red_circle_png(0)), hosted.put(f"{MENTION}.png", resize_bomb())]
+    mention_zip = [hosted.put("set.zip", circles_zip({f"{MENTION}.png": b"<html>not an image</html>"}))]
+    checker = BlockAt()
+    t0 = time.monotonic()
+    bombed, named = await refused(skill_env, settings, [raw_request(GUILD, "bomb", bomb),
+                                                        raw_request(GUILD, "named", mention_zip)], image_policy=checker)
+    assert bombed[-1].message == ("Training of `bomb` failed: image 2 is 262144x64 pixels: its long side may be at "
+                                  "most 4 times its short side")
+    assert named[-1].message == "Training of `named` failed: image 1 is not a PNG, JPEG or WebP image"
+    assert checker.calls == [] and time.monotonic() - t0 < 60
+
+
+@pytest.mark.security
+async def test_a_team_outside_the_allowed_teams_is_refused_and_its_cancels_ignored(skill_env, tiny_model, attachments,
+                                                                                   tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SKILL_ALLOWED_TEAMS", "discord:222")
+    urls, limits = attachments
+    settings = trainer_settings(tiny_model, tmp_path, limits)
+    assert not settings.team_allowed("discord", GUILD.team_id)
+    req = raw_request(GUILD, "outsider", urls)
+    caplog.set_level(logging.WARNING, "skillgen.trainer")
+    async with Chat(settings) as chat, running(TrainerWorker(settings)) as trainer:
+        for cancel in (cancel_request(Cancel("outsider"), GUILD), cancel_request(Cancel("theirs"), OTHER_GUILD)):
+            await chat.publish(skill_env.topics.finetune_cancel, cancel, b"one-partition")  # read in this order
+        await chat.publish(skill_env.topics.finetune, req, finetune_key(req))
+        events = await chat.terminal(req.request_id)
+        async with asyncio.timeout(10):
+            while trainer.finished < 1 or ("222", "theirs") not in trainer._cancels:
+                await asyncio.sleep(0.05)
+    assert [e.kind for e in events] == [EventKind.failed]  # not even started
+    assert events[0].message == f"Training of `outsider` refused: {TEAM_REFUSED}." == (
+        "Training of `outsider` refused: this team may not use skillgen.")
+    assert list(trainer._cancels) == [("222", "theirs")]  # the allowed team's cancel counts; the outsider's does not
+    assert "ignoring a cancel of outsider from discord:111" in caplog.text
+    assert Registry(settings.adapter_url).adapters(GUILD.team_id) == {}

@@ -136,7 +136,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tiny, tmp_path):
 def test_a_caption_longer_than_the_model_reads_is_refused(tiny):
     long = [Example("long.png", red_circles(1)[0].image, "0" * 64, "zq " + "very " * 80)]
     parts = load_components(tiny, CPU)
-    with pytest.raises(IngestError, match="caption of long.png is .* tokens; the model reads 77"):
+    with pytest.raises(IngestError, match="caption of image 1 is .* tokens; the model reads 77"):
         train_lora(parts, long, FAST, 2, Path("/nonexistent"), "f")
 
 

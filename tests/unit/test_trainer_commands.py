@@ -42,7 +42,7 @@ from trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.unit
 
-DISCORD = Origin(platform="discord", team_id="111", channel_id="c1", user_id="u1")
+DISCORD = Origin(platform="discord", team_id="111", channel_id="1001", user_id="2001")
 SLACK = Origin(platform="slack", team_id="T01", channel_id="C1", user_id="U1")
 URL = "https://cdn.discordapp.com/attachments/1/2/drum.png"
 
@@ -149,6 +149,34 @@ def test_request_errors_are_for_the_person():
         finetune_request(Train("x"), DISCORD, ["https://evil.example/a.png"], settings())
     with pytest.raises(TrainCommandError, match="steps"):
         finetune_request(Train("x", steps=5), DISCORD, [URL], settings())
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: parse("/skill-train team-style --trigger zq --caption a nude zq figure"),
+        lambda: train_command("team-style", caption="a n u d e figure"),
+        lambda: finetune_request(Train("x", caption="a nude figure"), DISCORD, [URL], settings()),
+    ],
+    ids=["slack-text", "discord-option", "request"],
+)
+def test_a_caption_the_prompt_policy_blocks_is_refused_at_the_bot(build):
+    with pytest.raises(TrainCommandError) as err:
+        build()
+    assert str(err.value) == "--caption refused. Your prompt was blocked: it asks for sexual content or nudity."
+
+
+def test_a_request_may_carry_uploaded_blobs_instead_of_urls(tmp_path):
+    from skillgen.runtime.blobstore import BlobStore
+
+    ref = BlobStore((tmp_path / "blobs").as_uri()).put(b"\x89PNG", "application/octet-stream")
+    req = finetune_request(Train("x", caption="a drum"), SLACK, [], settings(), images=[ref])
+    assert (req.images, req.image_urls) == ([ref], [])
+    value, headers = encode(req)
+    assert decode(value, FineTuneRequest, headers) == req
+    with pytest.raises(TrainCommandError, match="file 2: evil.example: downloads only come from"):
+        finetune_request(Train("x"), DISCORD, [URL, "https://evil.example/<!here>.png"], settings())
 
 
 def test_cancel_is_a_message_of_its_own_for_the_team():
