@@ -68,17 +68,17 @@ class Intake:
         finally:
             await store.close()
 
-    async def admit(self, command: str | grammar.Parsed, origin: Origin, *, admin: bool = False) -> GenerateRequest | None:
+    async def admit(self, command: str | grammar.Parsed, origin: Origin) -> GenerateRequest | None:
         """The request a command asks for, or None for help. Raises Refusal with a message for the sender."""
         self.check_team(origin)
         req = grammar.parse(command, origin, self.settings.defaults)
         if req is None:
             return None
         self.check_prompt(req.prompt)
-        await self.limiter.admit(origin, req.num_images, admin=admin)
+        await self.limiter.admit(origin, req.num_images)
         return req
 
-    async def remix(self, request_id: str, action: str, origin: Origin, *, admin: bool = False) -> GenerateRequest:
+    async def remix(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
         on behalf of whoever clicked, in the channel they clicked in."""
         self.check_team(origin)
@@ -95,7 +95,7 @@ class Intake:
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
         self.check_prompt(req.prompt)  # the policy may have changed since
-        await self.limiter.admit(origin, req.num_images, admin=admin)
+        await self.limiter.admit(origin, req.num_images)
         return req
 
     def check_team(self, origin: Origin) -> None:

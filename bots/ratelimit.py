@@ -92,12 +92,9 @@ class RateLimiter:
         """In SKILL_ADMINS: exempt from the per-person limits (never from the team's)."""
         return f"{origin.platform.value}:{origin.user_id}" in self.admins
 
-    async def admit(self, origin: Origin, images: int, *, admin: bool = False) -> None:
+    async def admit(self, origin: Origin, images: int) -> None:
         """Count one request of `images` images against every limit that applies to this person, or raise
-        RateLimited and count nothing. (`admin` exists only while bots/intake.py still passes it: exemptions come
-        from SKILL_ADMINS alone, so True is refused rather than obeyed.)"""
-        if admin:
-            raise TypeError("RateLimiter.admit(admin=True): exemptions come from SKILL_ADMINS only")
+        RateLimited and count nothing. Exemptions come from SKILL_ADMINS alone."""
         exempt = self.is_admin(origin)
         limits = [limit for limit in self.limits if not (exempt and limit.scope == "user")]
         if not limits:

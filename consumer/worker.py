@@ -31,6 +31,7 @@ from skillgen.inference import AdapterError
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job as job_fields
 from skillgen.runtime.observability import stop_on_signals
+from skillgen.runtime.redis import Store
 from skillgen.runtime.service import Job, KafkaService
 from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
 from skillgen.safety.decision import CHECK_FAILED
@@ -40,6 +41,8 @@ from skillgen.safety.postprocess import release
 log = logging.getLogger("skillgen.consumer")
 
 UNHANDLED = "the consumer could not handle this request; the team has been notified"
+CRASHED = ("this request stopped the image service each time it was tried, so it was set aside; "
+           "the team has been notified")
 
 
 class Worker:
@@ -77,7 +80,7 @@ class Worker:
             settings, name="consumer", topic=self.topics.generate, group=self.topics.group(CONSUMER_GROUP),
             handle=self._admit, max_in_hand=settings.max_pending, drain_timeout_s=settings.drain_timeout_s,
             registry=self.metrics.registry, health=self._health, on_revoked=self._on_revoked,
-            on_drain=self.gpu.batcher.hurry,
+            on_drain=self.gpu.batcher.hurry, count_attempts=True, on_poison=self._poisoned,
             # No linger: a terminal event is awaited before its commit, and batching happens anyway under load.
             producer_options={"linger_ms": 0},
         )
@@ -120,6 +123,8 @@ class Worker:
         l2_link = cache_link(s, link)
         self.cache = TwoLevelCache(L1(s.l1_max_bytes), L2.from_settings(s, l2_link) if l2_link else None)
         self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms)
+        if link is not None:  # crash-loop counts are correctness keys too: on the same link
+            self.service.attempts_store = Store(link, s.redis_prefix)
         self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id)
         if l2_link:
             log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds, safety policy %s); single flight "
@@ -321,6 +326,18 @@ class Worker:
         self.metrics.request_latency.observe(max(0.0, time.time() - job.record.timestamp / 1000))
         log.info("%s", kind.value, extra=job_fields(job.message.request_id, cache=fields.get("cache_level")))
         self.service.finish(job)
+
+    async def _poisoned(self, job: Job, reason: str) -> None:
+        """A record set aside for killing its process again and again (skillgen/runtime/attempts.py): the person
+        who asked hears why; the service has dead-lettered and finishes it."""
+        self.metrics.dlq.labels(self.topics.dlq(job.record.topic)).inc()
+        try:
+            job.message = decode(job.record.value, GenerateRequest, job.record.headers)
+        except CodecError:
+            return  # nobody to tell
+        log.error("request set aside: %s", reason, extra=job_fields(job.message.request_id))
+        value, headers, key = self._event(job, EventKind.failed, message=CRASHED)
+        await self.service.emit(self.topics.events, value, key=key, headers=headers, job=job)
 
     async def _dead_letter(self, job: Job, error: BaseException) -> None:
         await self.service.dead_letter(job.record, error)

@@ -8,11 +8,20 @@ every replica in turn, forever. So each time a service takes up a record it incr
 consumer runs such a record alone (its batch-mates are not taken down with it), and past
 SKILL_RECORD_MAX_ATTEMPTS the record goes to the dead-letter topic with a failed event to whoever asked.
 
+A process that dies takes every record it holds down with it, and each of those counts one attempt. So a record
+that comes back with a count (a suspect) runs alone (`Turns`): it waits until nothing else runs, and nothing else
+starts until it is answered, and its count is taken only when its turn comes. A record that merely sat next to
+the culprit therefore loses one attempt at most (the first crash), and only the culprit reaches the limit.
+
 Without Redis (unset or down) nothing is counted (every attempt reads as the first): the guard needs a memory
 that survives the process, and this process's own would not.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from aiokafka import ConsumerRecord
 
@@ -40,6 +49,14 @@ class Attempts:
     def key(self, record: ConsumerRecord) -> str:
         return f"attempts:{self.group}:{record.topic}:{record.partition}:{record.offset}"
 
+    async def seen(self, record: ConsumerRecord) -> int:
+        """Attempts counted so far (0 without Redis): above 0, a process died holding the record."""
+        raw = await self.store.get(self.key(record))
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError:  # a Redis value is input like any other
+            return 1
+
     async def begin(self, record: ConsumerRecord) -> int:
         """Count this process taking the record up; returns which attempt this is (1 without Redis)."""
         name = self.store.key(self.key(record))
@@ -55,3 +72,44 @@ class Attempts:
         """The record was given up on purpose (shutdown, revoke): that attempt did not die with its process."""
         name = self.store.key(self.key(record))
         await self.store.call(lambda r: r.eval(_UNDO, 1, name), lambda: 0)
+
+
+class Turns:
+    """Who may run now: any number of ordinary jobs together, or one suspect alone."""
+
+    def __init__(self) -> None:
+        self._running: set[Any] = set()
+        self._alone: Any = None
+        self._suspects = 0  # waiting to run alone
+        self._changed = asyncio.Condition()
+
+    async def take(self, job: Any, alone: bool, gone: Callable[[], bool]) -> bool:
+        """Wait for the job's turn; False when `gone()` turned true first (revoked, stopping)."""
+        async with self._changed:
+            # A waiting suspect goes before ordinary jobs that arrive after it, or a busy service never gets to it.
+            self._suspects += alone
+            try:
+                await self._changed.wait_for(lambda: gone() or (
+                    self._alone is None and (not self._running if alone else not self._suspects)))
+            finally:
+                self._suspects -= alone
+            if gone():
+                self._changed.notify_all()  # ordinary jobs may have been waiting behind this one
+                return False
+            self._running.add(job)
+            if alone:
+                self._alone = job
+            return True
+
+    def release(self, job: Any) -> bool:
+        """The job is answered or given up; True when a waiter may now go (then call `wake`)."""
+        if job not in self._running:
+            return False
+        self._running.discard(job)
+        if self._alone is job:
+            self._alone = None
+        return True
+
+    async def wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()

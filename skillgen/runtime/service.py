@@ -24,7 +24,7 @@ What every service gets the same way:
 - **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently.
 - **Dead letters** (`dead_letter`) and **emits** (`emit`, produced and acknowledged, retried with backoff).
 - **Crash loops** (`count_attempts=True`, skillgen/runtime/attempts.py): each record's attempts are counted in
-  Redis, `job.attempt` says which one this is (above 1: a process died holding it), and past
+  Redis, `job.attempt` says which one this is (above 1: a process died holding it, and it runs alone), and past
   SKILL_RECORD_MAX_ATTEMPTS the record is dead-lettered, `on_poison(job, reason)` tells the requester, and it is
   finished without running the handler.
 """
@@ -45,7 +45,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from skillgen.runtime.attempts import Attempts
+from skillgen.runtime.attempts import Attempts, Turns
 from skillgen.runtime.jobs import Job, Offsets
 from skillgen.runtime.kafka import dead_letter, make_consumer, make_producer
 from skillgen.runtime.observability import HealthFn, metrics_server
@@ -108,6 +108,8 @@ class KafkaService:
         self.count_attempts = count_attempts
         self._on_poison = on_poison
         self.attempts: Attempts | None = None
+        self.attempts_store: Store | None = None  # set before run() to count on a link the service already has
+        self._turns = Turns()
         self.offsets = Offsets()
         self.finished = 0  # records answered (or dead-lettered) here
         self.commit_failures = 0
@@ -138,6 +140,7 @@ class KafkaService:
         self.offsets.finish(job)
         self.finished += 1
         self._dirty.set()
+        self._next_turn(job)
         if job.counted and self.attempts is not None:
             job.counted = False
             self.spawn(self.attempts.end(job.record))
@@ -146,6 +149,11 @@ class KafkaService:
         """Give the job up unanswered: it holds its partition's commit point until the partition moves."""
         job.left = True
         self._give_back(job)
+        self._next_turn(job)
+
+    def _next_turn(self, job: Job) -> None:
+        if self._turns.release(job):
+            self.spawn(self._turns.wake())
 
     def _give_back(self, job: Job) -> None:
         """A job given up on purpose: its attempt did not die with this process, so it is not counted."""
@@ -224,9 +232,10 @@ class KafkaService:
         }
         self.consumer = consumer = make_consumer(s, group=self.group, **options)
         self.producer = make_producer(s, **self.producer_options)
-        store = Store.from_settings(s) if self.count_attempts and s.redis_url else None
-        if store is not None:
-            self.attempts = Attempts(store, self.group, s.record_max_attempts)
+        own = None if self.attempts_store is not None or not (self.count_attempts and s.redis_url) \
+            else Store.from_settings(s)
+        if self.count_attempts and (self.attempts_store or own) is not None:
+            self.attempts = Attempts(self.attempts_store or own, self.group, s.record_max_attempts)
         background: list[asyncio.Task] = []
         try:
             async with metrics_server(s.metrics_port, self.registry or CollectorRegistry(), self.health):
@@ -249,8 +258,8 @@ class KafkaService:
         finally:
             self.state = "stopped"
             await self.producer.stop()
-            if store is not None:
-                await store.close()
+            if own is not None:
+                await own.close()
 
     async def _fetch(self) -> None:
         consumer = self.consumer
@@ -308,7 +317,13 @@ class KafkaService:
             self._handling.discard(job)
 
     async def _attempt(self, job: Job) -> bool:
-        """Count this attempt; False (and the record set aside) when earlier ones kept killing their process."""
+        """Wait for the job's turn and count this attempt; False when it is not to run here: revoked or stopping
+        meanwhile, or set aside because earlier attempts kept killing their process."""
+        suspect = await self.attempts.seen(job.record) > 0
+        if not await self._turns.take(job, alone=suspect, gone=lambda: job.abandoned or self.stopping):
+            if not job.abandoned:
+                self.leave(job)  # stopping: the next owner takes it up
+            return False
         job.attempt = await self.attempts.begin(job.record)
         job.counted = True
         if job.attempt <= self.attempts.max_attempts:
@@ -329,6 +344,7 @@ class KafkaService:
                  self.drain_timeout_s)
         if self._on_drain is not None:
             self._on_drain()
+        await self._turns.wake()  # jobs still waiting for their turn are left to the next owner
         try:
             async with asyncio.timeout(self.drain_timeout_s):
                 while len(self.offsets):
@@ -383,9 +399,11 @@ class KafkaService:
             for job in self.offsets.drop(tp):
                 job.abandoned = True
                 self._give_back(job)
+                self._turns.release(job)
                 dropped.append(job)
             if (queue := self._queues.pop(tp, None)) is not None:
                 queue.put_nowait(None)
+        await self._turns.wake()  # jobs waiting for their turn on these partitions give up
         if self._on_revoked_hook is not None:
             await self._on_revoked_hook(dropped)
         log.info("%s: partitions revoked (%s): %d unfinished records left to their next owner", self.name,

@@ -93,7 +93,7 @@ async def test_admins_skip_the_per_person_limits_but_not_their_teams(store):
 async def test_nobody_else_is_exempt(store):
     limiter = RateLimiter([Limit("user", 1, 60, "requests")], store, admins={"discord:UADMIN"})
     await limiter.admit(origin("U1"), 1)
-    with pytest.raises(TypeError, match="SKILL_ADMINS only"):  # what a Discord server administrator used to get
+    with pytest.raises(TypeError):  # what a Discord server administrator used to get: there is no such door now
         await limiter.admit(origin("U1"), 1, admin=True)
     with pytest.raises(RateLimited):
         await limiter.admit(origin("U1"), 1)
