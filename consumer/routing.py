@@ -2,7 +2,8 @@
 
     route = await Router(prompt_policy, resolve_adapter, cache, model_id, policy_id).route(req)
 
-The order is the rule: the prompt policy first (nothing is looked up for a prompt that may not be drawn), then
+The order is the rule: the team first (SKILL_ALLOWED_TEAMS, checked again here: whoever writes the topic is not
+trusted to have passed the bots), the prompt policy next (nothing is looked up for a prompt that may not be drawn), then
 the adapter (a name the team does not have is the requester's mistake, said plainly), then the cache under the
 key of everything that decides the pixels and of the safety policy's fingerprint. What is left is a `Draw`:
 single flight and the batcher take it from there (consumer/worker.py). No Kafka here, so the rules are
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from consumer.cache import CacheEntry, Level, TwoLevelCache
@@ -38,7 +40,7 @@ class Refuse:
 
     kind: EventKind
     message: str
-    stage: str  # "prompt" or "adapter"
+    stage: str  # "team", "prompt" or "adapter"
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ class Draw:
 
 
 Route = Refuse | Hit | Draw
+NOT_ALLOWED = "this team may not use skillgen (SKILL_ALLOWED_TEAMS); ask whoever runs it"
 
 
 class Router:
     def __init__(self, prompt_policy: PromptPolicy, resolve_adapter: AdapterResolver, cache: TwoLevelCache,
-                 model_id: str, policy_id: str):
+                 model_id: str, policy_id: str, team_allowed: Callable[[str, str], bool] = lambda _p, _t: True):
+        self.team_allowed = team_allowed  # (platform, team id) -> may it use the system
         self.prompt_policy = prompt_policy
         self.resolve_adapter = resolve_adapter
         self.cache = cache
@@ -70,6 +74,10 @@ class Router:
         self.policy_id = policy_id  # skillgen.safety.fingerprint.policy_fingerprint, computed once at start
 
     async def route(self, req: GenerateRequest) -> Route:
+        if not self.team_allowed(req.origin.platform.value, req.origin.team_id):
+            log.warning("request from a team outside SKILL_ALLOWED_TEAMS (%s:%s)", req.origin.platform.value,
+                        req.origin.team_id, extra=job_fields(req.request_id))
+            return Refuse(EventKind.failed, NOT_ALLOWED, "team")
         decision = self.prompt_policy.check(req.prompt)
         if not decision.allowed:
             log.info("prompt blocked (%s: %s)", decision.category, decision.detail, extra=job_fields(req.request_id))

@@ -125,7 +125,8 @@ class Worker:
         self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms)
         if link is not None:  # crash-loop counts are correctness keys too: on the same link
             self.service.attempts_store = Store(link, s.redis_prefix)
-        self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id)
+        self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id,
+                             s.team_allowed)
         if l2_link:
             log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds, safety policy %s); single flight "
                      "%s", s.l1_max_bytes >> 20, l2_link.url, s.cache_ttl_s, self.policy_id,

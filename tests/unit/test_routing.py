@@ -53,6 +53,23 @@ async def test_a_blocked_prompt_is_refused_before_its_adapter_is_even_looked_up(
     assert "blocked" in route.message and resolver.calls == []
 
 
+@pytest.mark.security
+async def test_a_team_outside_the_allowlist_is_refused_before_anything_is_looked_up(policy):
+    """Whoever writes skill.generate is not trusted to have passed the bots: the consumer checks the team again."""
+    from skillgen.runtime.settings import CommonSettings
+
+    settings = CommonSettings(allowed_teams="slack:T1,discord:111")
+    resolver, cache = Resolver(), TwoLevelCache(L1(1 << 20))
+    rt = Router(policy, resolver, cache, "model|sha|torch|fp32", POLICY_ID, settings.team_allowed)
+    outsider = Origin(platform="slack", team_id="T9", channel_id="C1", user_id="U1")
+    route = await rt.route(request(adapter=AdapterRef.parse("clay")).model_copy(update={"origin": outsider}))
+    assert isinstance(route, Refuse) and route.kind == EventKind.failed and route.stage == "team"
+    assert "SKILL_ALLOWED_TEAMS" in route.message and resolver.calls == []
+    insider = Origin(platform="slack", team_id="T1", channel_id="C1", user_id="U1")
+    assert isinstance(await rt.route(request().model_copy(update={"origin": insider})), Draw)
+    assert isinstance(await rt.route(request()), Draw)  # the console (local) always may
+
+
 async def test_an_unknown_adapter_fails_with_the_registrys_words(policy):
     route = await router(policy, Resolver(fail=True)).route(request(adapter=AdapterRef.parse("clay@v9")))
     assert route == Refuse(EventKind.failed, "no adapter named 'clay' in your team", "adapter")
