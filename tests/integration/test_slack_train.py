@@ -336,23 +336,23 @@ async def test_files_and_words_from_someone_else_are_ignored(bot, skill_env):
     ("first", "then", "says"),
     [
         ([], [("notes.txt", b"hello")],
-         "`notes.txt` is text/plain: share PNG, JPEG or WebP images, or one zip of them.\nNothing was sent"),
+         "File 1 is text/plain: share PNG, JPEG or WebP images, or one zip of them.\nNothing was sent"),
         ([], [("loop.gif", b"GIF89a")],
-         "`loop.gif` is image/gif: share PNG, JPEG or WebP images, or one zip of them.\nNothing was sent"),
+         "File 1 is image/gif: share PNG, JPEG or WebP images, or one zip of them.\nNothing was sent"),
         ([("a.png", png_bytes(1))], [("more.zip", b"PK\x03\x04")],
-         ("`more.zip` not added: send one zip or images, not both; this thread already has 1 image (reply `cancel` "
+         ("File 2 not added: send one zip or images, not both; this thread already has 1 image (reply `cancel` "
          "and start again to send a zip instead).\nNot started: reply `go` again to train on the 1 image received.")),
         ([("set.zip", b"PK\x03\x04")], [("a.png", png_bytes(1))],
-         ("`a.png` not added: this thread already has 1 zip (`set.zip`), and a zip comes alone.\n"
-         "Not started: reply `go` again to train on the 1 zip (`set.zip`) received.")),
+         ("File 2 not added: this thread already has 1 zip, and a zip comes alone.\n"
+         "Not started: reply `go` again to train on the 1 zip received.")),
         ([("a.png", png_bytes(1)), ("b.png", png_bytes(2))], [("c.png", png_bytes(3))],
-         ("`c.png` not added: at most 2 images per training.\n"
+         ("File 3 not added: at most 2 images per training.\n"
          "Not started: reply `go` again to train on the 2 images received.")),
     ],
     ids=["text", "gif", "zip-after-images", "image-after-zip", "too-many"],
 )
-async def test_a_file_that_cannot_train_is_refused_by_name(skill_env, fake_slack, monkeypatch, tmp_path, first, then,
-                                                           says):
+async def test_a_file_that_cannot_train_is_refused_by_position(skill_env, fake_slack, monkeypatch, tmp_path, first,
+                                                               then, says):
     async with running_bot(skill_env, fake_slack, monkeypatch, tmp_path, max_images=2) as b:
         status = await b.start_thread("team-style")
         if first:
@@ -361,6 +361,7 @@ async def test_a_file_that_cannot_train_is_refused_by_name(skill_env, fake_slack
         await b.share(status.ts, then, text="go")
         [reply] = await b.replies(status.ts)
         assert reply.startswith(f"❌ {says}")
+        assert not [name for name, _ in then if name in reply]  # the sender's file names stay out of the channel
         assert await b.requests.settle(0.5) == []
 
 

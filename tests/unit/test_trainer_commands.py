@@ -219,7 +219,7 @@ def test_a_files_kind_comes_from_its_declared_type_else_its_name(name, declared,
     ("files", "says"),
     [
         ([], "attach the training images"),
-        ([Attached("a.png", "image/png", 2_000_000)], "a.png is 1.9 MB; files may be at most 1.0 MB"),
+        ([Attached("<!here>.png", "image/png", 2_000_000)], "file 1 is 1.9 MB; files may be at most 1.0 MB"),
         ([Attached(f"{i}.png", "image/png", 10) for i in range(4)], "4 images sent; at most 3 per training"),
         ([Attached("a.zip", "application/zip"), Attached("b.zip", "application/zip")], "not several zips"),
         ([Attached(f"{i}.png", "image/png", 600_000) for i in range(3)], "add up to 1.7 MB; at most 1.5 MB"),
