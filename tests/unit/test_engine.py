@@ -189,6 +189,7 @@ def same_images(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.security
 def test_past_capacity_the_least_recently_used_idle_adapter_is_deleted(tiny, three_loras):
     engine = load_engine(tiny, "torch", "cpu", "fp32", max_loaded_adapters=2)
     be, pipe = engine.backend, engine.backend.pipe

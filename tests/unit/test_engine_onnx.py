@@ -90,6 +90,7 @@ def test_lora_on_onnx_matches_torch_and_switching_back_is_exact(onnx, torch_ref,
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, base_again))
 
 
+@pytest.mark.security
 def test_onnx_adapters_past_capacity_are_dropped_never_the_active_one(tiny, cache, lora, tmp_path):
     engine = load_engine(tiny, "onnx", "cpu", "fp32", cache_dir=cache, max_cached_adapters=2, max_loaded_adapters=2)
     be = engine.backend

@@ -437,6 +437,7 @@ def command_words(svc: dict) -> list[str]:
     return cmd if isinstance(cmd, list) else cmd.split()
 
 
+@pytest.mark.security
 def test_compose_requires_every_secret_it_passes():
     secrets = re.findall(r"\$\{((?:[A-Z0-9_]*_PASSWORD)|SKILL_SIGNING_KEY)(\S{0,2})", compose_text())
     assert {name for name, _ in secrets} >= {
@@ -448,12 +449,14 @@ def test_compose_requires_every_secret_it_passes():
     assert not optional, f"secrets compose must refuse to start without (`${{NAME:?message}}`): {optional}"
 
 
+@pytest.mark.security
 def test_published_ports_bind_to_loopback_only():
     for name, svc in services().items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
+@pytest.mark.security
 def test_correctness_redis_never_evicts_and_the_cache_has_its_own_instance():
     def option(svc: dict, flag: str) -> str:
         cmd = command_words(svc)
@@ -480,6 +483,7 @@ def test_correctness_redis_never_evicts_and_the_cache_has_its_own_instance():
         assert {"redis", "redis-cache"} <= set(svc.get("depends_on", {})) or one_shot(svc), name
 
 
+@pytest.mark.security
 def test_grafana_requires_a_password_and_admits_no_anonymous_visitor():
     env = services()["grafana"]["environment"]
     assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
@@ -487,6 +491,7 @@ def test_grafana_requires_a_password_and_admits_no_anonymous_visitor():
     assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
 
 
+@pytest.mark.security
 def test_kafka_authenticates_every_listener_and_authorizes_by_acl():
     env = services()["kafka"]["environment"]
     protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
@@ -516,6 +521,7 @@ def kafka_init_grants() -> tuple[set[str], dict[str, set[tuple[str, str, str]]]]
     return users, grants
 
 
+@pytest.mark.security
 def test_kafka_init_grants_each_service_only_its_own_topics_and_group():
     t = topics.Topics("")
     read, write = "Read", "Write"
@@ -538,6 +544,7 @@ def test_kafka_init_grants_each_service_only_its_own_topics_and_group():
     assert services()["topics"]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
 
 
+@pytest.mark.security
 def test_each_compose_service_logs_in_to_kafka_as_its_own_user():
     users, _ = kafka_init_grants()
     by_command = {"consumer": "consumer", "trainer": "trainer", "bot discord": "bots", "bot slack": "bots",
@@ -558,6 +565,7 @@ def test_each_compose_service_logs_in_to_kafka_as_its_own_user():
         assert env["SKILL_ALLOWED_TEAMS"] == "${SKILL_ALLOWED_TEAMS:-}", name
 
 
+@pytest.mark.security
 def test_only_the_services_that_write_a_volume_mount_it_read_write():
     writers = {"blobs": {"consumer", "trainer", "bot slack"}, "adapters": {"trainer"}}
     for name, svc in app_services().items():
@@ -568,6 +576,7 @@ def test_only_the_services_that_write_a_volume_mount_it_read_write():
                 assert (mode != ["ro"]) == (key in writers[source]), f"{name}: {volume}"
 
 
+@pytest.mark.security
 def test_no_trainer_holds_a_chat_credential():
     for name, svc in app_services().items():
         if svc["command"] == ["trainer"]:
@@ -581,6 +590,7 @@ def k8s_pod_specs() -> dict[str, dict]:
     return {name: doc["spec"]["template"]["spec"] for kind in ("Deployment", "Job") for name, doc in k8s(kind).items()}
 
 
+@pytest.mark.security
 def test_k8s_pods_run_non_root_on_a_read_only_root_without_privileges():
     for name, pod in k8s_pod_specs().items():
         assert pod["automountServiceAccountToken"] is False, name
@@ -602,6 +612,7 @@ def test_k8s_pods_run_non_root_on_a_read_only_root_without_privileges():
     assert all(m["readOnly"] for m in delivery["volumeMounts"] if m["name"] != "tmp"), "delivery only reads"
 
 
+@pytest.mark.security
 def test_k8s_secrets_come_from_secrets_per_workload_and_none_is_committed():
     assert not k8s("Secret"), "never commit a Secret: README.md says how to create them"
     config = configmap()
@@ -644,6 +655,7 @@ def egress_of(labels: dict[str, str]) -> list[tuple[dict, int]]:
     return allowed
 
 
+@pytest.mark.security
 def test_k8s_network_policies_deny_by_default_and_allow_each_workload_only_what_it_needs():
     policies = k8s("NetworkPolicy")
     deny = policies["default-deny"]["spec"]

@@ -21,7 +21,7 @@ from skillgen.runtime.kafka import (
 )
 from skillgen.runtime.settings import CommonSettings
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.security]
 
 
 @pytest.fixture(autouse=True)
