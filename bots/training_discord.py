@@ -19,7 +19,7 @@ import time
 import discord
 from discord import app_commands
 
-from bots.discord_bot import SkillBot, origin_of
+from bots.discord_bot import SkillBot, origin_of, remember_token
 from bots.metrics import TRAIN_COMMANDS
 from bots.render import queue_down
 from bots.settings import TrainCommandSettings
@@ -94,6 +94,7 @@ class DiscordTraining:
             allowed_mentions=only_author,
         )
         try:
+            await remember_token(self.bot.intake, interaction, req.request_id)
             await self.bot.intake.send(self.topics.finetune, req, key=finetune_key(req))
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))

@@ -37,6 +37,8 @@ from skillgen.safety.decision import CHECK_FAILED
 from skillgen.safety.postprocess import ImageChecker, release
 
 log = logging.getLogger("skillgen.replay")
+# Whom a --channel post names: no person (an id of the right shape that no account has).
+NOBODY = {"discord": "0", "slack": "USLACKBOT", "console": "replay"}
 REPLAY_MARKER_TTL_S = 7 * 86400  # a republished request is not republished again for a week (--force does)
 
 
@@ -176,10 +178,13 @@ def parse_channel(text: str) -> Origin:
     parts = text.split(":")
     if len(parts) < 3 or parts[0] not in {p.value for p in Platform}:
         raise ReplayError("--channel must look like slack:T0123:C0456 or discord:GUILD:CHANNEL[:THREAD]")
-    return Origin(
-        platform=Platform(parts[0]), team_id=parts[1], channel_id=parts[2], user_id="replay",
-        thread_id=parts[3] if len(parts) > 3 else None,
-    )
+    try:
+        return Origin(
+            platform=Platform(parts[0]), team_id=parts[1], channel_id=parts[2], user_id=NOBODY[parts[0]],
+            thread_id=parts[3] if len(parts) > 3 else None,
+        )
+    except ValueError as exc:
+        raise ReplayError(f"--channel {text!r}: {exc}") from None
 
 
 async def reprocess(
@@ -246,6 +251,9 @@ async def reprocess(
 async def _emit(producer, settings, req: GenerateRequest, origin: Origin, kind: EventKind, **fields) -> None:
     if producer is None:
         return
+    if origin.seal is None and settings.signing_key is not None:
+        # --channel: the operator chose this channel, so replay seals it as the bots seal what they accept.
+        origin = origin.sealed(req.request_id, settings.signing_key.get_secret_value().encode())
     event = JobEvent(request_id=req.request_id, kind=kind, origin=origin, prompt=req.prompt, **fields)
     value, headers = encode(event, [("replay", b"1")])
     await producer.send_and_wait(settings.topics.events, value, key=req.request_id.encode(), headers=headers)

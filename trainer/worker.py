@@ -52,6 +52,7 @@ from skillgen.adapters.registry import (
 )
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.fetch import IngestError
+from skillgen.runtime.kafka import make_consumer
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import stop_on_signals
 from skillgen.runtime.paths import under
@@ -132,8 +133,7 @@ class TrainerWorker:
 
         s = self.settings
         self._base_sha256 = await asyncio.to_thread(base_model_sha256, s.model)
-        cancels = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
-                                   fetch_max_wait_ms=s.fetch_max_wait_ms)
+        cancels = make_consumer(s, group=None, auto_offset_reset="latest", fetch_max_wait_ms=s.fetch_max_wait_ms)
 
         def started() -> None:
             log.info("trainer ready on %s (base %s)", self.topics.finetune, s.model)
