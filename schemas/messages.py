@@ -78,7 +78,7 @@ ID_PATTERNS: dict[str, dict[str, str]] = {
     "slack": {"team_id": r"[TE][A-Z0-9]{1,20}", "channel_id": r"[CDG][A-Z0-9]{1,20}", "user_id": r"[UWB][A-Z0-9]{1,20}",
               "thread_id": _SLACK_TS, "status_message_id": _SLACK_TS},
     "console": dict.fromkeys(("team_id", "channel_id", "user_id", "thread_id", "status_message_id"),
-                             r"[A-Za-z0-9_.-]{1,64}"),
+                             r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}"),  # never '.' first: not '..' either
 }
 _WHAT = {"discord": "a Discord id (digits)", "slack": "a Slack id", "console": "letters, digits, '_', '.' or '-'"}
 SEAL_FIELDS = ("platform", "team_id", "channel_id", "user_id", "thread_id", "status_message_id")

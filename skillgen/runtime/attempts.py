@@ -10,7 +10,7 @@ SKILL_RECORD_MAX_ATTEMPTS the record goes to the dead-letter topic with a failed
 
 A process that dies takes every record it holds down with it, and each of those counts one attempt. So a record
 that comes back with a count (a suspect) runs alone (`Turns`): it waits until nothing else runs, and nothing else
-starts until it is answered, and its count is taken only when its turn comes. A record that merely sat next to
+starts until it is answered; a job is counted only while it runs, never while it waits for its turn. A record that merely sat next to
 the culprit therefore loses one attempt at most (the first crash), and only the culprit reaches the limit.
 
 Without Redis (unset or down) nothing is counted (every attempt reads as the first): the guard needs a memory
@@ -48,14 +48,6 @@ class Attempts:
 
     def key(self, record: ConsumerRecord) -> str:
         return f"attempts:{self.group}:{record.topic}:{record.partition}:{record.offset}"
-
-    async def seen(self, record: ConsumerRecord) -> int:
-        """Attempts counted so far (0 without Redis): above 0, a process died holding the record."""
-        raw = await self.store.get(self.key(record))
-        try:
-            return int(raw) if raw is not None else 0
-        except ValueError:  # a Redis value is input like any other
-            return 1
 
     async def begin(self, record: ConsumerRecord) -> int:
         """Count this process taking the record up; returns which attempt this is (1 without Redis)."""
@@ -100,6 +92,10 @@ class Turns:
             if alone:
                 self._alone = job
             return True
+
+    def free(self) -> bool:
+        """Whether an ordinary job would start at once (no suspect running or waiting)."""
+        return self._alone is None and not self._suspects
 
     def release(self, job: Any) -> bool:
         """The job is answered or given up; True when a waiter may now go (then call `wake`)."""

@@ -21,7 +21,9 @@ What every service gets the same way:
   a partition that comes back is handled only once its abandoned handler has returned.
 - **Drain**: on `stop()` fetching stops, open jobs get `drain_timeout_s` to finish, the rest is left for the
   next owner, finished work is committed and the group is left at once.
-- **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently.
+- **Health** on `/healthz` (with `/metrics`): 503 unless running and the fetch loop turned recently, and (with
+  `max_record_age_s`) while a record in hand is older than that: a terminal event that cannot be produced or a
+  handler that never returns shows as a failing probe, not as a partition silently stuck.
 - **Dead letters** (`dead_letter`) and **emits** (`emit`, produced and acknowledged, retried with backoff).
 - **Crash loops** (`count_attempts=True`, skillgen/runtime/attempts.py): each record's attempts are counted in
   Redis, `job.attempt` says which one this is (above 1: a process died holding it, and it runs alone), and past
@@ -87,6 +89,7 @@ class KafkaService:
         producer_options: dict | None = None,
         count_attempts: bool = False,
         on_poison: Callable[[Job, str], Awaitable[None]] | None = None,
+        max_record_age_s: float | None = None,
     ):
         if max_in_hand < 1:
             raise ValueError(f"max_in_hand must be at least 1, got {max_in_hand}")
@@ -107,6 +110,7 @@ class KafkaService:
         self.producer_options = producer_options or {}
         self.count_attempts = count_attempts
         self._on_poison = on_poison
+        self.max_record_age_s = max_record_age_s
         self.attempts: Attempts | None = None
         self.attempts_store: Store | None = None  # set before run() to count on a link the service already has
         self._turns = Turns()
@@ -212,9 +216,18 @@ class KafkaService:
         silent_s = time.monotonic() - self._loop_seen
         if silent_s > self.healthy_loop_s:
             return False, f"the fetch loop has been silent for {silent_s:.0f}s"
+        if self.max_record_age_s is not None and (age_s := self.oldest_s()) > self.max_record_age_s:
+            return False, (f"a record has been in hand unanswered for {age_s:.0f}s (limit {self.max_record_age_s:g}s): "
+                           "its terminal event cannot be produced or its handler is stuck")
         if self._health_detail is not None:
             return self._health_detail()
         return True, f"ok: {self.in_hand()} records in hand"
+
+    def oldest_s(self) -> float:
+        """Age of the oldest record in hand: open ones, and revoked ones whose handler has not returned yet."""
+        now = time.monotonic()
+        revoked = (now - j.received for j in self._handling if j.abandoned)
+        return max(self.offsets.oldest_s(now), *revoked, 0.0)
 
     def in_hand(self) -> int:
         """Jobs being worked on here: open ones, and revoked ones whose handler has not returned yet."""
@@ -319,12 +332,17 @@ class KafkaService:
     async def _attempt(self, job: Job) -> bool:
         """Wait for the job's turn and count this attempt; False when it is not to run here: revoked or stopping
         meanwhile, or set aside because earlier attempts kept killing their process."""
-        suspect = await self.attempts.seen(job.record) > 0
+        job.attempt = await self.attempts.begin(job.record)  # one round trip on the usual path
+        suspect = job.attempt > 1  # a process died holding it: it runs alone
+        waits = suspect or not self._turns.free()
+        if waits:  # a job is counted only while it runs, never while it waits for its turn
+            await self.attempts.undo(job.record)
         if not await self._turns.take(job, alone=suspect, gone=lambda: job.abandoned or self.stopping):
             if not job.abandoned:
                 self.leave(job)  # stopping: the next owner takes it up
             return False
-        job.attempt = await self.attempts.begin(job.record)
+        if waits:
+            job.attempt = await self.attempts.begin(job.record)
         job.counted = True
         if job.attempt <= self.attempts.max_attempts:
             return True

@@ -53,7 +53,8 @@ def test_every_message_model_refuses_a_request_id_that_could_name_a_path(model: 
 
 @pytest.mark.parametrize("field", ["team_id", "channel_id", "user_id", "thread_id"])
 @pytest.mark.parametrize("platform", ["discord", "slack", "console"])
-@pytest.mark.parametrize("value", ["../../x", "../../guilds/1/members", "C1/../../x", "1?x=2", "1#f", "1 2"])
+@pytest.mark.parametrize("value", ["../../x", "../../guilds/1/members", "C1/../../x", "1?x=2", "1#f", "1 2", "..",
+                                   ".hidden"])
 def test_origin_ids_that_could_steer_a_rest_path_are_refused(platform, field, value):
     base = {"discord": ORIGIN, "slack": {"platform": "slack", "team_id": "T1", "channel_id": "C1", "user_id": "U1"},
             "console": {"platform": "console", "team_id": "local", "channel_id": "c", "user_id": "u"}}[platform]
