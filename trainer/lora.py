@@ -39,11 +39,16 @@ CURVE_POINTS = 50
 
 
 class Stopped(TrainerError):
-    """Training stopped on request at `step`; a checkpoint of that step is on disk."""
+    """Training stopped on request at `step`; a checkpoint of that step is on disk (unless the reason is Unsaved)."""
 
     def __init__(self, reason: str, step: int):
         super().__init__(reason)
         self.reason, self.step = reason, step
+
+
+class Unsaved(str):
+    """A stop reason that writes no checkpoint: the run no longer owns its checkpoint directory (another trainer
+    took the job over), so the last checkpoint stays whatever that trainer has written."""
 
 
 @dataclass
@@ -329,8 +334,9 @@ def train_lora(
 ) -> LoraResult:
     """Train a LoRA on `examples` for `steps` steps, resuming from `checkpoint_dir` if it holds this run.
 
-    `on_step(step, steps, loss)` is called after each step; when `should_stop()` returns a reason, a checkpoint
-    is written and Stopped(reason, step) raised.
+    `on_step(step, steps, loss)` is called after each step; `should_stop()` is asked before each one, and when
+    it returns a reason a checkpoint of every step done so far is written (none for an Unsaved reason) and
+    Stopped(reason, step) raised. A stop asked during the last step is not seen: the run returns its result.
     """
     trainer = LoraTrainer(parts, examples, recipe)
     checkpoint = Checkpoint(checkpoint_dir, run_fingerprint)
@@ -340,7 +346,8 @@ def train_lora(
     for step in range(start, steps):
         reason = should_stop()
         if reason:
-            trainer.save(checkpoint, step, curve, window)
+            if not isinstance(reason, Unsaved):
+                trainer.save(checkpoint, step, curve, window)
             raise Stopped(reason, step)
         value = trainer.step()
         if value != value:  # NaN: fp16 overflow the scaler could not save, or a broken base

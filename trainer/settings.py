@@ -29,6 +29,9 @@ class TrainerSettings(CommonSettings):
     work_dir: Path = Field(Path(".cache/trainer"), description="checkpoints of running jobs, for resuming")
     progress_interval_s: float = Field(2.0, ge=0, description="at most one progress event per interval")
     cancel_lookback_s: float = Field(86_400, ge=0, description="cancels this recent are read at start")
+    # One trainer at a time per job: a Redis lease renewed every third of this while steps progress, so a trainer
+    # that died (or hangs) holding a job lets another resume it after this long.
+    train_lease_s: float = Field(30.0, gt=0, description="TTL of a job's training lease, in seconds")
     sample_images: int = Field(4, ge=1, le=8, description="images per row of the sample grid")
     sample_steps: int = Field(20, ge=1, le=50)
     sample_guidance: float = Field(7.5, ge=0, le=20, description="the embedded icon model draws best at 2.5")

@@ -4,10 +4,12 @@ One job at a time per process (one process per GPU), on the one Kafka service sk
 (skillgen.runtime.service) with `max_in_hand=1`. A job can run for an hour, so the worker never leaves its
 consumer group meanwhile: every assigned partition stays paused while polling goes on (heartbeats and the poll
 interval stay alive), and the record's offset is committed only after the job's terminal event is produced.
-A job whose partition is revoked mid-training still holds the one place until its training returns.
-Training runs in a worker thread. A record that cannot be decoded goes to the DLQ; a refused input,
-a cancel or a failure each end in a `failed` event that says why. On SIGTERM the running job checkpoints and
-stops without committing: the record comes back and training resumes from that checkpoint.
+A job whose partition is revoked mid-training stops at its next step boundary, checkpointed, and answers nothing;
+a job trains only under its Redis lease, so the partition's new owner waits for the old one to let go, then resumes
+from the checkpoint (trainer/guard.py). Training runs in a worker thread. A record that cannot be decoded goes to
+the DLQ; a refused input, a cancel or a failure each end in a `failed` event that says why. On SIGTERM the
+running job checkpoints and stops without committing: the record comes back and training resumes from that
+checkpoint.
 
 Behind the same trust boundary as the other services: a team SKILL_ALLOWED_TEAMS does not list is refused (its
 cancels ignored), every caption and training image is checked (trainer/screening.py) before training, paths built
@@ -27,7 +29,6 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -56,11 +57,13 @@ from skillgen.runtime.kafka import make_consumer
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import stop_on_signals
 from skillgen.runtime.paths import under
+from skillgen.runtime.redis import Store
 from skillgen.runtime.service import Job, KafkaService
 from skillgen.safety.postprocess import ImageChecker, png_bytes
 from skillgen.safety.prompt import PromptPolicy
 from trainer import screening
 from trainer.errors import TrainerError
+from trainer.guard import LEASE_LOST, JobLease, Running
 from trainer.ingest import Example, dataset_sha256, ingest
 from trainer.settings import TrainerSettings
 
@@ -80,12 +83,6 @@ class TrainerMetrics:
         self.running = Gauge("skill_trainer_running", "1 while a job is training", registry=r)
 
 
-@dataclass
-class Running:
-    req: FineTuneRequest
-    stop_reason: str | None = None
-
-
 class TrainerWorker:
     """`await TrainerWorker(settings).run(ready)` until `stop()`."""
 
@@ -103,6 +100,7 @@ class TrainerWorker:
         self._running: Running | None = None
         self._cancels: dict[tuple[str, str], datetime] = {}
         self._base_sha256: str | None = None
+        self.leases = Store(None, settings.redis_prefix)  # the jobs' leases; in Redis from run() when it is set
         self.metrics = TrainerMetrics()
         self.service = KafkaService(
             settings, name="trainer", topic=self.topics.finetune, group=self.topics.group(TRAINER_GROUP),
@@ -141,6 +139,7 @@ class TrainerWorker:
                 ready()
 
         follower: asyncio.Task | None = None
+        self.leases = Store.from_settings(s)
         try:
             await cancels.start()
             await self._catch_up_on_cancels(cancels)  # before any job and before `ready`
@@ -152,14 +151,15 @@ class TrainerWorker:
                 await asyncio.gather(follower, return_exceptions=True)
             await cancels.stop()
             self._gpu.shutdown(wait=True)
+            await self.leases.close()
 
-    async def _answer(self, job: Job) -> None:
-        # A job whose partition moved meanwhile is not committed here (the service ignores it): its new owner
-        # gets the record, finds the published version by request id and answers again without training.
-        if await self.handle(job.record):
-            self.service.finish(job)
-        else:  # stopped for shutdown: the record comes back and training resumes from the checkpoint
-            self.service.leave(job)
+    async def _answer(self, work: Job) -> None:
+        # A job whose partition moved meanwhile answers nothing (the service commits nothing): its new owner gets
+        # the record and resumes from the checkpoint, or finds the published version by request id.
+        if await self.handle(work.record, work):
+            self.service.finish(work)
+        else:  # stopped for shutdown or moved: the record comes back and training resumes from the checkpoint
+            self.service.leave(work)
 
     async def _catch_up_on_cancels(self, cancels: AIOKafkaConsumer) -> None:
         """Read the cancels of the last SKILL_CANCEL_LOOKBACK_S before taking any job, so a cancel sent while no
@@ -217,8 +217,8 @@ class TrainerWorker:
             log.info("cancel requested", extra=job(running.req.request_id, by=msg.origin.user_id))
 
     # -- one record ---------------------------------------------------------------------------------------
-    async def handle(self, record: ConsumerRecord) -> bool:
-        """Answer one record; True when its offset may be committed."""
+    async def handle(self, record: ConsumerRecord, work: Job | None = None) -> bool:
+        """Answer one record; True when its offset may be committed. `work`: the service's job, if any."""
         try:
             req = decode(record.value, FineTuneRequest, record.headers)
         except CodecError as exc:
@@ -232,13 +232,28 @@ class TrainerWorker:
             await self.emit(req, EventKind.failed, message=f"Training of `{req.adapter}` refused: {TEAM_REFUSED}.")
             self.metrics.jobs.labels("refused").inc()
             return True
+        lease = JobLease(self.leases, req.request_id, self.settings.train_lease_s)
+        while await lease.take(lambda: (work is not None and work.abandoned) or self.service.stopping):
+            running = self._running = Running(req, work, SHUTDOWN if self.service.stopping else None)
+            try:
+                async with lease.held(running):
+                    answer = await self._leased(record, req, running)
+            finally:
+                self._running = None
+                self.metrics.running.set(0)
+            if answer is not None:  # None: the lease was lost mid-run: wait for it, then resume from the checkpoint
+                return answer
+        return False  # moved or stopping while waiting: the record's next owner takes it up
+
+    async def _leased(self, record: ConsumerRecord, req: FineTuneRequest, running: Running) -> bool | None:
+        ctx = job(req.request_id, adapter=req.adapter, team=req.origin.team_id)
         cancelled_at = self._cancels.get((req.origin.team_id, req.adapter))
         if cancelled_at is not None and req.created_at <= cancelled_at:
             await self.emit(req, EventKind.failed, message=f"Training of `{req.adapter}` was cancelled before it started.")
             self.metrics.jobs.labels("cancelled").inc()
             return True
         done = await asyncio.to_thread(self.registry.find_request, req.origin.team_id, req.adapter, req.request_id)
-        if done is not None:  # a redelivery of a job that already published
+        if done is not None:  # a redelivery of a job that already published (here, or by its previous owner)
             await self.succeeded(req, done)
             self.metrics.jobs.labels("succeeded").inc()
             return True
@@ -250,31 +265,38 @@ class TrainerWorker:
             return True
         files = len(req.image_urls) + len(req.images)
         await self.emit(req, EventKind.started, message=f"Training `{req.adapter}`: fetching {files} files")
-        self._running = Running(req, SHUTDOWN if self.service.stopping else None)
         self.metrics.running.set(1)
         try:
             screening.check_captions(self.prompt_policy, req.caption)  # before anything is fetched
             examples = await ingest(req, self.settings.ingest, self.blobs)
             screening.check_captions(self.prompt_policy, None, examples)
             log.info("ingested %d images", len(examples), extra=ctx)
+            running.beats += 1
             meta = await asyncio.get_running_loop().run_in_executor(
-                self._gpu, self._train_and_publish, req, examples, workdir, self._progress_fn(req)
+                self._gpu, self._train_and_publish, req, examples, workdir, self._progress_fn(running)
             )
-        except Exception as exc:  # noqa: BLE001 - every outcome is answered; only a shutdown is not
-            return await self._failed(record, req, exc, workdir)
-        finally:
-            self._running = None
-            self.metrics.running.set(0)
+        except Exception as exc:  # noqa: BLE001 - every outcome is answered; only a shutdown or a move is not
+            await running.settle()
+            if getattr(exc, "reason", None) == LEASE_LOST and not running.moved:
+                return None
+            return await self._failed(record, req, exc, workdir, running.job)
+        await running.settle()
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("published %s", meta.key, extra=ctx)
+        if running.moved:  # published as the partition moved: its new owner finds this version and answers
+            return False
         await self.succeeded(req, meta)
         self.metrics.jobs.labels("succeeded").inc()
         return True
 
-    async def _failed(self, record: ConsumerRecord, req: FineTuneRequest, exc: Exception, workdir: Path) -> bool:
+    async def _failed(self, record: ConsumerRecord, req: FineTuneRequest, exc: Exception, workdir: Path,
+                      work: Job | None) -> bool:
         from trainer.lora import Stopped
 
         ctx = job(req.request_id, adapter=req.adapter)
+        if work is not None and work.abandoned:  # revoked (or any end of a job that moved): its new owner answers
+            log.info("the partition moved (%s): the checkpoint stays for its new owner", exc, extra=ctx)
+            return False
         if isinstance(exc, Stopped) and exc.reason == SHUTDOWN:
             log.info("stopped at step %d for shutdown; the checkpoint stays for the next owner", exc.step, extra=ctx)
             await self.emit(req, EventKind.progress, step=exc.step, total_steps=req.steps,
@@ -294,8 +316,8 @@ class TrainerWorker:
         await self.emit(req, EventKind.failed, message=message)
         return True
 
-    def _progress_fn(self, req: FineTuneRequest) -> Callable[[int, int, float], None]:
-        loop = asyncio.get_running_loop()
+    def _progress_fn(self, running: Running) -> Callable[[int, int, float], None]:
+        loop, req = asyncio.get_running_loop(), running.req
         first: list[tuple[float, int]] = []  # (time, step) of the first step this process ran: a resumed
         last_sent = [0.0]                    # run's speed is measured from where it resumed
 
@@ -304,19 +326,18 @@ class TrainerWorker:
             now = time.monotonic()
             if not first:
                 first.append((now, step))
-            if step < total and now - last_sent[0] >= self.settings.progress_interval_s:
+            if step < total and now - last_sent[0] >= self.settings.progress_interval_s and not running.moved:
                 last_sent[0] = now
                 t0, s0 = first[0]
                 eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
-                asyncio.run_coroutine_threadsafe(
-                    self.emit(req, EventKind.progress, step=step, total_steps=total, loss=loss, eta_s=eta), loop
-                )
+                running.send(loop, lambda: self.emit(req, EventKind.progress, order=running.job, step=step,
+                                                     total_steps=total, loss=loss, eta_s=eta))
 
         return progress
 
     def _should_stop(self) -> str | None:
         running = self._running
-        return running.stop_reason if running is not None else None
+        return running.should_stop() if running is not None else None
 
     # -- the GPU thread -----------------------------------------------------------------------------------
     def _train_and_publish(self, req: FineTuneRequest, examples: list[Example], workdir: Path,
@@ -326,6 +347,7 @@ class TrainerWorker:
         from skillgen.inference.engine import Engine
         from skillgen.inference.torch_backend import TorchBackend
         from trainer.lora import (
+            Stopped,
             fingerprint,
             load_components,
             pick_device,
@@ -374,22 +396,15 @@ class TrainerWorker:
             log.warning("sample grid withheld (%s: %s)", withheld.category, withheld.detail,
                         extra=job(req.request_id, adapter=req.adapter))
         record = TrainingRecord(
-            request_id=req.request_id,
+            request_id=req.request_id, trigger=req.trigger, recipe=recipe, steps=req.steps,
             trained_by=TrainedBy(platform=req.origin.platform, user_id=req.origin.user_id,
                                  channel_id=req.origin.channel_id),
-            trigger=req.trigger,
-            base_model=s.model,
-            base_model_sha256=self._base_sha256,
-            recipe=recipe,
-            steps=req.steps,
-            resolution_px=result.resolution_px,
-            dataset_sha256=data_sha,
-            images=len(examples),
-            loss_curve=result.loss_curve,
-            seconds=result.seconds,
-            sample_grid=grid,
-            sample_grid_withheld=withheld.reason if withheld else None,
+            base_model=s.model, base_model_sha256=self._base_sha256, dataset_sha256=data_sha, images=len(examples),
+            resolution_px=result.resolution_px, loss_curve=result.loss_curve, seconds=result.seconds,
+            sample_grid=grid, sample_grid_withheld=withheld.reason if withheld else None,
         )
+        if self._should_stop() == LEASE_LOST:  # another trainer holds the job now: it publishes, not this one
+            raise Stopped(LEASE_LOST, req.steps)
         return self.registry.publish(req.origin.team_id, req.adapter, result.weights, record)
 
     # -- events -------------------------------------------------------------------------------------------
@@ -406,11 +421,12 @@ class TrainerWorker:
             message=f"{ready} Use it with `/skill <prompt with {meta.training.trigger}> --adapter {meta.name}`.",
         )
 
-    async def emit(self, req: FineTuneRequest, kind: EventKind, **fields) -> None:
+    async def emit(self, req: FineTuneRequest, kind: EventKind, order: Job | None = None, **fields) -> None:
+        """Produce one event (acknowledged); with `order`, in order with that job's other events."""
         fields.setdefault("adapter", req.adapter)
         event = JobEvent(request_id=req.request_id, kind=kind, origin=req.origin, job="finetune", **fields)
         value, headers = encode(event)
-        await self.service.emit(self.topics.events, value, key=req.request_id.encode(), headers=headers)
+        await self.service.emit(self.topics.events, value, key=req.request_id.encode(), headers=headers, job=order)
 
 
 async def serve(settings: TrainerSettings, ready: Callable[[], None] | None = None) -> TrainerWorker:

@@ -294,11 +294,11 @@ async def test_one_job_at_a_time_the_second_waits_for_the_first(skill_env, tiny_
     trainer = TrainerWorker(settings)
     handle, at_once, most_at_once = trainer.handle, [0], [0]
 
-    async def counted(record):
+    async def counted(record, *rest):
         at_once[0] += 1
         most_at_once[0] = max(most_at_once[0], at_once[0])
         try:
-            return await handle(record)
+            return await handle(record, *rest)
         finally:
             at_once[0] -= 1
 
