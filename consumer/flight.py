@@ -1,10 +1,12 @@
 """Single flight: identical requests in flight are generated once.
 
 In one process, requests with the same cache key join one `Flight` and are all answered from it. Across
-consumers, the flight that generates holds a Redis lease on the key (SET NX with a TTL, renewed while it
-works); a consumer that finds the lease taken waits for the result to appear in L2, and takes the work over
-when the lease lapses without one (its holder was killed, or failed). Without Redis every flight is local:
-the same picture may be made on two consumers, but no request waits on a lease nobody holds.
+consumers, the flight that generates holds a Redis lease on the key (SET NX with a TTL, renewed every ttl/3
+while its GPU loop makes progress); a consumer that finds the lease taken waits for the result to appear in L2,
+and takes the work over when the lease is gone without one: released (the holder gave the flight up, or lost
+its partitions), or lapsed (the holder was killed, or its GPU call hung). A waiter looks every `poll_ms`, so it
+takes over at most ttl + poll after its holder died or stalled. Without Redis every flight is local: the same
+picture may be made on two consumers, but no request waits on a lease nobody holds.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ class Flight(Generic[J]):
 
 
 class Leases:
-    """Single flight across consumers: one `Lease` per cache key, renewed in the background while its flight
-    works. Without Redis (unset or down) a lease is granted: duplicate work is possible, a lost job is not."""
+    """Single flight across consumers: one `Lease` per cache key, renewed in the background while `progressing()`
+    (the GPU loop is not stuck) answers True. Without Redis (unset or down) a lease is granted: duplicate work is
+    possible, a lost job is not."""
 
-    def __init__(self, link: RedisLink | None, prefix: str, ttl_s: float, poll_ms: int):
+    def __init__(self, link: RedisLink | None, prefix: str, ttl_s: float, poll_ms: int,
+                 progressing: Callable[[], bool] | None = None):
         self.link = link
         self.store = Store(link, prefix + "lease:")
         self.ttl_s = ttl_s
         self.poll_s = poll_ms / 1000
+        self.progressing = progressing
 
     async def acquire(self, key: str) -> Lease | None:
         """The lease on `key`, or None while another consumer holds it."""
@@ -57,7 +62,7 @@ class Leases:
         if not await lease.acquire():
             return None
         if self.link is not None:  # without Redis there is nothing to renew
-            lease.keep_renewed()
+            lease.keep_renewed(self.progressing)
         return lease
 
     async def wait(self, key: str, l2: L2, wanted: Callable[[], bool] = lambda: True) -> CacheEntry | None:

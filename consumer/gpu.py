@@ -6,6 +6,10 @@ When a batch raises, which request is to blame is unknown: `after_failure` decid
 a batch of several is split and each request retried alone at once; a request that fails alone is retried with
 doubling backoff up to `max_retries`, then given up; an error that names the request itself (PipelineError) is
 given up at once, since retrying changes nothing.
+
+A stuck GPU call is noticed, not waited on forever: each denoising step and each finished batch marks progress,
+and a batch with none for SKILL_GPU_STALL_S is stalled (`stall`): the consumer's leases stop being renewed
+(`progressing`), so peers take its pictures over, and its /healthz fails, so the orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class GpuLoop:
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms)
         self.running: list[Flight] = []
         self.batch_s: float | None = None  # moving average of one batch's GPU time, for queue estimates
+        self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     def shutdown(self) -> None:
@@ -96,6 +101,18 @@ class GpuLoop:
         flight.position = ahead
         self.batcher.add(flight.batch, flight, size=len(flight.seeds))
         return ahead, eta_s
+
+    def progressing(self) -> bool:
+        """False while the running batch has shown no progress for SKILL_GPU_STALL_S (idle is not stuck)."""
+        return self.stall() is None
+
+    def stall(self) -> str | None:
+        """Why the GPU loop is stuck, or None while it is idle or making progress."""
+        quiet_s = time.monotonic() - self.progressed
+        if not self.running or quiet_s <= self.settings.gpu_stall_s:
+            return None
+        return (f"GPU stalled: a batch of {len(self.running)} requests has made no progress for {quiet_s:.0f}s "
+                f"(SKILL_GPU_STALL_S={self.settings.gpu_stall_s:g})")
 
     def eta_s(self, images: int) -> float | None:
         if self.batch_s is None:
@@ -149,6 +166,7 @@ class GpuLoop:
             await self.outlet.started(flights)
             spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter)
             self.running = flights
+            self.progressed = time.monotonic()
             t0 = time.perf_counter()
             try:
                 images = await loop.run_in_executor(
@@ -159,6 +177,7 @@ class GpuLoop:
                 continue
             finally:
                 self.running = []
+                self.progressed = time.monotonic()
             gen_s = time.perf_counter() - t0
             self.metrics.generation.observe(gen_s)
             self.metrics.batch_size.observe(len(samples))
@@ -176,9 +195,34 @@ class GpuLoop:
         last = [time.monotonic()]
 
         def progress(step: int, total: int) -> None:  # on the inference thread
-            now = time.monotonic()
+            now = self.progressed = time.monotonic()
             if step < total and now - last[0] >= self.settings.progress_interval_s:
                 last[0] = now
                 loop.call_soon_threadsafe(self.outlet.spawn, self.outlet.progress(flights, step, total))
 
         return progress
+
+
+def load_engine_from(settings: ConsumerSettings):
+    """The engine these settings name (what replay and the demo load too; consumer.worker re-exports it)."""
+    from schemas.messages import MAX_IMAGES
+    from skillgen.inference import load_engine
+
+    trt_profile = None
+    if settings.backend == "onnx":
+        from skillgen.inference.onnx_backend import TrtProfile
+
+        # A batch holds max_batch images, or one request's images when that is more.
+        trt_profile = TrtProfile(max_batch=max(settings.max_batch, MAX_IMAGES))
+    return load_engine(
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.precision,
+        cache_dir=settings.onnx_cache_dir,
+        provider=settings.onnx_provider,
+        max_cached_adapters=settings.max_cached_adapters,
+        max_loaded_adapters=settings.max_loaded_adapters,
+        max_pixels=settings.max_pixels,
+        trt_profile=trt_profile,
+    )

@@ -36,10 +36,21 @@ class ConsumerSettings(CommonSettings):
     # Cache: L1 in this process, L2 in Redis (when SKILL_REDIS_URL is set); every L2 key expires.
     l1_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
-    # Single flight across consumers: a holder renews its lease every lease_ttl_s / 3; a killed holder's
-    # lease lapses after lease_ttl_s and a waiting consumer takes the work over.
-    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # Single flight across consumers: a holder renews its lease every lease_ttl_s / 3 while its GPU loop makes
+    # progress, and releases it at once when the flight ends or its partitions are revoked. A killed (or stalled)
+    # holder's lease lapses within lease_ttl_s, and a consumer waiting on it looks every lease_poll_ms: it takes
+    # the picture over at most lease_ttl_s + lease_poll_ms after the holder died. The requests the dead consumer
+    # held come back only after the group notices (SKILL_KAFKA_SESSION_TIMEOUT_MS, then a rebalance): after a
+    # kill -9 every request is answered within about max(session timeout + rebalance, lease_ttl_s) + poll + the
+    # time to draw what was lost (those records run one at a time: skillgen/runtime/attempts.py).
+    lease_ttl_s: float = Field(default=6.0, gt=0)
     lease_poll_ms: int = Field(default=100, ge=10)
+    # A GPU call with no progress (no denoising step, no finished batch) for this long is stuck: its leases stop
+    # being renewed (so peers take its pictures over) and /healthz answers 503 (so the orchestrator restarts it).
+    gpu_stall_s: float = Field(default=120.0, gt=0)
+    # A record still unanswered this long after it was fetched (a terminal event that cannot be produced, a
+    # handler that never returns) turns /healthz to 503: nothing in hand wedges silently.
+    max_record_age_s: float = Field(default=600.0, gt=0)
     # After a Redis error, Redis is left alone this long: a down Redis costs one timeout, not one per request.
     redis_timeout_s: float = Field(default=0.5, gt=0)
     redis_retry_s: float = Field(default=2.0, ge=0)

@@ -12,20 +12,30 @@ is the shared service skeleton, skillgen/runtime/service.py: this module only sa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from pydantic import TypeAdapter, ValidationError
+
 from consumer.cache import L1, L2, CacheEntry, RedisLink, TwoLevelCache, cache_link
 from consumer.flight import Flight, Leases
-from consumer.gpu import GpuLoop
+from consumer.gpu import GpuLoop, load_engine_from
 from consumer.keys import AdapterResolver, ResolvedAdapter, model_identity, no_registry
 from consumer.metrics import ConsumerMetrics
 from consumer.routing import Draw, Hit, Refuse, Router
 from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode
-from schemas.messages import AdapterRef, EventKind, GenerateRequest, JobEvent
+from schemas.messages import (
+    AdapterRef,
+    EventKind,
+    GenerateRequest,
+    JobEvent,
+    Origin,
+    RequestId,
+)
 from schemas.topics import CONSUMER_GROUP
 from skillgen.inference import AdapterError
 from skillgen.runtime.blobstore import BlobStore
@@ -81,6 +91,7 @@ class Worker:
             handle=self._admit, max_in_hand=settings.max_pending, drain_timeout_s=settings.drain_timeout_s,
             registry=self.metrics.registry, health=self._health, on_revoked=self._on_revoked,
             on_drain=self.gpu.batcher.hurry, count_attempts=True, on_poison=self._poisoned,
+            max_record_age_s=settings.max_record_age_s,
             # No linger: a terminal event is awaited before its commit, and batching happens anyway under load.
             producer_options={"linger_ms": 0},
         )
@@ -104,6 +115,8 @@ class Worker:
         return self.service.health()
 
     def _health(self) -> tuple[bool, str]:
+        if stall := self.gpu.stall():
+            return False, stall
         return True, f"ok: {len(self.offsets)} records in hand, {len(self.gpu.batcher)} requests queued for the GPU"
 
     def spawn(self, coro) -> asyncio.Task:
@@ -122,7 +135,7 @@ class Worker:
         link = RedisLink(s.redis_url, s.redis_timeout_s, s.redis_retry_s) if s.redis_url else None
         l2_link = cache_link(s, link)
         self.cache = TwoLevelCache(L1(s.l1_max_bytes), L2.from_settings(s, l2_link) if l2_link else None)
-        self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms)
+        self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms, self.gpu.progressing)
         if link is not None:  # crash-loop counts are correctness keys too: on the same link
             self.service.attempts_store = Store(link, s.redis_prefix)
         self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id,
@@ -146,6 +159,8 @@ class Worker:
         try:
             await self.service.run(started)
         finally:
+            for flight in list(self._flights.values()):  # left to the next owner: its peers need not wait
+                await self.close(flight)
             for opened in {id(x): x for x in (link, l2_link) if x is not None}.values():
                 await opened.close()
             self.gpu.shutdown()
@@ -163,6 +178,7 @@ class Worker:
             job.message = decode(job.record.value, GenerateRequest, job.record.headers)
         except CodecError as exc:
             await self._dead_letter(job, exc)
+            await self._unreadable(job, exc)
             self.service.finish(job)
             return
         try:
@@ -340,6 +356,20 @@ class Worker:
         value, headers, key = self._event(job, EventKind.failed, message=CRASHED)
         await self.service.emit(self.topics.events, value, key=key, headers=headers, job=job)
 
+    async def _unreadable(self, job: Job, error: CodecError) -> None:
+        """A record that is not a valid request but names its request id and origin: whoever asked hears why.
+        The origin's seal is copied as it came: delivery verifies it and drops what is unsealed or forged."""
+        try:
+            data = json.loads(job.record.value)
+            rid = _REQUEST_ID.validate_python(data["request_id"])
+            origin = Origin.model_validate(data["origin"])
+        except (ValueError, TypeError, KeyError, RecursionError, ValidationError):  # (JSON errors: ValueError)
+            return
+        reason = f"this request could not be read: {error}"
+        event = JobEvent(request_id=rid, kind=EventKind.failed, origin=origin, message=reason[:2000])
+        value, headers = encode(event)
+        await self.service.emit(self.topics.events, value, key=rid.encode(), headers=headers, job=job)
+
     async def _dead_letter(self, job: Job, error: BaseException) -> None:
         await self.service.dead_letter(job.record, error)
         self.metrics.dlq.labels(self.topics.dlq(job.record.topic)).inc()
@@ -357,33 +387,12 @@ class Worker:
                 await self.close(flight)
 
 
+_REQUEST_ID = TypeAdapter(RequestId)
+
+
 def _log_lost_event(delivery: asyncio.Future) -> None:
     if not delivery.cancelled() and delivery.exception() is not None:
         log.warning("an event could not be produced: %s", delivery.exception())
-
-
-def load_engine_from(settings: ConsumerSettings):
-    from schemas.messages import MAX_IMAGES
-    from skillgen.inference import load_engine
-
-    trt_profile = None
-    if settings.backend == "onnx":
-        from skillgen.inference.onnx_backend import TrtProfile
-
-        # A batch holds max_batch images, or one request's images when that is more.
-        trt_profile = TrtProfile(max_batch=max(settings.max_batch, MAX_IMAGES))
-    return load_engine(
-        settings.model,
-        settings.backend,
-        settings.device,
-        settings.precision,
-        cache_dir=settings.onnx_cache_dir,
-        provider=settings.onnx_provider,
-        max_cached_adapters=settings.max_cached_adapters,
-        max_loaded_adapters=settings.max_loaded_adapters,
-        max_pixels=settings.max_pixels,
-        trt_profile=trt_profile,
-    )
 
 
 def registry_resolver(adapter_url: str) -> AdapterResolver:

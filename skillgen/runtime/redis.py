@@ -234,14 +234,23 @@ class Lease:
         return bool(await self.store.call(lambda r: r.eval(_EXTEND_IF, 1, key, self.token, ms),
                                           self._fallback(lambda m: m.extend_if(self.name, self.token, self.ttl_s))))
 
-    def keep_renewed(self) -> None:
-        """Renew every third of `ttl_s` until `release`, so work longer than `ttl_s` keeps the lease."""
-        self._renewer = asyncio.create_task(self._renew_forever(), name=f"renew {self.name}")
+    def keep_renewed(self, progressing: Callable[[], bool] | None = None) -> None:
+        """Renew every third of `ttl_s` until `release`, so work longer than `ttl_s` keeps the lease. With
+        `progressing`, a renewal is skipped while it answers False (the work is stuck): the lease then lapses
+        within `ttl_s` and another holder may take the work over, as if this one had died."""
+        self._renewer = asyncio.create_task(self._renew_forever(progressing), name=f"renew {self.name}")
 
-    async def _renew_forever(self) -> None:
+    async def _renew_forever(self, progressing: Callable[[], bool] | None = None) -> None:
+        stuck = False
         while True:
             await asyncio.sleep(self.ttl_s / 3)
-            await self.renew()
+            if progressing is None or progressing():
+                stuck = False
+                await self.renew()
+            elif not stuck:
+                stuck = True
+                log.warning("lease %s not renewed: its work makes no progress, so it lapses within %.1fs",
+                            self.name[:40], self.ttl_s)
 
     async def release(self) -> bool:
         """Stop renewing and let go, if the lease is still ours; True when it was."""

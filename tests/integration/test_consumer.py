@@ -297,25 +297,44 @@ async def test_requests_still_complete_while_redis_is_down(skill_env, tiny_model
 
 
 async def test_a_poison_record_goes_to_the_dlq_and_the_next_record_is_processed(skill_env, tiny_model, engine, image_policy):
+    """Every poison record goes to the DLQ; one that still names a valid request id and origin also gets a failed
+    event saying why (on the old code it got none: the wait for its final event times out)."""
+    import json
+
     settings = consumer_settings(tiny_model, max_wait_ms=0)
     async with Kafka(settings) as kafka, running(settings, engine, image_policy=image_policy):
         await kafka.publish_raw(b"\x80\x04not json at all", partition=0)
         bad_width = request().model_dump(mode="json") | {"width": 65}
-        await kafka.publish_raw(__import__("json").dumps(bad_width).encode(), partition=0)
+        await kafka.publish_raw(json.dumps(bad_width).encode(), partition=0)
+        no_id = {k: v for k, v in request().model_dump(mode="json").items() if k != "request_id"} | {"steps": 0}
+        await kafka.publish_raw(json.dumps(no_id).encode(), partition=0)
         good = await kafka.publish(request("a drummer's rimshot"), partition=0)
-        await kafka.wait_for(lambda k: k.all_final([good.request_id]))
-        dead = await kafka.read_topic(settings.topics.dlq(settings.topics.generate), 2)
+        await kafka.wait_for(lambda k: k.all_final([good.request_id, bad_width["request_id"]]))
+        dead = await kafka.read_topic(settings.topics.dlq(settings.topics.generate), 3)
         # records of a partition are handled concurrently: their DLQ copies may land in either order
         dead.sort(key=lambda r: int(header(list(r.headers), "source-offset")))
         await asyncio.sleep(0.3)  # the commit follows the event
         committed = await kafka.committed(0)
+        raw_events = await kafka.read_topic(settings.topics.events, len(kafka.events))
 
     assert kafka.final(good.request_id).kind == EventKind.succeeded
-    assert [r.value[:3] for r in dead] == [b"\x80\x04n", b'{"s']
+    assert [r.value[:3] for r in dead] == [b"\x80\x04n", b'{"s', b'{"s']
     errors = [header(list(r.headers), "error") for r in dead]
     assert "CodecError" in errors[0] and "width" in errors[1] and "multiple of 8" in errors[1]
-    assert [header(list(r.headers), "source-offset") for r in dead] == ["0", "1"]
-    assert committed == 3
+    assert "request_id" not in errors[2] and "steps" in errors[2]
+    assert [header(list(r.headers), "source-offset") for r in dead] == ["0", "1", "2"]
+    assert committed == 4
+    # The requester of the readable one hears why, at the origin it named (sealed or not, as it came: delivery
+    # checks the seal), on the event topic keyed by its request id like every other event.
+    unreadable = kafka.final(bad_width["request_id"])
+    assert unreadable.kind == EventKind.failed and unreadable.origin == ORIGIN
+    assert unreadable.message.startswith("this request could not be read: invalid GenerateRequest: width")
+    assert [e.kind for e in kafka.of(bad_width["request_id"])] == [EventKind.failed]
+    [keyed] = [r for r in raw_events if r.key == bad_width["request_id"].encode()]
+    assert decode(keyed.value, JobEvent, keyed.headers) == unreadable
+    # The one without a request id only went to the DLQ: every event is for a request that named itself.
+    assert {e.request_id for e in kafka.events} == {good.request_id, bad_width["request_id"]}
+    assert {r.key for r in raw_events} == {good.request_id.encode(), bad_width["request_id"].encode()}
 
 
 async def test_blocked_prompts_and_images_are_never_generated_stored_or_cached(skill_env, tiny_model, engine):

@@ -36,17 +36,16 @@ def consumer_process(skill_env, tiny_model, log_path, **extra: str) -> ServicePr
         "SKILL_KAFKA_SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
         "SKILL_KAFKA_HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
         "SKILL_KAFKA_REBALANCE_TIMEOUT_MS": str(FAST_GROUP["rebalance_timeout_ms"]),
-        # the killed consumer's leases on the pictures it was drawing lapse after this, and the next takes over
-        "SKILL_LEASE_TTL_S": "2",
+        # (the lease TTL is the default: tests/integration/test_takeover.py times a takeover with it)
         **extra,
     }
     return ServiceProcess([sys.executable, "-m", "skillgen.cli", "consumer"], log_path, env=env)
 
 
-def doomed_consumer_process(skill_env, tiny_model, log_path, kill_after: int) -> ServiceProcess:
+def doomed_consumer_process(skill_env, tiny_model, log_path, kill_after: int, **extra: str) -> ServiceProcess:
     """The real `skillgen consumer`, SIGKILLed by tests/fakes/kill_after_terminal.py right after its
     `kill_after`-th terminal event is produced and before that record's offset is committed."""
-    process = consumer_process(skill_env, tiny_model, log_path)
+    process = consumer_process(skill_env, tiny_model, log_path, **extra)
     process.argv = [sys.executable, "-m", "tests.fakes.kill_after_terminal", str(kill_after), "consumer"]
     process.env = {**process.env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return process
@@ -67,14 +66,16 @@ async def test_a_consumer_killed_before_committing_loses_nothing_and_duplicates_
     async with Kafka(settings) as kafka:
         reqs = [await kafka.publish(request(f"a climber's crimp grip {i}"), partition=0) for i in range(6)]
 
-        doomed = doomed_consumer_process(skill_env, tiny_model, tmp_path / "first.log", KILL_AFTER)
+        # the killed consumer's leases on the pictures it was drawing lapse after 2 s, and the next takes over
+        doomed = doomed_consumer_process(skill_env, tiny_model, tmp_path / "first.log", KILL_AFTER,
+                                         SKILL_LEASE_TTL_S="2")
         doomed.start()
         assert await wait_exit(doomed, 120) == -signal.SIGKILL, doomed.log_tail()
         assert "TEST HOOK: SIGKILL" in doomed.log_tail()
         await kafka.wait_for(lambda k: sum(k.final(r.request_id) is not None for r in reqs) >= KILL_AFTER)
         answered_before = {r.request_id for r in reqs if kafka.final(r.request_id)}
 
-        survivor = consumer_process(skill_env, tiny_model, tmp_path / "second.log")
+        survivor = consumer_process(skill_env, tiny_model, tmp_path / "second.log", SKILL_LEASE_TTL_S="2")
         survivor.start()
         try:
             await kafka.wait_for(lambda k: k.all_final([r.request_id for r in reqs]), timeout_s=120)

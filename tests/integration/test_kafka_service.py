@@ -82,3 +82,38 @@ async def test_a_revoked_job_still_running_keeps_its_place_until_its_handler_ret
         async with asyncio.timeout(20):
             while [await one.consumer.committed(tp) for tp in tps] != [2, 2, 2, 2]:
                 await asyncio.sleep(0.1)
+
+
+async def test_health_fails_while_a_record_stays_unanswered_past_the_age_limit(skill_env):
+    """A handler that never finishes (as when a terminal event cannot be produced) holds its record open: after
+    `max_record_age_s` /healthz answers 503 naming it, so the orchestrator restarts the service. On the old code
+    there is no such limit (KafkaService refuses the option) and /healthz answers 200 forever."""
+    import aiohttp
+
+    from skillgen.tools.embedded import free_port
+
+    port = free_port()
+    settings = CommonSettings(metrics_port=port)
+    topic = skill_env.topics.finetune
+    never = Handler()  # its release is never set
+    never.service = KafkaService(settings, name="test", topic=topic, group=settings.topics.group(GROUP),
+                                 handle=never, max_in_hand=4, drain_timeout_s=0.5, consumer_options=FAST_GROUP,
+                                 max_record_age_s=1.0)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"stuck", partition=0)
+    finally:
+        await producer.stop()
+
+    async def healthz() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            return resp.status, await resp.text()
+
+    async with serving(never.service) as service:
+        await until(lambda: never.holding)
+        assert (await healthz())[0] == 200  # young: being worked on
+        await asyncio.sleep(1.2)
+        status, detail = await healthz()
+        assert service.oldest_s() > 1.0
+    assert status == 503 and "unanswered" in detail and "limit 1s" in detail, detail

@@ -96,3 +96,31 @@ def test_a_revoked_partition_starts_afresh_with_its_next_owner():
     assert offsets.to_commit({A}) == {A: 2}  # point 2 again
     offsets.finish(again)
     assert offsets.to_commit({A}) == {A: 3}
+
+
+def test_health_fails_when_a_record_in_hand_is_older_than_the_limit():
+    import time
+
+    from skillgen.runtime.service import KafkaService
+    from skillgen.runtime.settings import CommonSettings
+
+    service = KafkaService(CommonSettings(), name="t", topic="x", group="g", handle=None, max_record_age_s=60)
+    service.state = "running"
+    fetched(service.offsets, A, 1, received=time.monotonic())  # young: being worked on
+    assert service.health()[0]
+    [old] = fetched(service.offsets, B, 9, received=time.monotonic() - 61)
+    ok, detail = service.health()
+    assert not ok and "unanswered for 61s" in detail
+    service.offsets.finish(old)
+    assert service.health()[0]
+    # A revoked job whose handler has not returned is still in hand: it counts too.
+    [revoked] = fetched(Offsets(), B, 10, received=time.monotonic() - 61)
+    revoked.abandoned = True
+    service._handling.add(revoked)
+    assert not service.health()[0]
+    service._handling.discard(revoked)
+    assert service.health()[0]
+    # Without a limit (the trainer: a job may train for hours) age alone never fails health.
+    service.max_record_age_s = None
+    service.offsets.add(old)
+    assert service.health()[0]
