@@ -9,9 +9,11 @@ consumer runs such a record alone (its batch-mates are not taken down with it), 
 SKILL_RECORD_MAX_ATTEMPTS the record goes to the dead-letter topic with a failed event to whoever asked.
 
 A process that dies takes every record it holds down with it, and each of those counts one attempt. So a record
-that comes back with a count (a suspect) runs alone (`Turns`): it waits until nothing else runs, and nothing else
-starts until it is answered; a job is counted only while it runs, never while it waits for its turn. A record that merely sat next to
-the culprit therefore loses one attempt at most (the first crash), and only the culprit reaches the limit.
+on its last permitted attempt (a suspect) runs alone (`Turns`): it waits until nothing else runs, nothing else
+starts until it is answered, and a job is counted only while it runs, never while it waits for its turn. A record
+that merely sat next to the culprit reaches its last attempt only by having been through the same crashes, then
+runs alone and is answered; the culprit dies alone on its last attempt and is set aside on the next. Earlier
+retries run together with everything else, so recovering from one crash stays as fast as normal service.
 
 Without Redis (unset or down) nothing is counted (every attempt reads as the first): the guard needs a memory
 that survives the process, and this process's own would not.

@@ -26,7 +26,7 @@ What every service gets the same way:
   handler that never returns shows as a failing probe, not as a partition silently stuck.
 - **Dead letters** (`dead_letter`) and **emits** (`emit`, produced and acknowledged, retried with backoff).
 - **Crash loops** (`count_attempts=True`, skillgen/runtime/attempts.py): each record's attempts are counted in
-  Redis, `job.attempt` says which one this is (above 1: a process died holding it, and it runs alone), and past
+  Redis, `job.attempt` says which one this is (above 1: a process died holding it; the last one runs alone), and past
   SKILL_RECORD_MAX_ATTEMPTS the record is dead-lettered, `on_poison(job, reason)` tells the requester, and it is
   finished without running the handler.
 """
@@ -333,7 +333,10 @@ class KafkaService:
         """Wait for the job's turn and count this attempt; False when it is not to run here: revoked or stopping
         meanwhile, or set aside because earlier attempts kept killing their process."""
         job.attempt = await self.attempts.begin(job.record)  # one round trip on the usual path
-        suspect = job.attempt > 1  # a process died holding it: it runs alone
+        # Its last permitted attempt (earlier ones died with their process) runs alone: if it is what kills, it
+        # takes nothing else along, and the next attempt sets it aside. Earlier retries run with the rest, so one
+        # crash does not turn the recovery of everything that was in hand into a queue of single jobs.
+        suspect = job.attempt >= self.attempts.max_attempts
         waits = suspect or not self._turns.free()
         if waits:  # a job is counted only while it runs, never while it waits for its turn
             await self.attempts.undo(job.record)

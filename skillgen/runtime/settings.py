@@ -64,8 +64,9 @@ class CommonSettings(BaseSettings):
     # Who may use the system: "discord:<guild id>", "slack:<team id>", comma-separated, or "*" for anyone.
     # The bots refuse to start without it; the consumer and trainer check it again when it is set.
     allowed_teams: Annotated[list[str], NoDecode] = []
-    # A record whose handling killed its process this many times goes to the DLQ with a failed event.
-    record_max_attempts: int = Field(default=3, ge=1, le=100)
+    # A record whose handling killed its process this many times goes to the DLQ with a failed event; its last
+    # attempt runs alone, so at least 2 (one try among the rest, one alone).
+    record_max_attempts: int = Field(default=3, ge=2, le=100)
     log_format: Literal["json", "text"] = "text"
     log_level: str = "INFO"
 
