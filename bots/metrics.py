@@ -5,7 +5,10 @@ from __future__ import annotations
 from prometheus_client import Counter
 
 COMMANDS = Counter("skill_bot_commands_total", "Commands received by the chat front-ends", ["platform", "outcome"])
+# outcome: ok, refused (the platform said no for good), forged (seal), duplicate (the request's result was posted)
 POSTS = Counter("skill_delivery_posts_total", "Final results posted by delivery", ["platform", "kind", "outcome"])
+BAD_HEADERS = Counter("skill_delivery_bad_headers_total",
+                      "Re-queue headers delivery did not believe (not a finite number, too far ahead)", ["header"])
 RETRIES = Counter("skill_delivery_retries_total", "Delivery waits, retries and re-queues", ["platform", "reason"])
 TRAIN_COMMANDS = Counter(
     "skill_bot_train_commands_total",

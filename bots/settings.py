@@ -5,6 +5,8 @@ The API base URLs default to the real services; tests point them at local fakes,
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -102,9 +104,10 @@ class SlackSettings(BotSettings, SlackAccess):
 class DeliverySettings(DiscordAccess, SlackAccess):
     # Progress edits per message: at most one per this many seconds.
     edit_interval_s: float = Field(default=2.0, ge=0)
-    # A 429 asking to wait longer than this re-queues the event instead of waiting in line.
-    max_retry_after_s: float = Field(default=30.0, ge=0)
-    # Tries per pass for a 5xx or a broken connection, with backoff_s doubling in between.
+    # The longest a handler waits in line per pass (429s and 5xx backoffs together), holding its partition;
+    # a longer wait re-queues the event instead.
+    max_retry_after_s: float = Field(default=2.0, ge=0)
+    # Tries per pass for a 5xx or a broken connection, with backoff_s doubling in between (while it fits above).
     max_attempts: int = Field(default=5, ge=1, le=20)
     backoff_s: float = Field(default=0.5, ge=0)
     # Passes through the topic (re-queues) before an event goes to the dead-letter topic.
@@ -112,6 +115,8 @@ class DeliverySettings(DiscordAccess, SlackAccess):
     # A delivery that crashed mid-post holds its lease this long before another may take over.
     lease_s: float = Field(default=60.0, gt=0)
     marker_ttl_s: int = Field(default=7 * 86400, ge=60)
+    # Where delivery journals its done markers before Redis, so that a Redis outage or a restart repeats no post.
+    delivery_state_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "skillgen-delivery")
     # Interaction tokens die after 15 minutes; past this age, results go to the channel with the bot token.
     webhook_max_age_s: float = Field(default=14 * 60, gt=0, le=15 * 60)
 

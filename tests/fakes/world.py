@@ -44,7 +44,8 @@ class World:
         self._interactions: dict[Origin, Interaction] = {}  # the Discord bot keeps these in Redis, by request id
 
     def settings(self, **overrides) -> DeliverySettings:
-        fields: dict = {"backoff_s": 0.2}
+        # Each test journals delivery's done markers in a directory of its own.
+        fields: dict = {"backoff_s": 0.2, "delivery_state_dir": self.env.blob_dir.parent / "delivery-state"}
         if self.discord is not None:
             fields.update(discord_token=self.discord.bot_token, discord_api_base=self.discord.api_base)
         if self.slack is not None:
@@ -69,9 +70,11 @@ class World:
                 delivery.stop()
                 await task
 
-    async def send(self, *events: JobEvent, headers: list | None = None, seal: bool = True) -> None:
+    async def send(self, *events: JobEvent, headers: list | None = None, seal: bool = True,
+                   partition: int | None = None) -> None:
         """Publish events as the consumer would, for requests the bots accepted: each origin sealed for its request
-        id (unless `seal=False` or it carries a seal already) and a Discord interaction's token remembered."""
+        id (unless `seal=False` or it carries a seal already) and a Discord interaction's token remembered.
+        `partition` puts them all on one partition (by default the request id's key chooses)."""
         producer = make_producer(self.settings())
         store = Store.from_settings(self.settings())
         await producer.start()
@@ -86,7 +89,7 @@ class World:
                         update={"origin": event.origin.sealed(event.request_id, SIGNING_KEY.encode())})
                 value, hdrs = encode(event)
                 await producer.send_and_wait(self.env.topics.events, value, key=event.request_id.encode(),
-                                             headers=hdrs + (headers or []))
+                                             headers=hdrs + (headers or []), partition=partition)
         finally:
             await producer.stop()
             await store.close()

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from aiokafka.errors import CommitFailedError
 
-from bots.markers import Markers
+from bots.markers import Claim, Markers
 from schemas.codec import header
 from schemas.messages import EventKind, JobEvent
 from skillgen.runtime.redis import Store
@@ -87,11 +87,13 @@ async def test_a_very_long_retry_after_requeues_the_event_instead_of_dropping_it
     assert posted.at - limited.at >= 3
     async with TopicReader(world.env.vars["SKILL_KAFKA_BOOTSTRAP"], world.env.topics.events, JobEvent) as reader:
         await reader.settle(0.5)
-    # Produced again with its due time, waited for at most 1 s per pass, counted as one re-queue.
+    # Produced again once with its due time and claim, counted as one re-queue; read back before its time, it
+    # waited in memory (parked) rather than going round the topic again.
     requeued = reader.headers[1:]
     assert requeued and all(header(h, "delivery-requeues") == "1" for h in requeued)
     due = {float(header(h, "deliver-after")) for h in requeued}
-    assert len(due) == 1
+    assert len(due) == 1 and len(requeued) == 1
+    assert header(requeued[0], "delivery-claim").startswith("claim:succeeded:")
 
 
 async def test_server_errors_are_retried_with_backoff(world):
@@ -212,7 +214,7 @@ async def test_a_lease_left_by_a_crash_runs_out_and_the_post_still_happens(world
     r, done_r = rid(), rid()
     store = Store.from_settings(world.settings())
     markers = Markers(store, lease_s=1.5, done_ttl_s=60)
-    assert await markers.take(r, OK) is not None  # taken, then the process died before posting
+    assert isinstance(await markers.take(r, OK), Claim)  # taken, then the process died before posting
     await markers.done(await markers.take(done_r, OK))  # posted and marked, then died before committing
     async with world.running(lease_s=1.5):
         await world.send(event(world.discord_origin(done_it), OK, done_r, blobs=[world.image()]),
@@ -336,7 +338,8 @@ def test_status_edits_are_at_most_one_per_2_seconds_per_message(tmp_path, monkey
 
     clock = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
-    d = Delivery(DeliverySettings(signing_key=SIGNING_KEY), {}, Store(None), BlobStore(tmp_path.as_uri()))
+    d = Delivery(DeliverySettings(signing_key=SIGNING_KEY, delivery_state_dir=tmp_path), {}, Store(None),
+                 BlobStore(tmp_path.as_uri()))
     assert d._edit_allowed("a") and d._edit_allowed("b")
     clock[0] += 1.9
     assert not d._edit_allowed("a")
@@ -359,3 +362,90 @@ async def test_a_consumers_message_quoting_sender_text_is_shown_without_links_or
     assert world.slack.messages[slack.status_message_id].text == (
         f"❌ <@{fs.USER_ID}> could not draw _a drummer's paradiddle_: no adapter named [docs](https://evil.example) "
         "&lt;!channel&gt; @everyone &lt;#1&gt;")
+
+
+@pytest.mark.unit
+def test_re_queue_headers_that_are_not_numbers_or_too_far_ahead_count_as_absent():
+    from bots.delivery import due_time, passes_of
+
+    now = 1_700_000_000.0
+    assert due_time(None, now) is None and due_time("1700000005.5", now) == 1_700_000_005.5
+    assert due_time("12", now) == 12.0  # long past: due now
+    for raw in ("nan", "inf", "-inf", "NaN", "abc", "", "1e999", str(now + 2 * 86400)):
+        assert due_time(raw, now) is None, raw
+    assert passes_of(None) == 0 and passes_of("3") == 3
+    for raw in ("nan", "1.5", "-1", "abc", "99999999999"):
+        assert passes_of(raw) is None, raw
+
+
+@pytest.mark.unit
+async def test_every_pass_is_counted_and_past_max_requeues_the_event_goes_to_the_dlq(tmp_path):
+    from aiokafka import ConsumerRecord
+
+    from bots.delivery import Delivery
+    from bots.settings import DeliverySettings
+    from skillgen.runtime.blobstore import BlobStore
+
+    d = Delivery(DeliverySettings(signing_key=SIGNING_KEY, delivery_state_dir=tmp_path, max_requeues=2), {},
+                 Store(None), BlobStore(tmp_path.as_uri()))
+    emitted, dead = [], []
+
+    async def emit(topic, value, *, key, headers, job=None):
+        emitted.append(dict(headers))
+
+    async def dead_letter(record, error):
+        dead.append(str(error))
+
+    d.service.emit, d.service.dead_letter = emit, dead_letter
+
+    def record(*headers):
+        return ConsumerRecord("t", 0, 7, 0, 0, b"k", b"{}", None, 0, 0, list(headers))
+
+    assert await d.requeue(record(("delivery-requeues", b"nan"), ("deliver-after", b"nan")), 1234.5)
+    assert await d.requeue(record(("delivery-requeues", b"1"), ("delivery-claim", b"c")), 1234.5, "claim:x")
+    assert emitted == [{"deliver-after": b"1234.500", "delivery-requeues": b"1"},
+                       {"deliver-after": b"1234.500", "delivery-requeues": b"2", "delivery-claim": b"claim:x"}]
+    assert not await d.requeue(record(("delivery-requeues", b"2")), 1234.5)
+    assert len(emitted) == 2 and dead == ["still undelivered after 2 re-queues (SKILL_MAX_REQUEUES)"]
+
+
+@pytest.mark.unit
+async def test_a_pass_waits_in_line_only_as_long_as_max_retry_after_s_allows(tmp_path, monkeypatch):
+    from bots import delivery as module
+    from bots.delivery import Delivery, Waits
+    from bots.errors import RetryAfter, Transient
+    from bots.markers import Claim
+    from bots.settings import DeliverySettings
+    from schemas.messages import Origin, Platform
+    from skillgen.runtime.blobstore import BlobStore
+
+    slept: list[float] = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(module.asyncio, "sleep", sleep)
+    d = Delivery(DeliverySettings(signing_key=SIGNING_KEY, delivery_state_dir=tmp_path, backoff_s=0.5), {},
+                 Store(None), BlobStore(tmp_path.as_uri()))
+
+    class Failing:
+        platform = Platform.slack
+
+        def __init__(self, error):
+            self.error, self.calls = error, 0
+
+        async def final(self, event, images):
+            self.calls += 1
+            raise self.error
+
+    origin = Origin(platform=Platform.slack, team_id="T1", channel_id="C1", user_id="U1")
+    e = event(origin, FAIL, rid())
+    claim = await d.markers.take(e.request_id, FAIL)
+    assert isinstance(claim, Claim)
+    for error, calls, waits in ((Transient("502"), 3, [0.5, 1.0]),  # the next, 2 s, would pass the 2 s bound
+                                (RetryAfter("429", 2.0), 2, [2.0]),  # a 429 of 2 s is waited out once
+                                (RetryAfter("429", 20.0), 1, [])):  # a long one at once goes back to the topic
+        poster, slept[:] = Failing(error), []
+        with pytest.raises(type(error)):
+            await d._final(poster, e, claim, Waits(2.0))
+        assert (poster.calls, slept) == (calls, waits), error

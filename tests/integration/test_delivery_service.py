@@ -55,7 +55,8 @@ async def test_skillgen_bot_delivery_posts_serves_healthz_and_stops_on_sigterm(s
     world = World(skill_env, slack=fake)
     port = free_port()
     env = skill_env.environ() | {"SKILL_SLACK_BOT_TOKEN": fake.bot_token, "SKILL_SLACK_API_BASE": fake.api_base,
-                                 "SKILL_METRICS_PORT": str(port)}
+                                 "SKILL_METRICS_PORT": str(port),
+                                 "SKILL_DELIVERY_STATE_DIR": str(skill_env.blob_dir.parent / "delivery-state")}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "skillgen.cli", "bot", "delivery", env=env,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
