@@ -57,7 +57,7 @@ class ConsoleBot:
         req = parse(line, self.origin, self.settings.defaults)
         if req is None:
             return None
-        decision = self.policy.check(req.prompt)
+        decision = self.policy.check(req.prompt, req.negative_prompt)
         if not decision.allowed:
             raise CommandError(decision.reason)
         self.follower.watch(req.request_id)

@@ -74,7 +74,7 @@ class Intake:
         req = grammar.parse(command, origin, self.settings.defaults)
         if req is None:
             return None
-        self.check_prompt(req.prompt)
+        self.check_prompt(req.prompt, req.negative_prompt)
         await self.limiter.admit(origin, req.num_images)
         return req
 
@@ -94,7 +94,7 @@ class Intake:
             reroll=min(old.reroll + 1, 1_000_000),
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
-        self.check_prompt(req.prompt)  # the policy may have changed since
+        self.check_prompt(req.prompt, req.negative_prompt)  # the policy may have changed since
         await self.limiter.admit(origin, req.num_images)
         return req
 
@@ -104,8 +104,8 @@ class Intake:
             where = {"discord": "Discord server", "slack": "Slack workspace"}.get(origin.platform.value, "team")
             raise Refusal(NOT_ALLOWED.format(where=where, who=f"{origin.platform.value}:{origin.team_id}"))
 
-    def check_prompt(self, prompt: str) -> None:
-        decision = self.policy.check(prompt)
+    def check_prompt(self, prompt: str, negative: str = "") -> None:
+        decision = self.policy.check(prompt, negative)
         if not decision.allowed:
             log.info("prompt refused early (%s)", decision.category)
             raise Refusal(decision.reason)

@@ -215,7 +215,7 @@ async def reprocess(
                 outcomes["undecodable (skipped)"] += 1
                 continue
             origin = channel or req.origin
-            verdict = prompt_policy.check(req.prompt)  # negative prompts name what to avoid: not checked
+            verdict = prompt_policy.check(req.prompt, req.negative_prompt)
             if not verdict.allowed:
                 outcomes["blocked"] += 1
                 await _emit(producer, settings, req, origin, EventKind.blocked, message=verdict.reason)

@@ -78,7 +78,7 @@ class Router:
             log.warning("request from a team outside SKILL_ALLOWED_TEAMS (%s:%s)", req.origin.platform.value,
                         req.origin.team_id, extra=job_fields(req.request_id))
             return Refuse(EventKind.failed, NOT_ALLOWED, "team")
-        decision = self.prompt_policy.check(req.prompt)
+        decision = self.prompt_policy.check(req.prompt, req.negative_prompt)
         if not decision.allowed:
             log.info("prompt blocked (%s: %s)", decision.category, decision.detail, extra=job_fields(req.request_id))
             return Refuse(EventKind.blocked, decision.reason, "prompt")

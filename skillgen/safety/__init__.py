@@ -1,7 +1,8 @@
 """Safety, fail closed: a prompt policy for every request and an image policy for every output.
 
-`PromptPolicy` is pure Python and imports nothing heavy, so the bots run it early too; the
-consumer stays authoritative. `ImagePolicy` loads its checkers when built (see image.py).
+`PromptPolicy` is a layered filter (normalise, lexicon, negative prompt, semantic; see prompt.py and
+docs/safety.md) in Python and numpy, importing nothing heavy, so the bots run it early too; the consumer stays
+authoritative. `ImagePolicy` loads its checkers when built (see image.py).
 """
 
 from skillgen.safety.cli import add_arguments, run

@@ -6,9 +6,11 @@ The consumer mixes it into every cache key (consumer/keys.py), so an image cache
 served under another: tightening a term list, a threshold or the post-processing rule makes every old entry a
 miss, and the picture is drawn and checked again. What goes in:
 
-- the prompt policy: its compiled term patterns (the default lists and SKILL_SAFETY_EXTRA_TERMS, after
-  normalisation, so reformatting a list or a comment changes nothing), what `normalize` makes of a probe of
-  every evasion it folds, and PROMPT_RULES_VERSION;
+- the prompt policy, each of its layers: the lexicon's compiled entries (every term of the default lists and of
+  SKILL_SAFETY_EXTRA_TERMS after folding, with its matching mode and inflected forms, and digests of the
+  allowlist, negators, glue and clothing words; reformatting a list or a comment changes nothing), what the
+  normaliser makes of a probe of every evasion it folds plus a digest of its confusables table, the semantic
+  layer's weights file and thresholds, and PROMPT_RULES_VERSION;
 - the image policy: NudeNet's detector model (the bytes of the ONNX file its wheel ships) with the labels and
   scores that decide, SKILL_SAFETY_NSFW_THRESHOLD, and whether StableDiffusionSafetyChecker runs and with
   which weights (the files under SKILL_SAFETY_CHECKER_DIR, never its path, which differs between hosts);
@@ -26,15 +28,16 @@ import importlib.util
 import json
 from pathlib import Path
 
-from skillgen.safety import image, postprocess, prompt
+from skillgen.safety import image, normalize, postprocess, prompt
 from skillgen.safety.settings import SafetySettings
 
-# Bump when prompt.py's normalisation or matching changes in a way the probe below may not show.
-PROMPT_RULES_VERSION = 1
+# Bump when the prompt policy's normalisation, matching or layering changes in a way the parts below may not show.
+PROMPT_RULES_VERSION = 2
 # One of each thing `normalize` folds: look-alikes, diacritics, invisible and filler characters, full-width and
 # regional-indicator letters, blanks, and weight syntax.
 _NORMALIZE_PROBE = (
     "Nᴜdé\u200bЅех ΑΒΕ ᴀʙᴄ ｎｕｄｅ \U0001f1f3\U0001f1fa n\u3164u\u2800d\te (gore:1.3) [b\u00adlood:.8] <lora:x:0.7> ß ﬁ"
+    " n.u.d.e nu-de n_u_d_e nuuuude eꓣꓳꓔꓲꓚ ոսժe 70pl3$$ 非暴力 누드"
 )
 _CHUNK_BYTES = 8 * 1024 * 1024
 _LOADED_SUFFIXES = (".json", ".txt", ".safetensors")  # the checker loads with use_safetensors=True
@@ -66,13 +69,13 @@ def _tree_digest(root: Path) -> str | None:
 
 
 def _prompt_part(settings: SafetySettings) -> dict:
-    policy = prompt.PromptPolicy.from_settings(settings)
-    rules = [
-        [r.category, *(p.pattern if p is not None else None for p in (r.words, r.joined_words, r.substrings))]
-        for r in policy._rules  # this module is the policy's own fingerprint
-    ]
-    return {"version": PROMPT_RULES_VERSION, "rules": sorted(rules, key=lambda r: r[0]),
-            "normalize": prompt.normalize(_NORMALIZE_PROBE)}
+    policy = prompt.PromptPolicy(extra_terms=settings.extra_terms)
+    folded = normalize.fold(_NORMALIZE_PROBE)
+    return {"version": PROMPT_RULES_VERSION, "layers": list(prompt.LAYERS),
+            "lexicon": policy.lexicon.describe(),
+            "normalize": {"probe": folded, "views": [list(v) for v in normalize.views(folded)],
+                          "confusables": normalize.table_digest()},
+            "semantic": policy.semantic.describe() if policy.semantic is not None else None}
 
 
 def _nudenet_model() -> str | None:
@@ -87,7 +90,7 @@ def _nudenet_model() -> str | None:
 def _image_part(settings: SafetySettings) -> dict:
     checker = None
     if settings.checker_dir is not None:
-        root = Path(settings.checker_dir)
+        root = image.checker_root(settings.checker_dir)  # a hub id: its snapshot in the local cache
         checker = {sub: _tree_digest(root / sub) for sub in ("safety_checker", "feature_extractor")}
     nudenet = image._NudeNet  # its scores decide what it reports
     return {

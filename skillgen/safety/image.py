@@ -1,7 +1,11 @@
 """The image policy: every generated image is checked before it is stored, cached or posted.
 
 NudeNet's detector (the ONNX model its wheel ships, nothing downloaded) always runs; diffusers'
-StableDiffusionSafetyChecker runs too when SKILL_SAFETY_CHECKER_DIR points at its weights.
+StableDiffusionSafetyChecker runs too when SKILL_SAFETY_CHECKER_DIR points at its weights: a local SD 1.x model
+directory, or a hub id of one (compose's gpu profile: the SD 1.5 repository the consumer draws with), whose
+safety_checker/ and feature_extractor/ folders are fetched once into the hub cache like the model itself.
+There is no image check for gore: no violence or gore detector ships inside a package we can install, and none
+may be downloaded, so violence is refused on the prompt side only (docs/safety.md).
 NudeNet runs with its own preprocessing, labels and non-maximum suppression, but in our own ONNX Runtime
 session: its `NudeDetector` ignores `providers` (so it never runs on a GPU) and decodes boxes in a Python
 loop over all 2100 candidates (about 5 ms an image). `_NudeNet` decodes them with numpy, on the consumer's
@@ -19,12 +23,14 @@ torch, diffusers, onnxruntime and cv2 are imported when an `ImagePolicy` is buil
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skillgen.safety.audit import AuditLog, from_setting, reference, with_ref
 from skillgen.safety.decision import CHECK_FAILED, Decision
 from skillgen.safety.errors import SafetyError
 from skillgen.safety.settings import SafetySettings
@@ -48,6 +54,24 @@ _NUDITY_REASON = "Your image was blocked: it appears to show nudity."
 _FLAGGED_REASON = "Your image was blocked: the safety checker flagged it as not safe for work."
 _FAILED_REASON = "Your image was withheld: the safety check could not run, so nothing was shown. Please try again."
 _INSTALL_HINT = "the image policy needs the ml extra: pip install 'skillgen[ml]'"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_CHECKER_FILES = ["safety_checker/*.json", "safety_checker/model.safetensors", "feature_extractor/*.json"]
+
+
+def checker_root(value: str | Path, download: bool = False) -> Path:
+    """The local folder of SKILL_SAFETY_CHECKER_DIR: the value itself when it is a folder; for a hub id
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5"), its snapshot in the hub cache, fetched first (only the
+    checker's two folders) when `download` and the hub is reachable (HF_HUB_OFFLINE is respected). Anything else
+    comes back as given, so the caller's folder check names what is missing."""
+    path = Path(value)
+    if path.is_dir() or not _HUB_ID.fullmatch(str(value)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(value), allow_patterns=_CHECKER_FILES, local_files_only=not download))
+    except Exception:  # noqa: BLE001 - no hub, no cache, no such repository: the folder check says so
+        return path
 
 
 def nudenet_providers(device: str, available: list[str]) -> list[str]:
@@ -157,7 +181,8 @@ class ImagePolicy:
     """
 
     def __init__(
-        self, nsfw_threshold: float = 0.6, checker_dir: str | Path | None = None, device: str = "cpu"
+        self, nsfw_threshold: float = 0.6, checker_dir: str | Path | None = None, device: str = "cpu",
+        audit_log: Path | None = None,
     ) -> None:
         if not 0.2 <= nsfw_threshold <= 1.0:
             raise SafetyError(
@@ -168,15 +193,27 @@ class ImagePolicy:
         except ImportError as exc:
             raise SafetyError(_INSTALL_HINT) from exc
         self._nsfw_threshold = nsfw_threshold
-        self._checker = _StableDiffusionChecker(Path(checker_dir), device) if checker_dir else None
+        self._checker = _StableDiffusionChecker(checker_root(checker_dir, download=True), device) if checker_dir else None
+        self._audit: AuditLog | None = from_setting(audit_log)
 
     @classmethod
     def from_settings(cls, settings: SafetySettings | None = None, device: str = "cpu") -> ImagePolicy:
         settings = settings or SafetySettings()
-        return cls(nsfw_threshold=settings.nsfw_threshold, checker_dir=settings.checker_dir, device=device)
+        return cls(nsfw_threshold=settings.nsfw_threshold, checker_dir=settings.checker_dir, device=device,
+                   audit_log=settings.audit_log)
 
     def check(self, images: Sequence[Image.Image]) -> list[Decision]:
-        return [self._check_one(image) for image in images]
+        return [self._with_ref(self._check_one(image)) for image in images]
+
+    def _with_ref(self, decision: Decision) -> Decision:
+        """A blocked decision with its reference id (at the end of its reason) and, when set, an audit line."""
+        if decision.allowed:
+            return decision
+        ref = reference(decision.detail or "")
+        if self._audit is not None:
+            self._audit.write({"ref": ref, "kind": "image", "category": decision.category, "layer": decision.layer,
+                               "detail": decision.detail})
+        return decision.model_copy(update={"ref": ref, "reason": with_ref(decision.reason, ref)})
 
     def _check_one(self, image: Image.Image) -> Decision:
         try:
@@ -186,14 +223,14 @@ class ImagePolicy:
             for detection in self._detector.detect(pixels):
                 if detection["class"] in _EXPOSED_CLASSES and detection["score"] >= self._nsfw_threshold:
                     detail = f"nudenet {detection['class']} {detection['score']:.2f}"
-                    return Decision(allowed=False, category="sexual", reason=_NUDITY_REASON, detail=detail)
+                    return Decision(allowed=False, category="sexual", reason=_NUDITY_REASON, detail=detail,
+                                    layer="nudenet")
             if self._checker is not None and self._checker.flags(rgb, pixels):
-                return Decision(
-                    allowed=False, category="sexual", reason=_FLAGGED_REASON, detail="StableDiffusionSafetyChecker"
-                )
+                return Decision(allowed=False, category="sexual", reason=_FLAGGED_REASON,
+                                detail="StableDiffusionSafetyChecker", layer="sd_checker")
         except Exception as exc:
             # Fail closed: an image nothing vouched for is never shown, whatever went wrong.
             logger.exception("image safety check failed; blocking the image")
             detail = f"{type(exc).__name__}: {exc}"
-            return Decision(allowed=False, category=CHECK_FAILED, reason=_FAILED_REASON, detail=detail)
+            return Decision(allowed=False, category=CHECK_FAILED, reason=_FAILED_REASON, detail=detail, layer="image")
         return Decision(allowed=True)

@@ -14,6 +14,8 @@ class SafetySettings(BaseSettings):
     an image. NudeNet reports nothing under 0.2; plain coloured shapes score up to about 0.53.
     SKILL_SAFETY_CHECKER_DIR: a local directory with `safety_checker/` and `feature_extractor/`
     subfolders (the layout of a Stable Diffusion 1.x model directory); unset runs NudeNet alone.
+    SKILL_SAFETY_AUDIT_LOG: a file that every refusal is appended to as one JSON line (ref, category, layer,
+    what matched, the normalised text); unset (the default) keeps no audit log.
     """
 
     model_config = SettingsConfigDict(env_prefix="SKILL_SAFETY_", env_file=".env", extra="ignore", env_ignore_empty=True)
@@ -21,6 +23,7 @@ class SafetySettings(BaseSettings):
     extra_terms: Annotated[list[Path], NoDecode] = []
     nsfw_threshold: float = Field(default=0.6, ge=0.2, le=1.0)
     checker_dir: Path | None = None
+    audit_log: Path | None = None
 
     @field_validator("extra_terms", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 import argparse
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,12 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 SEXUAL = "Your prompt was blocked: it asks for sexual content or nudity."
 VIOLENCE = "Your prompt was blocked: it asks for graphic violence or gore."
+WEAPONS = "Your prompt was blocked: it uses a term this workspace does not allow (weapons)."
+
+
+def with_ref(reason: str) -> str:
+    """A reason as refusals now end it (issue 15): the sentence, then a reference id."""
+    return re.escape(reason) + r" \(ref [0-9a-f]{8}\)"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,8 @@ def prompts() -> PromptPolicy:
 )
 def test_sexual_evasions_are_blocked(prompts: PromptPolicy, prompt: str) -> None:
     decision = prompts.check(prompt)
-    assert decision == Decision(allowed=False, category="sexual", reason=SEXUAL, detail=decision.detail)
+    assert (decision.allowed, decision.category, decision.layer) == (False, "sexual", "lexicon")
+    assert re.fullmatch(with_ref(SEXUAL), decision.reason) and decision.reason.endswith(f"(ref {decision.ref})")
 
 
 @pytest.mark.parametrize(
@@ -79,7 +87,8 @@ def test_sexual_evasions_are_blocked(prompts: PromptPolicy, prompt: str) -> None
 )
 def test_violence_evasions_are_blocked(prompts: PromptPolicy, prompt: str) -> None:
     decision = prompts.check(prompt)
-    assert (decision.allowed, decision.category, decision.reason) == (False, "violence", VIOLENCE)
+    assert (decision.allowed, decision.category) == (False, "violence")
+    assert re.fullmatch(with_ref(VIOLENCE), decision.reason)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +159,7 @@ def test_extra_term_files_add_categories(tmp_path: Path, prompts: PromptPolicy) 
 
     decision = policy.check("a knight with a FLAMETHROWER")
     assert decision.category == "weapons"
-    assert decision.reason == "Your prompt was blocked: it uses a term this workspace does not allow (weapons)."
+    assert re.fullmatch(with_ref(WEAPONS), decision.reason)
     assert policy.check("骑士拿着火焰喷射器").category == "weapons"
     assert policy.check("nude").category == "sexual"  # defaults stay
     assert prompts.check("a knight with a flamethrower").allowed
@@ -208,13 +217,11 @@ def test_cli_prints_one_verdict_per_line(
 
     assert run(_cli_args("--extra-terms", str(extra))) == 0
 
-    assert capsys.readouterr().out == (
-        "allow\n"
-        f"block\t{SEXUAL}\n"
-        "allow\n"
-        f"block\t{VIOLENCE}\n"
-        "block\tYour prompt was blocked: it uses a term this workspace does not allow (weapons).\n"
-    )
+    lines = capsys.readouterr().out.split("\n")
+    expected = ["allow", f"block\t{with_ref(SEXUAL)}", "allow", f"block\t{with_ref(VIOLENCE)}", f"block\t{with_ref(WEAPONS)}", ""]
+    assert len(lines) == len(expected)
+    for line, pattern in zip(lines, expected):
+        assert re.fullmatch(pattern if pattern.startswith("block") else re.escape(pattern), line), (line, pattern)
 
 
 def test_cli_reports_a_bad_term_file(
@@ -251,7 +258,7 @@ def test_cli_reads_utf8_whatever_the_environment_says() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode("utf-8") == f"block\t{SEXUAL}\nallow\n"
+    assert re.fullmatch(f"block\t{with_ref(SEXUAL)}\nallow\n", result.stdout.decode("utf-8"))
 
 
 # Image policy
@@ -284,8 +291,8 @@ def test_plain_shapes_pass_at_the_default_threshold(images: ImagePolicy) -> None
 
 def test_threshold_is_applied() -> None:
     [decision] = ImagePolicy(nsfw_threshold=0.3).check([_skin_disc()])
-    assert (decision.allowed, decision.category) == (False, "sexual")
-    assert decision.reason == "Your image was blocked: it appears to show nudity."
+    assert (decision.allowed, decision.category, decision.layer) == (False, "sexual", "nudenet")
+    assert re.fullmatch(with_ref("Your image was blocked: it appears to show nudity."), decision.reason)
     assert decision.detail is not None and decision.detail.startswith("nudenet BUTTOCKS_EXPOSED 0.")
 
 
@@ -306,9 +313,9 @@ def test_one_decision_per_image_and_a_failing_image_fails_closed(images: ImagePo
 
     assert [d.allowed for d in decisions] == [True, False, True, True]
     assert decisions[1].category == "check_failed"
-    assert decisions[1].reason == (
+    assert re.fullmatch(with_ref(
         "Your image was withheld: the safety check could not run, so nothing was shown. Please try again."
-    )
+    ), decisions[1].reason)
 
 
 def test_detector_error_blocks_every_image(images: ImagePolicy, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -437,9 +444,9 @@ def test_stable_diffusion_checker_blocks_what_it_flags(
 ) -> None:
     monkeypatch.setenv("SKILL_SAFETY_CHECKER_DIR", str(checker_dirs["flags_all"]))
     decisions = ImagePolicy.from_settings(SafetySettings()).check([_shapes(), _shapes()])
-    assert [(d.allowed, d.category, d.reason) for d in decisions] == [
-        (False, "sexual", "Your image was blocked: the safety checker flagged it as not safe for work.")
-    ] * 2
+    assert [(d.allowed, d.category, d.layer) for d in decisions] == [(False, "sexual", "sd_checker")] * 2
+    flagged = "Your image was blocked: the safety checker flagged it as not safe for work."
+    assert all(re.fullmatch(with_ref(flagged), d.reason) for d in decisions)
 
 
 def test_stable_diffusion_checker_error_fails_closed(
