@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -232,7 +233,8 @@ async def test_workspace_admins_and_usergroup_members_may_train(skill_env, fake_
 @pytest.mark.security
 async def test_a_caption_the_prompt_policy_blocks_is_refused_when_the_command_is_parsed(bot):
     answer = await bot.command("team-style --caption a nude figure, zq style")
-    assert answer["text"] == "--caption refused. Your prompt was blocked: it asks for sexual content or nudity."
+    assert re.fullmatch(r"--caption refused\. Your prompt was blocked: it asks for sexual content or nudity\. "
+                        r"\(ref [0-9a-f]{8}\)", answer["text"]), answer["text"]
     assert bot.fake.messages == {} and await bot.requests.settle(0.5) == []
 
 

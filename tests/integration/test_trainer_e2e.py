@@ -446,8 +446,8 @@ async def test_a_caption_the_prompt_policy_blocks_fails_the_job_in_the_trainer(s
         raw_request(GUILD, "own-caption", [circle], caption="a nude zq figure"),  # past a bot that would refuse it
         raw_request(GUILD, "zip-caption", [archive], trigger="zq"),
     ], image_policy=checker)
-    assert own[-1].message == ("Training of `own-caption` failed: the caption is refused: Your prompt was blocked: "
-                               "it asks for sexual content or nudity.")
+    assert own[-1].message.startswith("Training of `own-caption` failed: the caption is refused: Your prompt was "
+                                      "blocked: it asks for sexual content or nudity. (ref "), own[-1].message
     assert in_zip[-1].message.startswith("Training of `zip-caption` failed: the caption of image 2 is refused: ")
     assert MENTION not in in_zip[-1].message and "figure" not in in_zip[-1].message
     assert checker.calls == []  # refused before the image check, let alone training
