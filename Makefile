@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration bench clean
+.PHONY: install demo test test-unit test-integration bench chaos clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q -m "integration or e2e"
+
+# The chaos suite (bench/chaos.py): real broker, Redis and services, faults injected; writes bench/results/chaos.json.
+chaos: install
+	$(PY) -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .cache out .pytest_cache

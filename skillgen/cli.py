@@ -30,6 +30,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "consumer"): ("bench.consumer", "benchmark the consumer service (batching, cache hits)"),
     ("bench", "trainer"): ("bench.trainer", "benchmark LoRA training quality and speed"),
     ("bench", "quality"): ("bench.quality", "measure how well the embedded model follows colour/background words"),
+    ("chaos",): ("bench.chaos", "inject faults into the real services and count lost and duplicate chat posts"),
     ("replay",): ("consumer.replay", "select old requests by time, offsets or ids and list, reprocess or republish them"),
 }
 
