@@ -32,7 +32,7 @@ from skillgen.safety import image, normalize, postprocess, prompt
 from skillgen.safety.settings import SafetySettings
 
 # Bump when the prompt policy's normalisation, matching or layering changes in a way the parts below may not show.
-PROMPT_RULES_VERSION = 2
+PROMPT_RULES_VERSION = 3
 # One of each thing `normalize` folds: look-alikes, diacritics, invisible and filler characters, full-width and
 # regional-indicator letters, blanks, and weight syntax.
 _NORMALIZE_PROBE = (

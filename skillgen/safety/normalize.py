@@ -158,9 +158,16 @@ def squeezed(word: str) -> list[str]:
     return list(dict.fromkeys([_RUN2.sub(r"\1", word), _RUN3.sub(r"\1", word), _RUN3.sub(r"\1\1", word)]))
 
 
-def _joined_runs(words: tuple[str, ...]) -> tuple[str, ...] | None:
-    """Runs of three or more single letters joined into one word ("n u d e" -> "nude"); None without any."""
-    out: list[str] = []
+# One-letter words that a spaced-out term often follows ("a n u d e figure"): a run that starts with one is also
+# read without it, since "anude" is no word while "a" + "nude" is the evasion.
+_ONE_LETTER_WORDS = frozenset("aeioy")
+
+
+def _joined_runs(words: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Runs of three or more single letters joined into one word ("n u d e" -> "nude"), and once more with a
+    leading one-letter word kept apart ("a n u d e" -> "a", "nude"); [] without any run."""
+    plain: list[str] = []
+    apart: list[str] = []
     run: list[str] = []
     changed = False
     for word in (*words, ""):
@@ -168,14 +175,22 @@ def _joined_runs(words: tuple[str, ...]) -> tuple[str, ...] | None:
             run.append(word)
             continue
         if len(run) >= 3:
-            out.append("".join(run))
+            plain.append("".join(run))
+            if len(run) >= 4 and run[0] in _ONE_LETTER_WORDS:
+                apart.extend([run[0], "".join(run[1:])])
+            else:
+                apart.append("".join(run))
             changed = True
         else:
-            out.extend(run)
+            plain.extend(run)
+            apart.extend(run)
         run = []
         if word:
-            out.append(word)
-    return tuple(out) if changed else None
+            plain.append(word)
+            apart.append(word)
+    if not changed:
+        return []
+    return list(dict.fromkeys([tuple(plain), tuple(apart)]))
 
 
 def views(folded: str) -> list[tuple[str, ...]]:
@@ -185,8 +200,7 @@ def views(folded: str) -> list[tuple[str, ...]]:
     for text in texts:
         for words in (tokens(text), tokens(join_inword(text))):
             out.setdefault(words)
-            joined = _joined_runs(words)
-            if joined is not None:
+            for joined in _joined_runs(words):
                 out.setdefault(joined)
     for words in list(out):
         variants = [squeezed(w) for w in words]

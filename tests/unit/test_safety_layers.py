@@ -89,6 +89,8 @@ def test_the_normaliser_leaves_han_kana_and_hangul_alone() -> None:
         ("bloodsoaked warrior", "violence"),
         ("gorefest poster", "violence"),
         ("nu de", "sexual"),  # a word split in two
+        ("a n u d e figure", "sexual"),  # spaced out after a one-letter word: "anude" is no word, "nude" is
+        ("a g o r e scene", "violence"),
     ],
 )
 def test_glued_and_split_terms_are_found(lists_only: PromptPolicy, prompt: str, category: str) -> None:
@@ -283,7 +285,7 @@ def test_the_fingerprint_covers_every_layer(monkeypatch: pytest.MonkeyPatch) -> 
     from skillgen.safety import fingerprint
 
     described = fingerprint.policy_description(SafetySettings(_env_file=None))["prompt"]
-    assert described["version"] == 2 and described["layers"] == ["normalise", "lexicon", "negative", "semantic"]
+    assert described["version"] == fingerprint.PROMPT_RULES_VERSION and described["layers"] == ["normalise", "lexicon", "negative", "semantic"]
     assert {"terms", "allow", "negators", "glue", "clothing"} <= set(described["lexicon"])
     assert described["semantic"]["weights"] == default_model().digest and described["normalize"]["confusables"]
     base = fingerprint.policy_fingerprint(SafetySettings(_env_file=None))

@@ -164,7 +164,8 @@ def test_request_errors_are_for_the_person():
 def test_a_caption_the_prompt_policy_blocks_is_refused_at_the_bot(build):
     with pytest.raises(TrainCommandError) as err:
         build()
-    assert str(err.value) == "--caption refused. Your prompt was blocked: it asks for sexual content or nudity."
+    assert str(err.value).startswith("--caption refused. Your prompt was blocked: it asks for sexual content or "
+                                     "nudity. (ref "), str(err.value)
 
 
 def test_a_request_may_carry_uploaded_blobs_instead_of_urls(tmp_path):
