@@ -1,9 +1,17 @@
-"""`skillgen bench pipeline`: the torch reference against ONNX Runtime (fp32, fp16, int8), in one process.
+"""`skillgen bench pipeline`: plain diffusers against skillgen's torch engine and ONNX Runtime, side by side.
 
 The model is a mid-size Stable Diffusion built offline with random weights (UNet block_out_channels
 (64, 128, 256, 256), cross-attention 256, SD's layout and 8x VAE): latency does not depend on weight values.
-Every row generates the same seeds at the same size; PSNR compares its images with the torch row's (and, for the
-quantized rows, with onnx fp32's). Rows run one after another; each engine is dropped before the next loads.
+
+Rows: diffusers' own StableDiffusionPipeline (the reference, DPMSolverMultistepScheduler like the engine), the
+torch engine fp32, ONNX Runtime fp32, and ONNX Runtime fp32 with a random LoRA, all at batch 1 and the same seeds.
+Every model is loaded up front in one process with the same thread count (torch.set_num_threads and ORT's
+intra_op_num_threads = --threads). The timed runs are interleaved: round r runs every row once, in an order
+rotated by r, so a slow minute of the machine lands on every row instead of on one. A contention check times a
+fixed torch matmul loop before and after each run; a run whose calibration drifted more than --drift (15%) from
+the run's first calibration is run again once, and its row is marked `contended` if the second one drifts too.
+On a CPU these are ratios between backends; absolute latencies mean something only on the GPU
+(bench/gpu_pipeline.py).
 
 Optimum's ONNX Runtime Stable Diffusion pipeline is not a row: optimum-onnx (0.1.0, the only release) requires
 transformers < 4.58, and our pin is transformers 5.23.0, so it cannot be installed beside our pins.
@@ -11,7 +19,6 @@ transformers < 4.58, and our pin is transformers 5.23.0, so it cannot be install
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
@@ -34,36 +41,37 @@ PROMPT = "a violinist's bow hold, close-up"
 
 
 class BenchRow(BaseModel):
-    backend: str
+    backend: str  # diffusers | torch | onnx
     precision: str
     provider: str
+    adapter: str | None
+    batch: int
     width: int
     height: int
     steps: int
-    batch: int
     latency_ms_median: float
-    images_per_s: float
-    peak_mem_mb: float
-    psnr_db_vs_torch: float | None
-    psnr_db_vs_fp32: float | None
-    speedup_vs_torch: float | None
+    latency_ms_min: float
+    latencies_ms: list[float]  # the kept run of each round, in round order
+    ratio_vs_diffusers: float | None  # diffusers' median / this row's median (> 1: faster than plain diffusers)
+    psnr_db_vs_torch: float | None  # vs the torch engine's images (with the same adapter); null on the torch row
+    threads: int
     runs: int
-
-
-class AdapterSwitch(BaseModel):
-    backend: str
-    first_use_ms: float  # read-and-fuse (onnx) or activate (torch) an adapter not used before
-    cached_switch_ms: float  # back to an adapter used before
-    base_exact_after_adapter: bool
+    reruns: int  # runs repeated because the calibration drifted
+    contended: bool  # a repeated run drifted again
+    max_drift: float  # the largest calibration drift of a kept run, as a fraction of the first calibration
 
 
 class BenchReport(BaseModel):
     model: str
     machine: str
     quick: bool
+    threads: int
+    rounds: int
+    drift_limit: float
+    calibration_ms_first: float
+    calibration_ms: list[float]
+    contended: bool  # any row contended
     rows: list[BenchRow]
-    adapter_switch: list[AdapterSwitch]
-    export_seconds: dict[str, float]
     optimum: str
     notes: list[str]
 
@@ -152,131 +160,231 @@ class PeakRss:
         self._thread.join()
 
 
-def _time_rows(engine, label, precision, provider, sizes, batches, steps, runs, reference, fp32, images_out):
-    from skillgen.inference.engine import BatchSpec, Sample
-
-    rows = []
-    for width, height in sizes:
-        for batch in batches:
-            spec = BatchSpec(width=width, height=height, steps=steps)
-            samples = [Sample(PROMPT, seed=1000 + i) for i in range(batch)]
-            engine.generate(BatchSpec(width=width, height=height, steps=2), samples)  # warm-up: every shape once
-            latencies = []
-            with PeakRss() as mem:
-                for _ in range(runs):
-                    start = time.perf_counter()
-                    images = engine.generate(spec, samples)
-                    latencies.append((time.perf_counter() - start) * 1000)
-            key = (width, height, batch)
-            images_out[key] = images
-            median = statistics.median(latencies)
-            ref, ref_fp32 = reference.get(key), fp32.get(key)
-            rows.append(
-                BenchRow(
-                    backend=label,
-                    precision=precision,
-                    provider=provider,
-                    width=width,
-                    height=height,
-                    steps=steps,
-                    batch=batch,
-                    latency_ms_median=round(median, 1),
-                    images_per_s=round(batch * 1000 / median, 3),
-                    peak_mem_mb=round(mem.peak / 2**20, 1),
-                    psnr_db_vs_torch=None if ref is None else mean_psnr(images, ref[0]),
-                    psnr_db_vs_fp32=None if ref_fp32 is None else mean_psnr(images, ref_fp32),
-                    speedup_vs_torch=None if ref is None else round(ref[1] / median, 2),
-                    runs=runs,
-                )
-            )
-            if label == "torch":
-                reference[key] = (images, median)
-            print(_format_row(rows[-1]), flush=True)
-    return rows
+DRIFT_LIMIT = 0.15
+LORA_NAME = "random-lora"
 
 
-def _switch_cost(engine, lora: Path, label: str) -> AdapterSwitch:
-    from skillgen.inference.engine import BatchSpec, Sample
+def calibrate(repeats: int = 5, size: int = 256, loops: int = 24) -> float:
+    """Milliseconds for a fixed torch matmul loop (median of `repeats`), on the pinned thread count: a yardstick
+    of how much CPU this process is getting right now."""
+    import torch
 
-    spec = BatchSpec(width=64, height=64, steps=2)
-    sample = [Sample(PROMPT, seed=7)]
-    base = engine.generate(spec, sample)
-    engine.backend.load_adapter("bench", lora)
-    start = time.perf_counter()
-    engine.backend.use_adapter("bench")
-    first = (time.perf_counter() - start) * 1000
-    engine.backend.use_adapter(None)
-    start = time.perf_counter()
-    engine.backend.use_adapter("bench")
-    cached = (time.perf_counter() - start) * 1000
-    engine.generate(BatchSpec(width=64, height=64, steps=2, adapter="bench"), sample)
-    again = engine.generate(spec, sample)
-    return AdapterSwitch(
-        backend=label,
-        first_use_ms=round(first, 2),
-        cached_switch_ms=round(cached, 3),
-        base_exact_after_adapter=np.array_equal(np.asarray(base[0]), np.asarray(again[0])),
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = a
+        for _ in range(loops):
+            x = torch.tanh(x @ a)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+class _PinnedOrtThreads:
+    """While loading: every ONNX Runtime session gets intra_op_num_threads = threads (the backend does not set it;
+    ORT's default is one thread per core)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        import onnxruntime as ort
+
+        self._ort, self._orig = ort, ort.SessionOptions
+        orig, threads = self._orig, self.threads
+
+        def pinned(*args, **kwargs):
+            so = orig(*args, **kwargs)
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            return so
+
+        ort.SessionOptions = pinned
+        return self
+
+    def __exit__(self, *exc):
+        self._ort.SessionOptions = self._orig
+
+
+def _ort_threads(engine) -> set[int]:
+    return {
+        net.session.get_session_options().intra_op_num_threads
+        for net in engine.backend.networks.values()
+        if hasattr(net, "session")
+    }
+
+
+class _Row:
+    """One row: how to run it once, and what it measured."""
+
+    def __init__(self, backend, precision, provider, adapter, fn):
+        self.backend, self.precision, self.provider, self.adapter, self.fn = backend, precision, provider, adapter, fn
+        self.latencies: list[float] = []
+        self.reruns = 0
+        self.contended = False
+        self.max_drift = 0.0
+        self.images = None
+
+
+def _plain_diffusers(model: Path):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from skillgen.inference.engine import SCHEDULER_CLASSES
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=torch.float32
     )
+    _, extra = SCHEDULER_CLASSES["dpmpp"]
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def run_bench(
     quick: bool,
     workdir: Path,
     model: Path | None = None,
-    sizes: tuple[tuple[int, int], ...] = ((256, 256),),
-    batches: tuple[int, ...] = (1, 4),
-    steps: int = 20,
+    size: int = 256,
+    steps: int | None = None,
+    rounds: int | None = None,
+    threads: int = 1,
+    drift_limit: float = DRIFT_LIMIT,
+    log=print,
 ) -> BenchReport:
-    """Every row of the benchmark; `model` defaults to a freshly built mid-size model."""
-    from skillgen.inference import load_engine
+    """Every row, interleaved over `rounds`; `model` defaults to a freshly built mid-size model."""
+    import torch
 
+    from skillgen.inference import load_engine
+    from skillgen.inference.engine import BatchSpec, Sample
+
+    steps = steps or (4 if quick else 10)
+    rounds = max(3, rounds or (3 if quick else 5))
+    torch.set_num_threads(threads)
+    model_desc = (
+        f"the model at {model}" if model else
+        "mid-size SD (UNet (64,128,256,256), cross-attention 256, CLIP 4x256, VAE (32,64,128,128)), random"
+    )
     model = model or build_bench_model(workdir / "model")
     lora = write_random_lora(model, workdir / "lora")
-    cache = workdir / "onnx"
-    runs = 1 if quick else 3
-    reference: dict = {}
-    fp32: dict = {}
-    rows: list[BenchRow] = []
-    switches: list[AdapterSwitch] = []
-    exports: dict[str, float] = {}
-    for backend, precision in (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")):
+    sample = Sample(PROMPT, seed=1000)
+    lora_spec = BatchSpec(width=size, height=size, steps=steps, adapter=LORA_NAME)
+
+    pipe = _plain_diffusers(model)
+    torch_engine = load_engine(model, "torch", "cpu", "fp32")
+    with _PinnedOrtThreads(threads):
+        onnx_engine = load_engine(model, "onnx", "cpu", "fp32", cache_dir=workdir / "onnx")
+    pinned = _ort_threads(onnx_engine)
+    if pinned and pinned != {threads}:
+        raise RuntimeError(f"ONNX Runtime sessions run {pinned} intra-op threads, not {threads}")
+    onnx_engine.backend.load_adapter(LORA_NAME, lora)
+    onnx_provider = onnx_engine.backend.provider
+
+    def diffusers_once(s: int = steps):
+        generator = torch.Generator("cpu").manual_seed(sample.seed)
+        return pipe(
+            sample.prompt, negative_prompt=sample.negative_prompt, num_inference_steps=s, guidance_scale=7.5,
+            height=size, width=size, generator=generator,
+        ).images
+
+    rows = [
+        _Row("diffusers", "fp32", "torch eager (StableDiffusionPipeline)", None, diffusers_once),
+        _Row("torch", "fp32", "torch eager (SDPA)", None,
+             lambda s=steps: torch_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample])),
+        _Row("onnx", "fp32", onnx_provider, None,
+             lambda s=steps: onnx_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample])),
+        _Row("onnx", "fp32", onnx_provider, LORA_NAME,
+             lambda s=steps: onnx_engine.generate(
+                 BatchSpec(width=size, height=size, steps=s, adapter=LORA_NAME), [sample])),
+    ]
+    for row in rows:  # warm-up: every row once, untimed (first-call allocations, the adapter's fuse)
+        row.fn(2)
+    first = calibrate()
+    calibrations = [round(first, 2)]
+    log(f"threads {threads}, {rounds} rounds, {steps} steps, {size}x{size}; calibration {first:.1f} ms")
+
+    def measure(row: _Row) -> tuple[float, float, list]:
+        before = calibrate()
         start = time.perf_counter()
-        engine = load_engine(model, backend, "cpu", precision, cache_dir=cache)
-        if backend == "onnx":
-            exports[precision] = round(time.perf_counter() - start, 1)
-        provider = getattr(engine.backend, "provider", "torch eager (SDPA)")
-        images: dict = {}
-        # --quick times the reduced precisions at the first batch size only: the backend comparison stays whole.
-        row_batches = batches[:1] if quick and precision != "fp32" else batches
-        rows += _time_rows(
-            engine, backend, precision, provider, sizes, row_batches, steps, runs, reference,
-            fp32 if backend == "onnx" and precision != "fp32" else {}, images,
+        images = row.fn()
+        ms = (time.perf_counter() - start) * 1000
+        after = calibrate()
+        calibrations.extend((round(before, 2), round(after, 2)))
+        return ms, max(abs(before / first - 1), abs(after / first - 1)), images
+
+    for r in range(rounds):
+        order = rows[r % len(rows):] + rows[: r % len(rows)]
+        for row in order:
+            ms, drift, images = measure(row)
+            if drift > drift_limit:
+                row.reruns += 1
+                log(f"  round {r}: {row.backend}/{row.adapter or 'base'} calibration drifted {drift:+.0%}; again")
+                ms, drift, images = measure(row)
+                if drift > drift_limit:
+                    row.contended = True
+            row.max_drift = max(row.max_drift, drift)
+            row.latencies.append(ms)
+            row.images = images
+        log(f"  round {r}: " + ", ".join(f"{x.backend}/{x.adapter or 'base'} {x.latencies[-1]:.0f} ms" for x in rows))
+
+    # References for PSNR, untimed: the torch engine's images, base and with the same adapter.
+    torch_ref = rows[1].images
+    torch_engine.backend.load_adapter(LORA_NAME, lora)
+    torch_lora_ref = torch_engine.generate(lora_spec, [sample])
+    diffusers_median = statistics.median(rows[0].latencies)
+    out = []
+    for row in rows:
+        median = statistics.median(row.latencies)
+        if row.backend == "torch":
+            psnr = None
+        else:
+            psnr = mean_psnr(row.images, torch_lora_ref if row.adapter else torch_ref)
+        out.append(
+            BenchRow(
+                backend=row.backend, precision=row.precision, provider=row.provider, adapter=row.adapter, batch=1,
+                width=size, height=size, steps=steps, latency_ms_median=round(median, 1),
+                latency_ms_min=round(min(row.latencies), 1), latencies_ms=[round(x, 1) for x in row.latencies],
+                ratio_vs_diffusers=round(diffusers_median / median, 2), psnr_db_vs_torch=psnr, threads=threads,
+                runs=len(row.latencies), reruns=row.reruns, contended=row.contended,
+                max_drift=round(row.max_drift, 3),
+            )
         )
-        if backend == "onnx" and precision == "fp32":
-            fp32.update(images)
-        if precision == "fp32":
-            switches.append(_switch_cost(engine, lora, backend))
-        del engine
-        gc.collect()
     return BenchReport(
-        model="mid-size SD (UNet (64,128,256,256), cross-attention 256, CLIP 4x256, VAE (32,64,128,128)), random",
+        model=model_desc,
         machine=f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, {platform.python_version()}",
         quick=quick,
-        rows=rows,
-        adapter_switch=switches,
-        export_seconds=exports,
+        threads=threads,
+        rounds=rounds,
+        drift_limit=drift_limit,
+        calibration_ms_first=round(first, 2),
+        calibration_ms=calibrations,
+        contended=any(r.contended for r in out),
+        rows=out,
         optimum=OPTIMUM_NOTE,
         notes=[
-            "CPU, guidance 7.5 (the UNet runs at twice the batch), DPM-Solver++; latency is a whole generate() call.",
-            "peak_mem_mb is the process's peak RSS during the timed runs (all loaded models included).",
-            "PSNR 100.0 stands for identical images.",
+            "CPU, guidance 7.5 (the UNet runs at twice the batch), DPM-Solver++ (2nd order), batch 1, one seed.",
+            (
+                "All rows loaded in one process; round r runs every row once in an order rotated by r; "
+                "latency is one whole call (text encoder, UNet steps, VAE decode)."
+            ),
+            "torch.set_num_threads and ONNX Runtime's intra_op_num_threads are both pinned to `threads`.",
+            (
+                "Contention check: a fixed torch matmul loop timed before and after every run; a run whose loop "
+                "drifted more than drift_limit from calibration_ms_first is run again once; `contended` if it "
+                "drifted again."
+            ),
+            "On a CPU only the ratios mean something; absolute times come from a GPU (bench/gpu_pipeline.py).",
+            (
+                "PSNR 100.0 stands for identical images; the adapter row is compared with the torch engine on the "
+                "same adapter."
+            ),
         ],
     )
 
 
 _HEADER = (
-    f"{'backend':8s} {'prec':5s} {'size':>9s} {'batch':>5s} {'ms/batch':>10s} {'img/s':>7s} "
-    f"{'peakMB':>8s} {'PSNR/torch':>10s} {'PSNR/fp32':>9s} {'speedup':>7s}"
+    f"{'backend':9s} {'prec':5s} {'adapter':11s} {'size':>7s} {'ms median':>10s} {'ms min':>9s} {'x diffusers':>11s} "
+    f"{'PSNR/torch':>10s} {'threads':>7s} {'runs':>4s} {'reruns':>6s} {'contended':>9s}"
 )
 
 
@@ -286,40 +394,82 @@ def _fmt(v, spec: str) -> str:
 
 def _format_row(r: BenchRow) -> str:
     return (
-        f"{r.backend:8s} {r.precision:5s} {f'{r.width}x{r.height}':>9s} {r.batch:5d} {r.latency_ms_median:10.1f} "
-        f"{r.images_per_s:7.3f} {r.peak_mem_mb:8.0f} {_fmt(r.psnr_db_vs_torch, '10.1f'):>10s} "
-        f"{_fmt(r.psnr_db_vs_fp32, '9.1f'):>9s} {_fmt(r.speedup_vs_torch, '7.2f'):>7s}"
+        f"{r.backend:9s} {r.precision:5s} {r.adapter or '-':11s} {f'{r.width}x{r.height}':>7s} "
+        f"{r.latency_ms_median:10.1f} {r.latency_ms_min:9.1f} {_fmt(r.ratio_vs_diffusers, '11.2f'):>11s} "
+        f"{_fmt(r.psnr_db_vs_torch, '10.1f'):>10s} {r.threads:7d} {r.runs:4d} {r.reruns:6d} "
+        f"{str(r.contended).lower():>9s}"
     )
 
 
-def format_report(report: BenchReport, with_rows: bool = True) -> str:
-    lines = [_HEADER] + [_format_row(r) for r in report.rows] + [""] if with_rows else []
-    for s in report.adapter_switch:
-        lines.append(
-            f"adapter switch ({s.backend}): first use {s.first_use_ms:.1f} ms, cached {s.cached_switch_ms:.3f} ms, "
-            f"base exact after adapter: {s.base_exact_after_adapter}"
-        )
-    lines.append(f"onnx export seconds: {report.export_seconds}")
-    lines.append(f"optimum: {report.optimum}")
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"{report.model}; {report.machine}",
+        (
+            f"{report.rows[0].steps} steps, batch 1, {report.rounds} interleaved rounds, threads {report.threads}, "
+            f"quick={report.quick}"
+        ),
+        "",
+        _HEADER,
+        *(_format_row(r) for r in report.rows),
+        "",
+        (
+            f"calibration: first {report.calibration_ms_first:.1f} ms, range "
+            f"{min(report.calibration_ms):.1f}-{max(report.calibration_ms):.1f} ms, drift limit "
+            f"{report.drift_limit:.0%}; machine contended: {str(report.contended).lower()}"
+        ),
+        "On this CPU only the ratios mean something; absolute times come from a GPU (bench/gpu_pipeline.py).",
+        f"optimum: {report.optimum}",
+    ]
     return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="4 steps, 3 rounds (default: 10 steps, 5 rounds)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.add_argument(
-        "--quick", action="store_true", help="one timed run per row instead of three; fp16/int8 at batch 1 only"
+        "--out", type=Path, default=DEFAULT_JSON,
+        help=f"where to write the JSON report (default {DEFAULT_JSON}; the table goes next to it as .txt)",
     )
-    parser.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the rows (default {DEFAULT_JSON})"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, at least 3")
+    parser.add_argument("--steps", type=int, help="denoising steps per image")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--drift", type=float, default=DRIFT_LIMIT, help="calibration drift limit (default 0.15)")
+    parser.add_argument("--model", type=Path, help="a diffusers model directory (default: build the mid-size one)")
 
 
 def run(args) -> int:
-    print(_HEADER, flush=True)
+    import sys
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="skillgen-bench-") as tmp:
-        report = run_bench(args.quick, Path(tmp))
-    print()
-    print(format_report(report, with_rows=False))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
-    print(f"results written to {args.json}")
+        report = run_bench(
+            args.quick, Path(tmp), model=args.model, size=args.size, steps=args.steps, rounds=args.rounds,
+            threads=args.threads, drift_limit=args.drift, log=log,
+        )
+    data = json.dumps(report.model_dump(mode="json"), indent=2) + "\n"
+    table = format_report(report)
+    if args.json:
+        print(data, end="")
+    else:
+        print()
+        print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(data)
+    args.out.with_suffix(".txt").write_text(table + "\n")
+    log(f"results written to {args.out} and {args.out.with_suffix('.txt')}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
