@@ -192,6 +192,15 @@ def blocked(event: JobEvent) -> str:
     return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel."
 
 
+def slack_result_posted(event: JobEvent) -> str:
+    """The status message once the result is posted as a new message below it (that one pings the person)."""
+    return f"{done(event)} · done: see below"
+
+
+def slack_cannot_upload(event: JobEvent) -> str:
+    return f"❌ {mention(event.origin.user_id)} I could not post the images here: invite me with `/invite @skillgen`."
+
+
 def discord_buttons(request_id: str) -> list[dict]:
     return [
         {
@@ -204,8 +213,18 @@ def discord_buttons(request_id: str) -> list[dict]:
     ]
 
 
+SLACK_SECTION_MAX = 3000  # a section block's text (Slack refuses the message with invalid_blocks past it)
+SLACK_TEXT_MAX = 40000  # a message's top-level text (Slack truncates past it)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """`text` cut to max_chars characters, the cut shown with an ellipsis (an escape cut in two shows as text)."""
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
 def slack_blocks(text: str, request_id: str | None = None) -> list[dict]:
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
+    text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
     if request_id:
         blocks.append(

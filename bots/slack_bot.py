@@ -5,9 +5,15 @@ Socket Mode (SKILL_SLACK_MODE=socket, the default: no public URL needed, SKILL_S
 request's signature and timestamp and answers 401 to a bad one before any listener runs.
 
 A command is acked within Slack's 3 seconds, with the refusal (what to change) or an ephemeral "queued".
-Then a status message goes to the channel (in the thread, when Slack says the command came from one),
-and the request is published carrying that message's ts: delivery keeps it current with chat.update and
-uploads the images next to it. Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
+Before "queued" the bot makes sure it can post the result (`can_post`): in a public channel it is not in, it joins
+(conversations.join, scope channels:join); in a private channel or a DM it is not in, the ack says how to invite it
+(`/invite @skillgen`) and nothing is published. That check has MEMBERSHIP_CHECK_S (1.5 s) of the 3: past it the
+command is acked "queued" anyway, and the status post that follows reports a channel it cannot post in.
+Then a status message goes to the channel, and the request is published carrying that message's ts: delivery
+keeps it current with chat.update and posts the result next to it. Slash commands never come from a thread; to
+work in a thread, a person mentions the bot there ("@skillgen a drummer's paradiddle --ar 16:9", the
+`app_mention` event, scope app_mentions:read): the same grammar, the status and result in that thread (a
+mention in the channel starts a thread on it). Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
 command's trigger_id is claimed first, so a retry never becomes a second job.
 """
 
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -33,8 +41,12 @@ from skillgen.runtime.observability import metrics_server, stop_on_signals
 log = logging.getLogger("skillgen.slack")
 
 CLAIM_TTL_S = 3600  # Slack retries within minutes; an hour is plenty
+MEMBERSHIP_CHECK_S = 1.5  # of the 3 s Slack gives the ack
+MEMBER_CACHE_S = 300.0  # a channel the bot is known to be in is not asked about again for this long
+INVITE = "I am not in this channel: add me with `/invite @skillgen`, then run the command again."
+LEADING_MENTION = re.compile(r"^\s*(<@[A-Z0-9]+(\|[^>]*)?>\s*)+")
 CANNOT_POST = {
-    "not_in_channel": "I am not in this channel: add me with `/invite @skillgen`, then run the command again.",
+    "not_in_channel": INVITE,
     "channel_not_found": "I cannot see this channel: add me with `/invite @skillgen`, then run the command again.",
     "is_archived": "This channel is archived, so I cannot post the result here.",
 }
@@ -46,9 +58,11 @@ class SlackFrontEnd:
     def __init__(self, settings: SlackSettings, intake: Intake):
         self.settings = settings
         self.intake = intake
+        self._member_of: dict[str, float] = {}  # channel id -> when the bot was last known to be in it
 
     def register(self, app: AsyncApp) -> None:
         app.command(self.settings.slack_command)(self.on_command)
+        app.event("app_mention")(self.on_mention)
         for action_id in render.SLACK_ACTION_IDS.values():
             app.action(action_id)(self.on_button)
 
@@ -65,7 +79,6 @@ class SlackFrontEnd:
             team_id=command["team_id"],
             channel_id=command["channel_id"],
             user_id=command["user_id"],
-            thread_id=command.get("thread_ts") or None,
         )
         try:
             req = await self.intake.admit(grammar.split(command.get("text") or "", command=False), origin)
@@ -78,8 +91,65 @@ class SlackFrontEnd:
             # `<prompt>` in it is text: `<` is a control character in mrkdwn
             await self._ack(ack, claim, render.slack_text(grammar.help_text(Platform.slack)))
             return
+        try:
+            cannot = await asyncio.wait_for(self.can_post(client, origin.channel_id), MEMBERSHIP_CHECK_S)
+        except TimeoutError:  # the ack cannot wait: start_job reports a channel it cannot post in
+            log.warning("membership check of %s took over %.1f s", origin.channel_id, MEMBERSHIP_CHECK_S)
+            cannot = None
+        if cannot:
+            metrics.COMMANDS.labels("slack", "not_member").inc()
+            await self._ack(ack, claim, cannot)
+            return
         await self._ack(ack, claim, render.queued(req))
         await self.start_job(client, respond, req)
+
+    async def can_post(self, client: AsyncWebClient, channel_id: str) -> str | None:
+        """None when the bot is (or has just become) a member of the channel, so that the status, the result and
+        its images can all be posted; else what the person should do."""
+        if time.monotonic() - self._member_of.get(channel_id, -MEMBER_CACHE_S) < MEMBER_CACHE_S:
+            return None
+        try:
+            channel = (await client.conversations_info(channel=channel_id))["channel"]
+            if not channel.get("is_member") and not channel.get("is_im"):
+                if channel.get("is_private") or channel.get("is_mpim"):
+                    return INVITE
+                await client.conversations_join(channel=channel_id)  # a public channel: scope channels:join
+        except SlackApiError as exc:
+            error = exc.response.get("error", "")
+            log.info("cannot make sure I can post in %s: %s", channel_id, error)
+            if error in ("channel_not_found", "not_in_channel", "missing_scope",
+                         "method_not_supported_for_channel_type"):
+                return INVITE  # a private channel or DM the bot is not in, or it may not join by itself
+            return CANNOT_POST.get(error, f"I cannot post here ({error}).")
+        self._member_of[channel_id] = time.monotonic()
+        return None
+
+    async def on_mention(self, event: dict, body: dict, client: AsyncWebClient) -> None:
+        """"@skillgen <prompt> --options" in a channel or a thread: the /skill grammar, answered in the thread."""
+        team_id = event.get("team") or body.get("team_id")
+        claim = f"slack:mention:{team_id}:{event['channel']}:{event['ts']}"
+        if not await self.intake.store.add(claim, "", CLAIM_TTL_S):  # Slack's retry of an event we took
+            metrics.COMMANDS.labels("slack", "retry").inc()
+            return
+        origin = Origin(platform=Platform.slack, team_id=team_id, channel_id=event["channel"], user_id=event["user"],
+                        thread_id=event.get("thread_ts") or event["ts"])
+
+        async def tell(text: str, **_) -> None:  # only the person sees it, in the thread
+            await client.chat_postEphemeral(channel=origin.channel_id, user=origin.user_id,
+                                            thread_ts=origin.thread_id, text=text)
+
+        text = LEADING_MENTION.sub("", event.get("text") or "")
+        try:
+            req = await self.intake.admit(grammar.split(text, command=False), origin)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "refused").inc()
+            await tell(render.defuse(str(exc), Platform.slack))
+            return
+        if req is None:
+            metrics.COMMANDS.labels("slack", "help").inc()
+            await tell(render.slack_text(grammar.help_text(Platform.slack)))
+            return
+        await self.start_job(client, tell, req)
 
     async def _ack(self, ack, claim: str, text: str) -> None:
         await ack(text=text, response_type="ephemeral")

@@ -1,14 +1,26 @@
 """Delivery to Slack with slack_sdk's AsyncWebClient (its base_url is SKILL_SLACK_API_BASE).
 
-Status and results edit the status message the bot posted (chat.update); images are uploaded with
-files_upload_v2 into the same channel and thread, after the status says done, so the one step that cannot be
-repeated harmlessly comes last. Blocked results delete the status message and go to the person alone
-(chat.postEphemeral).
+Progress edits the status message the bot posted (chat.update), within a per-workspace budget: chat.update is
+Tier 3 (about 50 a minute per workspace), so a status edit is skipped once PROGRESS_EDITS_PER_MIN edits went to
+that workspace in the last minute; the rest of the minute is kept for final results, which are never skipped.
+
+A result is a new message that mentions the requester (an edit notifies nobody): the images are uploaded with
+files_upload_v2 into the channel and thread of the request, with that message as their comment, FIRST; then the
+status message is edited to "✅ ... · done: see below", with the Reroll / Variations buttons. So a status never
+says done while the images are missing: an upload Slack refuses (`not_in_channel`: the bot was removed) turns the
+status into "❌ I could not post the images here: invite me with /invite @skillgen" (a new message when the edit is
+refused too, as chat:write.public still lets it post in a public channel). A result without images is the same
+with chat.postMessage. The one step that cannot be repeated harmlessly (the post) is remembered per request, so
+a retry of the result after a 429 or a 5xx on the edit does not post it twice.
+Failed results are an edit plus a short new message that mentions the requester; blocked results delete the
+status message and go to the person alone (chat.postEphemeral). Every text is clipped to Slack's limits
+(render.SLACK_SECTION_MAX in a section, render.SLACK_TEXT_MAX in a message).
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
+from collections import OrderedDict, deque
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackRequestError
@@ -19,21 +31,37 @@ from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 
 GONE = ("message_not_found", "cant_update_message", "cant_delete_message")
+NOT_MEMBER = ("not_in_channel", "channel_not_found")
+PROGRESS_EDITS_PER_MIN = 40  # of Slack's ~50 chat.update a minute per workspace; the rest is for final results
+POSTED_REMEMBERED = 10_000  # request ids whose result message is up, so a retried result does not post it again
 
 
 class SlackPoster:
     platform = Platform.slack
 
-    def __init__(self, client: AsyncWebClient):
+    def __init__(self, client: AsyncWebClient, progress_edits_per_min: int = PROGRESS_EDITS_PER_MIN):
         self.client = client
+        self.progress_edits_per_min = progress_edits_per_min
+        self._updates: dict[str, deque[float]] = {}  # workspace -> when each chat.update of the last minute went
+        self._posted: OrderedDict[str, None] = OrderedDict()
 
     def message_key(self, event: JobEvent) -> str | None:
         o = event.origin
         return f"slack:{o.channel_id}/{o.status_message_id}" if o.status_message_id else None
 
+    def _spend_update(self, team_id: str, progress: bool) -> bool:
+        """Count one chat.update against the workspace's minute; a progress edit is refused past its share."""
+        sent, now = self._updates.setdefault(team_id, deque()), time.monotonic()
+        while sent and now - sent[0] >= 60:
+            sent.popleft()
+        if progress and len(sent) >= self.progress_edits_per_min:
+            return False
+        sent.append(now)
+        return True
+
     async def status(self, event: JobEvent) -> None:
-        if not event.origin.status_message_id:
-            return
+        if not event.origin.status_message_id or not self._spend_update(event.origin.team_id, progress=True):
+            return  # nothing to edit, or the workspace's edit budget is spent: the next status or the result shows
         text = render.status(event)
         await self._edit_or_post(event.origin, text, render.slack_blocks(text), post_if_gone=False)
 
@@ -48,21 +76,46 @@ class SlackPoster:
         if event.kind == EventKind.failed:
             text = render.failed(event)
             await self._edit_or_post(o, text, render.slack_blocks(text))
+            if o.status_message_id:  # the edit notifies nobody
+                await self._post_once(event, "chat_postMessage", channel=o.channel_id, thread_ts=o.thread_id,
+                                      text=f"{render.mention(o.user_id)} your request could not be done: see above.")
             return
-        text = render.done(event)
-        await self._edit_or_post(o, text, render.slack_blocks(text, event.request_id if event.job == "generate" else None))
+        result = render.done(event)
         if images:
-            await self._call(
-                "files_upload_v2",
-                channel=o.channel_id,
-                thread_ts=o.thread_id,
+            posted = await self._post_once(
+                event, "files_upload_v2", ignore=NOT_MEMBER, channel=o.channel_id, thread_ts=o.thread_id,
+                initial_comment=result,
                 file_uploads=[{"content": data, "filename": name, "title": name} for name, data in images],
             )
+        else:
+            posted = await self._post_once(event, "chat_postMessage", ignore=NOT_MEMBER, channel=o.channel_id,
+                                           thread_ts=o.thread_id, text=result, blocks=render.slack_blocks(result))
+        if posted is None:  # Slack refused the result: the bot is no longer in the channel
+            text = render.slack_cannot_upload(event)
+            await self._edit_or_post(o, text, render.slack_blocks(text))
+            return
+        if o.status_message_id:
+            text = render.slack_result_posted(event)
+            buttons_for = event.request_id if event.job == "generate" else None
+            await self._edit_or_post(o, text, render.slack_blocks(text, buttons_for), post_if_gone=False)
+
+    async def _post_once(self, event: JobEvent, method: str, **kwargs):
+        """A post that must not be repeated: skipped (answering True) when this request's went out already."""
+        key = f"{event.request_id}:{method}"
+        if key in self._posted:
+            return True
+        answer = await self._call(method, **kwargs)
+        if answer is not None:
+            self._posted[key] = None
+            while len(self._posted) > POSTED_REMEMBERED:
+                self._posted.popitem(last=False)
+        return answer
 
     async def _edit_or_post(self, o: Origin, text: str, blocks: list[dict], post_if_gone: bool = True) -> None:
         if o.status_message_id:
-            answer = await self._call("chat_update", ignore=GONE, channel=o.channel_id, ts=o.status_message_id,
-                                      text=text, blocks=blocks)
+            self._spend_update(o.team_id, progress=False)
+            answer = await self._call("chat_update", ignore=GONE + NOT_MEMBER, channel=o.channel_id,
+                                      ts=o.status_message_id, text=text, blocks=blocks)
             if answer is not None or not post_if_gone:
                 return
         await self._call("chat_postMessage", channel=o.channel_id, thread_ts=o.thread_id, text=text, blocks=blocks)
@@ -70,6 +123,9 @@ class SlackPoster:
     async def _call(self, method: str, ignore: tuple[str, ...] = (), **kwargs):
         """The Web API call, its failures sorted into RetryAfter, Transient and Undeliverable; None when Slack
         answered one of the `ignore` errors."""
+        for name in ("text", "initial_comment"):
+            if isinstance(kwargs.get(name), str):
+                kwargs[name] = render.clip(kwargs[name], render.SLACK_TEXT_MAX)
         try:
             return await getattr(self.client, method)(**kwargs)
         except SlackApiError as exc:
@@ -85,5 +141,5 @@ class SlackPoster:
             raise Undeliverable(f"Slack {method}: {error or status}", status) from exc
         except SlackRequestError as exc:  # files_upload_v2's upload step answered other than 200
             raise Transient(f"Slack {method}: {exc}") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"Slack unreachable on {method}: {exc!r}") from exc

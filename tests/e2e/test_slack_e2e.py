@@ -1,5 +1,6 @@
-"""Slack end to end: a signed /skill request to the real Bolt app -> real broker -> real consumer (tiny model)
--> delivery -> the fake Slack receives the PNG in the right channel and thread, exactly once."""
+"""Slack end to end: a signed /skill request (or an @skillgen mention in a thread) to the real Bolt app -> real
+broker -> real consumer (tiny model) -> delivery -> the fake Slack receives the PNG in the right channel and
+thread, exactly once, in a new message that mentions the requester."""
 
 import asyncio
 import time
@@ -13,7 +14,7 @@ from schemas.messages import GenerateRequest, JobEvent
 from skillgen.inference import load_engine
 from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import CHANNEL_ID, FakeSlack, sign
+from tests.fakes.slack import CHANNEL_ID, USER_ID, FakeSlack, sign
 from tests.fakes.system import TINY_DEFAULTS, consumer_running
 from tests.fakes.world import World
 
@@ -38,13 +39,16 @@ async def slack(skill_env, tiny_model, engine):
     await asyncio.wait_for(ready.wait(), 15)
 
     async def command(text: str) -> dict:
-        body = fake.command_body(text, thread_ts=THREAD)
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{port}/slack/events", data=body, headers=sign(body)) as resp:
-                assert resp.status == 200
-                return await resp.json()
+        body = fake.command_body(text)
+        url = f"http://127.0.0.1:{port}/slack/events"
+        async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=sign(body)) as resp:
+            assert resp.status == 200
+            return await resp.json()
 
-    fake.command = command
+    async def mention(text: str) -> None:
+        assert await fake.post_event(f"http://127.0.0.1:{port}/slack/events", fake.mention_event(text, thread_ts=THREAD)) == 200
+
+    fake.command, fake.mention = command, mention
     fake.world = World(skill_env, slack=fake)
     try:
         async with consumer_running(tiny_model, engine):
@@ -69,8 +73,7 @@ async def published(env) -> GenerateRequest:
 
 async def test_slack_e2e_png_in_the_thread_exactly_once_across_a_delivery_restart(slack, skill_env):
     async with slack.world.running(crash_before_commit=True) as first:
-        answer = await slack.command("a drummer's paradiddle, top view")
-        assert "queued" in answer["text"]
+        await slack.mention("a drummer's paradiddle, top view")
         await slack.wait_for(lambda c: c.path == "files.completeUploadExternal", timeout_s=120)
     req = await published(skill_env)
     events = await events_of(skill_env, req.request_id)
@@ -83,8 +86,10 @@ async def test_slack_e2e_png_in_the_thread_exactly_once_across_a_delivery_restar
         assert second.handled >= len(events)
     [png] = slack.pngs(CHANNEL_ID, THREAD)
     assert png.is_png and slack.pngs(CHANNEL_ID) == []
+    assert png.initial_comment.startswith(f"✅ <@{USER_ID}> ")  # the result is a new message that pings
     status = slack.messages[req.origin.status_message_id]
-    assert status.thread_ts == THREAD and status.text.startswith("✅") and status.blocks[-1]["type"] == "actions"
+    assert status.thread_ts == THREAD and status.text.startswith("✅") and status.text.endswith("done: see below")
+    assert status.blocks[-1]["type"] == "actions"
 
 
 async def test_slack_e2e_a_429_with_retry_after_2_gives_one_post_at_least_2_seconds_later(slack):
@@ -95,4 +100,4 @@ async def test_slack_e2e_a_429_with_retry_after_2_gives_one_post_at_least_2_seco
         [limited] = await slack.wait_for(lambda c: c.status == 429, timeout_s=120)
         [done] = await slack.wait_for(lambda c: c.path == "files.completeUploadExternal", timeout_s=30)
     assert done.at - limited.at >= 2
-    assert len(slack.pngs(CHANNEL_ID, THREAD)) == 1
+    assert len(slack.pngs(CHANNEL_ID)) == 1  # a slash command's result goes to the channel

@@ -11,6 +11,15 @@ answers 403 without the bot token, as only the bot may fetch them; `file_delay_s
 slow), and the `message`/`file_share` event
 comes back as an Events API envelope, to send the app with `send_socket("events_api", ...)` or
 `post_event(...)` (signed, HTTP mode).
+
+Channels and membership, as Slack enforces them: `fake.channel(id, private=..., bot_member=...)` declares one (a
+channel the fake was not told about is a public channel the bot is in, as CHANNEL_ID is). Every write
+(chat.postMessage, chat.update, chat.delete, chat.postEphemeral, files.completeUploadExternal) answers
+`not_in_channel` when the bot is not a member, except chat.postMessage to a public channel when `fake.scopes` has
+`chat:write.public` (the default); an upload always needs membership. conversations.info (a private channel the bot
+is not in is `channel_not_found`), conversations.join (`channels:join`, public channels only) and
+conversations.members answer from the same state. Slash commands carry no thread_ts (Slack never runs one in a
+thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
 """
 
 from __future__ import annotations
@@ -107,6 +116,30 @@ class UserFile:
                 "timestamp": 0, "user": ""}
 
 
+DEFAULT_SCOPES = frozenset({"commands", "chat:write", "chat:write.public", "channels:join", "channels:read",
+                            "groups:read", "im:read", "app_mentions:read", "files:write", "files:read",
+                            "channels:history", "groups:history", "users:read", "usergroups:read"})
+
+
+@dataclass
+class Channel:
+    channel_id: str
+    private: bool = False
+    members: set[str] = field(default_factory=lambda: {BOT_USER_ID, USER_ID})
+
+    @property
+    def is_im(self) -> bool:
+        return self.channel_id.startswith("D")
+
+    def info(self) -> dict:
+        return {"id": self.channel_id, "name": self.channel_id.lower(), "is_channel": not self.private and not self.is_im,
+                "is_group": self.private and not self.is_im, "is_im": self.is_im, "is_private": self.private or self.is_im,
+                "is_archived": False, "is_member": BOT_USER_ID in self.members}
+
+
+WRITES = ("chat.postMessage", "chat.update", "chat.delete", "chat.postEphemeral", "files.completeUploadExternal")
+
+
 def user(user_id: str, *, is_admin: bool = False, is_owner: bool = False) -> dict:
     """A users.info `user` object."""
     return {"id": user_id, "team_id": TEAM_ID, "name": user_id.lower(), "deleted": False, "is_bot": False,
@@ -151,6 +184,26 @@ class FakeSlack(FakePlatform):
         self._uploads: dict[str, tuple[str, bytes | None]] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self.socket_connected = asyncio.Event()
+        self.channels: dict[str, Channel] = {CHANNEL_ID: Channel(CHANNEL_ID)}
+        self.scopes: set[str] = set(DEFAULT_SCOPES)
+        self.delays: dict[str, float] = {}  # Web API method -> seconds it takes to answer
+
+    def channel(self, channel_id: str, *, private: bool = False, bot_member: bool = True) -> Channel:
+        """Declare a channel: public or private, with the bot in it or not (the requester is always in it)."""
+        self.channels[channel_id] = Channel(channel_id, private, {USER_ID, *([BOT_USER_ID] if bot_member else [])})
+        return self.channels[channel_id]
+
+    def _channel(self, channel_id: str | None) -> Channel:
+        return self.channels.setdefault(channel_id or "", Channel(channel_id or ""))
+
+    def _refuse_write(self, method: str, body: dict) -> dict | None:
+        """Slack's membership rule for a write, or None when it may go ahead."""
+        ch = self._channel(body.get("channel_id") if method == "files.completeUploadExternal" else body.get("channel"))
+        if BOT_USER_ID in ch.members:
+            return None
+        if method == "chat.postMessage" and not ch.private and not ch.is_im and "chat:write.public" in self.scopes:
+            return None
+        return {"ok": False, "error": "not_in_channel"}
 
     @property
     def api_base(self) -> str:
@@ -175,7 +228,7 @@ class FakeSlack(FakePlatform):
 
     # -- what Slack sends the app --------------------------------------------------------------------
     def command_body(self, text: str, *, channel_id: str = CHANNEL_ID, user_id: str = USER_ID,
-                     team_id: str = TEAM_ID, thread_ts: str | None = None, trigger_id: str | None = None,
+                     team_id: str = TEAM_ID, trigger_id: str | None = None,
                      command: str = "/skill") -> str:
         fields = {
             "token": "deprecated-verification-token", "team_id": team_id, "team_domain": "fake",
@@ -184,9 +237,7 @@ class FakeSlack(FakePlatform):
             "response_url": f"{self.server.base}/respond/{uuid.uuid4().hex}",
             "trigger_id": trigger_id or f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}.{uuid.uuid4().hex}",
         }
-        if thread_ts:
-            fields["thread_ts"] = thread_ts
-        return urlencode(fields)
+        return urlencode(fields)  # no thread_ts: Slack never says a slash command came from a thread
 
     def button_payload(self, message: SlackMessage, action_id: str, *, user_id: str = USER_ID,
                        team_id: str = TEAM_ID) -> dict:
@@ -241,6 +292,18 @@ class FakeSlack(FakePlatform):
                                     "is_bot": True, "is_enterprise_install": False}],
                 "is_ext_shared_channel": False, "event_context": uuid.uuid4().hex}
 
+    def mention_event(self, text: str, *, thread_ts: str | None = None, user_id: str = USER_ID,
+                      channel_id: str = CHANNEL_ID, team_id: str = TEAM_ID) -> dict:
+        """A person's "@skillgen ..." (`text` after the mention) as an `app_mention` Events API envelope: in the
+        thread `thread_ts`, or in the channel when None. The message itself is kept, as Slack shows it."""
+        envelope = self.message_event(thread_ts, f"<@{BOT_USER_ID}> {text}", user_id=user_id, channel_id=channel_id,
+                                      team_id=team_id)
+        event = envelope["event"]
+        event["type"] = "app_mention"
+        event.pop("parent_user_id", None)
+        self.messages[event["ts"]] = SlackMessage(event["ts"], channel_id, thread_ts, event["text"])
+        return envelope
+
     async def post_event(self, url: str, envelope: dict, *, retry_num: int | None = None) -> int:
         """POST an Events API envelope to an app in HTTP mode, signed; Slack's retries carry X-Slack-Retry-Num.
         Returns the HTTP status the app answered."""
@@ -267,6 +330,7 @@ class FakeSlack(FakePlatform):
     # -- Web API -------------------------------------------------------------------------------------
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
+        await asyncio.sleep(self.delays.get(method, 0))
         body, files = await read_body(request)
         body.update({k: v for k, v in request.query.items() if k not in body})
         fault = self.fault_for(request.method, method)
@@ -282,6 +346,10 @@ class FakeSlack(FakePlatform):
         return web.json_response(answer, status=status, headers=headers)
 
     def _serve(self, method: str, body: dict) -> dict:
+        if method in WRITES and (refused := self._refuse_write(method, body)) is not None:
+            return refused
+        if method in ("conversations.info", "conversations.join", "conversations.members"):
+            return self._conversations(method, body)
         if method == "auth.test":
             return {"ok": True, "url": "https://fake.slack.com/", "team": "fake", "user": "skillgen",
                     "team_id": TEAM_ID, "user_id": BOT_USER_ID, "bot_id": "B0BOT", "is_enterprise_install": False}
@@ -335,6 +403,21 @@ class FakeSlack(FakePlatform):
         if method == "apps.connections.open":
             return {"ok": True, "url": f"ws://127.0.0.1:{self.server.port}/socket"}
         return {"ok": False, "error": "unknown_method"}
+
+    def _conversations(self, method: str, body: dict) -> dict:
+        ch = self._channel(body.get("channel"))
+        if ch.private and BOT_USER_ID not in ch.members:
+            return {"ok": False, "error": "channel_not_found"}  # a private channel is invisible from outside
+        if method == "conversations.info":
+            return {"ok": True, "channel": ch.info()}
+        if method == "conversations.members":
+            return {"ok": True, "members": sorted(ch.members), "response_metadata": {"next_cursor": ""}}
+        if "channels:join" not in self.scopes:
+            return {"ok": False, "error": "missing_scope", "needed": "channels:join", "provided": ",".join(self.scopes)}
+        if ch.private or ch.is_im:
+            return {"ok": False, "error": "method_not_supported_for_channel_type"}
+        ch.members.add(BOT_USER_ID)
+        return {"ok": True, "channel": ch.info()}
 
     async def _upload(self, request: web.Request) -> web.Response:
         file_id = request.match_info["file_id"]

@@ -70,16 +70,75 @@ async def bot(skill_env, fake_slack):
 
 
 async def test_a_command_is_acked_queued_and_published_with_its_status_message(bot):
-    status, answer, took_s = await bot.command("a drummer's paradiddle --n 2", thread_ts="1700000000.000100")
+    status, answer, took_s = await bot.command("a drummer's paradiddle --n 2")
     assert status == 200 and took_s < 3
     assert answer["response_type"] == "ephemeral" and "queued (2 images)" in answer["text"]
     [req] = await bot.requests.wait(1)
     assert req.prompt == "a drummer's paradiddle" and req.num_images == 2
     o = req.origin
     assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("slack", "T0FAKE", CHANNEL_ID, USER_ID)
-    assert o.thread_id == "1700000000.000100"
-    [status_msg] = bot.fake.visible(CHANNEL_ID, "1700000000.000100")
+    assert o.thread_id is None  # a slash command never comes from a thread
+    [status_msg] = bot.fake.visible(CHANNEL_ID)
     assert o.status_message_id == status_msg.ts and "queued" in status_msg.text
+
+
+async def test_in_a_public_channel_it_is_not_in_the_bot_joins_then_posts(bot):
+    bot.fake.channel("C0PUBLIC", bot_member=False)
+    _, answer, took_s = await bot.command("a drummer's paradiddle", channel_id="C0PUBLIC")
+    assert "queued" in answer["text"] and took_s < 3
+    [req] = await bot.requests.wait(1)
+    assert bot.fake.matching(lambda c: c.path == "conversations.join" and c.body["channel"] == "C0PUBLIC")
+    [status_msg] = bot.fake.visible("C0PUBLIC")
+    assert req.origin.status_message_id == status_msg.ts
+    await bot.command("a second one", channel_id="C0PUBLIC")  # known now: no second look
+    await bot.requests.wait(2)
+    assert len(bot.fake.matching(lambda c: c.path.startswith("conversations."))) == 2  # info, join
+
+
+@pytest.mark.parametrize("where", ["private", "public without channels:join"])
+async def test_a_channel_it_is_not_in_and_cannot_join_gets_how_to_invite_and_nothing_is_published(bot, where):
+    bot.fake.channel("C0CLOSED", private=where == "private", bot_member=False)
+    if where != "private":
+        bot.fake.scopes.discard("channels:join")
+    status, answer, took_s = await bot.command("a drummer's paradiddle", channel_id="C0CLOSED")
+    assert status == 200 and took_s < 3 and answer["response_type"] == "ephemeral"
+    assert "`/invite @skillgen`" in answer["text"] and "queued" not in answer["text"]
+    assert await bot.requests.settle(0.5) == [] and bot.fake.visible("C0CLOSED") == []
+    assert bot.fake.matching(lambda c: c.path == "chat.postMessage") == []
+
+
+async def test_a_slow_membership_check_still_acks_in_time_and_the_status_post_reports(bot):
+    bot.fake.channel("C0SLOW", private=True, bot_member=False)
+    bot.fake.delays["conversations.info"] = 2.5
+    status, answer, took_s = await bot.command("a drummer's paradiddle", channel_id="C0SLOW")
+    assert status == 200 and took_s < 2.5 and "queued" in answer["text"]
+    await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), timeout_s=10)
+    assert "`/invite @skillgen`" in bot.fake.ephemerals[-1].text
+    assert await bot.requests.settle(0.5) == [] and bot.fake.visible("C0SLOW") == []
+
+
+@pytest.mark.parametrize("in_thread", [True, False])
+async def test_a_mention_runs_the_skill_grammar_in_its_thread(bot, in_thread):
+    thread = "1700000000.000700" if in_thread else None
+    envelope = bot.fake.mention_event("a drummer's paradiddle --ar 16:9", thread_ts=thread)
+    assert await bot.fake.post_event(bot.url, envelope) == 200
+    assert await bot.fake.post_event(bot.url, envelope, retry_num=1) == 200  # Slack's retry: no second job
+    [req] = await bot.requests.wait(1)
+    assert req.prompt == "a drummer's paradiddle" and req.width > req.height
+    where = thread or envelope["event"]["ts"]  # a mention in the channel starts a thread on itself
+    assert req.origin.thread_id == where and req.origin.user_id == USER_ID
+    [status_msg] = [m for m in bot.fake.visible(CHANNEL_ID, where) if m.text.startswith("⏳")]
+    assert req.origin.status_message_id == status_msg.ts
+    assert len(await bot.requests.settle(0.5)) == 1
+
+
+async def test_a_refused_mention_is_answered_to_the_sender_alone_in_the_thread(bot):
+    envelope = bot.fake.mention_event("a cat --steps 99", thread_ts="1700000000.000800")
+    await bot.fake.post_event(bot.url, envelope)
+    [call] = await bot.fake.wait_for(lambda c: c.path == "chat.postEphemeral")
+    assert call.body["thread_ts"] == "1700000000.000800" and call.body["user"] == USER_ID
+    assert "--steps: Input should be less than or equal to 50" in call.body["text"]
+    assert await bot.requests.settle(0.5) == []
 
 
 async def test_a_slack_retry_of_the_same_command_creates_no_second_job(bot):
@@ -127,9 +186,10 @@ async def test_over_the_rate_limit_the_person_is_told_when_to_retry(bot):
 
 
 async def test_reroll_and_variations_buttons_publish_new_seeds_in_the_same_thread(bot):
-    await bot.command("a juggler's cascade --seed 11", thread_ts="1700000000.000200")
+    await bot.fake.post_event(bot.url, bot.fake.mention_event("a juggler's cascade --seed 11",
+                                                              thread_ts="1700000000.000200"))
     [original] = await bot.requests.wait(1)
-    status_msg = bot.fake.visible(CHANNEL_ID, "1700000000.000200")[0]
+    status_msg = bot.fake.messages[original.origin.status_message_id]
     status_msg.blocks = render.slack_blocks("✅ done", original.request_id)  # as delivery leaves it
     for action in ("skill_reroll", "skill_vary"):
         payload = bot.fake.button_payload(status_msg, action, user_id="U0OTHER")
@@ -143,7 +203,7 @@ async def test_reroll_and_variations_buttons_publish_new_seeds_in_the_same_threa
         assert req.prompt == original.prompt and req.seed != original.seed and req.request_id != original.request_id
         assert req.origin.user_id == "U0OTHER" and req.origin.thread_id == "1700000000.000200"
     assert reroll.num_images == 1 and reroll.reroll == 1 and vary.num_images == 4
-    assert len(bot.fake.visible(CHANNEL_ID, "1700000000.000200")) == 3
+    assert len(bot.fake.visible(CHANNEL_ID, "1700000000.000200")) == 4  # the mention and three status messages
 
 
 async def test_a_channel_the_bot_cannot_post_in_gets_instructions_and_no_job(bot):
@@ -183,8 +243,10 @@ async def test_a_prompt_with_a_broadcast_and_a_link_is_shown_as_text_through_del
     assert status_msg.edits[-1].startswith(f"✅ <@{USER_ID}> _")
     section = status_msg.blocks[0]["text"]
     assert section["verbatim"] is True and section["text"] == status_msg.text
+    [result] = bot.fake.matching(lambda c: c.path == "files.completeUploadExternal")
+    assert result.body["initial_comment"].startswith(f"✅ <@{USER_ID}> _")  # the new message that pings
     shown = [answer["text"], *[c.body["text"] for c in bot.fake.matching(lambda c: c.path == "chat.postMessage")],
-             *status_msg.edits, section["text"]]
+             *status_msg.edits, section["text"], result.body["initial_comment"]]
     for text in shown:
         assert "<!here>" not in text and "<https:" not in text and "|docs>" not in text
         assert "&lt;!here&gt; see &lt;https://evil.example|docs&gt;" in text

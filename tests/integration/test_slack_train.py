@@ -312,14 +312,14 @@ async def test_images_in_the_thread_then_go_publish_one_request_pointing_at_the_
     assert "Started a training thread" in (await bot.command("team-style"))["text"]
 
 
-async def test_a_command_run_in_a_thread_trains_in_that_thread(bot):
-    root = "1700000000.000100"
-    status = await bot.start_thread("team-style", thread_ts=root)
-    assert status.thread_ts == root  # the status message is a reply; the person keeps talking in the thread
-    await bot.share(root, [("a.png", png_bytes(1))], text="go")
+async def test_a_command_carries_no_thread_so_training_starts_a_thread_on_its_status_message(bot):
+    # Slack never runs a slash command in a thread: the status message is always the thread's root.
+    assert "thread_ts" not in bot.fake.command_body("team-style")
+    status = await bot.start_thread("team-style")
+    assert status.thread_ts is None
+    await bot.share(status.ts, [("a.png", png_bytes(1))], text="go")
     [req] = await bot.requests.wait(1)
-    assert (req.origin.thread_id, req.origin.status_message_id) == (root, status.ts)
-    await bot.status_says(status, "queued: 1 image")
+    assert (req.origin.thread_id, req.origin.status_message_id) == (status.ts, status.ts)
 
 
 async def test_files_and_words_from_someone_else_are_ignored(bot, skill_env):
