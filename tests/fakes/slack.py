@@ -18,7 +18,8 @@ channel the fake was not told about is a public channel the bot is in, as CHANNE
 `not_in_channel` when the bot is not a member, except chat.postMessage to a public channel when `fake.scopes` has
 `chat:write.public` (the default); an upload always needs membership. conversations.info (a private channel the bot
 is not in is `channel_not_found`), conversations.join (`channels:join`, public channels only) and
-conversations.members answer from the same state. Slash commands carry no thread_ts (Slack never runs one in a
+conversations.members answer from the same state. A message's text over 40,000 characters is `msg_too_long`, a
+section block's text over 3,000 `invalid_blocks`. Slash commands carry no thread_ts (Slack never runs one in a
 thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
 """
 
@@ -348,6 +349,11 @@ class FakeSlack(FakePlatform):
     def _serve(self, method: str, body: dict) -> dict:
         if method in WRITES and (refused := self._refuse_write(method, body)) is not None:
             return refused
+        if method in ("chat.postMessage", "chat.update", "chat.postEphemeral"):  # Slack's limits on a message
+            if len(body.get("text") or "") > 40000:
+                return {"ok": False, "error": "msg_too_long"}
+            if any(len((b.get("text") or {}).get("text", "")) > 3000 for b in _blocks(body) if b.get("type") == "section"):
+                return {"ok": False, "error": "invalid_blocks"}
         if method in ("conversations.info", "conversations.join", "conversations.members"):
             return self._conversations(method, body)
         if method == "auth.test":

@@ -449,3 +449,79 @@ async def test_a_pass_waits_in_line_only_as_long_as_max_retry_after_s_allows(tmp
         with pytest.raises(type(error)):
             await d._final(poster, e, claim, Waits(2.0))
         assert (poster.calls, slept) == (calls, waits), error
+
+
+# -- Slack as it really behaves (issue 16) ---------------------------------------------------------------------
+
+
+async def test_slack_the_result_is_a_new_message_that_pings_uploaded_before_the_status_says_done(world):
+    o, r = world.slack_origin(), rid()
+    async with world.running():
+        await world.send(event(o, OK, r, blobs=[world.image(3)]))
+        await world.slack.wait_for(lambda c: c.path == "chat.update")
+    [png] = world.slack.pngs(fs.CHANNEL_ID)
+    assert png.initial_comment.startswith(f"✅ <@{fs.USER_ID}> _a drummer's paradiddle_ (seed 3)")  # it notifies
+    status = world.slack.messages[o.status_message_id]
+    assert status.text.startswith("✅") and status.text.endswith("· done: see below")
+    order = [c.path for c in world.slack.calls if c.path in ("files.completeUploadExternal", "chat.update")]
+    assert order == ["files.completeUploadExternal", "chat.update"]
+
+
+async def test_slack_a_failure_is_an_edit_plus_a_mention_and_a_block_stays_private(world):
+    failed, blocked = world.slack_origin(), world.slack_origin()
+    async with world.running():
+        await world.send(event(failed, FAIL, rid()), event(blocked, BLOCK, rid()))
+        [ping] = await world.slack.wait_for(lambda c: c.path == "chat.postMessage")
+        await world.slack.wait_for(lambda c: c.path == "chat.postEphemeral")
+    assert ping.body["text"] == f"<@{fs.USER_ID}> your request could not be done: see above."
+    assert world.slack.messages[failed.status_message_id].text.startswith(f"❌ <@{fs.USER_ID}> could not draw")
+    assert world.slack.messages[blocked.status_message_id].deleted
+    assert [m.ts for m in world.slack.visible(fs.CHANNEL_ID) if "graphic" in m.text] == []
+
+
+@pytest.mark.parametrize("how", ["the upload is refused", "the bot was removed"])
+async def test_slack_an_upload_refused_with_not_in_channel_leaves_no_done_without_images(world, how):
+    o = world.slack_origin()
+    if how == "the upload is refused":
+        world.slack.fail("POST", r"^files\.completeUploadExternal$", 200, body={"ok": False, "error": "not_in_channel"})
+    else:  # chat.update is refused too; chat:write.public still lets it post in a public channel
+        world.slack.channels[fs.CHANNEL_ID].members.discard(fs.BOT_USER_ID)
+    async with world.running():
+        await world.send(event(o, OK, rid(), blobs=[world.image()]))
+        await world.slack.wait_for(lambda c: c.path in ("chat.update", "chat.postMessage") and c.status == 200
+                                   and c.body.get("text", "").startswith("❌"))
+    assert world.slack.files == []
+    shown = [m.text for m in world.slack.visible(fs.CHANNEL_ID)]
+    assert not [t for t in shown if t.startswith("✅")], shown
+    assert [t for t in shown if "I could not post the images here: invite me with `/invite @skillgen`" in t], shown
+
+
+async def test_slack_eight_concurrent_jobs_stay_within_the_workspaces_chat_update_budget(world):
+    jobs = [(world.slack_origin(), rid()) for _ in range(8)]
+    async with world.running(edit_interval_s=0):
+        await world.send(*[event(o, P, r, step=i, total_steps=10) for i in range(1, 11) for o, r in jobs])
+        await world.send(*[event(o, OK, r, blobs=[world.image(n)]) for n, (o, r) in enumerate(jobs)])
+        await world.slack.wait_for(lambda c: c.path == "chat.update" and c.body.get("text", "").endswith("see below"),
+                                   count=8, timeout_s=60)
+    updates = world.slack.matching(lambda c: c.path == "chat.update")
+    assert 8 < len(updates) <= 50  # chat.update is Tier 3: about 50 a minute per workspace; 88 events came
+    assert len(world.slack.pngs(fs.CHANNEL_ID)) == 8  # no final result was skipped
+    assert all(world.slack.messages[o.status_message_id].text.endswith("done: see below") for o, _ in jobs)
+
+
+async def test_slack_a_5000_character_text_is_clipped_to_slacks_limits(world):
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bots import render
+    from bots.slack_post import SlackPoster
+
+    o = world.slack_origin()
+    poster = SlackPoster(AsyncWebClient(token=fs.BOT_TOKEN, base_url=world.slack.api_base))
+    long = "✅ " + "y" * 5000
+    await poster._edit_or_post(o, long, render.slack_blocks(long))  # the fake refuses a section over 3000
+    section = world.slack.messages[o.status_message_id].blocks[0]["text"]["text"]
+    assert len(section) == 3000 and section.endswith("…") and section.startswith("✅ yyy")
+    huge = "z" * 50000
+    await poster._edit_or_post(o, huge, render.slack_blocks(huge))  # and a message's text over 40000
+    msg = world.slack.messages[o.status_message_id]
+    assert len(msg.text) == 40000 and msg.text.endswith("…") and len(msg.edits) == 2
