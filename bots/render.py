@@ -168,6 +168,20 @@ def _bar(step: int, total: int) -> str:
     return "▰" * filled + "▱" * (10 - filled)
 
 
+def rerun(event: JobEvent) -> str:
+    """What a re-run (`skillgen replay`) adds to its result: that it is one, and the operator's reason, escaped as
+    sender text is. A re-run is the operator's post, so it names (and pings) no one."""
+    if event.replay_of is None:
+        return ""
+    p = event.origin.platform
+    why = f": {_bounded(event.replay_reason, lambda t: safe(t, p), 300)}" if event.replay_reason else ""
+    return f" · re-run of an earlier request{why}"
+
+
+def _who(event: JobEvent) -> str:
+    return "" if event.replay_of is not None else f"{mention(event.origin.user_id)} "
+
+
 def done(event: JobEvent) -> str:
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
@@ -176,7 +190,7 @@ def done(event: JobEvent) -> str:
     cached = " · from cache" if event.cache_level else ""
     if event.job == "finetune":
         return f"✅ {mention(event.origin.user_id)} {said(event.message or f'adapter {event.adapter} is ready', p)}"
-    return f"✅ {mention(event.origin.user_id)} {what}{seed_note}{cached}"
+    return f"✅ {_who(event)}{what}{seed_note}{cached}{rerun(event)}"
 
 
 def failed(event: JobEvent) -> str:
@@ -184,12 +198,12 @@ def failed(event: JobEvent) -> str:
         return f"❌ {mention(event.origin.user_id)} {said(event.message, event.origin.platform)}"
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
-    return f"❌ {mention(event.origin.user_id)} could not draw {what}: {said(event.message, p)}"
+    return f"❌ {_who(event)}could not draw {what}: {said(event.message, p)}{rerun(event)}"
 
 
 def blocked(event: JobEvent) -> str:
     """Shown only to the person who asked; never names the prompt in a channel."""
-    return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel."
+    return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel.{rerun(event)}"
 
 
 def slack_result_posted(event: JobEvent) -> str:

@@ -2,44 +2,52 @@
 
 Selection: a time range (offsets_for_times), explicit partition offsets, or request ids, from `skill.generate` or its
 DLQ. Modes:
-  --dry-run     (default) list what would be replayed, with counts per partition;
+  --dry-run     (default) list what would be replayed, with counts per partition (and, from the DLQ, each record's
+                error and how often it was republished);
   --reprocess   generate again here, bypassing the cache (e.g. after a model upgrade); images go to --sink DIR,
-                or to --channel PLATFORM:TEAM:CHANNEL, and back to the original channels only with --deliver; the
+                or to --channel PLATFORM:TEAM:CHANNEL (posted as the operator, naming no one), and back to the
+                original channels (a new message, in the original thread if there was one) only with --deliver; the
                 images pass the consumer's post-processing step, so a partly blocked request is withheld whole;
-  --republish   copy the records to the request topic with a `replay-of` header so the fleet does the work.
-Replay reads with no consumer group, so it never commits into (or moves) the live group. Republished records keep
-their request id: the consumers' cache and the delivery markers (per request id and event kind) make a second
-replay post nothing twice; with Redis configured, a marker per request id also skips the redundant work.
+  --republish   copy the records to the request topic so the fleet does the work (at most --rate N/s).
+Whatever is posted or republished is new work under a fresh request id, linked to the original by `replay_of` and
+the `replay-of` header, its origin re-sealed for that id with SKILL_SIGNING_KEY (consumer/replay_work.py); a marker
+per original request id keeps a second replay from doing it again (--force does), and a record republished
+--max-attempts times that is dead-lettered again stays in the DLQ. Replay reads with no consumer group, so it never
+commits into (or moves) the live group. Every run ends with a report: a table, and JSON in --report PATH
+(default ./out/replay-<replay id>.json), printed alone with --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import re
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from tqdm import tqdm
 
+from consumer.replay_work import (
+    MAX_ATTEMPTS,
+    UNDECODABLE,
+    WOULD,
+    Picked,
+    Report,
+    reprocess,
+    republish,
+)
 from consumer.settings import ConsumerSettings
-from schemas.codec import CodecError, decode, encode, header
-from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
-from skillgen.runtime.kafka import make_consumer, make_producer, partitions_of
-from skillgen.runtime.paths import under
-from skillgen.runtime.redis import Store
-from skillgen.safety import Decision, ImagePolicy, PromptPolicy, SafetySettings
-from skillgen.safety.decision import CHECK_FAILED
-from skillgen.safety.postprocess import ImageChecker, release
+from schemas.codec import CodecError, decode, header
+from schemas.messages import GenerateRequest, Origin, Platform
+from skillgen.runtime.kafka import make_consumer, partitions_of
 
 log = logging.getLogger("skillgen.replay")
 # Whom a --channel post names: no person (an id of the right shape that no account has).
 NOBODY = {"discord": "0", "slack": "USLACKBOT", "console": "replay"}
-REPLAY_MARKER_TTL_S = 7 * 86400  # a republished request is not republished again for a week (--force does)
 
 
 class ReplayError(ValueError):
@@ -55,25 +63,6 @@ class Selection:
     start_offset: int | None = None
     end_offset: int | None = None  # exclusive
     request_ids: frozenset[str] = frozenset()
-
-
-@dataclass
-class Picked:
-    partition: int
-    offset: int
-    timestamp_ms: int
-    value: bytes
-    key: bytes | None
-    headers: list
-    request: GenerateRequest | None = None
-    error: str | None = None
-
-
-@dataclass
-class Summary:
-    selected: int = 0
-    per_partition: Counter = field(default_factory=Counter)
-    outcomes: Counter = field(default_factory=Counter)
 
 
 def _ms(dt: datetime) -> int:
@@ -147,33 +136,6 @@ async def select(settings: ConsumerSettings, sel: Selection) -> list[Picked]:
         await consumer.stop()
 
 
-async def republish(settings: ConsumerSettings, picked: list[Picked], replay_id: str, force: bool = False) -> Counter:
-    outcomes: Counter = Counter()
-    # Without Redis the marker lives in this run's memory: a second run may republish again, and the delivery
-    # markers downstream still keep anyone from seeing a result twice.
-    markers = Store.from_settings(settings)
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        for p in tqdm(picked, desc="republish", unit="req", disable=None):
-            if p.request is None:
-                outcomes["undecodable (left in place)"] += 1
-                continue
-            if not force and not await markers.add(f"replay:{p.request.request_id}", replay_id, REPLAY_MARKER_TTL_S):
-                outcomes["already replayed"] += 1
-                continue
-            value, headers = encode(
-                p.request,
-                [("replay-of", f"{p.partition}:{p.offset}".encode()), ("replay-id", replay_id.encode())],
-            )
-            await producer.send_and_wait(settings.topics.generate, value, key=p.key, headers=headers)
-            outcomes["republished"] += 1
-    finally:
-        await producer.stop()
-        await markers.close()
-    return outcomes
-
-
 def parse_channel(text: str) -> Origin:
     parts = text.split(":")
     if len(parts) < 3 or parts[0] not in {p.value for p in Platform}:
@@ -187,92 +149,19 @@ def parse_channel(text: str) -> Origin:
         raise ReplayError(f"--channel {text!r}: {exc}") from None
 
 
-async def reprocess(
-    settings: ConsumerSettings, picked: list[Picked], engine, sink: Path | None, channel: Origin | None, deliver: bool,
-    image_policy: ImageChecker | None = None,
-) -> Counter:
-    """Generate again with no cache. The prompt policy applies as in the consumer, and the images go through the
-    consumer's own post-processing step (`release`): one blocked image withholds the whole request, so nothing
-    of it is stored, written to the sink or posted. `image_policy` defaults to the one the consumer builds."""
-    from consumer.keys import image_seeds
-    from skillgen.inference.engine import BatchSpec, Sample
-    from skillgen.runtime.blobstore import BlobStore
-
-    prompt_policy = PromptPolicy.from_settings()
-    if image_policy is None:
-        device = "cuda" if settings.device == "cuda" else "cpu"
-        image_policy = await asyncio.to_thread(ImagePolicy.from_settings, SafetySettings(), device)
-    blobs = BlobStore(settings.blob_url)
-    outcomes: Counter = Counter()
-    producer = None
-    if channel is not None or deliver:
-        producer = make_producer(settings)
-        await producer.start()
-    try:
-        for p in tqdm(picked, desc="reprocess", unit="req", disable=None):
-            req = p.request
-            if req is None:
-                outcomes["undecodable (skipped)"] += 1
-                continue
-            origin = channel or req.origin
-            verdict = prompt_policy.check(req.prompt, req.negative_prompt)
-            if not verdict.allowed:
-                outcomes["blocked"] += 1
-                await _emit(producer, settings, req, origin, EventKind.blocked, message=verdict.reason)
-                continue
-            if req.adapter is not None:
-                outcomes["skipped (adapter)"] += 1  # adapters resolve per team in the consumer; republish those
-                continue
-            spec = BatchSpec(req.width, req.height, req.steps, req.guidance, req.scheduler)
-            seeds = image_seeds(req)
-            images = await asyncio.to_thread(engine.generate, spec, [Sample(req.prompt, req.negative_prompt, s) for s in seeds])
-            released = await asyncio.to_thread(release, images, seeds, image_policy, blobs)
-            if isinstance(released, Decision):
-                log.warning("replayed request %s withheld (%s: %s)", req.request_id, released.category, released.detail)
-                if released.category == CHECK_FAILED:  # nothing vouched for the images: not a verdict, try again
-                    outcomes["failed (safety check)"] += 1
-                    await _emit(producer, settings, req, origin, EventKind.failed, message=released.reason)
-                else:
-                    outcomes["blocked"] += 1
-                    await _emit(producer, settings, req, origin, EventKind.blocked, message=released.reason)
-                continue
-            if sink is not None:
-                sink.mkdir(parents=True, exist_ok=True)
-                for i, ref in enumerate(released):
-                    under(sink, f"{req.request_id}-{i}.png").write_bytes(blobs.get(ref))
-            await _emit(producer, settings, req, origin, EventKind.succeeded, blobs=released)
-            outcomes["reprocessed"] += 1
-    finally:
-        if producer is not None:
-            await producer.stop()
-    return outcomes
-
-
-async def _emit(producer, settings, req: GenerateRequest, origin: Origin, kind: EventKind, **fields) -> None:
-    if producer is None:
-        return
-    if origin.seal is None and settings.signing_key is not None:
-        # --channel: the operator chose this channel, so replay seals it as the bots seal what they accept.
-        origin = origin.sealed(req.request_id, settings.signing_key.get_secret_value().encode())
-    event = JobEvent(request_id=req.request_id, kind=kind, origin=origin, prompt=req.prompt, **fields)
-    value, headers = encode(event, [("replay", b"1")])
-    await producer.send_and_wait(settings.topics.events, value, key=req.request_id.encode(), headers=headers)
-
-
-def print_table(title: str, rows: list[tuple[str, int]]) -> None:
-    width = max([len(r[0]) for r in rows] + [len(title)])
-    print(f"\n{title}")
-    print("-" * (width + 10))
-    for name, n in rows:
-        print(f"{name:<{width}}  {n:>8}")
-
-
 def _when(text: str) -> datetime:
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO time: {text!r} (e.g. 2026-11-29T14:00 or 2026-11-29T14:00+01:00)")
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _rate(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*(s|sec|m|min))?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 20/s or 300/min)")
+    return float(m.group(1)) / (60 if (m.group(2) or "s").startswith("m") else 1)
 
 
 def add_arguments(parser) -> None:
@@ -290,7 +179,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sink", type=Path, help="with --reprocess: write PNGs here")
     parser.add_argument("--channel", help="with --reprocess: post to this channel instead, e.g. slack:T01:C02")
     parser.add_argument("--deliver", action="store_true", help="with --reprocess: post back to the original channels")
-    parser.add_argument("--force", action="store_true", help="with --republish: replay even what was replayed before")
+    parser.add_argument("--reason", help="why this re-run: shown in what --deliver and --channel post")
+    parser.add_argument("--force", action="store_true", help="re-run even what was re-run before")
+    parser.add_argument("--rate", type=_rate, help="with --republish: at most this many records, e.g. 20/s")
+    parser.add_argument("--max-attempts", type=int, default=MAX_ATTEMPTS,
+                        help=f"with --republish: leave a record republished this often in the DLQ (default {MAX_ATTEMPTS})")
+    parser.add_argument("--report", type=Path, help="write the JSON report here (default ./out/replay-<id>.json)")
+    parser.add_argument("--json", action="store_true", help="print the JSON report only (for scripts)")
     parser.set_defaults(mode="dry-run")
 
 
@@ -301,33 +196,54 @@ def run(args) -> int:
         raise ReplayError("--sink, --channel and --deliver go with --reprocess")
     if args.mode == "reprocess" and not (args.sink or args.channel or args.deliver):
         raise ReplayError("--reprocess needs somewhere to put results: --sink DIR, --channel, or --deliver")
+    if args.reason is not None and len(args.reason) > 300:
+        raise ReplayError("--reason is at most 300 characters")
     sel = Selection(
         args.source, args.since, args.until, args.partition, args.start_offset, args.end_offset, frozenset(args.request_id)
     )
     return asyncio.run(main(ConsumerSettings(), sel, args))
 
 
-async def main(settings: ConsumerSettings, sel: Selection, args) -> int:
+def _line(p: Picked) -> str:
+    what = repr(p.request.prompt[:60]) if p.request else f"undecodable: {p.error}"
+    rid = p.request.request_id if p.request else "-"
+    ts = datetime.fromtimestamp(p.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
+    extra = [f"replay-of {p.original}" if p.request and p.original != rid else "",
+             f"attempt {p.attempt}" if p.attempt else "", f"error: {p.dlq_error}" if p.dlq_error else ""]
+    return "\t".join([f"{p.partition}:{p.offset}", ts, rid, what, *filter(None, extra)])
+
+
+async def main(settings: ConsumerSettings, sel: Selection, args, *, engine=None, image_policy=None) -> int:
+    """One replay; `engine` and `image_policy` default to the consumer's (tests pass their own)."""
+    opt = lambda name, default=None: getattr(args, name, default)
+    if (args.mode == "republish" or opt("channel") or opt("deliver")) and settings.signing_key is None:
+        raise ReplayError("--republish, --deliver and --channel send work out under a fresh request id whose origin "
+                          "replay must seal: set SKILL_SIGNING_KEY, the key the bots and delivery use")
+    report = Report(uuid.uuid4().hex[:12], args.mode, sel.source, opt("reason"))
     picked = await select(settings, sel)
-    summary = Summary(selected=len(picked))
-    for p in picked:
-        summary.per_partition[p.partition] += 1
+    report.select(picked)
     if args.mode == "dry-run":
         for p in picked:
-            what = repr(p.request.prompt[:60]) if p.request else f"undecodable: {p.error}"
-            rid = p.request.request_id if p.request else "-"
-            ts = datetime.fromtimestamp(p.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
-            print(f"{p.partition}:{p.offset}\t{ts}\t{rid}\t{what}")
-        summary.outcomes["would replay"] = sum(p.request is not None for p in picked)
-        summary.outcomes["undecodable"] = sum(p.request is None for p in picked)
+            report.note(p, WOULD if p.request else UNDECODABLE, attempt=p.attempt or None,
+                        replay_of=p.original if p.request and p.original != p.request.request_id else None)
+            if not opt("json"):
+                print(_line(p))
     elif args.mode == "republish":
-        summary.outcomes = await republish(settings, picked, uuid.uuid4().hex[:12], args.force)
+        await republish(settings, picked, report, force=opt("force", False), rate_per_s=opt("rate"),
+                        max_attempts=opt("max_attempts", MAX_ATTEMPTS))
     else:
-        from consumer.worker import load_engine_from
+        if engine is None:
+            from consumer.worker import load_engine_from
 
-        engine = await asyncio.to_thread(load_engine_from, settings)
-        channel = parse_channel(args.channel) if args.channel else None
-        summary.outcomes = await reprocess(settings, picked, engine, args.sink, channel, args.deliver)
-    print_table(f"selected {summary.selected} record(s)", [(f"partition {k}", v) for k, v in sorted(summary.per_partition.items())])
-    print_table(args.mode, sorted(summary.outcomes.items()))
+            engine = await asyncio.to_thread(load_engine_from, settings)
+        channel = parse_channel(args.channel) if opt("channel") else None
+        await reprocess(settings, picked, engine, opt("sink"), channel, opt("deliver", False), image_policy,
+                        report=report, force=opt("force", False))
+    report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    path = opt("report") or Path("out") / f"replay-{report.replay_id}.json"
+    report.write(path)
+    if opt("json"):
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(f"\nselected {report.counts['selected']} record(s)\n{report.table()}\nreport: {path}")
     return 0

@@ -321,7 +321,7 @@ class Worker:
         req: GenerateRequest = job.message
         event = JobEvent(
             request_id=req.request_id, kind=kind, origin=req.origin, prompt=req.prompt,
-            adapter=str(req.adapter) if req.adapter else None, **fields,
+            adapter=str(req.adapter) if req.adapter else None, replay_of=req.replay_of, **fields,
         )
         value, headers = encode(event)
         return value, headers, req.request_id.encode()

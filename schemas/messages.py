@@ -181,6 +181,8 @@ class GenerateRequest(_Message):
     adapter: AdapterRef | None = None
     # A re-roll asks for a fresh seed on purpose; it must not be deduplicated against the original.
     reroll: int = Field(default=0, ge=0, le=1_000_000)
+    # A replay's copy under a fresh id: the request id it re-runs (the consumer copies it into its events).
+    replay_of: RequestId | None = None
     created_at: datetime = Field(default_factory=_now)
 
     @field_validator("prompt")
@@ -276,6 +278,9 @@ class JobEvent(_Message):
     cache_level: Literal["l1", "l2", "flight"] | None = None
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     adapter: str | None = None
+    # A re-run (`skillgen replay`): the request id it re-runs, and the operator's reason, shown in the post.
+    replay_of: RequestId | None = None
+    replay_reason: str | None = Field(default=None, max_length=300)
     created_at: datetime = Field(default_factory=_now)
 
     @model_validator(mode="after")
