@@ -10,11 +10,17 @@ token instead.
 While Redis is unreachable the write lands in the bot's own memory, which delivery cannot see: results of
 requests accepted during the outage go to the channel as new messages (the token path is an optimisation, the
 channel post is the guarantee).
+
+Next to the token the bot keeps the id of the interaction's original response (the message "queued" was written
+into), for longer than the token lives (ORIGINAL_TTL_S): past the token's 15 minutes delivery edits that same
+message with the bot token (Discord lets a bot edit its non-ephemeral interaction responses that way), so one
+request stays one evolving message however long it takes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +31,8 @@ from skillgen.runtime.redis import Store
 log = logging.getLogger("skillgen.credentials")
 
 TOKEN_LIFETIME_S = 15 * 60  # Discord's, from the interaction's creation
+ORIGINAL_TTL_S = 7 * 86400  # a training may take hours; its message is edited until the result
+_SNOWFLAKE = r"^[0-9]{1,20}$"
 
 
 class Interaction(BaseModel):
@@ -54,6 +62,19 @@ class Interactions:
         left_s = TOKEN_LIFETIME_S - interaction.age_s()
         if left_s > 1:
             await self.store.put(self.key(request_id), interaction.model_dump_json(), left_s)
+
+    @staticmethod
+    def original_key(request_id: RequestId) -> str:
+        return f"discord:original:{request_id}"
+
+    async def remember_original(self, request_id: RequestId, message_id: str) -> None:
+        """The id of the interaction's original response (non-ephemeral), for bot-token edits after the token."""
+        if re.fullmatch(_SNOWFLAKE, message_id):
+            await self.store.put(self.original_key(request_id), message_id, ORIGINAL_TTL_S)
+
+    async def original(self, request_id: RequestId) -> str | None:
+        raw = await self.store.get(self.original_key(request_id))
+        return raw if raw is not None and re.fullmatch(_SNOWFLAKE, raw) else None
 
     async def recall(self, request_id: RequestId) -> Interaction | None:
         raw = await self.store.get(self.key(request_id))

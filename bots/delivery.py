@@ -389,7 +389,7 @@ async def open_delivery(settings: DeliverySettings, consumer_options: dict | Non
             if settings.discord_token is not None:
                 posters[Platform.discord] = DiscordPoster(
                     session, settings.discord_api_base, settings.discord_token.get_secret_value(), store,
-                    settings.webhook_max_age_s,
+                    settings.webhook_max_age_s, settings.max_retry_after_s,
                 )
             if settings.slack_bot_token is not None:
                 client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_base)

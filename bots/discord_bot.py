@@ -25,6 +25,7 @@ from bots.intake import Intake
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
+    MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_STEPS,
     GenerateRequest,
@@ -35,6 +36,10 @@ from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
 
 log = logging.getLogger("skillgen.discord")
+
+# Option limits Discord's client enforces as the person types (a longer value cannot be sent at all):
+# the prompt and `no` as the request allows; an adapter reference is a name (64) and @v plus a version.
+MAX_ADAPTER_REF_CHARS = 80
 
 
 
@@ -58,12 +63,17 @@ def origin_of(interaction: discord.Interaction) -> Origin:
     )
 
 
-async def remember_token(intake: Intake, interaction: discord.Interaction, request_id: str) -> None:
-    """Keep the interaction token where delivery finds it (Redis, by request id; never Kafka). Called before the
-    request is published, so delivery's first edit can use it."""
+async def remember_token(intake: Intake, interaction: discord.Interaction, request_id: str,
+                         original: discord.Message | None = None) -> None:
+    """Keep the interaction token where delivery finds it (Redis, by request id; never Kafka), and the id of the
+    original response, which delivery edits with the bot token once the token is dead. Called before the request
+    is published, so delivery's first edit can use them."""
     # The token's 15 minutes run from the interaction's creation, which its snowflake id records.
-    await Interactions(intake.store).remember(request_id, str(interaction.application_id), interaction.token,
-                                              interaction.created_at)
+    interactions = Interactions(intake.store)
+    await interactions.remember(request_id, str(interaction.application_id), interaction.token,
+                                interaction.created_at)
+    if original is not None:
+        await interactions.remember_original(request_id, str(original.id))
 
 
 class SkillBot(discord.Client):
@@ -125,9 +135,9 @@ class SkillBot(discord.Client):
         # "queued" is written before publishing so it can never land after delivery's first edit.
         # Only the author may be pinged: a prompt that quotes <@someone> must not reach them.
         only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
-        await interaction.edit_original_response(content=render.queued(req), allowed_mentions=only_author)
+        original = await interaction.edit_original_response(content=render.queued(req), allowed_mentions=only_author)
         try:
-            await remember_token(self.intake, interaction, req.request_id)
+            await remember_token(self.intake, interaction, req.request_id, original)
             await self.intake.publish(req)
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
@@ -151,14 +161,14 @@ def _skill_command(bot: SkillBot) -> app_commands.Command:
     )
     async def skill(
         interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, 1000],
-        no: str | None = None,
-        ar: str | None = None,
-        size: str | None = None,
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+        no: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        ar: app_commands.Range[str, 1, 16] | None = None,
+        size: app_commands.Range[str, 1, 16] | None = None,
         steps: app_commands.Range[int, 1, MAX_STEPS] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         n: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
-        adapter: str | None = None,
+        adapter: app_commands.Range[str, 1, MAX_ADAPTER_REF_CHARS] | None = None,
     ) -> None:
         options = {"no": no, "ar": ar, "size": size, "steps": steps, "seed": seed, "n": n, "adapter": adapter}
         await bot.on_skill(interaction, prompt, options)

@@ -3,12 +3,18 @@
 Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
 rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for a while
 (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it.
+
+`admit` and `remix` run before a chat command is acknowledged (Discord: 3 seconds), so what they ask Redis is
+time-boxed to PRE_ACK_S all together: the rate-limit check falls back to the limiter's own windows (and its
+breaker), and a remembered request that cannot be read in time is answered with a "try again" refusal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,6 +38,8 @@ log = logging.getLogger("skillgen.intake")
 NOT_ALLOWED = (
     "skillgen is not enabled for this {where}. Ask whoever runs it to add `{who}` to SKILL_ALLOWED_TEAMS."
 )
+PRE_ACK_S = 1.5  # Redis's share of Discord's 3 seconds before the acknowledgement
+SLOW = "I could not look up the request behind this button just now; try again in a minute."
 FORGOTTEN = (
     "I no longer have the request behind this button (results can be re-rolled for a limited time); "
     "run /skill again with the same prompt."
@@ -75,14 +83,19 @@ class Intake:
         if req is None:
             return None
         self.check_prompt(req.prompt, req.negative_prompt)
-        await self.limiter.admit(origin, req.num_images)
+        await self.limiter.admit(origin, req.num_images, PRE_ACK_S)
         return req
 
     async def remix(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
         on behalf of whoever clicked, in the channel they clicked in."""
         self.check_team(origin)
-        raw = await self.store.get(f"req:{request_id}")
+        deadline = time.monotonic() + PRE_ACK_S
+        try:
+            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), PRE_ACK_S)
+        except TimeoutError:
+            log.warning("Redis took over %.1fs to read a remembered request", PRE_ACK_S)
+            raise Refusal(SLOW) from None
         if raw is None:
             raise Refusal(FORGOTTEN)
         old = GenerateRequest.model_validate_json(raw)
@@ -95,7 +108,7 @@ class Intake:
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
         self.check_prompt(req.prompt, req.negative_prompt)  # the policy may have changed since
-        await self.limiter.admit(origin, req.num_images)
+        await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
         return req
 
     def check_team(self, origin: Origin) -> None:

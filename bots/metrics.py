@@ -15,3 +15,9 @@ TRAIN_COMMANDS = Counter(
     "/skill-train, its cancel and /skill-adapters, by what became of them",
     ["platform", "command", "outcome"],
 )
+DROPPED = Counter("skill_delivery_dropped_total",
+                  "Posts delivery gave up on without a dead letter: a closed DM (Discord 50007), a result's ping",
+                  ["platform", "reason"])
+MISSING_PERMISSION = Counter("skill_delivery_missing_permission_total",
+                             "Results the bot could not post in their channel (Discord 50001/50013); the requester "
+                             "was sent a direct message instead", ["platform", "code"])

@@ -10,10 +10,16 @@ ten Discord servers gets one allowance, not ten. A team's limits count everyone 
 id>:...`). The people in SKILL_ADMINS (`discord:<user id>`, `slack:<user id>`) skip the per-person limits only;
 their team's rate and daily quota still count them, so an exempt person cannot spend a team's GPUs beyond what the
 team is given. Nobody else is exempt: a Discord server's administrators are limited like everyone in it.
+
+The check runs before a chat command is acknowledged (Discord allows 3 seconds), so Redis gets at most
+`time_box_s` (1.5 s) to answer. A Redis that takes longer (stopped, or a socket that accepts and never answers)
+trips a small breaker: this process uses its own windows for BREAKER_S (30 s) before it asks Redis again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections import defaultdict, deque
@@ -24,6 +30,11 @@ from typing import Literal
 from bots.errors import RateLimited, Refusal
 from schemas.messages import Origin
 from skillgen.runtime.redis import Store
+
+log = logging.getLogger("skillgen.ratelimit")
+
+TIME_BOX_S = 1.5  # of Discord's 3 s before an interaction must be acknowledged
+BREAKER_S = 30.0  # how long a slow Redis is left alone
 
 # KEYS: one sorted set per limit (member = one unit, score = time in ms).
 # ARGV: count, window_ms, cost for each key, then a unique id for this call's members.
@@ -78,11 +89,15 @@ def limits_from(settings) -> list[Limit]:
 
 
 class RateLimiter:
-    def __init__(self, limits: list[Limit], store: Store, admins: set[str] = frozenset()):
+    def __init__(self, limits: list[Limit], store: Store, admins: set[str] = frozenset(),
+                 time_box_s: float = TIME_BOX_S, breaker_s: float = BREAKER_S):
         self.limits = limits
         self.store = store
         self.admins = set(admins)
+        self.time_box_s = time_box_s
+        self.breaker_s = breaker_s
         self._local: dict[str, deque[float]] = defaultdict(deque)
+        self._local_until = 0.0  # the breaker: local windows only until then
 
     @classmethod
     def from_settings(cls, settings, store: Store) -> RateLimiter:
@@ -92,7 +107,12 @@ class RateLimiter:
         """In SKILL_ADMINS: exempt from the per-person limits (never from the team's)."""
         return f"{origin.platform.value}:{origin.user_id}" in self.admins
 
-    async def admit(self, origin: Origin, images: int) -> None:
+    @property
+    def local_only(self) -> bool:
+        """The breaker is open: a slow Redis is left alone for now."""
+        return time.monotonic() < self._local_until
+
+    async def admit(self, origin: Origin, images: int, within_s: float | None = None) -> None:
         """Count one request of `images` images against every limit that applies to this person, or raise
         RateLimited and count nothing. Exemptions come from SKILL_ADMINS alone."""
         exempt = self.is_admin(origin)
@@ -104,7 +124,7 @@ class RateLimiter:
                 raise Refusal(f"--n {images} is more than {limit.describe()}; ask for at most {limit.count}")
         keys = [self._key(limit, origin) for limit in limits]
         costs = [images if limit.unit == "images" else 1 for limit in limits]
-        wait_s, which = await self._admit(limits, keys, costs)
+        wait_s, which = await self._admit(limits, keys, costs, within_s)
         if wait_s > 0:
             retry_at = time.time() + wait_s
             at = datetime.fromtimestamp(retry_at, timezone.utc).strftime("%H:%M:%S UTC")
@@ -120,14 +140,25 @@ class RateLimiter:
         who = origin.user_id if limit.scope == "user" else origin.team_id
         return f"rl:{limit.scope}:{origin.platform.value}:{who}:{limit.unit}:{limit.window_s}"
 
-    async def _admit(self, limits: list[Limit], keys: list[str], costs: list[int]) -> tuple[float, int]:
+    async def _admit(self, limits: list[Limit], keys: list[str], costs: list[int],
+                     within_s: float | None = None) -> tuple[float, int]:
+        if self.local_only:
+            return self._admit_local(limits, keys, costs)
         argv: list[object] = []
         for limit, cost in zip(limits, costs):
             argv += [limit.count, limit.window_s * 1000, cost]
         names = [self.store.key(k) for k in keys]
         # Without Redis the windows are this process's: each replica admits up to the limit on its own.
-        result = await self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
-                                       lambda: None)
+        box_s = self.time_box_s if within_s is None else max(0.05, min(within_s, self.time_box_s))
+        try:
+            result = await asyncio.wait_for(
+                self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
+                                lambda: None), box_s)
+        except TimeoutError:
+            self._local_until = time.monotonic() + self.breaker_s
+            log.warning("Redis took over %.1fs to check a rate limit: this process keeps its own windows for %.0fs",
+                        box_s, self.breaker_s)
+            result = None
         if result is None:
             return self._admit_local(limits, keys, costs)
         return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)

@@ -215,6 +215,29 @@ def slack_cannot_upload(event: JobEvent) -> str:
     return f"❌ {mention(event.origin.user_id)} I could not post the images here: invite me with `/invite @skillgen`."
 
 
+DISCORD_MAX_CHARS = 2000  # a Discord message's content
+
+
+def discord_clip(text: str) -> str:
+    """Discord refuses content over 2000 characters (400 50035): longer text is cut, with an ellipsis."""
+    return text if len(text) <= DISCORD_MAX_CHARS else text[: DISCORD_MAX_CHARS - 1] + "…"
+
+
+def discord_ping(event: JobEvent) -> str:
+    """The follow-up that notifies the requester of a result shown by an edit (edits never notify)."""
+    what = "is ready" if event.kind == EventKind.succeeded else "could not be done"
+    job = "Your training" if event.job == "finetune" else "Your picture"
+    return f"🔔 {mention(event.origin.user_id)} {job} {what} (above)."
+
+
+def discord_missing_permission(channel_id: str, access: bool) -> str:
+    """Told privately when the bot may not post in the channel a request came from (403 50001 / 50013)."""
+    lacking = "cannot see" if access else "is not allowed to post in"
+    return (f"⚠️ I could not post your result in <#{channel_id}>: the bot {lacking} that channel. Ask a server "
+            "admin to give the bot View Channel, Send Messages, Attach Files, Embed Links and Read Message History "
+            "there (and Send Messages in Threads for threads). Here is your result:")
+
+
 def discord_buttons(request_id: str) -> list[dict]:
     return [
         {

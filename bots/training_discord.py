@@ -79,22 +79,30 @@ class DiscordTraining:
             cmd = train_command(name, trigger, steps, caption)
             check_allowed(self.settings.train_permissions, origin, member_of(interaction))
             check_files([attached(f) for f in files], self.settings.ingest)
-            # The URL check resolves host names: off the event loop.
-            req = await asyncio.to_thread(finetune_request, cmd, origin, [f.url for f in files], self.settings)
         except TrainCommandError as exc:
             TRAIN_COMMANDS.labels("discord", "train", "refused").inc()
             await interaction.response.send_message(f"❌ {exc}", ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
+        try:
+            # The URL check resolves host names, which may take longer than Discord's 3 seconds allow before the
+            # acknowledgement: after the defer, off the event loop.
+            req = await asyncio.to_thread(finetune_request, cmd, origin, [f.url for f in files], self.settings)
+        except TrainCommandError as exc:
+            TRAIN_COMMANDS.labels("discord", "train", "refused").inc()
+            # Refusals stay private: the channel's "thinking..." goes, the reason is an ephemeral follow-up.
+            await interaction.delete_original_response()
+            await interaction.followup.send(f"❌ {exc}", ephemeral=True)
+            return
         only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
         what = "one zip" if len(files) == 1 and attached(files[0]).kind == "zip" else f"{len(files)} images"
-        await interaction.edit_original_response(
+        original = await interaction.edit_original_response(
             content=f"⏳ {mention(origin.platform, origin.user_id)} training `{req.adapter}` queued: {what}, "
                     f"{req.steps} steps, trigger word `{req.trigger}`",
             allowed_mentions=only_author,
         )
         try:
-            await remember_token(self.bot.intake, interaction, req.request_id)
+            await remember_token(self.bot.intake, interaction, req.request_id, original)
             await self.bot.intake.send(self.topics.finetune, req, key=finetune_key(req))
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))

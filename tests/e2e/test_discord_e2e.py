@@ -70,8 +70,8 @@ async def test_discord_e2e_png_in_the_thread_exactly_once_across_a_delivery_rest
             await asyncio.sleep(0.2)
         assert second.handled >= len(events)
     assert len(discord.matching(final_edit(it.token))) == 1
-    [shown] = discord.channel(THREAD_ID)
-    assert shown is it.original and len(shown.pngs) == 1
+    shown, ping = discord.channel(THREAD_ID)  # the result, and the follow-up that pings the requester
+    assert shown is it.original and len(shown.pngs) == 1 and ping.via == "followup" and not ping.pngs
     assert shown.content.startswith("✅") and shown.components[0]["components"][0]["label"] == "Re-roll"
     assert req.origin.thread_id == THREAD_ID
 

@@ -5,6 +5,19 @@ when someone runs a slash command; `fake.click(custom_id, message_id)` does the 
 call is recorded (`fake.calls`); messages are kept in `fake.messages`, so a test reads what a channel shows.
 Files a user attaches to a command (`fake.attachment(...)`) are served from the fake's own CDN path, and the
 guild (with its roles) is announced by GUILD_CREATE after READY, as the guilds intent has Discord do.
+
+It is as strict as Discord where delivery can go wrong (each documented by Discord; docs/chat-apps.md):
+- an interaction callback more than 3 s after the interaction answers 404 10062 (Unknown interaction), and the
+  interaction webhook 401 50027 (Invalid Webhook Token) once the token is 15 minutes old. Time is the fake's
+  `clock` (injectable; `advance(s)` moves it on), so a test ages a token without waiting;
+- a bot may edit a non-ephemeral interaction response with its bot token (PATCH /channels/{c}/messages/{id});
+- `forbid(channel, 50001 or 50013)` makes bot-token posts there answer 403 Missing Access / Missing Permissions,
+  and `close_dms(user)` a DM to that user 403 50007 (Cannot send messages to this user);
+- a message with content over 2000 characters, more than 5 action rows or more than 10 attachments answers 400
+  50035 (Invalid Form Body);
+- every REST answer carries X-RateLimit-Limit/Remaining/Reset-After/Bucket; `exhaust(path_regex, reset_after_s)`
+  makes the next matching answer say Remaining 0, and a call to that bucket before its reset then gets a 429;
+  `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global).
 """
 
 from __future__ import annotations
@@ -12,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -57,6 +72,7 @@ class Message:
     deleted: bool = False
     interaction_token: str | None = None
     edits: int = 0
+    reference: str | None = None  # the message this one replies to
 
     @property
     def ephemeral(self) -> bool:
@@ -78,6 +94,8 @@ class Message:
             ],
             "pinned": False, "type": 0, "flags": self.flags, "components": self.components,
             "application_id": APPLICATION_ID, "webhook_id": APPLICATION_ID if self.via != "bot" else None,
+            **({"message_reference": {"message_id": self.reference, "channel_id": self.channel_id}}
+               if self.reference else {}),
         }
 
 
@@ -105,10 +123,27 @@ class Interaction:
     user_id: str
     callbacks: list[int] = field(default_factory=list)  # response types the bot answered with
     original: Message | None = None
+    created_s: float = 0.0  # on the fake's clock
+
+    def age_s(self, now_s: float) -> float:
+        return now_s - self.created_s
+
+
+CALLBACK_DEADLINE_S = 3.0
+TOKEN_LIFETIME_S = 15 * 60
+MAX_CONTENT, MAX_ROWS, MAX_FILES = 2000, 5, 10
+BUCKET_LIMIT = 5
+PERMISSION_ERRORS = {50001: "Missing Access", 50013: "Missing Permissions"}
+
+
+def route_of(method: str, path: str) -> str:
+    """A rate-limit route: the method and the path with message ids left out (channel and webhook stay: they are
+    Discord's major parameters)."""
+    return method + " " + re.sub(r"/messages/[^/]+", "/messages/:id", path)
 
 
 class FakeDiscord(FakePlatform):
-    def __init__(self, bot_token: str = BOT_TOKEN):
+    def __init__(self, bot_token: str = BOT_TOKEN, clock: Callable[[], float] = time.time):
         super().__init__([web.get("/gateway", self._gateway), web.route("*", "/api/v10/{tail:.*}", self._rest),
                           web.get("/attachments/{id}/{filename}", self._cdn)])
         self.bot_token = bot_token
@@ -122,6 +157,33 @@ class FakeDiscord(FakePlatform):
                             {"id": TRAINER_ROLE_ID, "name": "trainers", "permissions": "0", "position": 1}]
         self.identified = asyncio.Event()
         self._seq = 0
+        self.clock = clock
+        self.skew_s = 0.0
+        self.forbidden: dict[str, int] = {}  # channel id -> 50001 or 50013, for bot-token posts
+        self.closed_dms: set[str] = set()  # user ids whose DMs answer 403 50007
+        self._exhausted: list[list] = []  # [path regex, reset_after_s, times]
+        self._buckets: dict[str, float] = {}  # bucket -> clock time its Remaining 0 resets
+        self._global_429s: list[float] = []
+
+    # -- how strict it is --------------------------------------------------------------------------------
+    def now_s(self) -> float:
+        return self.clock() + self.skew_s
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock on (tokens age, rate-limit buckets reset)."""
+        self.skew_s += seconds
+
+    def forbid(self, channel_id: str, code: int = 50013) -> None:
+        self.forbidden[channel_id] = code
+
+    def close_dms(self, user_id: str) -> None:
+        self.closed_dms.add(user_id)
+
+    def exhaust(self, path_regex: str, reset_after_s: float = 1.0, times: int = 1) -> None:
+        self._exhausted.append([re.compile(path_regex), reset_after_s, times])
+
+    def global_limit(self, retry_after_s: float = 1.0, times: int = 1) -> None:
+        self._global_429s += [retry_after_s] * times
 
     @property
     def api_base(self) -> str:
@@ -193,7 +255,8 @@ class FakeDiscord(FakePlatform):
                         permissions: str, created_ms: int | None, message: dict | None = None,
                         roles: list[str] = ()) -> Interaction:
         await asyncio.wait_for(self.identified.wait(), 20)
-        interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id)
+        interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id,
+                                  created_s=self.now_s() if created_ms is None else created_ms / 1000)
         self.interactions[interaction.token] = interaction
         channel = {"id": channel_id, "guild_id": guild_id, "name": "general", "type": 0, "position": 0,
                    "permission_overwrites": [], "nsfw": False, "parent_id": None}
@@ -218,7 +281,8 @@ class FakeDiscord(FakePlatform):
 
     def deferred(self, *, channel_id: str = CHANNEL_ID, guild_id: str = GUILD_ID, user_id: str = USER_ID) -> Interaction:
         """An interaction a bot has already deferred ("thinking..."), for testing delivery without a bot."""
-        interaction = Interaction(snowflake(), secrets.token_urlsafe(24), channel_id, guild_id, user_id, [5])
+        interaction = Interaction(snowflake(), secrets.token_urlsafe(24), channel_id, guild_id, user_id, [5],
+                                  created_s=self.now_s())
         interaction.original = self._new_message(channel_id, "interaction", {}, [], interaction.token)
         self.interactions[interaction.token] = interaction
         return interaction
@@ -278,16 +342,58 @@ class FakeDiscord(FakePlatform):
         path = "/" + request.match_info["tail"]
         body, files = await read_body(request)
         fault = self.fault_for(request.method, path, body, files)
+        route = route_of(request.method, path)
+        bucket = f"{abs(hash(route.split('/messages/')[0])) % 10**12:012x}"
+        reset_s = self._buckets.get(bucket, 0.0) - self.now_s()
         if fault is not None:
             status, headers, answer = fault.status, fault.headers, fault.body or {"message": "fault", "code": 0}
+        elif self._global_429s:
+            after = self._global_429s.pop(0)
+            status, headers = 429, {"X-RateLimit-Global": "true", "X-RateLimit-Scope": "global",
+                                    "Retry-After": str(after)}
+            answer = {"message": "You are being rate limited.", "retry_after": after, "global": True}
+        elif reset_s > 0:
+            status, headers = 429, {"X-RateLimit-Scope": "user", "Retry-After": f"{reset_s:.3f}"}
+            answer = {"message": "You are being rate limited.", "retry_after": round(reset_s, 3), "global": False}
         else:
-            status, headers, answer = self._serve(request, path, body, files)
+            status, headers, answer = self._checked(request, path, body, files)
+        remaining, reset_after = BUCKET_LIMIT - 1, 1.0
+        for rule in self._exhausted:
+            if rule[2] > 0 and rule[0].search(path):
+                rule[2] -= 1
+                remaining, reset_after = 0, rule[1]
+                self._buckets[bucket] = self.now_s() + reset_after
+                break
+        headers = {"X-RateLimit-Limit": str(BUCKET_LIMIT), "X-RateLimit-Remaining": str(remaining),
+                   "X-RateLimit-Reset-After": f"{max(reset_after, reset_s):.3f}", "X-RateLimit-Bucket": bucket,
+                   **headers}
         await self.record(Call(request.method, path, now(), status, dict(request.headers), body, files))
         if status == 204:
             return web.Response(status=204, headers=headers)
         # discord.py parses a body as JSON only when the content type is exactly this, as Discord sends it.
         return web.Response(body=json.dumps(answer).encode(), status=status,
                             headers={**headers, "Content-Type": "application/json"})
+
+    def _checked(self, request: web.Request, path: str, body: dict, files: list[Upload]) -> tuple[int, dict, object]:
+        """Invalid Form Body and 403s before serving."""
+        data = body.get("data") if path.startswith("/interactions/") and isinstance(body.get("data"), dict) else body
+        errors = {}
+        if len(str(data.get("content") or "")) > MAX_CONTENT:
+            errors["content"] = f"Must be {MAX_CONTENT} or fewer in length."
+        if len(data.get("components") or []) > MAX_ROWS:
+            errors["components"] = f"Must be {MAX_ROWS} or fewer in length."
+        if len(files) > MAX_FILES or len(data.get("attachments") or []) > MAX_FILES:
+            errors["attachments"] = f"Must be {MAX_FILES} or fewer in length."
+        if errors:
+            return 400, {}, {"message": "Invalid Form Body", "code": 50035, "errors": errors}
+        parts = path.strip("/").split("/")
+        if parts[0] == "channels" and len(parts) >= 3 and parts[2] == "messages" and request.method in ("POST", "PATCH"):
+            code = self.forbidden.get(parts[1])
+            if code is not None:
+                return 403, {}, {"message": PERMISSION_ERRORS[code], "code": code}
+            if parts[1].startswith("dm-") and parts[1].removeprefix("dm-") in self.closed_dms:
+                return 403, {}, {"message": "Cannot send messages to this user", "code": 50007}
+        return self._serve(request, path, body, files)
 
     def _serve(self, request: web.Request, path: str, body: dict, files: list[Upload]) -> tuple[int, dict, object]:
         parts = path.strip("/").split("/")
@@ -297,13 +403,15 @@ class FakeDiscord(FakePlatform):
 
         if parts[0] == "interactions" and method == "POST":  # /interactions/{id}/{token}/callback
             interaction = self.interactions.get(parts[2])
-            if interaction is None:
+            if interaction is None or interaction.age_s(self.now_s()) > CALLBACK_DEADLINE_S:
                 return 404, {}, {"message": "Unknown interaction", "code": 10062}
             return self._callback(interaction, body, files)
         if parts[0] == "webhooks":  # /webhooks/{app}/{token}[/messages/@original]
             interaction = self.interactions.get(parts[2])
             if interaction is None or interaction.token in self.dead_tokens:
                 return 404, {}, {"message": "Unknown Webhook", "code": 10015}
+            if interaction.age_s(self.now_s()) > TOKEN_LIFETIME_S:
+                return 401, {}, {"message": "Invalid Webhook Token", "code": 50027}
             return self._webhook(interaction, method, parts[3:], body, files)
         if not bot_auth:
             return unauthorized
@@ -322,10 +430,17 @@ class FakeDiscord(FakePlatform):
             return 200, {}, msg.payload(None)
         if parts[0] == "channels" and len(parts) == 4 and parts[2] == "messages" and method == "PATCH":
             msg = self.messages.get(parts[3])
-            if msg is None or msg.deleted or msg.channel_id != parts[1] or msg.via != "bot":
+            # The bot's own messages, and (as Discord allows) its non-ephemeral interaction responses.
+            if msg is None or msg.deleted or msg.channel_id != parts[1] or msg.via == "followup" or msg.ephemeral:
                 return 404, {}, {"message": "Unknown Message", "code": 10008}
             self._edit(msg, body, files)
             return 200, {}, msg.payload(None)
+        if parts[0] == "channels" and len(parts) == 4 and parts[2] == "messages" and method == "DELETE":
+            msg = self.messages.get(parts[3])
+            if msg is None or msg.deleted or msg.channel_id != parts[1] or msg.via == "followup":
+                return 404, {}, {"message": "Unknown Message", "code": 10008}
+            msg.deleted = True
+            return 204, {}, None
         if path == "/users/@me/channels" and method == "POST":
             return 200, {}, {"id": f"dm-{body['recipient_id']}", "type": 1, "recipients": [], "last_message_id": None}
         return 404, {}, {"message": f"fake Discord does not serve {method} {path}", "code": 0}
@@ -333,7 +448,8 @@ class FakeDiscord(FakePlatform):
     def _new_message(self, channel_id: str, via: str, body: dict, files: list[Upload],
                      token: str | None = None) -> Message:
         msg = Message(snowflake(), channel_id, via, body.get("content") or "", files,
-                      body.get("components") or [], int(body.get("flags") or 0), interaction_token=token)
+                      body.get("components") or [], int(body.get("flags") or 0), interaction_token=token,
+                      reference=(body.get("message_reference") or {}).get("message_id"))
         self.messages[msg.id] = msg
         return msg
 

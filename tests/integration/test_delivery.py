@@ -61,7 +61,9 @@ async def test_discord_status_then_images_on_the_original_response_exactly_once(
     # The burst of seven status events made one edit (throttled); the late progress made none.
     assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=False))) == 1
     assert it.original.content.startswith(f"✅ <@{fd.USER_ID}> *a drummer's paradiddle* (seed 1, 2)")
-    assert [m.id for m in world.discord.channel(fd.CHANNEL_ID)] == [it.original.id]
+    # The result is the original response, edited; the one other message is the follow-up that pings.
+    shown, ping = world.discord.channel(fd.CHANNEL_ID)
+    assert shown is it.original and ping.via == "followup" and ping.content.startswith(f"🔔 <@{fd.USER_ID}>")
 
 
 async def test_a_429_retry_after_2_leads_to_one_post_at_least_2_seconds_later(world):
@@ -141,7 +143,8 @@ async def test_a_training_outliving_the_token_keeps_one_channel_message_current(
         await world.send(event(o, OK, r, job="finetune", adapter="circles@v1", prompt=None, blobs=[grid],
                                message="Adapter `circles@v1` is ready"))
         await world.discord.wait_for(lambda c: c.method == "PATCH" and c.files and c.path.startswith("/channels/"))
-    [msg] = [m for m in world.discord.channel(fd.CHANNEL_ID) if m.via == "bot"]
+    msg, ping = [m for m in world.discord.channel(fd.CHANNEL_ID) if m.via == "bot"]
+    assert ping.reference == msg.id and ping.content.startswith(f"🔔 <@{fd.USER_ID}> Your training is ready")
     assert msg.edits == 2 and msg.content.startswith(f"✅ <@{fd.USER_ID}> Adapter `circles@v1` is ready")
     assert len(msg.pngs) == 1
     assert world.discord.matching(lambda c: "/webhooks/" in c.path) == []  # the token is past its 15 minutes
@@ -449,6 +452,123 @@ async def test_a_pass_waits_in_line_only_as_long_as_max_retry_after_s_allows(tmp
         with pytest.raises(type(error)):
             await d._final(poster, e, claim, Waits(2.0))
         assert (poster.calls, slept) == (calls, waits), error
+
+
+# -- Discord as it really behaves (issue 16): dead tokens, permissions, pings, rate-limit headers, lengths -------
+def sample(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def remember_original(world: World, request_id: str, message_id: str) -> None:
+    """What the bot keeps when it writes "queued" into the original response."""
+    from bots.credentials import Interactions
+
+    store = Store.from_settings(world.settings())
+    try:
+        await Interactions(store).remember_original(request_id, message_id)
+    finally:
+        await store.close()
+
+
+async def dead_letters(world: World) -> list:
+    async with TopicReader(world.env.vars["SKILL_KAFKA_BOOTSTRAP"], world.env.topics.dlq(world.env.topics.events),
+                           JobEvent) as dlq:
+        records = []
+        for _ in range(4):
+            records += [r for rs in (await dlq.consumer.getmany(timeout_ms=250)).values() for r in rs]
+    return records
+
+
+async def test_a_401_invalid_webhook_token_edits_the_same_message_with_the_bot_token_and_pings(world):
+    it = world.discord.deferred()
+    o, r = world.discord_origin(it), rid()  # young by delivery's reckoning; the fake's clock says 16 minutes
+    await remember_original(world, r, it.original.id)
+    world.discord.advance(16 * 60)
+    async with world.running():
+        await world.send(event(o, OK, r, blobs=[world.image()]))
+        [ping] = await world.discord.wait_for(
+            lambda c: c.method == "POST" and c.path == f"/channels/{fd.CHANNEL_ID}/messages")
+    [refused] = world.discord.matching(lambda c: "/webhooks/" in c.path)
+    assert (refused.method, refused.status) == ("PATCH", 401)
+    [edit] = world.discord.matching(lambda c: c.path == f"/channels/{fd.CHANNEL_ID}/messages/{it.original.id}")
+    assert edit.status == 200 and edit.headers["Authorization"] == f"Bot {world.discord.bot_token}"
+    shown, reply = world.discord.channel(fd.CHANNEL_ID)
+    assert shown is it.original and len(shown.pngs) == 1 and shown.content.startswith(f"✅ <@{fd.USER_ID}>")
+    assert shown.components[0]["components"][0]["label"] == "Re-roll"
+    # The ping: a reply to the result that mentions the requester, and may ping nobody else.
+    assert reply.reference == it.original.id and f"<@{fd.USER_ID}>" in reply.content and not reply.pngs
+    assert ping.body["allowed_mentions"] == {"parse": [], "users": [fd.USER_ID]}
+    assert await dead_letters(world) == []
+
+
+async def test_a_channel_the_bot_may_not_post_in_gets_nothing_and_the_requester_a_dm_saying_what_to_grant(world):
+    it = world.discord.deferred()
+    world.discord.forbid(fd.CHANNEL_ID, 50013)
+    async with world.running():
+        await world.send(event(world.discord_origin(it, age_s=16 * 60), OK, rid(), blobs=[world.image()]))
+        [dm] = await world.discord.wait_for(lambda c: c.path == f"/channels/dm-{fd.USER_ID}/messages")
+    assert dm.status == 200 and dm.files[0].is_png
+    assert "Send Messages" in dm.body["content"] and "Attach Files" in dm.body["content"]
+    assert dm.body["content"].startswith(f"⚠️ I could not post your result in <#{fd.CHANNEL_ID}>")
+    [refused] = world.discord.matching(lambda c: c.path == f"/channels/{fd.CHANNEL_ID}/messages")
+    assert refused.status == 403 and world.discord.channel(fd.CHANNEL_ID) == [it.original]
+    assert await dead_letters(world) == []
+
+
+async def test_closed_dms_are_dropped_with_a_metric_and_never_dead_lettered(world):
+    done, blocked = world.discord.deferred(), world.discord.deferred()
+    world.discord.forbid(fd.CHANNEL_ID, 50001)
+    world.discord.close_dms(fd.USER_ID)
+    before = sample("skill_delivery_dropped_total", platform="discord", reason="dms_closed")
+    async with world.running():
+        await world.send(event(world.discord_origin(done, age_s=16 * 60), OK, rid(), blobs=[world.image()]),
+                         event(world.discord_origin(blocked, age_s=17 * 60), BLOCK, rid()))
+        dms = await world.discord.wait_for(lambda c: c.path == f"/channels/dm-{fd.USER_ID}/messages", count=2)
+        await asyncio.sleep(0.5)
+    assert [c.status for c in dms] == [403, 403]
+    assert sample("skill_delivery_dropped_total", platform="discord", reason="dms_closed") - before == 2
+    assert await dead_letters(world) == []
+
+
+async def test_a_bucket_with_no_remaining_calls_is_waited_out_before_its_next_call(world):
+    it = world.discord.deferred()
+    o, r = world.discord_origin(it), rid()
+    world.discord.exhaust(r"/messages/@original$", reset_after_s=1.0)  # the first edit leaves Remaining 0
+    async with world.running(edit_interval_s=0):
+        await world.send(event(o, S, r), event(o, OK, r, blobs=[world.image()]))
+        [final] = await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+    [status] = world.discord.matching(original_edits(world.discord, it.token, with_files=False))
+    assert status.headers is not None and final.at - status.at >= 1.0
+    assert world.discord.matching(lambda c: c.status == 429) == []  # waited, never limited
+
+
+async def test_a_global_429_holds_every_call_until_it_passes(world):
+    it = world.discord.deferred()
+    world.discord.global_limit(1.0)
+    async with world.running():
+        await world.send(event(world.discord_origin(it), OK, rid(), blobs=[world.image()]))
+        [final] = await world.discord.wait_for(original_edits(world.discord, it.token, with_files=True))
+    [limited] = world.discord.matching(lambda c: c.status == 429)
+    assert final.at - limited.at >= 1.0
+
+
+async def test_discord_content_over_2000_characters_is_clipped(world):
+    import aiohttp
+
+    from bots.discord_post import DiscordPoster
+
+    it = world.discord.deferred()
+    store = Store.from_settings(world.settings())
+    try:
+        async with aiohttp.ClientSession() as session:
+            poster = DiscordPoster(session, world.discord.api_base, world.discord.bot_token, store)
+            await poster._call("PATCH", f"/webhooks/{fd.APPLICATION_ID}/{it.token}/messages/@original",
+                               {"content": "x" * 2500})
+    finally:
+        await store.close()
+    assert len(it.original.content) == 2000 and it.original.content.endswith("x…")
 
 
 # -- Slack as it really behaves (issue 16) ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ from bots import discord_bot, render
 from bots.credentials import Interactions
 from bots.intake import FORGOTTEN, NOT_ALLOWED
 from bots.settings import DiscordSettings
-from schemas.messages import EventKind, GenerateRequest
+from schemas.messages import MAX_PROMPT_CHARS, EventKind, GenerateRequest
 from skillgen.runtime.redis import Store
 from skillgen.runtime.settings import CommonSettings
 from tests.fakes.discord import (
@@ -86,6 +86,10 @@ async def test_the_command_is_registered_with_typed_options(bot):
     assert skill["name"] == "skill" and options["prompt"]["required"]
     assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter"}
     assert (options["n"]["min_value"], options["n"]["max_value"]) == (1, 4)
+    # Discord's client enforces these as the person types: nothing longer than the request allows is sent.
+    assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, MAX_PROMPT_CHARS) == (1, 500)
+    assert options["no"]["max_length"] == 500 and options["size"]["max_length"] == options["ar"]["max_length"] == 16
+    assert options["adapter"]["max_length"] == discord_bot.MAX_ADAPTER_REF_CHARS
 
 
 async def test_a_command_in_a_thread_is_answered_in_the_thread(bot):
@@ -197,3 +201,62 @@ async def test_a_button_on_a_forgotten_request_says_so(bot):
     it = await bot.click(render.custom_id(render.REROLL, "f" * 32), first.original)
     [callback] = await bot.wait_for(callback_of(bot, it))
     assert callback.body["data"]["flags"] & 64 and callback.body["data"]["content"] == FORGOTTEN
+
+
+async def test_a_result_after_16_minutes_edits_the_same_message_with_the_bot_token(bot, skill_env):
+    it = await bot.invoke("skill", {"prompt": "a cellist's vibrato"})
+    [req] = await bot.requests.wait(1)
+    bot.advance(16 * 60)  # the interaction token is dead now: its webhook answers 401 50027
+    world = World(skill_env, discord=bot)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.wait_for(lambda c: c.method == "POST" and c.path == f"/channels/{CHANNEL_ID}/messages")
+    [edit] = bot.matching(lambda c: c.method == "PATCH" and c.path == f"/channels/{CHANNEL_ID}/messages/{it.original.id}")
+    assert edit.status == 200 and edit.headers["Authorization"] == f"Bot {bot.bot_token}"
+    # One message shows the request from "queued" to the result; the only other one is the ping replying to it.
+    [result] = [m for m in bot.channel(CHANNEL_ID) if m.pngs]
+    assert result is it.original and result.content.startswith(f"✅ <@{USER_ID}> *a cellist's vibrato*")
+    assert [m.reference for m in bot.channel(CHANNEL_ID) if m is not result] == [it.original.id]
+    assert bot.matching(lambda c: c.status >= 400 and c.path.startswith("/channels/")) == []
+
+
+@pytest.fixture
+async def silent_redis():
+    """A socket that accepts connections and never answers: Redis as a hung server looks to a client."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader, writer):
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+@pytest.fixture
+async def bot_on_silent_redis(skill_env, silent_redis):
+    fake = await FakeDiscord().start()
+    settings = DiscordSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake.settings().items()},
+                               redis_url=silent_redis, rate_user_per_min=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(discord_bot.serve(settings, stop))
+    await asyncio.wait_for(fake.identified.wait(), 15)
+    yield fake
+    stop.set()
+    await task
+    await fake.stop()
+
+
+async def test_a_redis_that_never_answers_still_gets_the_command_deferred_within_3_seconds(bot_on_silent_redis):
+    bot = bot_on_silent_redis
+    for prompt in ("a cellist's vibrato", "a drummer's rimshot"):
+        t0 = time.monotonic()
+        it = await bot.invoke("skill", {"prompt": prompt})
+        [callback] = await bot.wait_for(callback_of(bot, it))
+        assert callback.status == 200 and callback.body["type"] == 5 and callback.at - t0 < 3
+    # Over the per-person limit of 2, counted in the bot's own windows meanwhile.
+    said = (await answered(bot, "a third"))["data"]
+    assert said["flags"] & 64 and "You have reached your limit of 2 requests per minute" in said["content"]

@@ -141,3 +141,35 @@ async def test_a_redis_outage_falls_back_to_this_process(redis_factory, caplog):
         await limiter.admit(origin(), 1)
     assert "Redis unavailable" in caplog.text
     await store.close()
+
+
+class HangingStore:
+    """A Store whose Redis never answers (and whose client has no socket timeout)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def key(self, name: str) -> str:
+        return name
+
+    async def call(self, fn, default):
+        import asyncio
+
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+@pytest.mark.unit
+async def test_a_redis_that_hangs_is_time_boxed_and_left_alone_by_a_breaker():
+    store = HangingStore()
+    limiter = RateLimiter([Limit("user", 2, 60, "requests")], store, time_box_s=0.2, breaker_s=30)
+    t0 = time.monotonic()
+    await limiter.admit(origin(), 1)  # Redis's answer is not waited for past the time box: the local window admits
+    assert time.monotonic() - t0 < 0.5 and limiter.local_only and store.calls == 1
+    await limiter.admit(origin(), 1)
+    with pytest.raises(RateLimited):  # the local window still counts
+        await limiter.admit(origin(), 1)
+    assert store.calls == 1  # the breaker kept Redis out of the next calls
+    limiter._local_until = 0  # the breaker's 30 s are over: Redis is asked again
+    await limiter.admit(origin("U2"), 1, within_s=0.1)
+    assert store.calls == 2
