@@ -3,8 +3,10 @@
 Discord wants an answer to an interaction within 3 seconds. A refusal (a bad option, a blocked prompt, a rate
 limit) is answered at once, ephemeral, saying what to change. Anything else is deferred ("thinking..."),
 edited to "queued", and published; delivery (bots/delivery.py) then edits that same response through the
-interaction webhook as events arrive and attaches the images, with Re-roll and Variations buttons whose clicks
-come back here. The bot needs no privileged intents: interactions arrive on the gateway regardless.
+interaction webhook as events arrive (after the token's 15 minutes, with the bot token: the original response's id
+is kept in Redis with the token) and attaches the images, with Re-roll and Variations buttons whose clicks come
+back here. What runs before the acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's
+length limit is declared, so Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
 """
 
 from __future__ import annotations

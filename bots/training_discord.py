@@ -7,7 +7,9 @@ registry, `/skill`'s `adapter` option included. Everything is checked before any
 published (name, options, who may train, each file's declared type and size), and a refusal is answered at
 once, ephemeral, with what to change. An accepted training is deferred, edited to "queued" and published;
 delivery then keeps that same response current with the trainer's progress and finally attaches the sample
-grid (after the interaction token's 15 minutes, it posts to the channel with the bot token instead).
+grid (after the interaction token's 15 minutes it edits the same message with the bot token, bots/discord_post.py).
+The URL checks run after the defer: they may resolve host names, and Discord allows 3 seconds before the
+acknowledgement; a refusal then removes the "thinking..." response and tells the person in an ephemeral follow-up.
 """
 
 from __future__ import annotations

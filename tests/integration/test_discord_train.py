@@ -208,3 +208,18 @@ async def test_listing_the_servers_own_id_lets_everyone_train(bot):
     assert "training `open-style` queued" in (await answer(bot, it))["content"]
     [req] = await bot.finetunes.wait(1)
     assert req.adapter == "open-style"
+
+
+async def test_a_url_the_download_policy_refuses_is_told_privately_after_the_defer(bot):
+    # The URL check may resolve host names, so it runs after the acknowledgement (Discord allows 3 seconds);
+    # a refusal then is still the requester's alone: the channel's "thinking..." goes, an ephemeral follow-up says why.
+    elsewhere = bot.attachment("one.png", png())
+    elsewhere.url = "http://cdn.elsewhere.invalid/one.png"
+    it = await bot.invoke("skill-train", {"name": "team-style", "images": elsewhere}, roles=[TRAINER_ROLE_ID])
+    [callback] = await bot.wait_for(lambda c: c.method == "POST" and c.path.startswith(f"/interactions/{it.id}/"))
+    assert callback.body["type"] == 5 and callback.status == 200
+    [followup] = await bot.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{it.token}"))
+    assert followup.body["flags"] & 64 and followup.body["content"].startswith("❌")
+    assert "downloads only come from" in followup.body["content"]
+    assert it.original.deleted and bot.channel(CHANNEL_ID) == []
+    assert await bot.finetunes.settle(0.5) == []
