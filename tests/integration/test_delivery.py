@@ -645,3 +645,30 @@ async def test_slack_a_5000_character_text_is_clipped_to_slacks_limits(world):
     await poster._edit_or_post(o, huge, render.slack_blocks(huge))  # and a message's text over 40000
     msg = world.slack.messages[o.status_message_id]
     assert len(msg.text) == 40000 and msg.text.endswith("…") and len(msg.edits) == 2
+
+
+async def test_the_fake_discord_refuses_what_discord_refuses(world):
+    import aiohttp
+
+    fake, bot = world.discord, {"Authorization": f"Bot {world.discord.bot_token}"}
+    late = fake.deferred()
+    late.callbacks.clear()
+    fake.advance(3.5)
+    async with aiohttp.ClientSession() as session:
+        async def call(method: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+            async with session.request(method, fake.api_base + path, json=body, headers=headers or {}) as resp:
+                return resp.status, await resp.json()
+
+        assert await call("POST", f"/interactions/{late.id}/{late.token}/callback", {"type": 5}) == (
+            404, {"message": "Unknown interaction", "code": 10062})
+        channel = f"/channels/{fd.CHANNEL_ID}/messages"
+        status, said = await call("POST", channel, {"content": "x" * 2001}, bot)
+        assert (status, said["code"]) == (400, 50035) and "content" in said["errors"]
+        status, said = await call("POST", channel, {"content": "hi", "components": [{"type": 1}] * 6}, bot)
+        assert (status, said["code"]) == (400, 50035)
+        fake.advance(15 * 60)
+        status, said = await call("PATCH", f"/webhooks/{fd.APPLICATION_ID}/{late.token}/messages/@original",
+                                  {"content": "late"})
+        assert (status, said["code"]) == (401, 50027)
+        status, said = await call("PATCH", f"{channel}/{late.original.id}", {"content": "edited"}, bot)
+        assert status == 200 and late.original.content == "edited"  # a bot may edit its interaction response
