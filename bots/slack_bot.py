@@ -44,6 +44,7 @@ CLAIM_TTL_S = 3600  # Slack retries within minutes; an hour is plenty
 MEMBERSHIP_CHECK_S = 1.5  # of the 3 s Slack gives the ack
 MEMBER_CACHE_S = 300.0  # a channel the bot is known to be in is not asked about again for this long
 INVITE = "I am not in this channel: add me with `/invite @skillgen`, then run the command again."
+NOT_IN_DM = "I cannot post in this conversation: run the command in a channel I am in, or in a DM with me."
 LEADING_MENTION = re.compile(r"^\s*(<@[A-Z0-9]+(\|[^>]*)?>\s*)+")
 CANNOT_POST = {
     "not_in_channel": INVITE,
@@ -119,7 +120,7 @@ class SlackFrontEnd:
             log.info("cannot make sure I can post in %s: %s", channel_id, error)
             if error in ("channel_not_found", "not_in_channel", "missing_scope",
                          "method_not_supported_for_channel_type"):
-                return INVITE  # a private channel or DM the bot is not in, or it may not join by itself
+                return NOT_IN_DM if channel_id.startswith("D") else INVITE  # nobody can /invite into a DM  # a private channel or DM the bot is not in, or it may not join by itself
             return CANNOT_POST.get(error, f"I cannot post here ({error}).")
         self._member_of[channel_id] = time.monotonic()
         return None
@@ -127,6 +128,13 @@ class SlackFrontEnd:
     async def on_mention(self, event: dict, body: dict, client: AsyncWebClient) -> None:
         """"@skillgen <prompt> --options" in a channel or a thread: the /skill grammar, answered in the thread."""
         team_id = event.get("team") or body.get("team_id")
+        if event.get("thread_ts"):
+            from bots.training_slack_threads import (
+                thread_key,  # a training thread's words are the training's
+            )
+
+            if await self.intake.store.get(thread_key(team_id, event["channel"], event["thread_ts"])) is not None:
+                return
         claim = f"slack:mention:{team_id}:{event['channel']}:{event['ts']}"
         if not await self.intake.store.add(claim, "", CLAIM_TTL_S):  # Slack's retry of an event we took
             metrics.COMMANDS.labels("slack", "retry").inc()

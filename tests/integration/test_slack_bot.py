@@ -214,6 +214,13 @@ async def test_a_channel_the_bot_cannot_post_in_gets_instructions_and_no_job(bot
     assert await bot.requests.settle(0.5) == []
 
 
+async def test_in_a_dm_it_is_not_in_it_says_where_to_run_the_command(bot):
+    bot.fake.channel("D0OTHERS", private=True, bot_member=False)  # a DM between two people
+    _, answer, _ = await bot.command("a drummer's paradiddle", channel_id="D0OTHERS")
+    assert answer["text"].startswith("I cannot post in this conversation: run the command in a channel I am in")
+    assert await bot.requests.settle(0.5) == []
+
+
 @pytest.fixture
 def other_teams_only(skill_env, monkeypatch):
     """SKILL_ALLOWED_TEAMS without the fakes' workspace and server (set before the bot fixture reads it)."""
@@ -263,10 +270,13 @@ async def test_socket_mode_takes_commands_over_the_websocket(skill_env, fake_sla
         body = dict(parse_qsl(fake_slack.command_body("a cellist")))
         ack = await fake_slack.send_socket("slash_commands", body)
         assert "queued" in ack["payload"]["text"]
+        mention = fake_slack.mention_event("a violist --ar 16:9", thread_ts="1700000000.000900")
+        await fake_slack.send_socket("events_api", mention)  # an app_mention comes the same way
         async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate,
                                GenerateRequest) as reader:
-            [req] = await reader.wait(1)
-        assert req.prompt == "a cellist" and req.origin.status_message_id
+            cellist, violist = sorted(await reader.wait(2), key=lambda r: r.prompt)
+        assert cellist.prompt == "a cellist" and cellist.origin.status_message_id and cellist.origin.thread_id is None
+        assert violist.prompt == "a violist" and violist.origin.thread_id == "1700000000.000900"
     finally:
         stop.set()
         await task

@@ -322,6 +322,15 @@ async def test_a_command_carries_no_thread_so_training_starts_a_thread_on_its_st
     assert (req.origin.thread_id, req.origin.status_message_id) == (status.ts, status.ts)
 
 
+async def test_a_mention_in_a_training_thread_is_left_to_the_training(bot):
+    # Slack sends an app_mention as well as the message: the /skill listener leaves a training thread alone.
+    status = await bot.start_thread("team-style")
+    await bot.event(bot.fake.mention_event("a drummer's paradiddle", thread_ts=status.ts))
+    await asyncio.sleep(1)
+    assert not bot.fake.matching(lambda c: c.path in ("chat.postMessage", "chat.postEphemeral")
+                                 and "paradiddle" in c.body.get("text", ""))
+
+
 async def test_files_and_words_from_someone_else_are_ignored(bot, skill_env):
     status = await bot.start_thread("team-style")
     await bot.share(status.ts, [("theirs.png", png_bytes(5))], user_id=OTHER_USER)
