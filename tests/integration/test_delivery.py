@@ -672,3 +672,13 @@ async def test_the_fake_discord_refuses_what_discord_refuses(world):
         assert (status, said["code"]) == (401, 50027)
         status, said = await call("PATCH", f"{channel}/{late.original.id}", {"content": "edited"}, bot)
         assert status == 200 and late.original.content == "edited"  # a bot may edit its interaction response
+
+
+async def test_slack_a_5xx_on_the_edit_after_the_upload_does_not_post_the_result_twice(world):
+    o = world.slack_origin()
+    world.slack.fail("POST", r"^chat\.update$", 500)
+    async with world.running():
+        await world.send(event(o, OK, rid(), blobs=[world.image()]))
+        await world.slack.wait_for(lambda c: c.path == "chat.update" and c.status == 200, timeout_s=30)
+    assert len(world.slack.pngs(fs.CHANNEL_ID)) == 1  # the retry skipped the upload that had gone through
+    assert world.slack.messages[o.status_message_id].text.endswith("done: see below")
