@@ -37,6 +37,14 @@ async def recall_interaction(request_id: str):
         await store.close()
 
 
+async def recall_original(request_id: str) -> str | None:
+    store = Store.from_settings(CommonSettings())
+    try:
+        return await Interactions(store).original(request_id)
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 async def bot(skill_env, request):
     """A running bot on a fake Discord; a test changes its settings with parametrize("bot", [{...}], indirect=True)."""
@@ -209,11 +217,18 @@ async def test_a_result_after_16_minutes_edits_the_same_message_with_the_bot_tok
     bot.advance(16 * 60)  # the interaction token is dead now: its webhook answers 401 50027
     world = World(skill_env, discord=bot)
     async with world.running():
-        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+        await world.send(event(req.origin, EventKind.progress, req.request_id, prompt=req.prompt, step=5,
+                               total_steps=20),
+                         event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
                                blobs=[world.image()]))
         await bot.wait_for(lambda c: c.method == "POST" and c.path == f"/channels/{CHANNEL_ID}/messages")
-    [edit] = bot.matching(lambda c: c.method == "PATCH" and c.path == f"/channels/{CHANNEL_ID}/messages/{it.original.id}")
-    assert edit.status == 200 and edit.headers["Authorization"] == f"Bot {bot.bot_token}"
+    # Progress and result alike: edits of the original response with the bot token (its id kept in Redis).
+    assert await recall_original(req.request_id) == it.original.id
+    progress, result = bot.matching(
+        lambda c: c.method == "PATCH" and c.path == f"/channels/{CHANNEL_ID}/messages/{it.original.id}")
+    assert progress.body["content"].startswith(f"🎨 <@{USER_ID}> ▰▰▱") and "step 5/20" in progress.body["content"]
+    assert result.files
+    assert result.status == 200 and result.headers["Authorization"] == f"Bot {bot.bot_token}"
     # One message shows the request from "queued" to the result; the only other one is the ping replying to it.
     [result] = [m for m in bot.channel(CHANNEL_ID) if m.pngs]
     assert result is it.original and result.content.startswith(f"✅ <@{USER_ID}> *a cellist's vibrato*")

@@ -27,7 +27,7 @@ from tests.fakes.discord import (
 )
 from tests.fakes.records import TopicReader
 from tests.harness import SIGNING_KEY
-from tests.integration.test_discord_bot import recall_interaction
+from tests.integration.test_discord_bot import recall_interaction, recall_original
 from tests.unit.test_registry import lora_weights, record
 
 OTHER_GUILD = "999999999999999999"
@@ -105,6 +105,8 @@ async def test_a_trainer_trains_the_request_carries_the_attachments_and_the_inte
     assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("discord", GUILD_ID, CHANNEL_ID, USER_ID)
     assert it.token not in req.model_dump_json() and o.verify(req.request_id, SIGNING_KEY.encode())
     assert (await recall_interaction(req.request_id)).token == it.token
+    # The response's id too: after the token's 15 minutes delivery edits it with the bot token.
+    assert await recall_original(req.request_id) == it.original.id
     assert bot.finetunes.seen == [req] and bot.cdn_fetches == []  # the bot never downloads; the trainer does
 
 
