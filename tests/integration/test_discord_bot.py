@@ -2,6 +2,8 @@
 real broker. /skill defers within 3 seconds, refusals are ephemeral, and the result buttons start new jobs."""
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -236,29 +238,38 @@ async def test_a_result_after_16_minutes_edits_the_same_message_with_the_bot_tok
     assert bot.matching(lambda c: c.status >= 400 and c.path.startswith("/channels/")) == []
 
 
-@pytest.fixture
-async def silent_redis():
-    """A socket that accepts connections and never answers: Redis as a hung server looks to a client."""
+@pytest.fixture(params=["silent socket", "SIGSTOP"])
+async def hung_redis(request):
+    """A Redis that never answers: a socket that accepts connections and stays silent, or a real redis-server
+    stopped with SIGSTOP once the bot is connected (`hung_redis.hang()`)."""
+    if request.param == "SIGSTOP":
+        server = request.getfixturevalue("redis_factory")()
+        hang = lambda: os.kill(server.process.pid, signal.SIGSTOP)  # noqa: E731
+        yield server.url, hang
+        os.kill(server.process.pid, signal.SIGCONT)
+        return
     held: list[asyncio.StreamWriter] = []
 
     async def accept(reader, writer):
         held.append(writer)
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", lambda: None
     for writer in held:
         writer.close()
     server.close()
 
 
 @pytest.fixture
-async def bot_on_silent_redis(skill_env, silent_redis):
+async def bot_on_silent_redis(skill_env, hung_redis):
+    url, hang = hung_redis
     fake = await FakeDiscord().start()
     settings = DiscordSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake.settings().items()},
-                               redis_url=silent_redis, rate_user_per_min=2)
+                               redis_url=url, rate_user_per_min=2)
     stop = asyncio.Event()
     task = asyncio.create_task(discord_bot.serve(settings, stop))
     await asyncio.wait_for(fake.identified.wait(), 15)
+    hang()
     yield fake
     stop.set()
     await task
