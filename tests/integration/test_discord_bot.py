@@ -244,7 +244,7 @@ async def hung_redis(request):
     stopped with SIGSTOP once the bot is connected (`hung_redis.hang()`)."""
     if request.param == "SIGSTOP":
         server = request.getfixturevalue("redis_factory")()
-        hang = lambda: os.kill(server.process.pid, signal.SIGSTOP)  # noqa: E731
+        hang = lambda: os.kill(server.process.pid, signal.SIGSTOP)
         yield server.url, hang
         os.kill(server.process.pid, signal.SIGCONT)
         return
