@@ -36,7 +36,7 @@ import aiohttp
 from bots import metrics, render
 from bots.credentials import Interactions
 from bots.errors import RetryAfter, Transient, Undeliverable
-from schemas.messages import EventKind, JobEvent, Origin, Platform
+from schemas.messages import EventKind, JobEvent, Platform
 from skillgen.runtime.logs import job
 from skillgen.runtime.redis import Store
 
@@ -92,7 +92,7 @@ class DiscordPoster:
 
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
-        payload = {"content": render.status(event), "allowed_mentions": _only(event.origin)}
+        payload = {"content": render.status(event), "allowed_mentions": _only(event)}
         hook = await self._webhook(event)
         if hook is not None:
             try:
@@ -121,7 +121,7 @@ class DiscordPoster:
         succeeded = event.kind == EventKind.succeeded
         payload: dict = {
             "content": render.done(event) if succeeded else render.failed(event),
-            "allowed_mentions": _only(event.origin),
+            "allowed_mentions": _only(event),
             "components": render.discord_buttons(event.request_id) if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
@@ -152,7 +152,9 @@ class DiscordPoster:
     # -- the requester, privately ------------------------------------------------------------------------
     async def _ping(self, event: JobEvent, hook: str | None, original_id: str | None) -> None:
         """Notify the requester of the result that an edit just showed (edits never notify)."""
-        body: dict = {"content": render.discord_ping(event), "allowed_mentions": _only(event.origin)}
+        if event.replay_of:
+            return  # a re-run names no one (skillgen replay)
+        body: dict = {"content": render.discord_ping(event), "allowed_mentions": _only(event)}
         try:
             if hook is not None:
                 await self._call("POST", hook, body)
@@ -165,7 +167,7 @@ class DiscordPoster:
             log.warning("result posted, but its ping was not: %s", exc, extra=job(event.request_id))
 
     async def _tell_privately(self, event: JobEvent) -> None:
-        text = {"content": render.blocked(event), "allowed_mentions": _only(event.origin)}
+        text = {"content": render.blocked(event), "allowed_mentions": _only(event)}
         hook = await self._webhook(event)
         if hook is not None:
             try:
@@ -323,8 +325,9 @@ def _number(raw) -> float | None:
     return value if 0 < value < 86400 else None
 
 
-def _only(origin: Origin) -> dict:
-    return {"parse": [], "users": [origin.user_id]}
+def _only(event: JobEvent) -> dict:
+    """Who a post may ping: the requester alone, and nobody for a re-run (replay names no one)."""
+    return {"parse": [], "users": [] if event.replay_of else [event.origin.user_id]}
 
 
 def _dead_key(request_id: str) -> str:
