@@ -144,5 +144,7 @@ async def test_forged_events_post_nothing_and_go_to_the_dlq(world):
     too_old = "the request is 8.0 days old, older than the delivery markers live (SKILL_MARKER_TTL_S)"
     assert reasons == ["the event's origin seal does not verify"] * 4 + [too_old]
     assert {e.message for e in dlq.seen} == {f.message for f in forgeries}
-    # the channel holds the two deferred responses, and only the genuine one says anything
-    assert [m.id for m in world.discord.channel(fd.CHANNEL_ID) if m.content] == [good.original.id]
+    # the channel holds the two deferred responses, and only the genuine request says anything: its result and the
+    # ping that tells its requester (a follow-up)
+    said = [m for m in world.discord.channel(fd.CHANNEL_ID) if m.content and m.id != good.original.id]
+    assert good.original.content.startswith("✅") and [m.content[:1] for m in said] == ["🔔"], said
