@@ -75,12 +75,10 @@ from tests.harness import (
     FAST_GROUP,
     SIGNING_KEY,
     Broker,
-    HarnessError,
     Namespace,
     RedisServer,
     ServiceProcess,
     create_topics,
-    find_redis_server,
     start_broker,
 )
 
@@ -137,35 +135,6 @@ class Post:
 # ------------------------------------------------------------------------------------------ shared services
 
 
-class DurableRedis(RedisServer):
-    """The harness's redis-server with its append-only file on (fsync every second), as compose runs the
-    correctness Redis: a stop and start keeps the keys, so an outage is an outage, not a loss of data."""
-
-    def start(self, attempts: int = 3) -> None:
-        binary = find_redis_server()
-        tries = attempts if self.port is None else 1
-        for attempt in range(1, tries + 1):
-            port = self.port or _free_port()
-            service = ServiceProcess(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                 "--appendfsync", "everysec", "--dir", str(self.workdir), "--daemonize", "no", "--logfile", ""],
-                self.workdir / f"redis-{port}.log",
-            )
-            service.start()
-            if self._wait_ready(port, service):
-                self.port, self.process = port, service
-                return
-            service.stop()
-            if attempt == tries:
-                raise HarnessError(f"redis-server did not answer PING on 127.0.0.1:{port}:\n{service.log_tail()}")
-
-
-def _free_port() -> int:
-    from skillgen.tools.embedded import free_port
-
-    return free_port()
-
-
 class Stack:
     """What every scenario shares: one broker, one redis-server, a work directory and the model."""
 
@@ -173,12 +142,13 @@ class Stack:
         self.workdir = workdir
         self.model = model
         self.broker: Broker | None = None
-        self.redis: DurableRedis | None = None
+        self.redis: RedisServer | None = None
 
     def start(self) -> Stack:
         (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
         self.broker = start_broker(self.workdir)
-        self.redis = DurableRedis(self.workdir / "redis")
+        # append-only, as compose runs the correctness Redis: a stop and start is an outage, not a loss of data
+        self.redis = RedisServer(self.workdir / "redis", appendonly=True)
         self.redis.start()
         return self
 

@@ -159,3 +159,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from skillgen.tools.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+async def world(skill_env: SkillEnv):
+    """A delivery's surroundings: fake Discord and Slack servers and the test's broker, Redis and blob store
+    (tests/fakes/world.py)."""
+    from tests.fakes.discord import FakeDiscord
+    from tests.fakes.slack import FakeSlack
+    from tests.fakes.world import World
+
+    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
+    yield World(skill_env, discord, slack)
+    await discord.stop()
+    await slack.stop()

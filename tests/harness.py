@@ -239,11 +239,13 @@ def find_redis_server() -> str:
 
 
 class RedisServer:
-    """A redis-server of our own, with no persistence, that can be stopped and started again on the same port."""
+    """A redis-server of our own, with no persistence (or, with `appendonly`, an append-only file fsynced every
+    second, as compose runs the correctness Redis), that can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path, ready_timeout_s: float = 10):
+    def __init__(self, workdir: Path, ready_timeout_s: float = 10, appendonly: bool = False):
         self.workdir = workdir
         self.ready_timeout_s = ready_timeout_s
+        self.appendonly = appendonly
         self.port: int | None = None
         self.process: ServiceProcess | None = None
 
@@ -260,7 +262,8 @@ class RedisServer:
         for attempt in range(1, tries + 1):
             port = self.port or free_port()
             service = ServiceProcess(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 *(["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else ["--appendonly", "no"]),
                  "--dir", str(self.workdir), "--daemonize", "no", "--logfile", ""],
                 self.workdir / f"redis-{port}.log",
             )

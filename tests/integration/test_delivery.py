@@ -15,20 +15,11 @@ from tests.fakes import discord as fd
 from tests.fakes import slack as fs
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import FakeSlack
 from tests.fakes.world import World, event
 from tests.harness import SIGNING_KEY
 
 Q, S, P, OK, FAIL, BLOCK = (EventKind.queued, EventKind.started, EventKind.progress, EventKind.succeeded,
                             EventKind.failed, EventKind.blocked)
-
-
-@pytest.fixture
-async def world(skill_env):
-    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
-    yield World(skill_env, discord, slack)
-    await discord.stop()
-    await slack.stop()
 
 
 def rid() -> str:

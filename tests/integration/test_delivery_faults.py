@@ -8,26 +8,15 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
 import redis
 from prometheus_client import REGISTRY
 
 from schemas.messages import EventKind, JobEvent
 from tests.fakes import discord as fd
-from tests.fakes.discord import FakeDiscord
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import FakeSlack
 from tests.fakes.world import World, event
 
 OK, FAIL, BLOCK = EventKind.succeeded, EventKind.failed, EventKind.blocked
-
-
-@pytest.fixture
-async def world(skill_env):
-    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
-    yield World(skill_env, discord, slack)
-    await discord.stop()
-    await slack.stop()
 
 
 def rid() -> str:

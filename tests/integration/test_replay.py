@@ -29,9 +29,7 @@ from skillgen.runtime.kafka import dead_letter, make_producer
 from tests.fakes import discord as fd
 from tests.fakes import slack as fs
 from tests.fakes.checkers import NUDITY, UNCHECKED, BlockAt
-from tests.fakes.discord import FakeDiscord
-from tests.fakes.slack import FakeSlack
-from tests.fakes.world import World, event
+from tests.fakes.world import event
 from tests.harness import SIGNING_KEY
 
 ORIGIN = Origin(platform="slack", team_id="T1", channel_id="C1", user_id="U1")
@@ -220,14 +218,6 @@ async def test_dlq_round_trip_shows_errors_and_stops_at_the_attempt_limit(skill_
             assert (counts["published"], counts["skipped_already_done"], counts["skipped_attempt_limit"]) == (0, 2, 1)
     copies = [r for r in await read_all(settings, generate) if header(r.headers, "replay-of")]
     assert sorted(header(r.headers, "replay-attempt") for r in copies) == ["1", "2"]
-
-
-@pytest.fixture
-async def world(skill_env):
-    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
-    yield World(skill_env, discord, slack)
-    await discord.stop()
-    await slack.stop()
 
 
 async def test_reprocess_deliver_posts_once_in_the_original_thread_though_it_was_posted_before(world, capsys):

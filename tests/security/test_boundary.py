@@ -27,10 +27,8 @@ from schemas.messages import (
 )
 from skillgen.runtime.blobstore import BlobError, BlobStore
 from tests.fakes import discord as fd
-from tests.fakes.discord import FakeDiscord
 from tests.fakes.records import TopicReader
-from tests.fakes.slack import FakeSlack
-from tests.fakes.world import World, event, png_bytes
+from tests.fakes.world import event, png_bytes
 from tests.harness import SIGNING_KEY
 
 pytestmark = pytest.mark.security
@@ -102,14 +100,6 @@ def test_a_seal_binds_the_request_id_and_every_routing_field():
 
 
 # -- forged events against the real delivery --------------------------------------------------------------------------
-@pytest.fixture
-async def world(skill_env):
-    discord, slack = await FakeDiscord().start(), await FakeSlack().start()
-    yield World(skill_env, discord, slack)
-    await discord.stop()
-    await slack.stop()
-
-
 async def test_forged_events_post_nothing_and_go_to_the_dlq(world):
     """Whoever can write skill.events cannot make delivery post: not without a seal, not with a seal made for
     another request, not with a sealed origin whose channel was changed, not with a seal made with another key."""
