@@ -43,6 +43,12 @@ RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN, description="letter
 # messages are all derived from it.
 Scheduler = Literal["dpmpp", "euler", "lcm"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+# Scheduling lanes (consumer/scheduler.py): `fast` is the default, `relax` is served when fast work leaves room
+# (a team's fast budget per day spent, or asked for), `replay` is `skillgen replay`'s re-runs, never ahead of live
+# work beyond its share. The consumer may move a `fast` request to `relax`; never the other way.
+Lane = Literal["fast", "relax", "replay"]
+LANES: tuple[str, ...] = get_args(Lane)
+MAX_DEADLINE_S = 24 * 3600
 
 
 def _now() -> datetime:
@@ -183,6 +189,10 @@ class GenerateRequest(_Message):
     reroll: int = Field(default=0, ge=0, le=1_000_000)
     # A replay's copy under a fresh id: the request id it re-runs (the consumer copies it into its events).
     replay_of: RequestId | None = None
+    lane: Lane = "fast"
+    # Seconds after created_at by which the result must be ready, or the request is refused early ("busy, try
+    # again in about N min"); None: the lane's default (ConsumerSettings.lane_deadline_s).
+    deadline_s: int | None = Field(default=None, ge=10, le=MAX_DEADLINE_S)
     created_at: datetime = Field(default_factory=_now)
 
     @field_validator("prompt")
@@ -233,6 +243,17 @@ class FineTuneCancel(_Message):
     created_at: datetime = Field(default_factory=_now)
 
 
+class GenerateCancel(_Message):
+    """Cancel image request `request_id`; published on `Topics.generate_cancel` and read by every consumer.
+    `origin` is the person who cancels (sealed by the bot for `request_id`): only the request's owner (same
+    platform, team and user) may cancel it; the consumer checks, and ignores anyone else's cancel."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: RequestId
+    origin: Origin
+    created_at: datetime = Field(default_factory=_now)
+
+
 class EventKind(StrEnum):
     queued = "queued"
     started = "started"
@@ -240,6 +261,7 @@ class EventKind(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     blocked = "blocked"
+    cancelled = "cancelled"
 
     @property
     def terminal(self) -> bool:
@@ -247,7 +269,7 @@ class EventKind(StrEnum):
 
 
 # A job's last event: the one after which its record is committed and its result posted.
-TERMINAL_KINDS = frozenset({EventKind.succeeded, EventKind.failed, EventKind.blocked})
+TERMINAL_KINDS = frozenset({EventKind.succeeded, EventKind.failed, EventKind.blocked, EventKind.cancelled})
 
 
 class BlobRef(_Message):
@@ -273,7 +295,9 @@ class JobEvent(_Message):
     step: int | None = Field(default=None, ge=0)
     total_steps: int | None = Field(default=None, ge=1)
     loss: float | None = None
+    # Seconds from this event's created_at until the result is expected (queued and progress events).
     eta_s: float | None = Field(default=None, ge=0)
+    lane: Lane | None = None
     blobs: list[BlobRef] = Field(default_factory=list, max_length=16)
     cache_level: Literal["l1", "l2", "flight"] | None = None
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)

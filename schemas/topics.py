@@ -7,6 +7,7 @@ from dataclasses import dataclass
 GENERATE = "skill.generate"
 FINETUNE = "skill.finetune"
 FINETUNE_CANCEL = "skill.finetune.cancel"
+GENERATE_CANCEL = "skill.generate.cancel"
 EVENTS = "skill.events"
 DLQ_SUFFIX = ".dlq"
 
@@ -37,6 +38,11 @@ class Topics:
         return self.prefix + FINETUNE_CANCEL
 
     @property
+    def generate_cancel(self) -> str:
+        """Image cancels, read by every consumer from its end (no group, no DLQ), like `finetune_cancel`."""
+        return self.prefix + GENERATE_CANCEL
+
+    @property
     def events(self) -> str:
         return self.prefix + EVENTS
 
@@ -45,7 +51,7 @@ class Topics:
 
     def all(self) -> list[str]:
         base = [self.generate, self.finetune, self.events]
-        return base + [dlq(t) for t in base] + [self.finetune_cancel]
+        return base + [dlq(t) for t in base] + [self.finetune_cancel, self.generate_cancel]
 
     def group(self, name: str) -> str:
         """Consumer group ids get the prefix too, so isolated test runs never share offsets."""
