@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bots.events import EventFollower
 from bots.grammar import HELP, CommandError, parse
+from bots.render import LANE_NOTES
 from bots.settings import BotSettings
 from schemas.codec import encode
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, Platform
@@ -91,10 +92,15 @@ class ConsoleBot:
 
 
 def describe(event: JobEvent) -> str:
+    """One line per event: "queued, position 3, about 42s, relax mode", "step 5/20, about 12s", "cancelled"."""
+    about = f", about {round(event.eta_s)}s" if event.eta_s is not None else ""
+    lane = f", {LANE_NOTES[event.lane]}" if event.lane in LANE_NOTES else ""
     if event.kind == EventKind.progress:
-        return f"step {event.step}/{event.total_steps}"
+        return f"step {event.step}/{event.total_steps}{about}"
     if event.kind == EventKind.queued and event.queue_position is not None:
-        return f"queued, position {event.queue_position}"
+        return f"queued, position {event.queue_position}{about}{lane}"
+    if event.kind == EventKind.queued:
+        return f"queued{about}{lane}"
     return event.kind.value + (f": {event.message}" if event.message else "")
 
 

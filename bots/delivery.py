@@ -4,9 +4,12 @@ Per event:
 - Not final (queued, started, progress): edit the status message, at most once per SKILL_EDIT_INTERVAL_S per
   message; one that arrives after the result was posted (or while it is being posted), or whose edit fails, is
   dropped, since the next one says more anyway.
-- Final (succeeded, failed, blocked): one post per request, whatever kind comes first (bots/markers.py): take the
-  request's claim, read the images from the blob store, post, mark done. A later terminal event of the request,
-  of any kind, is dropped and counted (`skill_delivery_posts_total{outcome="duplicate"}`).
+- Final (succeeded, failed, blocked, cancelled): one post per request, whatever kind comes first
+  (bots/markers.py): take the request's claim, read the images from the blob store, post, mark done. A later
+  terminal event of the request, of any kind, is dropped and counted
+  (`skill_delivery_posts_total{outcome="duplicate"}`): a result that finishes after its cancel is never shown,
+  and a cancel that comes after the result changes nothing. A cancelled request's status becomes a short
+  "cancelled" line that pings nobody.
 Waiting never holds a partition long. A handler waits in line at most SKILL_MAX_RETRY_AFTER_S (2 s) per pass,
 all its waits together: a 429 or a 5xx backoff that would go past it re-queues the event (produced again to
 `skill.events` with a `deliver-after` header, its claim kept), and so does another holder's claim that lapses

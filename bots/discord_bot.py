@@ -2,10 +2,12 @@
 
 Discord wants an answer to an interaction within 3 seconds. A refusal (a bad option, a blocked prompt, a rate
 limit) is answered at once, ephemeral, saying what to change. Anything else is deferred ("thinking..."),
-edited to "queued", and published; delivery (bots/delivery.py) then edits that same response through the
-interaction webhook as events arrive (after the token's 15 minutes, with the bot token: the original response's id
-is kept in Redis with the token) and attaches the images, with Re-roll and Variations buttons whose clicks come
-back here. What runs before the acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's
+edited to "queued" (with the group's estimate of its position and ETA when there is one) and a Cancel button, and
+published; delivery (bots/delivery.py) then edits that same response through the interaction webhook as events
+arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
+token) and attaches the images, with Re-roll and Variations buttons whose clicks come back here. A Cancel click
+is answered privately at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the
+person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's
 length limit is declared, so Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
 """
 
@@ -23,7 +25,7 @@ from discord.gateway import DiscordWebSocket
 from bots import extensions, grammar, metrics, render
 from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
-from bots.intake import Intake
+from bots.intake import CANCELLING, Intake
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
@@ -117,13 +119,16 @@ class SkillBot(discord.Client):
         await self.start_job(interaction, req)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Re-roll and Variations clicks; app commands are the tree's."""
+        """Re-roll, Variations and Cancel clicks; app commands are the tree's."""
         if interaction.type is not discord.InteractionType.component or not interaction.data:
             return
         parsed = render.parse_custom_id(str(interaction.data.get("custom_id", "")))
         if parsed is None:
             return  # another feature's component
         action, request_id = parsed
+        if action == render.CANCEL:
+            await self.on_cancel(interaction, request_id)
+            return
         try:
             req = await self.intake.remix(request_id, action, origin_of(interaction))
         except Refusal as exc:
@@ -133,20 +138,51 @@ class SkillBot(discord.Client):
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
 
+    async def on_cancel(self, interaction: discord.Interaction, request_id: str) -> None:
+        """Cancel, for the request's owner only; answered privately within Discord's 3 seconds, published after."""
+        try:
+            msg = await self.intake.cancel(request_id, origin_of(interaction))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "cancel_refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.send_message(CANCELLING, ephemeral=True)
+        try:
+            await self.intake.publish_cancel(msg)
+        except Exception:
+            log.exception("publish of a cancel failed", extra=job(request_id))
+            metrics.COMMANDS.labels("discord", "queue_down").inc()
+            await interaction.edit_original_response(content=render.queue_down("The cancel"))
+            return
+        metrics.COMMANDS.labels("discord", "cancel").inc()
+
     async def start_job(self, interaction: discord.Interaction, req: GenerateRequest) -> None:
         # "queued" is written before publishing so it can never land after delivery's first edit.
         # Only the author may be pinged: a prompt that quotes <@someone> must not reach them.
         only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
-        original = await interaction.edit_original_response(content=render.queued(req), allowed_mentions=only_author)
+        text = render.queued(req, self.intake.estimate(req.request_id))
+        original = await interaction.edit_original_response(content=text, allowed_mentions=only_author,
+                                                            view=status_view(req.request_id))
         try:
             await remember_token(self.intake, interaction, req.request_id, original)
             await self.intake.publish(req)
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             metrics.COMMANDS.labels("discord", "queue_down").inc()
-            await interaction.edit_original_response(content=render.QUEUE_DOWN)
+            await interaction.edit_original_response(content=render.QUEUE_DOWN, view=None)
             return
         metrics.COMMANDS.labels("discord", "queued").inc()
+
+
+def status_view(request_id: str) -> discord.ui.View:
+    """The Cancel button of a status, as delivery keeps it (render.discord_buttons with STATUS_ACTIONS). Stopped:
+    its clicks reach on_interaction like every other button's, never discord.py's view store."""
+    view = discord.ui.View(timeout=None)
+    for action in render.STATUS_ACTIONS:
+        view.add_item(discord.ui.Button(style=discord.ButtonStyle.danger, label=render.label(action),
+                                        custom_id=render.custom_id(action, request_id)))
+    view.stop()
+    return view
 
 
 def _skill_command(bot: SkillBot) -> app_commands.Command:
@@ -160,6 +196,7 @@ def _skill_command(bot: SkillBot) -> app_commands.Command:
         seed="a seed for a repeatable image",
         n=f"how many images, 1-{MAX_IMAGES}",
         adapter="one of your team's LoRA adapters: name or name@v2",
+        relax="relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)",
     )
     async def skill(
         interaction: discord.Interaction,
@@ -171,8 +208,10 @@ def _skill_command(bot: SkillBot) -> app_commands.Command:
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         n: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
         adapter: app_commands.Range[str, 1, MAX_ADAPTER_REF_CHARS] | None = None,
+        relax: bool | None = None,
     ) -> None:
-        options = {"no": no, "ar": ar, "size": size, "steps": steps, "seed": seed, "n": n, "adapter": adapter}
+        options = {"no": no, "ar": ar, "size": size, "steps": steps, "seed": seed, "n": n, "adapter": adapter,
+                   "relax": relax}
         await bot.on_skill(interaction, prompt, options)
 
     return skill

@@ -13,6 +13,9 @@ Edits never notify, so a result also pings the requester: a short follow-up ment
 while the token lives, else a channel message replying to the original (its reply reference links it). A ping
 that cannot be sent is counted and dropped; the result is posted either way.
 
+A cancelled request's message is edited to a short "🛑 cancelled" line, without images or buttons, and nobody is
+pinged (no follow-up). Status edits carry the Cancel button; results replace it.
+
 Blocked results are told only to the person who asked: an ephemeral follow-up while the token lives, a direct
 message after; the channel's response is deleted. A channel where the bot may not post (403 50001 Missing Access,
 50013 Missing Permissions) gets nothing; the requester gets a direct message saying which permissions to grant,
@@ -92,7 +95,9 @@ class DiscordPoster:
 
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
-        payload = {"content": render.status(event), "allowed_mentions": _only(event)}
+        payload: dict = {"content": render.status(event), "allowed_mentions": _only(event)}
+        if buttons := render.status_buttons(event):  # Cancel stays on every status until the result
+            payload["components"] = render.discord_buttons(event.request_id, buttons)
         hook = await self._webhook(event)
         if hook is not None:
             try:
@@ -117,6 +122,9 @@ class DiscordPoster:
     async def final(self, event: JobEvent, images: list[tuple[str, bytes]]) -> None:
         if event.kind == EventKind.blocked:
             await self._tell_privately(event)
+            return
+        if event.kind == EventKind.cancelled:
+            await self._cancelled(event)
             return
         succeeded = event.kind == EventKind.succeeded
         payload: dict = {
@@ -148,6 +156,26 @@ class DiscordPoster:
             if exc.code not in (MISSING_ACCESS, MISSING_PERMISSIONS):
                 raise
             await self._missing_permission(event, payload, images, exc.code)
+
+    async def _cancelled(self, event: JobEvent) -> None:
+        """The request's message becomes a short cancelled line: no images, no buttons, nobody pinged, and no new
+        message when there is none to edit (the canceller was told "Cancelling…" when they clicked)."""
+        payload = {"content": render.cancelled(event), "allowed_mentions": {"parse": [], "users": []},
+                   "components": [], "attachments": []}
+        hook = await self._webhook(event)
+        if hook is not None:
+            try:
+                await self._call("PATCH", f"{hook}/messages/@original", payload)
+                return
+            except WEBHOOK_GONE as exc:
+                await self._bury(event, exc)
+        message_id = await self._message_id(event)
+        if message_id is None:
+            return
+        try:
+            await self._call("PATCH", f"/channels/{event.origin.channel_id}/messages/{message_id}", payload, bot=True)
+        except (NotFound, Forbidden) as exc:  # deleted, or no longer ours to edit: nothing else to say
+            log.info("cancelled, but the status could not be edited: %s", exc, extra=job(event.request_id))
 
     # -- the requester, privately ------------------------------------------------------------------------
     async def _ping(self, event: JobEvent, hook: str | None, original_id: str | None) -> None:

@@ -1,11 +1,11 @@
 """The one `/skill` command grammar, shared by the Discord, Slack and console front-ends.
 
     /skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4]
-           [--adapter name[@vN]] [--scheduler <one of schemas.messages.SCHEDULERS>]
+           [--adapter name[@vN]] [--scheduler <one of schemas.messages.SCHEDULERS>] [--relax]
     /skill help
 
 Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
-` --name` and its value runs to the next option. Discord's typed fields come in through `from_options` and
+` --name` and its value runs to the next option. A flag (`--relax`: the relax lane) takes no value. Discord's typed fields come in through `from_options` and
 meet the same checks. Every error says exactly what to change.
 """
 
@@ -33,13 +33,16 @@ from schemas.messages import (
 
 HELP = """\
 **/skill** draws a skill image and posts it here.
-`/skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] [--adapter name[@vN]]`
+`/skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] [--adapter name[@vN]] [--relax]`
 • `--no` things to keep out of the picture  • `--ar` aspect ratio, or `--size` exact WxH (multiples of 8, 64-1024)
 • `--steps` 1-50  • `--seed` 0-4294967295 for a repeatable image  • `--n` images, 1-4
 • `--adapter` one of your team's LoRA adapters, latest version or `name@v2`
+• `--relax` relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)
+• **Cancel** on the status stops your request while it is queued or drawing
 Example: `/skill a drummer's paradiddle, top view --ar 16:9 --n 2`"""
 
-OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler")
+OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler", "relax")
+FLAGS = ("relax",)  # options without a value
 _OPT_RE = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)(?=\s|=|$)=?")
 _COMMAND_RE = re.compile(r"^\s*/?skill\b\s*", re.IGNORECASE)
 
@@ -90,6 +93,11 @@ def split(text: str, *, command: bool = True) -> Parsed:
             raise CommandError(f"--{name} is given twice; keep one")
         end = matches[i + 1].start() if i + 1 < len(matches) else len(body)
         value = body[m.end() : end].strip()
+        if name in FLAGS:
+            if value:
+                raise CommandError(f"--{name} takes no value; put it after the prompt, e.g. {_EXAMPLES[name]}")
+            options[name] = ""
+            continue
         if not value:
             raise CommandError(f"--{name} needs a value, e.g. " + _EXAMPLES[name])
         options[name] = value
@@ -103,13 +111,13 @@ def from_options(prompt: str, options: Mapping[str, object | None]) -> Parsed:
     itself carries, so `/skill prompt:a cat --ar 16:9` and `/skill prompt:a cat ar:16:9` mean the same."""
     parsed = split(prompt, command=False)
     for name, value in options.items():
-        if value is None or value == "":
+        if value is None or value == "" or value is False:
             continue
         if name not in OPTIONS:
             raise CommandError(f"unknown option {name!r}; options are " + ", ".join(OPTIONS))
         if name in parsed.options:
             raise CommandError(f"{name} is given twice, as a field and as --{name} in the prompt; keep one")
-        parsed.options[name] = str(value).strip()
+        parsed.options[name] = "" if name in FLAGS else str(value).strip()
     if "ar" in parsed.options and "size" in parsed.options:
         raise CommandError("use either ar or size, not both")
     if parsed.help and parsed.options:
@@ -126,6 +134,7 @@ _EXAMPLES = {
     "n": "--n 2",
     "adapter": "--adapter team-style@v2",
     "scheduler": "--scheduler euler",
+    "relax": "a cellist's bow hold --relax",
 }
 
 
@@ -173,6 +182,7 @@ def to_request(parsed: Parsed, origin: Origin, defaults: Defaults = Defaults(), 
         "seed": _int("seed", o["seed"]) if "seed" in o else None,
         "guidance": defaults.guidance,
         "scheduler": o.get("scheduler", defaults.scheduler),
+        "lane": "relax" if "relax" in o else "fast",
         **extra,
     }
     if "adapter" in o:

@@ -1,11 +1,18 @@
 """From a person's command to a published request, the same for every chat front-end.
 
 Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
-rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for a while
-(SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it.
+backpressure, rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for
+a while (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it, and the Cancel
+button on its status can tell its owner from anyone else.
 
-`admit` and `remix` run before a chat command is acknowledged (Discord: 3 seconds), so what they ask Redis is
-time-boxed to PRE_ACK_S all together: the rate-limit check falls back to the limiter's own windows (and its
+Backpressure: the consumer group publishes its queue to Redis (skillgen.runtime.groupview). While it holds more
+than SKILL_MAX_BACKLOG_S seconds of work a new request is refused ("busy: ... try again in about M min") and
+nothing is published; an accepted one is acknowledged with the group's estimate of its position and ETA. The view
+is advice: without it (Redis unset, down or slow) every request goes ahead.
+
+`admit`, `remix` and `cancel` run before a chat command or click is acknowledged (Discord: 3 seconds), so what
+they ask Redis is time-boxed to PRE_ACK_S all together: the group view is skipped when it does not come in time
+(and then left alone for BREAKER_S), the rate-limit check falls back to the limiter's own windows (and its
 breaker), and a remembered request that cannot be read in time is answered with a "try again" refusal.
 """
 
@@ -13,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,10 +33,18 @@ from pydantic import BaseModel
 from bots import grammar, render
 from bots.errors import Refusal
 from bots.keys import partition_key
-from bots.ratelimit import RateLimiter
+from bots.ratelimit import BREAKER_S, RateLimiter
 from bots.settings import BotSettings
 from schemas.codec import encode
-from schemas.messages import MAX_IMAGES, MAX_SEED, GenerateRequest, Origin
+from schemas.messages import (
+    MAX_IMAGES,
+    MAX_SEED,
+    GenerateCancel,
+    GenerateRequest,
+    Origin,
+)
+from skillgen.runtime import groupview
+from skillgen.runtime.groupview import Estimate, GroupView
 from skillgen.runtime.kafka import make_producer
 from skillgen.runtime.logs import job
 from skillgen.runtime.redis import Store
@@ -44,6 +61,10 @@ FORGOTTEN = (
     "I no longer have the request behind this button (results can be re-rolled for a limited time); "
     "run /skill again with the same prompt."
 )
+NOT_OWNER = "Only the person who asked can cancel this."
+CANCEL_FORGOTTEN = "I no longer have this request, so it cannot be cancelled (it is probably finished)."
+CANCELLING = "Cancelling…"
+ESTIMATES_KEPT = 1000  # estimates made at admission, kept for the acknowledgment that follows
 
 
 class Intake:
@@ -61,6 +82,8 @@ class Intake:
         self.limiter = limiter or RateLimiter.from_settings(settings, store)
         self.policy = policy or PromptPolicy.from_settings()
         self._key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
+        self._estimates: OrderedDict[str, Estimate] = OrderedDict()
+        self._view_skipped_until = 0.0  # a group view that did not come in time is not asked for until then
 
     @classmethod
     @asynccontextmanager
@@ -83,8 +106,51 @@ class Intake:
         if req is None:
             return None
         self.check_prompt(req.prompt, req.negative_prompt)
-        await self.limiter.admit(origin, req.num_images, PRE_ACK_S)
+        deadline = time.monotonic() + PRE_ACK_S
+        view = await self.group_view(PRE_ACK_S)
+        self.check_backlog(view)  # before the limiter: a refused request spends nobody's allowance
+        await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
+        self._keep_estimate(req, view)
         return req
+
+    def estimate(self, request_id: str) -> Estimate | None:
+        """The group's estimate of this request's position and ETA, made when it was admitted (None without one)."""
+        return self._estimates.get(request_id)
+
+    async def group_view(self, within_s: float) -> GroupView | None:
+        """The consumer group's queue, or None when Redis is unset, down or slower than `within_s`."""
+        link = self.store.link
+        if link is None or self.limiter.local_only or time.monotonic() < self._view_skipped_until:
+            return None
+        try:
+            return await asyncio.wait_for(groupview.read(link, self.store.prefix), max(0.05, within_s))
+        except TimeoutError:
+            self._view_skipped_until = time.monotonic() + BREAKER_S
+            log.warning("Redis took over %.1fs to show the group's queue: admitting without it for %.0fs",
+                        within_s, BREAKER_S)
+            return None
+
+    def check_backlog(self, view: GroupView | None) -> None:
+        """Refuse new work while the group has more than SKILL_MAX_BACKLOG_S seconds of it queued."""
+        bound_s = self.settings.max_backlog_s
+        backlog_s = view.backlog_s if view is not None else None
+        if not bound_s or backlog_s is None or backlog_s <= bound_s:
+            return
+        queued_min = max(1, round(backlog_s / 60))
+        retry_min = max(1, math.ceil((backlog_s - bound_s) / 60))
+        log.info("refused: %.0fs of work queued (SKILL_MAX_BACKLOG_S=%d)", backlog_s, bound_s)
+        raise Refusal(f"busy: about {queued_min} min of work is queued; try again in about {retry_min} min")
+
+    def _keep_estimate(self, req: GenerateRequest, view: GroupView | None) -> None:
+        if view is None or not view.consumers:
+            return
+        cost = groupview.units(req.num_images, req.width, req.height, req.steps, req.guidance)
+        estimate = view.estimate(req.lane, team_of(req.origin), cost)
+        if estimate.eta_s is None:
+            return
+        self._estimates[req.request_id] = estimate
+        while len(self._estimates) > ESTIMATES_KEPT:
+            self._estimates.popitem(last=False)
 
     async def remix(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
@@ -108,8 +174,32 @@ class Intake:
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
         self.check_prompt(req.prompt, req.negative_prompt)  # the policy may have changed since
+        view = await self.group_view(deadline - time.monotonic())
+        self.check_backlog(view)
         await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
+        self._keep_estimate(req, view)
         return req
+
+    async def cancel(self, request_id: str, origin: Origin) -> GenerateCancel:
+        """The cancel of a remembered request by whoever clicked, or Refusal when that is not its owner (same
+        platform, team and user: the consumer checks the same) or the request is not remembered."""
+        try:
+            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), PRE_ACK_S)
+        except TimeoutError:
+            log.warning("Redis took over %.1fs to read a remembered request", PRE_ACK_S)
+            raise Refusal(SLOW) from None
+        if raw is None:
+            raise Refusal(CANCEL_FORGOTTEN)
+        owner = GenerateRequest.model_validate_json(raw).origin
+        if (owner.platform, owner.team_id, owner.user_id) != (origin.platform, origin.team_id, origin.user_id):
+            log.info("cancel refused: not the owner", extra=job(request_id, platform=origin.platform.value))
+            raise Refusal(NOT_OWNER)
+        return GenerateCancel(request_id=request_id, origin=origin)
+
+    async def publish_cancel(self, msg: GenerateCancel) -> None:
+        """On the cancel topic, keyed by the request id, the canceller's origin sealed for that request id."""
+        await self.send(self.settings.topics.generate_cancel, msg, key=msg.request_id.encode())
+        log.info("cancel published", extra=job(msg.request_id, platform=msg.origin.platform.value))
 
     def check_team(self, origin: Origin) -> None:
         """Refuse a team (Discord server, Slack workspace) that SKILL_ALLOWED_TEAMS does not list."""
@@ -141,3 +231,8 @@ class Intake:
         """Publish any message (extensions use this for their own requests, e.g. fine-tunes), its origin sealed."""
         value, headers = encode(self.seal(msg))
         await self.producer.send_and_wait(topic, value, key=key, headers=headers)
+
+
+def team_of(origin: Origin) -> str:
+    """A team as the group view names it: `<platform>:<team id>`, as in SKILL_ALLOWED_TEAMS."""
+    return f"{origin.platform.value}:{origin.team_id}"

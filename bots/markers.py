@@ -1,6 +1,6 @@
 """Delivery's idempotency: one marker per request id (`delivered:{request_id}`), so one final post per request.
 
-The first terminal event (succeeded, failed or blocked) to take the marker wins; every later terminal event of the
+The first terminal event (succeeded, failed, blocked or cancelled) to take the marker wins; every later terminal event of the
 request, of whatever kind, is dropped. The marker is first a claim (`claim:{kind}:{token}`, expiring after
 SKILL_LEASE_S unless renewed) taken before posting, and becomes `done:{kind}` only after the platform answered.
 A delivery that crashed holding a claim leaves it to lapse, and the next delivery of the event posts it. An event

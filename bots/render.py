@@ -1,7 +1,12 @@
-"""What the bots and delivery say in a channel, for Discord and Slack alike, and the Re-roll/Variations buttons.
+"""What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll/Variations on
+a result, Cancel on a status that is not final.
 
-A button names its action and the request it acts on (`skill:reroll:<request id>`); the bot that receives the
-click looks the request up (bots/intake.py).
+A button names its action and the request it acts on (`skill:reroll:<request id>`, `skill:cancel:<request id>`);
+the bot that receives the click looks the request up (bots/intake.py).
+
+When a result is expected (an event's `eta_s`, an estimate at intake) it is shown as the platform's own timestamp,
+so every reader sees it in their time zone: Discord `<t:UNIX:R>` ("in 3 minutes"), Slack
+`<!date^UNIX^{time}|HH:MM UTC>` (their clock time; the fallback text in UTC).
 
 Whatever a sender controls (a prompt, a file's or an adapter's name, a caption) enters a message only through
 `safe(text, platform)`, one escaping per platform (`slack_text`, `discord_text`): it can then neither mention,
@@ -13,8 +18,10 @@ formatting stays, links and broadcasts do not.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta, timezone
 
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Platform
+from skillgen.runtime.groupview import Estimate
 
 
 def queue_down(what: str = "Your request") -> str:
@@ -26,11 +33,19 @@ QUEUE_DOWN = queue_down()
 
 REROLL = "reroll"
 VARIATIONS = "vary"
-ACTIONS = (REROLL, VARIATIONS)
-_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations"}
-_CUSTOM_ID = re.compile(r"^skill:(reroll|vary):([A-Za-z0-9_-]{1,64})$")
+CANCEL = "cancel"
+ACTIONS = (REROLL, VARIATIONS)  # on a result
+STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
+_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", CANCEL: "Cancel"}
+_CUSTOM_ID = re.compile(rf"^skill:({'|'.join(ACTIONS + STATUS_ACTIONS)}):([A-Za-z0-9_-]{{1,64}})$")
 # Slack action ids must be unique within a message; the value carries the request id.
-SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary"}
+SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", CANCEL: "skill_cancel"}
+# Discord button styles: primary (blurple), secondary (grey), danger (red).
+_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, CANCEL: 4}
+
+
+def label(action: str) -> str:
+    return _LABELS[action]
 
 
 def custom_id(action: str, request_id: str) -> str:
@@ -136,10 +151,40 @@ def mention(user_id: str) -> str:
     return f"<@{user_id}>"
 
 
-def queued(req: GenerateRequest) -> str:
+LANE_NOTES = {"relax": "relax mode", "replay": "re-run lane"}  # the fast lane, the default, goes unsaid
+
+
+def lane_note(lane: str | None) -> str:
+    return f" · {LANE_NOTES[lane]}" if lane in LANE_NOTES else ""
+
+
+def timestamp(at: datetime, platform: Platform) -> str:
+    """A moment as the platform shows it to each reader: Discord relative ("in 3 minutes"), Slack the reader's
+    clock time (the fallback, for clients that cannot, in UTC), the console in seconds from now."""
+    unix = int(at.timestamp())
+    if platform == Platform.discord:
+        return f"<t:{unix}:R>"
+    if platform == Platform.slack:
+        return f"<!date^{unix}^{{time}}|{at.astimezone(timezone.utc):%H:%M} UTC>"
+    return f"in about {max(0, round(at.timestamp() - datetime.now(timezone.utc).timestamp()))}s"
+
+
+def ready(created_at: datetime, eta_s: float | None, platform: Platform) -> str:
+    """", ready <timestamp>" for a result expected `eta_s` seconds after `created_at`; "" when nobody knows."""
+    if eta_s is None:
+        return ""
+    word = "ready by" if platform == Platform.slack else "ready"  # "ready by 14:03", "ready in 3 minutes"
+    return f", {word} {timestamp(created_at + timedelta(seconds=eta_s), platform)}"
+
+
+def queued(req: GenerateRequest, estimate: Estimate | None = None) -> str:
+    """The acknowledgment: queued, with the group's estimate at intake when there is one."""
     p = req.origin.platform
     n = f" ({req.num_images} images)" if req.num_images > 1 else ""
-    return f"⏳ {mention(req.origin.user_id)} queued{n}: {quote(req.prompt, p)}"
+    where = ""
+    if estimate is not None and estimate.eta_s is not None:
+        where = f", position ~{estimate.position}{ready(req.created_at, estimate.eta_s, p)}"
+    return f"⏳ {mention(req.origin.user_id)} queued{n}{where}{lane_note(req.lane)}: {quote(req.prompt, p)}"
 
 
 def status(event: JobEvent) -> str:
@@ -155,12 +200,13 @@ def status(event: JobEvent) -> str:
         return f"🧪 {who} {bar}{said(progress_text(event), event.origin.platform)}"
     p = event.origin.platform
     what = quote(event.prompt, p) if event.prompt else "your request"
+    when = ready(event.created_at, event.eta_s, p)
     if event.kind == EventKind.queued:
         where = f", position {event.queue_position}" if event.queue_position is not None else ""
-        return f"⏳ {who} queued{where}: {what}"
+        return f"⏳ {who} queued{where}{when}{lane_note(event.lane)}: {what}"
     if progress:
-        return f"🎨 {who} {_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}: {what}"
-    return f"🎨 {who} drawing: {what}"
+        return f"🎨 {who} {_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}{when}: {what}"
+    return f"🎨 {who} drawing{when}: {what}"
 
 
 def _bar(step: int, total: int) -> str:
@@ -206,6 +252,14 @@ def blocked(event: JobEvent) -> str:
     return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel.{rerun(event)}"
 
 
+def cancelled(event: JobEvent) -> str:
+    """A cancelled request's status: short, naming (and so pinging) nobody."""
+    p = event.origin.platform
+    what = quote(event.prompt, p) if event.prompt else "the request"
+    why = f" · {said(event.message, p)}" if event.message else ""
+    return f"🛑 cancelled: {what}{why}"
+
+
 def slack_result_posted(event: JobEvent) -> str:
     """The status message once the result is posted as a new message below it (that one pings the person)."""
     return f"{done(event)} · done: see below"
@@ -238,16 +292,22 @@ def discord_missing_permission(channel_id: str, access: bool) -> str:
             "there (and Send Messages in Threads for threads). Here is your result:")
 
 
-def discord_buttons(request_id: str) -> list[dict]:
+def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS) -> list[dict]:
+    """One action row: a result's Re-roll and Variations, or (STATUS_ACTIONS) a status's Cancel."""
     return [
         {
             "type": 1,
             "components": [
-                {"type": 2, "style": 1 if a == REROLL else 2, "label": _LABELS[a], "custom_id": custom_id(a, request_id)}
-                for a in ACTIONS
+                {"type": 2, "style": _DISCORD_STYLES[a], "label": _LABELS[a], "custom_id": custom_id(a, request_id)}
+                for a in actions
             ],
         }
     ]
+
+
+def status_buttons(event: JobEvent) -> tuple[str, ...]:
+    """The buttons a status that is not final carries: Cancel on an image request (a training has its command)."""
+    return STATUS_ACTIONS if event.job == "generate" else ()
 
 
 SLACK_SECTION_MAX = 3000  # a section block's text (Slack refuses the message with invalid_blocks past it)
@@ -259,11 +319,13 @@ def clip(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def slack_blocks(text: str, request_id: str | None = None) -> list[dict]:
+def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS) -> list[dict]:
+    """A section with `text`, and with `request_id` an actions block: a result's Re-roll and Variations, or
+    (STATUS_ACTIONS) a status's Cancel."""
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
     text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
-    if request_id:
+    if request_id and actions:
         blocks.append(
             {
                 "type": "actions",
@@ -273,9 +335,9 @@ def slack_blocks(text: str, request_id: str | None = None) -> list[dict]:
                         "action_id": SLACK_ACTION_IDS[a],
                         "text": {"type": "plain_text", "text": _LABELS[a]},
                         "value": request_id,
-                        **({"style": "primary"} if a == REROLL else {}),
+                        **({"style": "primary"} if a == REROLL else {"style": "danger"} if a == CANCEL else {}),
                     }
-                    for a in ACTIONS
+                    for a in actions
                 ],
             }
         )

@@ -61,6 +61,9 @@ class BotSettings(CommonSettings):
     admins: CommaList = []
     # How long Re-roll and Variations keep working on a result.
     remember_s: int = Field(default=7 * 86400, ge=60)
+    # Backpressure: a /skill is refused ("busy, try again in about N min") while the consumer group has more than
+    # this many seconds of work queued (skillgen.runtime.groupview, read from Redis); 0 turns the check off.
+    max_backlog_s: int = Field(default=1800, ge=0)
     # Modules that add commands to the bots (see bots/extensions.py), comma-separated; none for /skill alone.
     bot_extensions: CommaList = ["bots.training"]
 

@@ -15,6 +15,11 @@ work in a thread, a person mentions the bot there ("@skillgen a drummer's paradi
 `app_mention` event, scope app_mentions:read): the same grammar, the status and result in that thread (a
 mention in the channel starts a thread on it). Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
 command's trigger_id is claimed first, so a retry never becomes a second job.
+
+The status message carries a Cancel button (delivery keeps it on queued and progress edits, and drops it with the
+result). A click is acked at once; only the person who asked may cancel (bots/intake.py checks against the request
+remembered in Redis): a GenerateCancel is published and they are told "Cancelling…" privately, anyone else "Only the
+person who asked can cancel this.", privately too.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
-from bots.intake import Intake
+from bots.intake import CANCELLING, Intake
 from bots.settings import SlackSettings
 from schemas.messages import GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
@@ -64,8 +69,9 @@ class SlackFrontEnd:
     def register(self, app: AsyncApp) -> None:
         app.command(self.settings.slack_command)(self.on_command)
         app.event("app_mention")(self.on_mention)
-        for action_id in render.SLACK_ACTION_IDS.values():
-            app.action(action_id)(self.on_button)
+        for action in render.ACTIONS:
+            app.action(render.SLACK_ACTION_IDS[action])(self.on_button)
+        app.action(render.SLACK_ACTION_IDS[render.CANCEL])(self.on_cancel)
 
     async def on_command(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
         # Every invocation has its own trigger_id, and a retry repeats it.
@@ -101,7 +107,7 @@ class SlackFrontEnd:
             metrics.COMMANDS.labels("slack", "not_member").inc()
             await self._ack(ack, claim, cannot)
             return
-        await self._ack(ack, claim, render.queued(req))
+        await self._ack(ack, claim, render.queued(req, self.intake.estimate(req.request_id)))
         await self.start_job(client, respond, req)
 
     async def can_post(self, client: AsyncWebClient, channel_id: str) -> str | None:
@@ -163,19 +169,43 @@ class SlackFrontEnd:
         await ack(text=text, response_type="ephemeral")
         await self.intake.store.put(claim, text, CLAIM_TTL_S)  # what a retry of this command is answered
 
-    async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
-        await ack()
-        name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
+    @staticmethod
+    def clicker(body: dict) -> Origin:
+        """The origin of whoever clicked a button, where they clicked it."""
         container = body.get("container") or {}
-        origin = Origin(
+        return Origin(
             platform=Platform.slack,
             team_id=(body.get("team") or {}).get("id") or body["user"]["team_id"],
             channel_id=(body.get("channel") or {}).get("id") or container["channel_id"],
             user_id=body["user"]["id"],
             thread_id=container.get("thread_ts") or (body.get("message") or {}).get("thread_ts"),
         )
+
+    async def on_cancel(self, ack, body: dict, action: dict, respond) -> None:
+        """Cancel, for the request's owner only; everyone is answered privately."""
+        await ack()
         try:
-            req = await self.intake.remix(action["value"], name, origin)
+            msg = await self.intake.cancel(action["value"], self.clicker(body))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "cancel_refused").inc()
+            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
+                          replace_original=False)
+            return
+        try:
+            await self.intake.publish_cancel(msg)
+        except Exception:
+            log.exception("publish of a cancel failed", extra=job(msg.request_id))
+            metrics.COMMANDS.labels("slack", "queue_down").inc()
+            await respond(text=render.queue_down("The cancel"), response_type="ephemeral", replace_original=False)
+            return
+        metrics.COMMANDS.labels("slack", "cancel").inc()
+        await respond(text=CANCELLING, response_type="ephemeral", replace_original=False)
+
+    async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
+        await ack()
+        name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
+        try:
+            req = await self.intake.remix(action["value"], name, self.clicker(body))
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
             await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
@@ -186,10 +216,11 @@ class SlackFrontEnd:
     async def start_job(self, client: AsyncWebClient, respond, req: GenerateRequest) -> None:
         """Post the status message, then publish with its ts, so delivery edits the message the person sees."""
         origin = req.origin
-        text = render.queued(req)
+        text = render.queued(req, self.intake.estimate(req.request_id))
+        blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS)
         try:
             posted = await client.chat_postMessage(
-                channel=origin.channel_id, thread_ts=origin.thread_id, text=text, blocks=render.slack_blocks(text)
+                channel=origin.channel_id, thread_ts=origin.thread_id, text=text, blocks=blocks
             )
         except SlackApiError as exc:
             error = exc.response.get("error", "")

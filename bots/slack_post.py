@@ -12,6 +12,8 @@ status into "❌ I could not post the images here: invite me with /invite @skill
 refused too, as chat:write.public still lets it post in a public channel). A result without images is the same
 with chat.postMessage. The one step that cannot be repeated harmlessly (the post) is remembered per request, so
 a retry of the result after a 429 or a 5xx on the edit does not post it twice.
+Status edits carry the Cancel button; every final edit drops it. A cancelled request is an edit of the status
+message to "🛑 cancelled" and nothing else (no new message, so nobody is pinged).
 Failed results are an edit plus a short new message that mentions the requester; blocked results delete the
 status message and go to the person alone (chat.postEphemeral). Every text is clipped to Slack's limits
 (render.SLACK_SECTION_MAX in a section, render.SLACK_TEXT_MAX in a message).
@@ -63,7 +65,8 @@ class SlackPoster:
         if not event.origin.status_message_id or not self._spend_update(event.origin.team_id, progress=True):
             return  # nothing to edit, or the workspace's edit budget is spent: the next status or the result shows
         text = render.status(event)
-        await self._edit_or_post(event.origin, text, render.slack_blocks(text), post_if_gone=False)
+        blocks = render.slack_blocks(text, event.request_id, render.status_buttons(event))  # Cancel, until the result
+        await self._edit_or_post(event.origin, text, blocks, post_if_gone=False)
 
     async def final(self, event: JobEvent, images: list[tuple[str, bytes]]) -> None:
         o = event.origin
@@ -72,6 +75,11 @@ class SlackPoster:
                 await self._call("chat_delete", ignore=GONE, channel=o.channel_id, ts=o.status_message_id)
             await self._call("chat_postEphemeral", channel=o.channel_id, user=o.user_id, thread_ts=o.thread_id,
                              text=render.blocked(event))
+            return
+        if event.kind == EventKind.cancelled:  # an edit, no buttons, and no new message: nobody is pinged
+            if o.status_message_id:
+                text = render.cancelled(event)
+                await self._edit_or_post(o, text, render.slack_blocks(text), post_if_gone=False)
             return
         if event.kind == EventKind.failed:
             text = render.failed(event)
