@@ -1,8 +1,27 @@
-"""The dynamic batcher: one queue per batch key; a batch leaves when it holds `max_batch` images or when its
-oldest request has waited `max_wait_ms`, whichever comes first.
+"""The dynamic batcher and fair scheduler: which compatible requests go to the GPU together, and whose go next.
 
-Requests with different keys never wait on each other: each key has its own window, and among the batches
-that are ready the one whose oldest request came first goes next. A request is never split across batches.
+**Batching** (unchanged from the FIFO batcher): requests are grouped by batch key; a key's batch is *ready* when
+it holds `max_batch` images or its oldest request has waited `max_wait_ms` (or at once while draining). A request
+is never split across batches, and incompatible requests never wait on each other.
+
+**Fairness** (`Policy(fair=True)`, the default): among the ready batches, the next one is the one that starts with
+the request the fair schedule serves next: hierarchical start-time fair queuing (SFQ). Lanes (`fast`, `relax`,
+`replay`) share the GPU by lane weight; within a lane, teams share it by team weight; within a team, first in,
+first out. Each lane and each team carries a virtual start tag; serving a request of cost c advances its team's
+tag by c / team weight and its lane's by c / lane weight, and a flow that was idle starts at the level's current
+virtual time (an idle team saves no credit, a busy one cannot run ahead of its share). So a team that pastes 500
+requests is served at its share, and a team that sends one is served next. The cost is the request's GPU work in
+units (skillgen/runtime/groupview.py `units`), so a 4-image 1024x1024 request weighs 16 thumbnails.
+
+A batch is formed from the scheduled head's key: the head first, then compatible requests of the same lane in
+the order their teams' tags say (each charged to its own team), up to `max_batch` images. Riders from other
+lanes are not taken, so a replay never lengthens a live batch.
+
+`Policy(fair=False)` is the old first-in-first-out choice (the oldest request among the ready batches goes
+first), kept for `SKILL_SCHEDULING=fifo` and as the benchmark's reference row.
+
+The batcher holds the consumer's whole read-ahead window (thousands of records): every operation is linear in
+what is queued at worst, and `ready` costs O(flows + keys).
 """
 
 from __future__ import annotations
@@ -10,51 +29,104 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from skillgen.runtime.groupview import DEFAULT_LANE_WEIGHTS, Queued, flow
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Policy:
+    fair: bool = True
+    team_weights: Mapping[str, float] = field(default_factory=dict)
+    lane_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
+
+    def team_weight(self, team: str) -> float:
+        return self.team_weights.get(team, 1.0)
+
+    def lane_weight(self, lane: str) -> float:
+        return self.lane_weights.get(lane, DEFAULT_LANE_WEIGHTS.get(lane, 1.0))
 
 
 @dataclass(eq=False)
 class _Entry(Generic[T]):
     item: T
+    key: Hashable
     size: int
     deadline: float
-    seq: int = field(default=0)
+    seq: int
+    team: str
+    lane: str
+    cost: float
+    queued_at: float
+
+
+@dataclass(eq=False)
+class _Team:
+    start: float = 0.0
+    entries: deque = field(default_factory=deque)
+
+
+@dataclass(eq=False)
+class _Lane:
+    start: float = 0.0
+    vt: float = 0.0  # the lane's virtual time: the start tag of the team it served last
+    teams: dict[str, _Team] = field(default_factory=dict)
+    count: int = 0
 
 
 class Batcher(Generic[T]):
-    def __init__(self, max_batch: int, max_wait_ms: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_batch: int, max_wait_ms: int, clock: Callable[[], float] = time.monotonic,
+                 policy: Policy | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.policy = policy or Policy()
         self._clock = clock
-        self._queues: dict[Hashable, deque[_Entry[T]]] = {}
+        self._keys: dict[Hashable, list[_Entry[T]]] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._vt = 0.0
         self._changed = asyncio.Event()
         self._seq = 0
         self._hurry = False
 
-    def add(self, key: Hashable, item: T, size: int = 1, wait: bool = True) -> int:
-        """Queue `item` (`size` images) under `key`; `wait=False` skips the window (a retry that runs alone).
-        Returns how many requests are queued ahead of it, all keys together."""
+    def add(self, key: Hashable, item: T, size: int = 1, wait: bool = True, *, team: str = "",
+            lane: str = "fast", cost: float | None = None) -> int:
+        """Queue `item` (`size` images, `cost` work units: default `size`) under batch `key` for `team` in `lane`;
+        `wait=False` skips the window (a retry that runs alone). Returns how many requests are queued ahead of
+        it, all keys together (the fair position is the group view's estimate, not this)."""
         ahead = len(self)
         self._seq += 1
-        deadline = self._clock() + (self.max_wait_s if wait else 0.0)
-        self._queues.setdefault(key, deque()).append(_Entry(item, size, deadline, self._seq))
+        now = self._clock()
+        entry = _Entry(item, key, size, now + (self.max_wait_s if wait else 0.0), self._seq, team, lane,
+                       float(size if cost is None else cost), now)
+        self._keys.setdefault(key, []).append(entry)
+        ln = self._lanes.get(lane)
+        if ln is None:
+            ln = self._lanes[lane] = _Lane(start=self._vt)
+        elif ln.count == 0:
+            ln.start = max(ln.start, self._vt)
+        tm = ln.teams.get(team)
+        if tm is None:
+            tm = ln.teams[team] = _Team(start=ln.vt)
+        elif not tm.entries:
+            tm.start = max(tm.start, ln.vt)
+        tm.entries.append(entry)
+        ln.count += 1
         self._changed.set()
         return ahead
 
     def remove(self, item: T) -> bool:
-        """Take a queued item out (its partition was revoked); False when it is not queued."""
-        for key, q in self._queues.items():
-            for entry in q:
+        """Take a queued item out (cancelled, or its partition was revoked); False when it is not queued.
+        Nothing is charged for it."""
+        for entries in self._keys.values():
+            for entry in entries:
                 if entry.item is item:
-                    q.remove(entry)
-                    if not q:
-                        del self._queues[key]
+                    self._take(entry)
                     self._changed.set()
                     return True
         return False
@@ -65,32 +137,101 @@ class Batcher(Generic[T]):
         self._changed.set()
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in self._keys.values())
+
+    def __contains__(self, item: T) -> bool:
+        return any(e.item is item for q in self._keys.values() for e in q)
 
     @property
     def images(self) -> int:
-        return sum(e.size for q in self._queues.values() for e in q)
+        return sum(e.size for q in self._keys.values() for e in q)
+
+    def backlog(self) -> dict[str, Queued]:
+        """What is queued, per flow ("lane/team"): requests and work units."""
+        out: dict[str, Queued] = {}
+        for lane_name, ln in self._lanes.items():
+            for team_name, tm in ln.teams.items():
+                if tm.entries:
+                    out[flow(lane_name, team_name)] = Queued(requests=len(tm.entries),
+                                                             units=sum(e.cost for e in tm.entries))
+        return out
+
+    def waiting_since(self, item: T) -> float | None:
+        for q in self._keys.values():
+            for e in q:
+                if e.item is item:
+                    return e.queued_at
+        return None
+
+    # -- choosing ------------------------------------------------------------------------------------------
+    def _ready_keys(self, now: float) -> set[Hashable]:
+        ready = set()
+        for key, q in self._keys.items():
+            if self._hurry or sum(e.size for e in q) >= self.max_batch or min(e.deadline for e in q) <= now:
+                ready.add(key)
+        return ready
+
+    def _head(self, ready: set[Hashable]) -> _Entry[T]:
+        if self.policy.fair:
+            lanes = sorted((ln for ln in self._lanes.values() if ln.count),
+                           key=lambda ln: (ln.start, min(t.entries[0].seq for t in ln.teams.values() if t.entries)))
+            for ln in lanes:
+                for tm in sorted((t for t in ln.teams.values() if t.entries),
+                                 key=lambda t: (t.start, t.entries[0].seq)):
+                    if tm.entries[0].key in ready:
+                        return tm.entries[0]
+        # FIFO, or no flow's head is ready (a retry queued to run alone at once): the oldest ready request.
+        return min((self._keys[k][0] for k in ready), key=lambda e: e.seq)
 
     def ready(self) -> tuple[Hashable, list[T]] | None:
         """The next batch, if one is ready now."""
-        now = self._clock()
-        best: tuple[int, Hashable] | None = None
-        for key, q in self._queues.items():
-            if self._hurry or sum(e.size for e in q) >= self.max_batch or min(e.deadline for e in q) <= now:
-                if best is None or q[0].seq < best[0]:
-                    best = (q[0].seq, key)
-        if best is None:
+        ready = self._ready_keys(self._clock())
+        if not ready:
             return None
-        key = best[1]
-        q = self._queues[key]
-        items, size = [], 0
-        while q and (not items or size + q[0].size <= self.max_batch):
-            entry = q.popleft()
-            items.append(entry.item)
-            size += entry.size
+        head = self._head(ready)
+        key = head.key
+        candidates = self._keys[key]
+        if self.policy.fair:
+            ln = self._lanes[head.lane]
+            others = sorted((e for e in candidates if e is not head and e.lane == head.lane),
+                            key=lambda e: (ln.teams[e.team].start, e.seq))
+            candidates = [head, *others]
+            # SFQ's virtual time: the start tags of what is served now.
+            self._vt = max(self._vt, ln.start)
+            ln.vt = max(ln.vt, ln.teams[head.team].start)
+        taken, size = [], 0
+        for e in list(candidates):
+            if taken and size + e.size > self.max_batch:
+                continue
+            taken.append(e)
+            size += e.size
+            if size >= self.max_batch:
+                break
+        for e in taken:
+            self._take(e)
+            if self.policy.fair:
+                ln = self._lanes[e.lane]
+                ln.start += e.cost / self.policy.lane_weight(e.lane)
+                tm = ln.teams.get(e.team)
+                if tm is not None:
+                    tm.start += e.cost / self.policy.team_weight(e.team)
+        self._forget_idle()
+        return key, [e.item for e in taken]
+
+    def _take(self, entry: _Entry[T]) -> None:
+        q = self._keys[entry.key]
+        q.remove(entry)
         if not q:
-            del self._queues[key]
-        return key, items
+            del self._keys[entry.key]
+        ln = self._lanes[entry.lane]
+        ln.teams[entry.team].entries.remove(entry)
+        ln.count -= 1
+
+    def _forget_idle(self) -> None:
+        """Idle teams whose tag is not ahead of their lane's time carry nothing worth keeping: dropped."""
+        for ln in self._lanes.values():
+            for name in [n for n, t in ln.teams.items() if not t.entries and t.start <= ln.vt]:
+                del ln.teams[name]
 
     async def next_batch(self) -> tuple[Hashable, list[T]]:
         while True:
@@ -98,7 +239,7 @@ class Batcher(Generic[T]):
             if batch is not None:
                 return batch
             self._changed.clear()
-            deadlines = [e.deadline for q in self._queues.values() for e in q]
+            deadlines = [e.deadline for q in self._keys.values() for e in q]
             timeout = max(0.0, min(deadlines) - self._clock()) if deadlines else None
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)

@@ -41,6 +41,14 @@ class Flight(Generic[J]):
     attempts: int = 0
     position: int | None = None  # requests ahead of it when it was queued for the GPU
     lease: Lease | None = None
+    # Scheduling (consumer/batcher.py): whose share it counts against, in which lane, at what cost (work units).
+    team: str = ""
+    lane: str = "fast"
+    cost: float = 1.0
+    queued_at: float | None = None  # time.monotonic() when it joined the GPU queue
+    # Everyone waiting cancelled while it ran: its samples leave the batch at the next denoising step.
+    cancelled: bool = False
+    cancel_step: int | None = None  # the running batch's step when the cancel arrived
 
 
 class Leases:

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from consumer.batcher import Batcher
+from consumer.batcher import Batcher, Policy
 from consumer.flight import Flight
 from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.settings import ConsumerSettings
 from skillgen.inference.errors import PipelineError
+from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
 
 log = logging.getLogger("skillgen.consumer")
@@ -85,45 +85,77 @@ class GpuLoop:
         self.settings = settings
         self.metrics = metrics
         self.outlet = outlet
-        self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms)
+        self.policy = Policy(fair=settings.scheduling == "fair", team_weights=dict(settings.team_weights),
+                             lane_weights=dict(settings.lane_weights))
+        self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
-        self.batch_s: float | None = None  # moving average of one batch's GPU time, for queue estimates
+        # Seconds of GPU time per work unit, a moving average over batches: the speed behind every ETA.
+        self.s_per_unit: float | None = None
+        self.running_units = 0.0
+        self.running_since = 0.0
+        self.step = 0  # denoising steps the running batch has finished
         self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
+        self.dispatched = time.monotonic()  # when the last batch left the queue (or the queue was empty)
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     def shutdown(self) -> None:
         self._gpu.shutdown(wait=False, cancel_futures=True)
 
-    def queue(self, flight: Flight) -> tuple[int, float | None]:
-        """Queue the flight for the GPU; returns (requests ahead of it, estimated seconds until it is done)."""
-        ahead = len(self.batcher)
-        eta_s = self.eta_s(self.batcher.images + len(flight.seeds))
-        flight.position = ahead
-        self.batcher.add(flight.batch, flight, size=len(flight.seeds))
-        return ahead, eta_s
+    def running_left_s(self) -> float:
+        if not self.running or self.s_per_unit is None:
+            return 0.0
+        return max(0.0, self.running_units * self.s_per_unit - (time.monotonic() - self.running_since))
+
+    def estimate(self, flight: Flight) -> Estimate:
+        """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
+        it is done (None before the first batch is timed)."""
+        if self.policy.fair:
+            return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
+                            team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights,
+                            s_per_unit=self.s_per_unit, running_s=self.running_left_s())
+        work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
+        eta = None if self.s_per_unit is None else round(self.running_left_s() + work * self.s_per_unit, 1)
+        return Estimate(position=len(self.batcher), units_ahead=work, eta_s=eta)
+
+    def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
+        """Queue the flight for the GPU; returns its estimate (position and ETA)."""
+        est = est or self.estimate(flight)
+        flight.position = est.position
+        flight.queued_at = time.monotonic()
+        if not self.batcher:
+            self.dispatched = time.monotonic()
+        for job in flight.waiters:
+            job.waiting = True
+        self.batcher.add(flight.batch, flight, size=len(flight.seeds), team=flight.team, lane=flight.lane,
+                         cost=flight.cost)
+        return est
 
     def progressing(self) -> bool:
         """False while the running batch has shown no progress for SKILL_GPU_STALL_S (idle is not stuck)."""
         return self.stall() is None
 
     def stall(self) -> str | None:
-        """Why the GPU loop is stuck, or None while it is idle or making progress."""
-        quiet_s = time.monotonic() - self.progressed
-        if not self.running or quiet_s <= self.settings.gpu_stall_s:
-            return None
-        return (f"GPU stalled: a batch of {len(self.running)} requests has made no progress for {quiet_s:.0f}s "
-                f"(SKILL_GPU_STALL_S={self.settings.gpu_stall_s:g})")
-
-    def eta_s(self, images: int) -> float | None:
-        if self.batch_s is None:
-            return None
-        return round(self.batch_s * (math.ceil(images / self.settings.max_batch) + bool(self.running)), 1)
+        """Why the GPU loop is stuck, or None while it is idle or making progress. Requests waiting in the queue
+        are not stuck while batches keep leaving it; a queue that nothing leaves while the GPU is idle is."""
+        now = time.monotonic()
+        quiet_s = now - self.progressed
+        if self.running and quiet_s > self.settings.gpu_stall_s:
+            return (f"GPU stalled: a batch of {len(self.running)} requests has made no progress for {quiet_s:.0f}s "
+                    f"(SKILL_GPU_STALL_S={self.settings.gpu_stall_s:g})")
+        idle_s = now - max(self.dispatched, self.progressed)
+        if not self.running and self.batcher and idle_s > self.settings.gpu_stall_s:
+            return (f"scheduler stalled: {len(self.batcher)} requests queued and no batch has left the queue for "
+                    f"{idle_s:.0f}s (SKILL_GPU_STALL_S={self.settings.gpu_stall_s:g})")
+        return None
 
     def requeue_alone(self, flight: Flight) -> None:
         if not flight.waiters:  # everyone waiting went to another consumer meanwhile
             self.outlet.spawn(self.outlet.close(flight))
             return
-        self.batcher.add(flight.batch._replace(solo=flight.key), flight, size=len(flight.seeds), wait=False)
+        for job in flight.waiters:
+            job.waiting = True
+        self.batcher.add(flight.batch._replace(solo=flight.key), flight, size=len(flight.seeds), wait=False,
+                         team=flight.team, lane=flight.lane, cost=flight.cost)
 
     def failed(self, flights: list[Flight], exc: BaseException) -> None:
         """A batch (or its post-processing) raised: split, retry or give up, as `after_failure` rules."""
@@ -157,20 +189,30 @@ class GpuLoop:
         loop = asyncio.get_running_loop()
         while True:
             key, flights = await self.batcher.next_batch()
+            now = time.monotonic()
+            self.dispatched = now
             samples, spans = [], []
             for f in flights:
                 spans.append(slice(len(samples), len(samples) + len(f.seeds)))
                 samples += [Sample(f.request.prompt, f.request.negative_prompt, seed) for seed in f.seeds]
             for f in flights:
                 f.position = 0
+                for job in f.waiters:
+                    job.waiting, job.woke = False, now
+                if f.queued_at is not None:
+                    self.metrics.sched_wait.labels(f.team, f.lane).observe(now - f.queued_at)
+                self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
             await self.outlet.started(flights)
             spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter)
             self.running = flights
-            self.progressed = time.monotonic()
+            self.running_units = sum(f.cost for f in flights)
+            self.running_since = self.progressed = time.monotonic()
+            self.step = 0
             t0 = time.perf_counter()
             try:
                 images = await loop.run_in_executor(
-                    self._gpu, self._generate, spec, flights[0].adapter, samples, self._progress_fn(flights, loop)
+                    self._gpu, self._generate, spec, flights[0].adapter, samples, self._progress_fn(flights, loop),
+                    self._cancelled_fn(flights, spans),
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is judged by after_failure
                 self.failed(flights, exc)
@@ -181,21 +223,51 @@ class GpuLoop:
             gen_s = time.perf_counter() - t0
             self.metrics.generation.observe(gen_s)
             self.metrics.batch_size.observe(len(samples))
-            self.batch_s = gen_s if self.batch_s is None else 0.8 * self.batch_s + 0.2 * gen_s
+            ran = [f for f in flights if not f.cancelled]
+            if ran and len(ran) == len(flights):  # a batch cut short by a cancel says nothing about speed
+                per_unit = gen_s / max(1e-9, sum(f.cost for f in flights))
+                self.s_per_unit = per_unit if self.s_per_unit is None else 0.7 * self.s_per_unit + 0.3 * per_unit
             log.info("batch of %d images (%d requests) in %.2fs", len(samples), len(flights), gen_s)
             for f, span in zip(flights, spans):
-                self.outlet.spawn(self.outlet.drawn(f, images[span]))
+                if f.cancelled:
+                    self.outlet.spawn(self.outlet.close(f))
+                else:
+                    self.outlet.spawn(self.outlet.drawn(f, images[span]))
 
-    def _generate(self, spec, adapter: ResolvedAdapter | None, samples, progress):
+    def cancel_running(self, flight: Flight) -> bool:
+        """Everyone waiting for a running flight cancelled: its samples leave the batch at the next step."""
+        if flight not in self.running:
+            return False
+        flight.cancelled = True
+        flight.cancel_step = self.step
+        return True
+
+    def _cancelled_fn(self, flights: list[Flight], spans: list[slice]) -> Callable[[], list[int]]:
+        seen: set[int] = set()
+
+        def cancelled() -> list[int]:  # on the inference thread, after every denoising step
+            out = []
+            for i, (f, span) in enumerate(zip(flights, spans)):
+                if f.cancelled:
+                    if i not in seen:
+                        seen.add(i)
+                        self.metrics.cancel_late_steps.observe(max(0, self.step - (f.cancel_step or 0)))
+                    out.extend(range(span.start, span.stop))
+            return out
+
+        return cancelled
+
+    def _generate(self, spec, adapter: ResolvedAdapter | None, samples, progress, cancelled):
         if adapter is not None:
             self.engine.backend.load_adapter(adapter.key, adapter.path)
-        return self.engine.generate(spec, samples, progress)
+        return self.engine.generate(spec, samples, progress, cancelled=cancelled)
 
     def _progress_fn(self, flights: list[Flight], loop: asyncio.AbstractEventLoop) -> Callable[[int, int], None]:
         last = [time.monotonic()]
 
         def progress(step: int, total: int) -> None:  # on the inference thread
             now = self.progressed = time.monotonic()
+            self.step = step
             if step < total and now - last[0] >= self.settings.progress_interval_s:
                 last[0] = now
                 loop.call_soon_threadsafe(self.outlet.spawn, self.outlet.progress(flights, step, total))

@@ -30,4 +30,18 @@ class ConsumerMetrics:
         self.cache_misses = Counter("skill_cache_misses", "Requests that missed both cache levels", registry=r)
         self.blocked = Counter("skill_blocked", "Requests blocked by the safety policy", ["stage"], registry=r)
         self.dlq = Counter("skill_dlq", "Records sent to a dead-letter topic", ["topic"], registry=r)
+        # Scheduling (consumer/batcher.py), per team and lane: what is queued, what was served, how long it waited.
+        self.sched_queued = Gauge("skill_sched_queued", "Requests queued for the GPU", ["team", "lane"], registry=r)
+        self.sched_queued_units = Gauge("skill_sched_queued_units", "Work units queued for the GPU", ["team", "lane"],
+                                        registry=r)
+        self.sched_served = Counter("skill_sched_served_units", "Work units sent to the GPU", ["team", "lane"],
+                                    registry=r)
+        self.sched_wait = Histogram("skill_sched_wait_seconds", "From joining the GPU queue to leaving it",
+                                    ["team", "lane"], buckets=_SECONDS + (600, 1800, 3600), registry=r)
+        self.sched_refused = Counter("skill_sched_refused", "Requests refused because they could not meet their "
+                                     "deadline", ["lane"], registry=r)
+        self.cancelled = Counter("skill_cancelled", "Requests cancelled by their owner", ["where"], registry=r)
+        self.cancel_late_steps = Histogram(
+            "skill_cancel_late_steps", "Denoising steps a cancelled sample ran after its cancel arrived",
+            buckets=(0, 1, 2, 3, 5, 10, 20, 50), registry=r)
         self.lag = Gauge("skill_consumer_lag", "Records not yet committed, per partition", ["topic", "partition"], registry=r)

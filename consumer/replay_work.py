@@ -211,8 +211,11 @@ async def republish(settings: ConsumerSettings, picked: list[Picked], report: Re
                 report.note(p, DONE_ALREADY)
                 continue
             fresh = new_request_id()
+            # In the replay lane (consumer/batcher.py: never ahead of live work beyond its share), made now, so
+            # its deadline counts from the republish and not from the original request.
             req = p.request.model_copy(update={"request_id": fresh, "replay_of": p.original,
-                                               "origin": reseal(p.request.origin, fresh, key)})
+                                               "origin": reseal(p.request.origin, fresh, key), "lane": "replay",
+                                               "deadline_s": None, "created_at": datetime.now(UTC)})
             value, headers = encode(req, [
                 ("replay-of", p.original.encode()), ("replay-id", report.replay_id.encode()),
                 (ATTEMPT, str(p.attempt + 1).encode()),

@@ -3,8 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from schemas.messages import LANES
+from skillgen.runtime.groupview import DEFAULT_LANE_WEIGHTS
 from skillgen.runtime.settings import CommonSettings, default_model
 
 
@@ -27,8 +29,28 @@ class ConsumerSettings(CommonSettings):
     # Batching: a batch leaves when it holds max_batch images or its oldest request waited max_wait_ms.
     max_batch: int = Field(default=8, ge=1, le=64)
     max_wait_ms: int = Field(default=50, ge=0, le=10_000)
-    # Records taken from Kafka and not yet answered; past this the partitions are paused, not left unpolled.
-    max_pending: int = Field(default=64, ge=1, le=10_000)
+    # Records taken from Kafka and not yet answered: the read-ahead window the fair scheduler chooses from (a
+    # record is about 1 KB, so thousands cost a few MB); past this the partitions are paused, not left unpolled.
+    max_pending: int = Field(default=2048, ge=1, le=100_000)
+    # Scheduling (consumer/batcher.py): `fair` (weighted fair queuing over lanes and teams) or `fifo` (oldest
+    # first). Team weights (team id -> weight, default 1) and lane weights (fast 1, relax 0.25, replay 0.1), as
+    # JSON in SKILL_TEAM_WEIGHTS / SKILL_LANE_WEIGHTS.
+    scheduling: Literal["fair", "fifo"] = "fair"
+    team_weights: dict[str, float] = Field(default_factory=dict)
+    lane_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
+    # A team's fast-lane budget per UTC day in work units (one 512x512 image, 20 steps, with guidance); past it
+    # the team's requests run in the relax lane. 0: no budget (always fast). Counted in Redis across the group.
+    fast_units_per_day: float = Field(default=0.0, ge=0)
+    # A request whose expected finish is past its deadline is refused at once ("busy, try again in about N
+    # min"), instead of queueing work nobody waits for. Per lane, seconds after the request was made; a request
+    # may ask for a shorter one (GenerateRequest.deadline_s).
+    lane_deadline_s: dict[str, float] = Field(
+        default_factory=lambda: {"fast": 1800.0, "relax": 6 * 3600.0, "replay": 24 * 3600.0})
+    # How often the consumer publishes its queue and speed to Redis (skillgen/runtime/groupview.py).
+    view_interval_s: float = Field(default=1.0, gt=0)
+    # Image cancels this recent are read at start (skill.generate.cancel), so a cancel sent just before a
+    # restart still stops the request it names.
+    cancel_lookback_s: float = Field(default=3600.0, ge=0)
     max_retries: int = Field(default=2, ge=0, le=10)
     retry_backoff_ms: int = Field(default=200, ge=0)
     progress_interval_s: float = Field(default=1.0, ge=0)
@@ -56,3 +78,19 @@ class ConsumerSettings(CommonSettings):
     redis_retry_s: float = Field(default=2.0, ge=0)
     # The pickup latency on Tansu (see CommonSettings): a consumer wants requests at once.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
+
+    @field_validator("team_weights", "lane_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"weights must be above 0, got {bad}")
+        return v
+
+    @field_validator("lane_weights", "lane_deadline_s")
+    @classmethod
+    def _known_lanes(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(LANES))
+        if unknown:
+            raise ValueError(f"unknown lanes {unknown}: the lanes are {', '.join(LANES)}")
+        return v

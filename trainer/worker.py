@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.codec import CodecError, decode, encode
@@ -52,8 +52,8 @@ from skillgen.adapters.registry import (
     TrainingRecord,
 )
 from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.broadcast import Broadcast, MissingTopic
 from skillgen.runtime.fetch import IngestError
-from skillgen.runtime.kafka import make_consumer
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import stop_on_signals
 from skillgen.runtime.paths import under
@@ -131,24 +131,23 @@ class TrainerWorker:
 
         s = self.settings
         self._base_sha256 = await asyncio.to_thread(base_model_sha256, s.model)
-        cancels = make_consumer(s, group=None, auto_offset_reset="latest", fetch_max_wait_ms=s.fetch_max_wait_ms)
+        # Cancels of the last SKILL_CANCEL_LOOKBACK_S are read before any job and before `ready`, so a cancel sent
+        # while no trainer ran (or just before a restart) still stops the job it names; then new ones are followed.
+        cancels = Broadcast(s, self.topics.finetune_cancel, s.cancel_lookback_s, self._read_cancel)
 
         def started() -> None:
             log.info("trainer ready on %s (base %s)", self.topics.finetune, s.model)
             if ready:
                 ready()
 
-        follower: asyncio.Task | None = None
         self.leases = Store.from_settings(s)
         try:
-            await cancels.start()
-            await self._catch_up_on_cancels(cancels)  # before any job and before `ready`
-            follower = asyncio.create_task(self._follow_cancels(cancels))
+            try:
+                await cancels.start()
+            except MissingTopic as exc:
+                raise TrainerError(str(exc)) from None
             await self.service.run(started)
         finally:
-            if follower:
-                follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
             await cancels.stop()
             self._gpu.shutdown(wait=True)
             await self.leases.close()
@@ -160,38 +159,6 @@ class TrainerWorker:
             self.service.finish(work)
         else:  # stopped for shutdown or moved: the record comes back and training resumes from the checkpoint
             self.service.leave(work)
-
-    async def _catch_up_on_cancels(self, cancels: AIOKafkaConsumer) -> None:
-        """Read the cancels of the last SKILL_CANCEL_LOOKBACK_S before taking any job, so a cancel sent while no
-        trainer ran (or just before a restart) still stops the job it names; then follow new ones."""
-        topic = self.topics.finetune_cancel
-        parts: set[int] = set()
-        deadline = time.monotonic() + 30
-        while not parts:
-            await cancels._client.force_metadata_update()  # the topic may have been created a moment ago
-            parts = cancels.partitions_for_topic(topic) or set()
-            if not parts:
-                if time.monotonic() > deadline:
-                    raise TrainerError(f"topic {topic} does not exist: create the topics with `skillgen topics ensure`")
-                await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        cancels.assign(tps)
-        end = await cancels.end_offsets(tps)
-        since_ms = int((time.time() - self.settings.cancel_lookback_s) * 1000)
-        found = await cancels.offsets_for_times({tp: since_ms for tp in tps})
-        for tp in tps:
-            # Kafka answers None where no record is that recent; some compatible brokers a timestamp of -1.
-            at = found.get(tp)
-            cancels.seek(tp, at.offset if at is not None and at.timestamp >= 0 else end[tp])
-        async with asyncio.timeout(60):
-            while [tp for tp in tps if await cancels.position(tp) < end[tp]]:
-                for records in (await cancels.getmany(*tps, timeout_ms=200)).values():
-                    for record in records:
-                        self._read_cancel(record)
-
-    async def _follow_cancels(self, cancels: AIOKafkaConsumer) -> None:
-        async for record in cancels:
-            self._read_cancel(record)
 
     def _read_cancel(self, record: ConsumerRecord) -> None:
         try:

@@ -24,6 +24,10 @@ class Job:
     left: bool = False  # given up here on purpose: not committed, not waited for
     attempt: int = 1  # which process this is to take the record up (count_attempts); above 1, one died with it
     counted: bool = False  # this attempt is counted in Redis
+    # Held in a scheduler's queue on purpose (the consumer's fair queue): not "stuck", so the service's age check
+    # skips it (the scheduler has its own health); `woke` is when it left the queue, its age counts from there.
+    waiting: bool = False
+    woke: float | None = None
     # Events of one job reach the producer in the order they were emitted, whichever task emits them.
     emitting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -64,8 +68,10 @@ class Offsets:
         self._committed.update(points)
 
     def oldest_s(self, now: float) -> float:
-        """Age of the oldest job still being worked on (0 when none)."""
-        ages = [now - j.received for o in self._open.values() for j in o.values() if not j.left]
+        """Age of the oldest job still being worked on (0 when none); a job waiting in a scheduler's queue is not
+        being worked on, and one that left the queue counts from then."""
+        ages = [now - (j.woke or j.received) for o in self._open.values() for j in o.values()
+                if not j.left and not j.waiting]
         return max(ages, default=0.0)
 
     def drop(self, tp: TopicPartition) -> list[Job]:

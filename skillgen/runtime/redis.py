@@ -135,6 +135,12 @@ class Memory:
         del self._data[name]
         return True
 
+    def incr(self, name: str, amount: float, ttl_s: float) -> float:
+        ttl = self.ttl_s(name)
+        total = float(self.get(name) or 0.0) + amount
+        self.put(name, repr(total), ttl_s if ttl is None else ttl)
+        return total
+
 
 _UNAVAILABLE = object()
 
@@ -191,6 +197,19 @@ class Store:
         if ms == -2:  # no such key
             return None
         return ms / 1000 if ms >= 0 else float("inf")
+
+    async def incr(self, name: str, amount: float, ttl_s: float) -> float:
+        """Add `amount` to the number at `name` (made with a `ttl_s` expiry when new); the new total."""
+        key, ms = self.key(name), _ms(ttl_s)
+
+        async def add(r):
+            async with r.pipeline(transaction=True) as p:
+                p.incrbyfloat(key, amount)
+                p.pexpire(key, ms, nx=True)
+                total, _ = await p.execute()
+            return float(total)
+
+        return await self.call(add, lambda: self.memory.incr(name, amount, ttl_s))
 
     async def delete_if(self, name: str, value: str) -> bool:
         """Delete `name` only while it still holds `value` (a claim dropped by whoever made it, never another's)."""

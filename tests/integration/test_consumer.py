@@ -176,9 +176,9 @@ class RecordingEngine:
         self.backend = engine.backend
         self.batches: list[tuple[int, float, float]] = []
 
-    def generate(self, spec, samples, progress=None):
+    def generate(self, spec, samples, progress=None, cancelled=None):
         start = time.monotonic()
-        images = self.engine.generate(spec, samples, progress)
+        images = self.engine.generate(spec, samples, progress, cancelled=cancelled)
         self.batches.append((len(samples), start, time.monotonic()))
         return images
 
@@ -200,7 +200,7 @@ class FakeEngine:
         self.delay_s = delay_s
         self._flaked: set[str] = set()
 
-    def generate(self, spec, samples, progress=None):
+    def generate(self, spec, samples, progress=None, cancelled=None):
         self.batches.append((spec, [s.prompt for s in samples]))
         time.sleep(self.delay_s)
         for s in samples:

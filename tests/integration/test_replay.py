@@ -45,7 +45,7 @@ def args(mode: str, **kw) -> argparse.Namespace:
 class FlatEngine:
     """Pictures without a model: one flat image per sample, of the batch's size."""
 
-    def generate(self, spec, samples, progress=None):
+    def generate(self, spec, samples, progress=None, cancelled=None):
         return [Image.new("RGB", (spec.width, spec.height), (s.seed % 256, 90, 120)) for s in samples]
 
 

@@ -124,7 +124,7 @@ class HangingEngine:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def generate(self, spec, samples, progress=None):
+    def generate(self, spec, samples, progress=None, cancelled=None):
         self.entered.set()
         self.release.wait(120)
         return self.inner.generate(spec, samples, progress)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from consumer.batcher import Batcher
+from consumer.batcher import Batcher, Policy
 
 pytestmark = pytest.mark.unit
 
@@ -116,3 +116,123 @@ async def test_next_batch_wakes_for_a_new_request_and_for_a_deadline():
     b.add("a", 2)
     b.add("a", 3)
     assert await asyncio.wait_for(waiter, 0.05) == ("a", [2, 3])
+
+
+# -- fair scheduling (hierarchical start-time fair queuing over lanes and teams) ----------------------------
+
+
+def fair(max_batch: int = 1, **policy) -> tuple[Batcher, Clock]:
+    clock = Clock()
+    return Batcher(max_batch, 0, clock=clock, policy=Policy(**policy)), clock
+
+
+def drain(b: Batcher) -> list:
+    out = []
+    while (batch := b.ready()) is not None:
+        out += batch[1]
+    return out
+
+
+def test_a_quiet_teams_request_is_served_next_after_a_flood():
+    b, _ = fair()
+    for i in range(500):
+        b.add("k", f"flood{i}", team="flood")
+    b.ready()  # the flood is being served
+    b.add("k", "quiet", team="quiet")
+    order = drain(b)
+    assert order.index("quiet") == 0
+
+
+def test_fifo_policy_serves_the_flood_first():
+    b, _ = fair(fair=False)
+    for i in range(50):
+        b.add("k", f"flood{i}", team="flood")
+    b.add("k", "quiet", team="quiet")
+    assert drain(b).index("quiet") == 50
+
+
+def test_weights_share_the_gpu_two_to_one():
+    b, _ = fair(team_weights={"a": 2.0, "b": 1.0})
+    for i in range(300):
+        b.add("k", ("a", i), team="a")
+        b.add("k", ("b", i), team="b")
+    first = drain(b)[:150]
+    share_a = sum(1 for team, _ in first if team == "a") / len(first)
+    assert abs(share_a - 2 / 3) < 0.02
+
+
+def test_cost_counts_not_requests():
+    b, _ = fair()
+    for i in range(40):
+        b.add("k", ("big", i), team="big", cost=4.0)
+        b.add("k", ("small", i), team="small", cost=1.0)
+    first = drain(b)[:25]
+    big = sum(1 for t, _ in first if t == "big")
+    assert big == 5  # 5 x 4 units beside 20 x 1 unit
+
+
+def test_an_idle_team_saves_no_credit():
+    b, _ = fair()
+    for i in range(10):
+        b.add("k", ("a", i), team="a")
+    assert len(drain(b)) == 10  # "b" was idle all along
+    for i in range(10):
+        b.add("k", ("a", 10 + i), team="a")
+        b.add("k", ("b", i), team="b")
+    order = [t for t, _ in drain(b)]
+    assert order[:4] in (["a", "b", "a", "b"], ["b", "a", "b", "a"])  # alternating, not ten b's first
+
+
+def test_lanes_relax_and_replay_get_their_share_only():
+    b, _ = fair()  # fast 1, relax 0.25, replay 0.1
+    for i in range(200):
+        b.add("k", ("fast", i), team="t1", lane="fast")
+        b.add("k", ("relax", i), team="t1", lane="relax")
+        b.add("k", ("replay", i), team="ops", lane="replay")
+    first = [lane for lane, _ in drain(b)[:135]]
+    assert abs(first.count("fast") / 135 - 1 / 1.35) < 0.03
+    assert abs(first.count("relax") / 135 - 0.25 / 1.35) < 0.03
+    assert abs(first.count("replay") / 135 - 0.1 / 1.35) < 0.03
+
+
+def test_a_batch_is_formed_from_the_scheduled_head_with_compatible_requests_of_its_lane():
+    b, clock = fair(max_batch=4)
+    for i in range(6):
+        b.add("x", ("flood", i), team="flood")
+    b.add("y", ("quiet", 0), team="quiet")
+    b.add("x", ("replay", 0), team="ops", lane="replay")
+    clock.now += 1
+    key, items = b.ready()
+    assert key == "x" and items[0] == ("flood", 0)
+    assert ("replay", 0) not in items  # never a rider in a live batch
+    # The replay lane's tag is untouched (0) and the fast lane's is 4: the replay goes next, alone (no live riders).
+    assert b.ready() == ("x", [("replay", 0)])
+    key, items = b.ready()
+    assert key == "y" and items == [("quiet", 0)]  # quiet's tag (0) is below flood's (4)
+
+
+def test_the_head_waits_for_its_window_but_never_blocks_a_ready_batch():
+    b, clock = fair(max_batch=2)
+    b.__init__(2, 50, clock=clock, policy=Policy())
+    b.add("slow", "s", team="quiet")  # quiet's head, window still open
+    b.add("full", "f1", team="flood")
+    b.add("full", "f2", team="flood")
+    assert b.ready() == ("full", ["f1", "f2"])
+    assert b.ready() is None
+    clock.now += 0.05
+    assert b.ready() == ("slow", ["s"])
+
+
+def test_backlog_per_flow_and_removal_charges_nothing():
+    b, _ = fair()
+    first = object()
+    b.add("k", first, team="a", cost=10.0)
+    b.add("k", "a2", team="a", cost=1.0)
+    b.add("k", "r", team="b", lane="relax")
+    backlog = b.backlog()
+    assert backlog["fast/a"].requests == 2 and backlog["fast/a"].units == 11.0
+    assert backlog["relax/b"].requests == 1
+    assert b.remove(first) and b.backlog()["fast/a"].units == 1.0
+    b.add("k", "c1", team="c")
+    # Had the removed request been charged (10 units), c1 would go before a2.
+    assert [x for x in drain(b) if x != "r"] == ["a2", "c1"]
