@@ -54,6 +54,10 @@ METRICS = {
     "skill_cache_hits_total": "counter", "skill_cache_misses_total": "counter", "skill_blocked_total": "counter",
     "skill_dlq_total": "counter", "skill_consumer_lag": "gauge", "skill_trainer_progress_ratio": "gauge",
     "skill_trainer_jobs_total": "counter",
+    # scheduling (issue 17)
+    "skill_sched_queued": "gauge", "skill_sched_queued_units": "gauge", "skill_sched_served_units_total": "counter",
+    "skill_sched_wait_seconds": "histogram", "skill_sched_refused_total": "counter", "skill_cancelled_total": "counter",
+    "skill_cancel_late_steps": "histogram",
 }
 
 
@@ -528,8 +532,9 @@ def test_kafka_init_grants_each_service_only_its_own_topics_and_group():
     t = topics.Topics("")
     read, write = "Read", "Write"
     expected = {
-        "bots": {(write, "topic", t.generate), (write, "topic", t.finetune), (write, "topic", t.finetune_cancel)},
-        "consumer": {(read, "topic", t.generate), (read, "group", topics.CONSUMER_GROUP),
+        "bots": {(write, "topic", t.generate), (write, "topic", t.finetune), (write, "topic", t.finetune_cancel),
+                 (write, "topic", t.generate_cancel)},
+        "consumer": {(read, "topic", t.generate), (read, "topic", t.generate_cancel), (read, "group", topics.CONSUMER_GROUP),
                      (write, "topic", t.events), (write, "topic", t.dlq(t.generate))},
         "delivery": {(read, "topic", t.events), (read, "group", topics.DELIVERY_GROUP),
                      (write, "topic", t.events), (write, "topic", t.dlq(t.events))},
