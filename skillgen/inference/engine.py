@@ -9,7 +9,7 @@ from its own generator, so an image depends on its own request and never on its 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +93,12 @@ class Backend(Protocol):
 
 
 ProgressFn = Callable[[int, int], None]
+CancelledFn = Callable[[], Collection[int]]
+
+# Scheduler attributes that describe the schedule, never a sample: a tensor whose name starts with one of these is
+# left alone even when its first dimension happens to equal the batch size (4 timesteps with a batch of 4, 5 sigmas
+# with a batch of 5). Leading underscores are ignored when matching.
+_SCHEDULE_PREFIXES = ("timestep", "sigma", "alpha", "beta", "lambda", "final_alpha", "init_noise", "num_")
 
 
 @dataclass
@@ -126,10 +132,21 @@ class Engine:
         samples: Sequence[Sample],
         progress: ProgressFn | None = None,
         latents: torch.Tensor | None = None,
-    ) -> list[Image.Image]:
+        cancelled: CancelledFn | None = None,
+    ) -> list[Image.Image | None]:
         """Images for `samples`, in order. On an out-of-memory error the batch is retried with memory savings on,
         then split in halves (each sample's randomness is its own, so splitting changes no image); only a single
-        image that does not fit with every saving raises DoesNotFit."""
+        image that does not fit with every saving raises DoesNotFit.
+
+        `cancelled`, when given, is called on this (the inference) thread before the first denoising step (once
+        before the text is encoded, once after) and right after every step, after `progress`; it returns indices
+        into `samples` that must stop (indices of the caller's list even when an OOM splits the batch). Such a
+        sample leaves the batch at once (its latents, text embeddings, generator and scheduler state go) and its
+        place in the result is None; the others make the images a batch without it would have made (bit-exact when
+        it is cancelled before the first step, otherwise within the batch-size noise of CPU/GPU kernels). A
+        cancelled sample runs at most the one denoising step in progress when the cancel arrives. When every
+        sample is cancelled the loop stops and no VAE decode runs.
+        Without `cancelled` the result never holds None."""
         if not samples:
             return []
         self.check(spec)
@@ -144,12 +161,15 @@ class Engine:
             len(samples),
             spec.guidance > 1.0,
         )
-        return self._fit(spec, list(samples), latents, level, _Progress(progress, len(samples)))
+        tracker = _Progress(progress, len(samples))
+        return self._fit(spec, list(samples), latents, level, tracker, list(range(len(samples))), cancelled)
 
-    def _fit(self, spec, samples, latents, level, tracker) -> list[Image.Image]:
+    def _fit(self, spec, samples, latents, level, tracker, index, cancelled) -> list[Image.Image | None]:
+        """`index[j]` is the position of `samples[j]` in the caller's list: what `cancelled()` speaks of."""
+        chunk = tracker.chunk(len(samples))
         try:
-            images = self._run(spec, samples, latents, level, tracker.chunk(len(samples)))
-            tracker.finish(len(samples))
+            images = self._run(spec, samples, latents, level, chunk, _chunk_cancels(cancelled, index))
+            tracker.finish(chunk)
             return images
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -158,16 +178,16 @@ class Engine:
         # Retried outside the except block, so the failed attempt's tensors are already freed.
         release_cached_memory(self.backend.device)
         if level < SLICED:
-            return self._fit(spec, samples, latents, SLICED, tracker)
+            return self._fit(spec, samples, latents, SLICED, tracker, index, cancelled)
         if len(samples) > 1:
             half = len(samples) // 2
             head = None if latents is None else latents[:half]
             tail = None if latents is None else latents[half:]
-            return self._fit(spec, samples[:half], head, level, tracker) + self._fit(
-                spec, samples[half:], tail, level, tracker
+            return self._fit(spec, samples[:half], head, level, tracker, index[:half], cancelled) + self._fit(
+                spec, samples[half:], tail, level, tracker, index[half:], cancelled
             )
         if level < TILED:
-            return self._fit(spec, samples, latents, TILED, tracker)
+            return self._fit(spec, samples, latents, TILED, tracker, index, cancelled)
         raise DoesNotFit(
             f"a {spec.width}x{spec.height} image does not fit in {self.backend.device.type} memory even alone, "
             "with attention slicing and VAE tiling; ask for a smaller size"
@@ -182,23 +202,61 @@ class Engine:
         return latents, gens
 
     @torch.inference_mode()
-    def _run(self, spec, samples, latents, level, progress: ProgressFn) -> list[Image.Image]:
+    def _run(self, spec, samples, latents, level, progress: _ChunkProgress, cancels) -> list[Image.Image | None]:
+        """One attempt at one chunk. `cancels()` returns positions in `samples` that must stop."""
         be = self.backend
         be.set_memory_savings(level)
         scheduler = self.make_scheduler(spec.scheduler)
         scheduler.set_timesteps(spec.steps, device=be.device)
+        n = len(scheduler.timesteps)
+
+        # `alive[j]` is the position in `samples` of row j of the batch. Samples cancelled before anything runs
+        # are left out before the text is encoded: the rest then run exactly as a batch that never held them.
+        alive = list(range(len(samples)))
+        gone = cancels() & set(alive)
+        if gone:
+            progress.dropped(len(gone), 0, n)
+            alive = [j for j in alive if j not in gone]
+            if not alive:
+                return [None] * len(samples)
+        if latents is not None and len(alive) < len(samples):
+            latents = latents[alive]
+        samples_in = [samples[j] for j in alive]
 
         cfg = spec.guidance > 1.0
-        emb = be.encode_text(be.tokenize([s.prompt for s in samples]))
+        emb = be.encode_text(be.tokenize([s.prompt for s in samples_in]))
         if cfg:
-            neg = be.encode_text(be.tokenize([s.negative_prompt for s in samples]))
+            neg = be.encode_text(be.tokenize([s.negative_prompt for s in samples_in]))
             emb = torch.cat([neg, emb])
 
         # Fresh generators on every attempt: a retry after an OOM repeats exactly the same randomness.
-        init, gens = self.initial_latents(spec, samples)
+        init, gens = self.initial_latents(spec, samples_in)
         # The scheduler math runs in fp32 on the backend's device, so latents never leave it between steps.
         latents = (init if latents is None else latents).to(be.device) * scheduler.init_noise_sigma
-        n = len(scheduler.timesteps)
+
+        def drop(after_steps: int) -> bool:
+            """Takes newly cancelled samples out of the batch; True when none is left."""
+            nonlocal alive, latents, emb, gens
+            gone = cancels() & set(alive)
+            if not gone:
+                return False
+            progress.dropped(len(gone), after_steps, n)
+            rows = [r for r, j in enumerate(alive) if j not in gone]
+            alive = [alive[r] for r in rows]
+            if not alive:
+                return True
+            b = len(gens)
+            keep = torch.tensor(rows, device=latents.device)
+            latents = latents.index_select(0, keep)
+            emb_rows = rows + [b + r for r in rows] if cfg else rows  # emb = cat([neg, emb]) under guidance
+            emb = emb.index_select(0, torch.tensor(emb_rows, device=emb.device))
+            gens = [gens[r] for r in rows]
+            _slice_scheduler_state(scheduler, b, rows)
+            return False
+
+        # Checked again after the text encoding, so a cancel that arrived meanwhile costs no denoising step.
+        if drop(0):
+            return [None] * len(samples)
         for i, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
@@ -208,35 +266,110 @@ class Engine:
                 noise = uncond + spec.guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, generator=gens, return_dict=True).prev_sample
             progress(i + 1, n)
+            if drop(i + 1):
+                return [None] * len(samples)
         scaled = (latents / be.vae_scaling_factor).to(be.dtype)
         if be.slices_decode:
             images = torch.cat([be.decode(z[None]).float().cpu() for z in scaled])
         else:
             images = be.decode(scaled).float().cpu()
-        return to_pil(images)
+        out: list[Image.Image | None] = [None] * len(samples)
+        for j, image in zip(alive, to_pil(images), strict=True):
+            out[j] = image
+        return out
+
+
+def _chunk_cancels(cancelled: CancelledFn | None, index: list[int]) -> Callable[[], set[int]]:
+    """`cancelled()` speaks of the caller's positions; a chunk of a split batch needs its own."""
+    if cancelled is None:
+        return set
+    where = {orig: j for j, orig in enumerate(index)}
+
+    def cancels() -> set[int]:
+        return {where[i] for i in cancelled() if i in where}
+
+    return cancels
+
+
+def _slice_scheduler_state(scheduler, batch: int, rows: list[int]) -> None:
+    """Keeps only `rows` of every per-sample tensor the scheduler carries between steps.
+
+    The rule, generic over diffusers' schedulers: an attribute in `scheduler.__dict__` is per-sample state when it
+    is a torch.Tensor whose first dimension equals the current batch size (DPM-Solver's `sample`, UniPC's
+    `last_sample`), or a list/tuple whose non-None items all are such tensors (DPM-Solver's and UniPC's
+    `model_outputs`). Anything whose name (leading underscores aside) starts with one of _SCHEDULE_PREFIXES
+    (timesteps, sigmas, alphas*, betas, lambda_t, sigma_t, alpha_t, ...) describes the schedule and is never
+    sliced, even when its length happens to equal the batch size. Scalars, 0-d tensors and other objects are left
+    alone.
+    """
+
+    def per_sample(v) -> bool:
+        return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+
+    for name, value in list(vars(scheduler).items()):
+        if name.lstrip("_").startswith(_SCHEDULE_PREFIXES):
+            continue
+        if per_sample(value):
+            setattr(scheduler, name, value.index_select(0, torch.tensor(rows, device=value.device)))
+        elif isinstance(value, (list, tuple)) and value:
+            items = [v for v in value if v is not None]
+            if items and all(per_sample(v) for v in items):
+                kept = [None if v is None else v.index_select(0, torch.tensor(rows, device=v.device)) for v in value]
+                setattr(scheduler, name, type(value)(kept))
 
 
 class _Progress:
-    """Reports (step, steps) over the whole request even when the engine splits it into smaller batches."""
+    """Reports (step, steps) over the whole request even when the engine splits it into smaller batches.
+
+    It counts sample-steps: the step reported is steps * (sample-steps run) / (sample-steps that will run). A
+    cancelled sample's remaining steps leave the total, so progress counts only what runs; it never goes backwards
+    (a failed attempt's count is dropped, and nothing is reported until the retry passes it) and never exceeds
+    steps."""
 
     def __init__(self, fn: ProgressFn | None, n_samples: int):
         self.fn, self.n_samples = fn, n_samples
         self.done = 0  # sample-steps of finished chunks
+        self.skipped = 0  # sample-steps that cancelled samples of finished chunks will never run
         self.last = 0
         self.steps = 0
 
-    def chunk(self, k: int) -> ProgressFn:
-        def report(i: int, n: int) -> None:
-            self.steps = n
-            step = (self.done + k * i) // self.n_samples
-            if self.fn is not None and step > self.last:
-                self.last = step
-                self.fn(step, n)
+    def chunk(self, k: int) -> _ChunkProgress:
+        return _ChunkProgress(self, k)
 
-        return report
+    def report(self, chunk: _ChunkProgress) -> None:
+        n = self.steps
+        total = self.n_samples * n - self.skipped - chunk.skipped
+        if self.fn is None or total <= 0:
+            return
+        step = min(n, n * (self.done + chunk.ran) // total)
+        if step > self.last:
+            self.last = step
+            self.fn(step, n)
 
-    def finish(self, k: int) -> None:
-        self.done += k * self.steps
+    def finish(self, chunk: _ChunkProgress) -> None:
+        self.done += chunk.ran
+        self.skipped += chunk.skipped
+
+
+class _ChunkProgress:
+    """One attempt at one chunk of `k` samples; its counts join the request's only when the attempt finishes."""
+
+    def __init__(self, tracker: _Progress, k: int):
+        self.tracker, self.live = tracker, k
+        self.ran = 0  # sample-steps run by this attempt
+        self.skipped = 0  # sample-steps its cancelled samples will not run
+
+    def __call__(self, i: int, n: int) -> None:
+        """Step `i` of `n` is done for every sample still in the batch."""
+        self.tracker.steps = n
+        self.ran += self.live
+        self.tracker.report(self)
+
+    def dropped(self, count: int, after_steps: int, n: int) -> None:
+        self.tracker.steps = n
+        self.live -= count
+        self.skipped += count * (n - after_steps)
+        self.tracker.report(self)
 
 
 def release_cached_memory(device: torch.device) -> None:
