@@ -24,6 +24,7 @@ class TopicReader:
         self.model = model
         self.seen: list[M] = []
         self.headers: list[list[tuple[str, bytes]]] = []  # of each seen message, in the same order
+        self.keys: list[bytes | None] = []  # the record key of each seen message, in the same order
 
     async def __aenter__(self) -> TopicReader:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
@@ -45,6 +46,7 @@ class TopicReader:
         for records in batches.values():
             self.seen += [decode(r.value, self.model, r.headers) for r in records]
             self.headers += [list(r.headers or []) for r in records]
+            self.keys += [r.key for r in records]
         return self.seen
 
     async def wait(self, count: int, timeout_s: float = 15) -> list[M]:

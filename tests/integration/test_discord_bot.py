@@ -10,9 +10,16 @@ import pytest
 
 from bots import discord_bot, render
 from bots.credentials import Interactions
-from bots.intake import FORGOTTEN, NOT_ALLOWED
+from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER
 from bots.settings import DiscordSettings
-from schemas.messages import MAX_PROMPT_CHARS, EventKind, GenerateRequest
+from schemas.messages import (
+    MAX_PROMPT_CHARS,
+    EventKind,
+    GenerateCancel,
+    GenerateRequest,
+)
+from skillgen.runtime import groupview
+from skillgen.runtime.groupview import ConsumerView, Queued
 from skillgen.runtime.redis import Store
 from skillgen.runtime.settings import CommonSettings
 from tests.fakes.discord import (
@@ -94,7 +101,8 @@ async def test_the_command_is_registered_with_typed_options(bot):
     [skill] = [c for c in bot.commands if c["name"] == "skill"]  # with the training extension's commands
     options = {o["name"]: o for o in skill["options"]}
     assert skill["name"] == "skill" and options["prompt"]["required"]
-    assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter"}
+    assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter", "relax"}
+    assert options["relax"]["type"] == 5 and not options["relax"].get("required")  # a boolean
     assert (options["n"]["min_value"], options["n"]["max_value"]) == (1, 4)
     # Discord's client enforces these as the person types: nothing longer than the request allows is sent.
     assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, MAX_PROMPT_CHARS) == (1, 500)
@@ -286,3 +294,78 @@ async def test_a_redis_that_never_answers_still_gets_the_command_deferred_within
     # Over the per-person limit of 2, counted in the bot's own windows meanwhile.
     said = (await answered(bot, "a third"))["data"]
     assert said["flags"] & 64 and "You have reached your limit of 2 requests per minute" in said["content"]
+
+
+async def test_relax_publishes_in_the_relax_lane_and_says_so(bot):
+    it = await bot.invoke("skill", {"prompt": "a cellist's bow hold", "relax": True})
+    [req] = await bot.requests.wait(1)
+    assert req.lane == "relax"
+    assert it.original.content == f"⏳ <@{USER_ID}> queued · relax mode: *a cellist's bow hold*"
+
+
+async def publish_view(queued_units: float, s_per_unit: float = 2.0) -> None:
+    """What a consumer publishes about its queue (another team's backlog), in the test's Redis."""
+    store = Store.from_settings(CommonSettings())
+    try:
+        await groupview.publish(store.link, store.prefix, ConsumerView(
+            consumer="gpu-0", at=time.time(), s_per_unit=s_per_unit,
+            queued={groupview.flow("fast", "discord:999"): Queued(requests=40, units=queued_units)}))
+    finally:
+        await store.close()
+
+
+async def test_a_busy_group_refuses_new_work_and_a_quieter_one_gives_position_and_eta(bot):
+    await publish_view(queued_units=1000)  # 2000 s of work, the bound 1800 s
+    said = (await answered(bot, "a violinist's bow hold"))["data"]
+    assert said["flags"] & 64 and said["content"] == "busy: about 33 min of work is queued; try again in about 4 min"
+    assert await bot.requests.settle(0.5) == []
+    await publish_view(queued_units=100)  # 200 s
+    it = await bot.invoke("skill", {"prompt": "a violinist's bow hold"})
+    [req] = await bot.requests.wait(1)
+    [edit] = await bot.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/{it.token}/messages/@original"))
+    assert edit.body["content"].startswith(f"⏳ <@{USER_ID}> queued, position ~")
+    assert ", ready <t:" in edit.body["content"] and edit.body["content"].endswith(":R>: *a violinist's bow hold*")
+
+
+@pytest.mark.security
+async def test_only_the_owner_can_cancel_and_a_cancelled_request_pings_nobody(bot, skill_env):
+    it = await bot.invoke("skill", {"prompt": "a juggler's cascade"})
+    [req] = await bot.requests.wait(1)
+    [row] = it.original.components  # "queued" carries the Cancel button
+    [button] = row["components"]
+    assert (button["label"], button["custom_id"]) == ("Cancel", f"skill:cancel:{req.request_id}")
+    async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate_cancel,
+                           GenerateCancel) as cancels:
+        # Someone else in the channel: told privately, nothing published.
+        other = await bot.click(button["custom_id"], it.original, user_id="777")
+        [callback] = await bot.wait_for(callback_of(bot, other))
+        assert callback.body["type"] == 4 and callback.body["data"]["flags"] & 64
+        assert callback.body["data"]["content"] == NOT_OWNER
+        assert await cancels.settle(0.5) == []
+        # The owner: acknowledged privately within 3 s, and the cancel published with their origin, sealed.
+        t0 = time.monotonic()
+        own = await bot.click(button["custom_id"], it.original)
+        [callback] = await bot.wait_for(callback_of(bot, own))
+        assert callback.at - t0 < 3 and callback.body["data"]["flags"] & 64
+        assert callback.body["data"]["content"] == CANCELLING
+        [cancel] = await cancels.wait(1)
+        assert cancel.request_id == req.request_id and cancels.keys == [req.request_id.encode()]
+        assert (cancel.origin.team_id, cancel.origin.user_id) == (GUILD_ID, USER_ID)
+        assert cancel.origin.verify(req.request_id, SIGNING_KEY.encode())
+    # The consumer answers with `cancelled`; a result that still comes after it is never shown.
+    world = World(skill_env, discord=bot)
+    async with world.running() as delivery:
+        await world.send(event(req.origin, EventKind.cancelled, req.request_id, prompt=req.prompt),
+                         event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.wait_for(lambda c: c.method == "PATCH" and c.body.get("content", "").startswith("🛑"))
+        while delivery.handled < 2:
+            await asyncio.sleep(0.05)
+    assert it.original.content == "🛑 cancelled: *a juggler's cascade*"
+    assert it.original.components == [] and it.original.files == []
+    [edit] = bot.matching(lambda c: c.method == "PATCH" and c.body.get("content", "").startswith("🛑"))
+    assert edit.body["allowed_mentions"] == {"parse": [], "users": []}
+    # No result, and no ping: the channel shows the one message, and no follow-up went anywhere.
+    assert bot.channel(CHANNEL_ID) == [it.original]
+    assert bot.matching(lambda c: c.method == "POST" and c.path.startswith("/webhooks/")) == []
+    assert bot.matching(lambda c: bool(c.files)) == []

@@ -10,9 +10,13 @@ import aiohttp
 import pytest
 
 from bots import render, slack_bot
-from bots.intake import NOT_ALLOWED
+from bots.intake import CANCELLING, NOT_ALLOWED, NOT_OWNER
 from bots.settings import SlackSettings
-from schemas.messages import EventKind, GenerateRequest
+from schemas.messages import EventKind, GenerateCancel, GenerateRequest
+from skillgen.runtime import groupview
+from skillgen.runtime.groupview import ConsumerView, Queued
+from skillgen.runtime.redis import Store
+from skillgen.runtime.settings import CommonSettings
 from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import (
@@ -24,6 +28,7 @@ from tests.fakes.slack import (
     sign,
 )
 from tests.fakes.world import World, event
+from tests.harness import SIGNING_KEY
 
 
 @pytest.fixture
@@ -280,3 +285,81 @@ async def test_socket_mode_takes_commands_over_the_websocket(skill_env, fake_sla
     finally:
         stop.set()
         await task
+
+
+async def test_relax_publishes_in_the_relax_lane_and_says_so(bot):
+    _, answer, _ = await bot.command("a cellist's bow hold --relax")
+    [req] = await bot.requests.wait(1)
+    assert req.lane == "relax" and req.prompt == "a cellist's bow hold"
+    assert answer["text"] == f"⏳ <@{USER_ID}> queued · relax mode: _a cellist's bow hold_"
+
+
+async def publish_view(queued_units: float, s_per_unit: float = 2.0) -> None:
+    """What a consumer publishes about its queue (another team's backlog), in the test's Redis."""
+    store = Store.from_settings(CommonSettings())
+    try:
+        await groupview.publish(store.link, store.prefix, ConsumerView(
+            consumer="gpu-0", at=time.time(), s_per_unit=s_per_unit,
+            queued={groupview.flow("fast", "slack:T0OTHER"): Queued(requests=40, units=queued_units)}))
+    finally:
+        await store.close()
+
+
+async def test_a_busy_group_refuses_new_work_and_a_quieter_one_gives_position_and_eta(bot):
+    await publish_view(queued_units=1000)  # 2000 s of work, the bound 1800 s
+    status, answer, took_s = await bot.command("a drummer's paradiddle")
+    assert status == 200 and took_s < 3 and answer["response_type"] == "ephemeral"
+    assert answer["text"] == "busy: about 33 min of work is queued; try again in about 4 min"
+    assert await bot.requests.settle(0.5) == [] and bot.fake.visible(CHANNEL_ID) == []
+    await publish_view(queued_units=100)  # 200 s
+    _, answer, _ = await bot.command("a drummer's paradiddle")
+    [req] = await bot.requests.wait(1)
+    assert answer["text"].startswith(f"⏳ <@{USER_ID}> queued, position ~") and ", ready by <!date^" in answer["text"]
+    [status_msg] = bot.fake.visible(CHANNEL_ID)
+    assert status_msg.text == answer["text"] and status_msg.text.endswith(" UTC>: _a drummer's paradiddle_")
+
+
+def responses(bot) -> list:
+    return bot.fake.matching(lambda c: c.path.startswith("/respond/"))
+
+
+@pytest.mark.security
+async def test_only_the_owner_can_cancel_and_a_cancelled_request_pings_nobody(bot, skill_env):
+    await bot.command("a juggler's cascade")
+    [req] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[req.origin.status_message_id]
+    [_, actions] = status_msg.blocks  # the status carries the Cancel button
+    assert [(e["action_id"], e["value"]) for e in actions["elements"]] == [("skill_cancel", req.request_id)]
+    async with TopicReader(skill_env.vars["SKILL_KAFKA_BOOTSTRAP"], skill_env.topics.generate_cancel,
+                           GenerateCancel) as cancels:
+        # Someone else in the channel: told privately, nothing published.
+        payload = bot.fake.button_payload(status_msg, "skill_cancel", user_id="U0OTHER")
+        status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+        assert status == 200 and took_s < 3
+        [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+        assert said.body["text"] == NOT_OWNER and said.body["response_type"] == "ephemeral"
+        assert await cancels.settle(0.5) == []
+        # The owner: the cancel published with their origin, sealed, and they are told privately.
+        payload = bot.fake.button_payload(status_msg, "skill_cancel")
+        status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+        assert status == 200 and took_s < 3
+        [cancel] = await cancels.wait(1)
+        assert cancel.request_id == req.request_id and cancels.keys == [req.request_id.encode()]
+        assert (cancel.origin.team_id, cancel.origin.user_id) == (TEAM_ID, USER_ID)
+        assert cancel.origin.verify(req.request_id, SIGNING_KEY.encode())
+        _, said = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), count=2)
+        assert said.body["text"] == CANCELLING and said.body["response_type"] == "ephemeral"
+    # The consumer answers with `cancelled`; a result that still comes after it is never shown.
+    world = World(skill_env, slack=bot.fake)
+    async with world.running() as delivery:
+        await world.send(event(req.origin, EventKind.cancelled, req.request_id, prompt=req.prompt),
+                         event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.fake.wait_for(lambda c: c.path == "chat.update")
+        while delivery.handled < 2:
+            await asyncio.sleep(0.05)
+    assert status_msg.text == "🛑 cancelled: _a juggler's cascade_" and len(status_msg.blocks) == 1  # no buttons
+    # Nothing new in the channel (no result, nothing that mentions anyone), and nobody told anything more.
+    assert bot.fake.visible(CHANNEL_ID) == [status_msg] and bot.fake.files == []
+    assert len(bot.fake.matching(lambda c: c.path == "chat.postMessage")) == 1  # the bot's own status
+    assert len(responses(bot)) == 2 and bot.fake.matching(lambda c: c.path == "chat.postEphemeral") == []
