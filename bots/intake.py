@@ -234,5 +234,5 @@ class Intake:
 
 
 def team_of(origin: Origin) -> str:
-    """A team as the group view names it: `<platform>:<team id>`, as in SKILL_ALLOWED_TEAMS."""
-    return f"{origin.platform.value}:{origin.team_id}"
+    """A team as the consumer's scheduler (and so the group view) names it: the origin's team id."""
+    return origin.team_id

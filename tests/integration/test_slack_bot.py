@@ -300,7 +300,7 @@ async def publish_view(queued_units: float, s_per_unit: float = 2.0) -> None:
     try:
         await groupview.publish(store.link, store.prefix, ConsumerView(
             consumer="gpu-0", at=time.time(), s_per_unit=s_per_unit,
-            queued={groupview.flow("fast", "slack:T0OTHER"): Queued(requests=40, units=queued_units)}))
+            queued={groupview.flow("fast", "T0OTHER"): Queued(requests=40, units=queued_units)}))
     finally:
         await store.close()
 

@@ -106,7 +106,7 @@ def test_relax_takes_no_value_and_discords_boolean_means_the_same():
 
 def view(queued_units: float, s_per_unit: float | None = 2.0) -> GroupView:
     return GroupView(consumers=[ConsumerView(consumer="c1", at=0, s_per_unit=s_per_unit,
-                                             queued={"fast/slack:T9": Queued(requests=10, units=queued_units)})])
+                                             queued={"fast/T9": Queued(requests=10, units=queued_units)})])
 
 
 def intake(max_backlog_s: int = 1800) -> Intake:
@@ -128,5 +128,8 @@ def test_otherwise_nothing_is_refused(case):
     intake(bound).check_backlog(v)
 
 
-def test_teams_are_named_as_in_allowed_teams():
-    assert team_of(SLACK) == "slack:T1" and team_of(DISCORD) == "discord:222"
+def test_teams_are_named_as_the_consumer_names_them_and_a_teams_own_backlog_counts_ahead():
+    assert team_of(SLACK) == "T1" and team_of(DISCORD) == "222"
+    mine = GroupView(consumers=[ConsumerView(consumer="c1", at=0, s_per_unit=1.0,
+                                             queued={"fast/T1": Queued(requests=5, units=5.0)})])
+    assert mine.estimate("fast", team_of(SLACK), 1.0).position == 5
