@@ -7,8 +7,8 @@ published; delivery (bots/delivery.py) then edits that same response through the
 arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
 token) and attaches the images, with Re-roll and Variations buttons whose clicks come back here. A Cancel click
 is answered privately at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the
-person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's
-length limit is declared, so Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
+person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
+most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
 """
 
 from __future__ import annotations
