@@ -238,3 +238,65 @@ async def test_cancel_of_a_running_sample_leaves_its_batch_mates_unchanged(skill
     assert sample(w, "skill_cancel_late_steps_count") == 1
     assert sample(w, "skill_cancel_late_steps_sum") <= 1  # at most the step in progress
     assert sample(w, "skill_cancelled_total", where="running") == 1
+
+
+async def test_a_republish_under_live_load_keeps_live_latency_within_the_replay_lanes_share(  # issue 20
+        skill_env, tiny_model, image_policy, tmp_path):  # noqa: F811
+    """Yesterday's requests are republished after a model upgrade while people keep asking. Each request's wait in
+    the GPU queue is read from its own events (queued -> started, both stamped by the consumer), so the test
+    reader's pace does not count: a live request waits at most about the replay batch in progress, while the
+    replay waits for seconds. Under FIFO each live request would wait behind the whole replay (15 s)."""
+    import argparse
+    import statistics
+
+    from consumer.replay import Selection, main
+
+    settings = consumer_settings(tiny_model, max_batch=1, max_wait_ms=0)
+    fake = FakeEngine()
+    batch_s, n = 0.05, 300  # the replay is 15 s of GPU work
+
+    def waits(kafka: Kafka, rids) -> list[float]:
+        out = []
+        for rid in rids:
+            events = kafka.of(rid)
+            queued = next(e for e in events if e.kind == EventKind.queued)
+            started = next(e for e in events if e.kind == EventKind.started)
+            out.append((started.created_at - queued.created_at).total_seconds())
+        return out
+
+    async def live(kafka: Kafka, tag: str) -> list[str]:
+        rids = []
+        for i in range(8):
+            r = await kafka.publish(GenerateRequest(origin=origin(tag), prompt=f"{tag} {i}", width=64, height=64,
+                                                    steps=2), partition=i % 4)
+            rids.append(r.request_id)
+            await kafka.wait_for(lambda k: k.final(r.request_id) is not None)
+            await asyncio.sleep(0.1)
+        return rids
+
+    async with Kafka(settings) as kafka:
+        originals = []
+        async with running(settings, FakeEngine(), image_policy=image_policy, model_id="model-v1"):
+            for i in range(n):
+                rid = f"orig{i:03d}"
+                originals.append(await kafka.publish(GenerateRequest(
+                    request_id=rid, origin=origin("old").sealed(rid, SIGNING_KEY.encode()), prompt=f"yesterday {i}",
+                    width=64, height=64, steps=2), partition=i % 4))
+            await kafka.wait_for(lambda k: k.all_final([r.request_id for r in originals]), timeout_s=120)
+        # The model was upgraded (a new model id: every cache key changes): yesterday's requests are re-run.
+        fake.delay_s = batch_s
+        async with running(settings, fake, image_policy=image_policy, model_id="model-v2"):
+            quiet = await live(kafka, "live-alone")
+            ns = argparse.Namespace(mode="republish", sink=None, channel=None, deliver=False, force=False,
+                                    reason=None, rate=None, max_attempts=3, json=True, report=tmp_path / "r.json")
+            assert await main(settings, Selection(request_ids=frozenset(r.request_id for r in originals)), ns) == 0
+            await kafka.wait_for(lambda k: sum(e.lane == "replay" for e in k.events if e.kind == EventKind.queued) >= 30)
+            loaded = await live(kafka, "live-beside-replay")
+            await kafka.wait_for(lambda k: len({e.request_id for e in k.events if e.replay_of and e.kind.terminal})
+                                 == n, timeout_s=120)
+    copies = {e.request_id for e in kafka.events if e.replay_of is not None}
+    assert len(copies) == n and all(kafka.final(rid).kind == EventKind.succeeded for rid in copies)
+    assert {e.lane for e in kafka.events if e.replay_of and e.kind == EventKind.queued} == {"replay"}
+    alone, beside, replay = (statistics.median(waits(kafka, rids)) for rids in (quiet, loaded, copies))
+    assert replay > 1.0, replay  # the replay really queued
+    assert beside <= alone + 2 * batch_s + 0.1, (alone, beside)
