@@ -91,6 +91,7 @@ class GpuLoop:
         self.running: list[Flight] = []
         # Seconds of GPU time per work unit, a moving average over batches: the speed behind every ETA.
         self.s_per_unit: float | None = None
+        self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
         self.running_units = 0.0
         self.running_since = 0.0
         self.step = 0  # denoising steps the running batch has finished
@@ -109,12 +110,13 @@ class GpuLoop:
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
         it is done (None before the first batch is timed)."""
+        ahead_s = self.running_left_s() + self.post_s
         if self.policy.fair:
             return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
                             team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights,
-                            s_per_unit=self.s_per_unit, running_s=self.running_left_s())
+                            s_per_unit=self.s_per_unit, running_s=ahead_s)
         work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
-        eta = None if self.s_per_unit is None else round(self.running_left_s() + work * self.s_per_unit, 1)
+        eta = None if self.s_per_unit is None else round(ahead_s + work * self.s_per_unit, 1)
         return Estimate(position=len(self.batcher), units_ahead=work, eta_s=eta)
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:

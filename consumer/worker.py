@@ -417,12 +417,14 @@ class Worker:
     async def drawn(self, flight: Flight[Job], images) -> None:
         """The one post-processing step, then the answer: stored and cached, or withheld as a whole."""
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
         try:
             outcome = await loop.run_in_executor(self._post, release, images, flight.seeds, self.image_policy,
                                                  self.blobs)
         except Exception as exc:  # noqa: BLE001 - e.g. the blob store is unreachable: retried like a failed batch
             self.gpu.failed([flight], exc)
             return
+        self.gpu.post_s = 0.7 * self.gpu.post_s + 0.3 * (time.monotonic() - t0)  # part of every ETA
         if isinstance(outcome, Decision):
             await self._withhold(flight, outcome)
             return
