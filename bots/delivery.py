@@ -9,7 +9,8 @@ Per event:
   terminal event of the request, of any kind, is dropped and counted
   (`skill_delivery_posts_total{outcome="duplicate"}`): a result that finishes after its cancel is never shown,
   and a cancel that comes after the result changes nothing. A cancelled request's status becomes a short
-  "cancelled" line that pings nobody.
+  "cancelled" line that pings nobody. A terminal event also takes the request off its owner's count of
+  requests not yet finished (bots/queued.py, SKILL_MAX_QUEUED_PER_PERSON).
 Waiting never holds a partition long. A handler waits in line at most SKILL_MAX_RETRY_AFTER_S (2 s) per pass,
 all its waits together: a 429 or a 5xx backoff that would go past it re-queues the event (produced again to
 `skill.events` with a `deliver-after` header, its claim kept), and so does another holder's claim that lapses
@@ -46,6 +47,7 @@ from bots import metrics
 from bots.discord_post import DiscordPoster
 from bots.errors import BotError, RetryAfter, Transient, Undeliverable
 from bots.markers import Busy, Claim, Markers, Posted
+from bots.queued import finished
 from bots.settings import DeliverySettings
 from bots.slack_post import SlackPoster
 from schemas.codec import CodecError, decode, header
@@ -128,6 +130,7 @@ class Delivery:
                            "key the bots use (docs/security.md)")
         self.settings = settings
         self.posters = posters
+        self.store = store
         self._key = settings.signing_key.get_secret_value().encode()
         self.markers = Markers(store, settings.lease_s, settings.marker_ttl_s, settings.delivery_state_dir)
         self.blobs = blobs or BlobStore(settings.blob_url)
@@ -205,6 +208,8 @@ class Delivery:
             await self.service.dead_letter(record, f"the request is {age_s / 86400:.1f} days old, older than the "
                                                    "delivery markers live (SKILL_MARKER_TTL_S): not posted")
             return False
+        if event.kind.terminal and event.job == "generate":
+            await finished(self.store, event.origin, event.request_id)  # its owner may queue another (bots/queued.py)
         waits = Waits(self.settings.max_retry_after_s)
         raw = header(record.headers, DELIVER_AFTER)
         due = due_time(raw, time.time())

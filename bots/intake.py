@@ -8,12 +8,15 @@ button on its status can tell its owner from anyone else.
 Backpressure: the consumer group publishes its queue to Redis (skillgen.runtime.groupview). While it holds more
 than SKILL_MAX_BACKLOG_S seconds of work a new request is refused ("busy: ... try again in about M min") and
 nothing is published; an accepted one is acknowledged with the group's estimate of its position and ETA. The view
-is advice: without it (Redis unset, down or slow) every request goes ahead.
+is advice: without it (Redis unset, down or slow) every request goes ahead. A person with
+SKILL_MAX_QUEUED_PER_PERSON requests not yet finished is refused too (bots/queued.py), before the rate limits, so
+neither refusal spends an allowance.
 
 `admit`, `remix` and `cancel` run before a chat command or click is acknowledged (Discord: 3 seconds), so what
-they ask Redis is time-boxed to PRE_ACK_S all together: the group view is skipped when it does not come in time
-(and then left alone for BREAKER_S), the rate-limit check falls back to the limiter's own windows (and its
-breaker), and a remembered request that cannot be read in time is answered with a "try again" refusal.
+they ask Redis is time-boxed to PRE_ACK_S all together: the group view and the count of a person's queued
+requests are skipped when they do not come in time (and then left alone for BREAKER_S), the rate-limit check falls
+back to the limiter's own windows (and its breaker), and a remembered request that cannot be read in time is
+answered with a "try again" refusal.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pydantic import BaseModel
 from bots import grammar, render
 from bots.errors import Refusal
 from bots.keys import partition_key
+from bots.queued import QueuedJobs
 from bots.ratelimit import BREAKER_S, RateLimiter
 from bots.settings import BotSettings
 from schemas.codec import encode
@@ -80,6 +84,7 @@ class Intake:
         self.producer = producer
         self.store = store
         self.limiter = limiter or RateLimiter.from_settings(settings, store)
+        self.queued = QueuedJobs.from_settings(settings, store)
         self.policy = policy or PromptPolicy.from_settings()
         self._key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
         self._estimates: OrderedDict[str, Estimate] = OrderedDict()
@@ -109,6 +114,7 @@ class Intake:
         deadline = time.monotonic() + PRE_ACK_S
         view = await self.group_view(PRE_ACK_S)
         self.check_backlog(view)  # before the limiter: a refused request spends nobody's allowance
+        await self.queued.check(origin, deadline - time.monotonic())
         await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
         self._keep_estimate(req, view)
         return req
@@ -176,6 +182,7 @@ class Intake:
         self.check_prompt(req.prompt, req.negative_prompt)  # the policy may have changed since
         view = await self.group_view(deadline - time.monotonic())
         self.check_backlog(view)
+        await self.queued.check(origin, deadline - time.monotonic())
         await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
         self._keep_estimate(req, view)
         return req
@@ -224,6 +231,7 @@ class Intake:
     async def publish(self, req: GenerateRequest) -> None:
         # Remembered first: the buttons on its result can appear before a slow write here would finish.
         await self.store.put(f"req:{req.request_id}", req.model_dump_json(), self.settings.remember_s)
+        await self.queued.add(req.origin, req.request_id)  # until delivery handles its terminal event
         await self.send(self.settings.topics.generate, req, key=partition_key(req))
         log.info("published %r", req.prompt[:60], extra=job(req.request_id, platform=req.origin.platform.value))
 

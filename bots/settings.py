@@ -64,6 +64,9 @@ class BotSettings(CommonSettings):
     # Backpressure: a /skill is refused ("busy, try again in about N min") while the consumer group has more than
     # this many seconds of work queued (skillgen.runtime.groupview, read from Redis); 0 turns the check off.
     max_backlog_s: int = Field(default=1800, ge=0)
+    # A person with this many requests not yet finished (queued or drawing) is refused another until one finishes
+    # (bots/queued.py); 0 turns the cap off. SKILL_ADMINS are exempt.
+    max_queued_per_person: int = Field(default=5, ge=0)
     # Modules that add commands to the bots (see bots/extensions.py), comma-separated; none for /skill alone.
     bot_extensions: CommaList = ["bots.training"]
 

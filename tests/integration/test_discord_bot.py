@@ -369,3 +369,23 @@ async def test_only_the_owner_can_cancel_and_a_cancelled_request_pings_nobody(bo
     assert bot.channel(CHANNEL_ID) == [it.original]
     assert bot.matching(lambda c: c.method == "POST" and c.path.startswith("/webhooks/")) == []
     assert bot.matching(lambda c: bool(c.files)) == []
+
+
+@pytest.mark.parametrize("bot", [{"max_queued_per_person": 2, "rate_user_per_min": 10}], indirect=True)
+async def test_a_person_with_too_many_requests_waiting_is_refused_until_delivery_finishes_one(bot, skill_env):
+    for prompt in ("a cellist's vibrato", "a drummer's rimshot"):
+        assert (await answered(bot, prompt))["type"] == 5
+    first, _ = sorted(await bot.requests.wait(2), key=lambda r: r.prompt)
+    said = (await answered(bot, "a third"))["data"]
+    assert said["flags"] & 64
+    assert said["content"] == "you already have 2 requests waiting; wait for one to finish (or cancel one)"
+    assert len(await bot.requests.settle(0.5)) == 2
+    assert (await answered(bot, "someone else's", user_id="777"))["type"] == 5  # a cap per person
+    world = World(skill_env, discord=bot)
+    async with world.running() as delivery:
+        await world.send(event(first.origin, EventKind.succeeded, first.request_id, prompt=first.prompt,
+                               blobs=[world.image()]))
+        while delivery.handled < 1:
+            await asyncio.sleep(0.05)
+    assert (await answered(bot, "a third, once the first is done"))["type"] == 5
+    assert len(await bot.requests.wait(4)) == 4

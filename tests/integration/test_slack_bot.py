@@ -39,11 +39,13 @@ async def fake_slack():
 
 
 @pytest.fixture
-async def bot(skill_env, fake_slack):
-    """A running bot in HTTP mode; `bot.url` takes Slack's requests, `bot.requests` reads skill.generate."""
+async def bot(skill_env, fake_slack, request):
+    """A running bot in HTTP mode; `bot.url` takes Slack's requests, `bot.requests` reads skill.generate. A test
+    changes its settings with parametrize("bot", [{...}], indirect=True)."""
     port = free_port()
+    overrides = {"rate_user_per_min": 3, **getattr(request, "param", {})}
     settings = SlackSettings(**{k.removeprefix("SKILL_").lower(): v for k, v in fake_slack.settings().items()},
-                             slack_mode="http", slack_port=port, rate_user_per_min=3)
+                             slack_mode="http", slack_port=port, **overrides)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(slack_bot.serve(settings, stop, ready.set))
     await asyncio.wait_for(ready.wait(), 15)
@@ -363,3 +365,23 @@ async def test_only_the_owner_can_cancel_and_a_cancelled_request_pings_nobody(bo
     assert bot.fake.visible(CHANNEL_ID) == [status_msg] and bot.fake.files == []
     assert len(bot.fake.matching(lambda c: c.path == "chat.postMessage")) == 1  # the bot's own status
     assert len(responses(bot)) == 2 and bot.fake.matching(lambda c: c.path == "chat.postEphemeral") == []
+
+
+
+@pytest.mark.parametrize("bot", [{"max_queued_per_person": 2, "rate_user_per_min": 10}], indirect=True)
+async def test_a_person_with_too_many_requests_waiting_is_refused_until_delivery_finishes_one(bot, skill_env):
+    for prompt in ("a cellist's vibrato", "a drummer's rimshot"):
+        assert "queued" in (await bot.command(prompt))[1]["text"]
+    first, _ = sorted(await bot.requests.wait(2), key=lambda r: r.prompt)
+    status, answer, took_s = await bot.command("a third")
+    assert status == 200 and took_s < 3 and answer["response_type"] == "ephemeral"
+    assert answer["text"] == "you already have 2 requests waiting; wait for one to finish (or cancel one)"
+    assert len(await bot.requests.settle(0.5)) == 2 and len(bot.fake.visible(CHANNEL_ID)) == 2
+    assert "queued" in (await bot.command("someone else's", user_id="U0OTHER"))[1]["text"]  # a cap per person
+    world = World(skill_env, slack=bot.fake)
+    async with world.running() as delivery:
+        await world.send(event(first.origin, EventKind.failed, first.request_id, prompt=first.prompt))
+        while delivery.handled < 1:
+            await asyncio.sleep(0.05)
+    assert "queued" in (await bot.command("a third, once the first is done"))[1]["text"]
+    assert len(await bot.requests.wait(4)) == 4
