@@ -28,6 +28,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("model", "train-icons"): ("skillgen.tools.icon_model", "train the embedded skill-icon model from scratch"),
     ("bench", "pipeline"): ("bench.pipeline", "benchmark the inference backends side by side"),
     ("bench", "consumer"): ("bench.consumer", "benchmark the consumer service (batching, cache hits)"),
+    ("bench", "fairness"): ("bench.fairness", "benchmark fair scheduling, ETA and cancel across teams (issue 17)"),
     ("bench", "trainer"): ("bench.trainer", "benchmark LoRA training quality and speed"),
     ("bench", "quality"): ("bench.quality", "measure how well the embedded model follows colour/background words"),
     ("chaos",): ("bench.chaos", "inject faults into the real services and count lost and duplicate chat posts"),
