@@ -5,10 +5,13 @@ limit) is answered at once, ephemeral, saying what to change. Anything else is d
 edited to "queued" (with the group's estimate of its position and ETA when there is one) and a Cancel button, and
 published; delivery (bots/delivery.py) then edits that same response through the interaction webhook as events
 arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
-token) and attaches the images, with Re-roll and Variations buttons whose clicks come back here. A Cancel click
-is answered privately at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the
-person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
-most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
+token) and attaches the images, with Re-roll, Variations and Remix buttons whose clicks come back here (Remix
+opens a modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and
+options). A Cancel click is answered privately at once: "Cancelling…" to the person who asked (and a
+GenerateCancel published), "Only the person who asked can cancel this." to anyone else. What runs before the
+acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's length limit is declared, so
+Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive
+on the gateway regardless.
 """
 
 from __future__ import annotations
@@ -119,18 +122,49 @@ class SkillBot(discord.Client):
         await self.start_job(interaction, req)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Re-roll, Variations and Cancel clicks; app commands are the tree's."""
-        if interaction.type is not discord.InteractionType.component or not interaction.data:
+        """Re-roll, Variations, Remix and Cancel clicks, and Remix's modal; app commands are the tree's."""
+        kinds = (discord.InteractionType.component, discord.InteractionType.modal_submit)
+        if interaction.type not in kinds or not interaction.data:
             return
-        parsed = render.parse_custom_id(str(interaction.data.get("custom_id", "")))
-        if parsed is None:
+        button = render.parse_custom_id(str(interaction.data.get("custom_id", "")))
+        if button is None:
             return  # another feature's component
-        action, request_id = parsed
-        if action == render.CANCEL:
-            await self.on_cancel(interaction, request_id)
+        if interaction.type is discord.InteractionType.modal_submit:
+            if button.action == render.REMIX:
+                await self.on_remix_submit(interaction, button)
+            return
+        if button.action == render.CANCEL:
+            await self.on_cancel(interaction, button.request_id)
+            return
+        if button.action == render.REMIX:
+            await self.on_remix(interaction, button)
             return
         try:
-            req = await self.intake.remix(request_id, action, origin_of(interaction))
+            req = await self.intake.repeat(button.request_id, button.action, origin_of(interaction))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        await self.start_job(interaction, req)
+
+    async def on_remix(self, interaction: discord.Interaction, button: render.Button) -> None:
+        """Remix, by anyone in the channel: a modal (response type 9) with the prompt to edit. Its custom id is the
+        button's, so the submission names the request and the seed again; nothing is kept in between."""
+        try:
+            self.intake.check_team(origin_of(interaction))
+            old = await self.intake.remembered(button.request_id)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt))
+
+    async def on_remix_submit(self, interaction: discord.Interaction, button: render.Button) -> None:
+        """The edited prompt: a new request of whoever submitted it, with the original's seed and options."""
+        text = modal_value(interaction.data, REMIX_INPUT) or ""
+        try:
+            req = await self.intake.remix(button.request_id, text, origin_of(interaction), button.seed)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
             await interaction.response.send_message(str(exc), ephemeral=True)
@@ -183,6 +217,29 @@ def status_view(request_id: str) -> discord.ui.View:
                                         custom_id=render.custom_id(action, request_id)))
     view.stop()
     return view
+
+
+REMIX_INPUT = "prompt"  # the modal's one text input
+
+
+def remix_modal(custom_id: str, prompt: str) -> discord.ui.Modal:
+    """Remix's modal: the prompt, prefilled, to edit. Stopped, as status_view is: the submission reaches
+    on_interaction (even after a restart), never discord.py's modal store."""
+    modal = discord.ui.Modal(title="Remix: same seed and options", custom_id=custom_id, timeout=None)
+    modal.add_item(discord.ui.TextInput(
+        label="Prompt", custom_id=REMIX_INPUT, style=discord.TextStyle.paragraph, default=prompt,
+        min_length=1, max_length=MAX_PROMPT_CHARS, placeholder="add --ar 16:9, --n 2, ... to change an option"))
+    modal.stop()
+    return modal
+
+
+def modal_value(data: dict, input_id: str) -> str | None:
+    """A text input's value in a modal submission (action rows of inputs, or labels around them)."""
+    for row in data.get("components") or []:
+        for item in row.get("components") or ([row["component"]] if row.get("component") else []):
+            if item.get("custom_id") == input_id:
+                return item.get("value")
+    return None
 
 
 def _skill_command(bot: SkillBot) -> app_commands.Command:

@@ -130,7 +130,8 @@ class DiscordPoster:
         payload: dict = {
             "content": render.done(event) if succeeded else render.failed(event),
             "allowed_mentions": _only(event),
-            "components": render.discord_buttons(event.request_id) if succeeded and event.job == "generate" else [],
+            "components": render.discord_buttons(event.request_id, seed=render.result_seed(event))
+            if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
         hook = await self._webhook(event)

@@ -2,8 +2,8 @@
 
 Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
 backpressure, rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for
-a while (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it, and the Cancel
-button on its status can tell its owner from anyone else.
+a while (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it, Remix can rerun it
+with an edited prompt, and the Cancel button on its status can tell its owner from anyone else.
 
 Backpressure: the consumer group publishes its queue to Redis (skillgen.runtime.groupview). While it holds more
 than SKILL_MAX_BACKLOG_S seconds of work a new request is refused ("busy: ... try again in about M min") and
@@ -12,9 +12,9 @@ is advice: without it (Redis unset, down or slow) every request goes ahead. A pe
 SKILL_MAX_QUEUED_PER_PERSON requests not yet finished is refused too (bots/queued.py), before the rate limits, so
 neither refusal spends an allowance.
 
-`admit`, `remix` and `cancel` run before a chat command or click is acknowledged (Discord: 3 seconds), so what
-they ask Redis is time-boxed to PRE_ACK_S all together: the group view and the count of a person's queued
-requests are skipped when they do not come in time (and then left alone for BREAKER_S), the rate-limit check falls
+`admit`, `repeat`, `remix` and `cancel` run before a chat command, click or modal is acknowledged (Discord: 3
+seconds), so what they ask Redis is time-boxed to PRE_ACK_S all together: the group view and the count of a
+person's queued requests are skipped when they do not come in time (and then left alone for BREAKER_S), the rate-limit check falls
 back to the limiter's own windows (and its breaker), and a remembered request that cannot be read in time is
 answered with a "try again" refusal.
 """
@@ -68,6 +68,10 @@ FORGOTTEN = (
 NOT_OWNER = "Only the person who asked can cancel this."
 CANCEL_FORGOTTEN = "I no longer have this request, so it cannot be cancelled (it is probably finished)."
 CANCELLING = "Cancelling…"
+REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
+# Remix keeps these fields of the original unless the edited text gives the option (ar and size: width and height).
+_REMIX_KEEPS = {"negative_prompt": "no", "steps": "steps", "num_images": "n", "scheduler": "scheduler",
+                "adapter": "adapter", "lane": "relax"}
 ESTIMATES_KEPT = 1000  # estimates made at admission, kept for the acknowledgment that follows
 
 
@@ -158,19 +162,23 @@ class Intake:
         while len(self._estimates) > ESTIMATES_KEPT:
             self._estimates.popitem(last=False)
 
-    async def remix(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
+    async def remembered(self, request_id: str, within_s: float = PRE_ACK_S) -> GenerateRequest:
+        """The request behind a button, as published; Refusal when it cannot be read in time or is forgotten."""
+        try:
+            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), max(0.05, within_s))
+        except TimeoutError:
+            log.warning("Redis took over %.1fs to read a remembered request", within_s)
+            raise Refusal(SLOW) from None
+        if raw is None:
+            raise Refusal(FORGOTTEN)
+        return GenerateRequest.model_validate_json(raw)
+
+    async def repeat(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
         on behalf of whoever clicked, in the channel they clicked in."""
         self.check_team(origin)
         deadline = time.monotonic() + PRE_ACK_S
-        try:
-            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), PRE_ACK_S)
-        except TimeoutError:
-            log.warning("Redis took over %.1fs to read a remembered request", PRE_ACK_S)
-            raise Refusal(SLOW) from None
-        if raw is None:
-            raise Refusal(FORGOTTEN)
-        old = GenerateRequest.model_validate_json(raw)
+        old = await self.remembered(request_id)
         fields = old.model_dump(exclude={"request_id", "created_at", "origin", "seed", "reroll", "num_images"})
         req = GenerateRequest(
             **fields,
@@ -179,11 +187,36 @@ class Intake:
             reroll=min(old.reroll + 1, 1_000_000),
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
+        return await self._admit_again(req, deadline)
+
+    async def remix(self, request_id: str, text: str, origin: Origin, seed: int | None = None) -> GenerateRequest:
+        """Remix: a remembered request with the prompt `text` (edited in a modal), the same seed (`seed`, the one its
+        result was drawn with, when the request named none) and the same options, on behalf of whoever submitted it
+        (a new request of theirs). `--options` in the text change those options; the text meets the /skill grammar
+        and the prompt policy like a new command."""
+        self.check_team(origin)
+        deadline = time.monotonic() + PRE_ACK_S
+        parsed = grammar.split(text, command=False)
+        if parsed.help:
+            raise Refusal(REMIX_EMPTY)
+        typed = grammar.to_request(parsed, origin, self.settings.defaults)  # the grammar's checks and limits
+        old = await self.remembered(request_id, deadline - time.monotonic())
+        given = set(parsed.options)
+        kept = {field: getattr(old, field) for field, option in _REMIX_KEEPS.items() if option not in given}
+        if not given & {"ar", "size"}:
+            kept.update(width=old.width, height=old.height)
+        if "seed" not in given:
+            kept["seed"] = old.seed if old.seed is not None else seed
+        req = typed.model_copy(update={**kept, "guidance": old.guidance, "deadline_s": old.deadline_s})
+        return await self._admit_again(req, deadline)
+
+    async def _admit_again(self, req: GenerateRequest, deadline: float) -> GenerateRequest:
+        """What every new request from a button meets before it is published, within what is left of PRE_ACK_S."""
         self.check_prompt(req.prompt, req.negative_prompt)  # the policy may have changed since
         view = await self.group_view(deadline - time.monotonic())
         self.check_backlog(view)
-        await self.queued.check(origin, deadline - time.monotonic())
-        await self.limiter.admit(origin, req.num_images, deadline - time.monotonic())
+        await self.queued.check(req.origin, deadline - time.monotonic())
+        await self.limiter.admit(req.origin, req.num_images, deadline - time.monotonic())
         self._keep_estimate(req, view)
         return req
 
@@ -191,13 +224,9 @@ class Intake:
         """The cancel of a remembered request by whoever clicked, or Refusal when that is not its owner (same
         platform, team and user: the consumer checks the same) or the request is not remembered."""
         try:
-            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), PRE_ACK_S)
-        except TimeoutError:
-            log.warning("Redis took over %.1fs to read a remembered request", PRE_ACK_S)
-            raise Refusal(SLOW) from None
-        if raw is None:
-            raise Refusal(CANCEL_FORGOTTEN)
-        owner = GenerateRequest.model_validate_json(raw).origin
+            owner = (await self.remembered(request_id)).origin
+        except Refusal as exc:
+            raise Refusal(CANCEL_FORGOTTEN if str(exc) == FORGOTTEN else str(exc)) from None
         if (owner.platform, owner.team_id, owner.user_id) != (origin.platform, origin.team_id, origin.user_id):
             log.info("cancel refused: not the owner", extra=job(request_id, platform=origin.platform.value))
             raise Refusal(NOT_OWNER)

@@ -1,8 +1,9 @@
-"""What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll/Variations on
-a result, Cancel on a status that is not final.
+"""What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll, Variations
+and Remix on a result, Cancel on a status that is not final.
 
-A button names its action and the request it acts on (`skill:reroll:<request id>`, `skill:cancel:<request id>`);
-the bot that receives the click looks the request up (bots/intake.py).
+A button names its action and the request it acts on (`skill:reroll:<request id>`, `skill:cancel:<request id>`;
+Remix also the seed of the result it sits on, `skill:remix:<request id>:<seed>`); the bot that receives the click
+looks the request up (bots/intake.py).
 
 When a result is expected (an event's `eta_s`, an estimate at intake) it is shown as the platform's own timestamp,
 so every reader sees it in their time zone: Discord `<t:UNIX:R>` ("in 3 minutes"), Slack
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Platform
 from skillgen.runtime.groupview import Estimate
@@ -33,28 +35,55 @@ QUEUE_DOWN = queue_down()
 
 REROLL = "reroll"
 VARIATIONS = "vary"
+REMIX = "remix"
 CANCEL = "cancel"
-ACTIONS = (REROLL, VARIATIONS)  # on a result
+REPEATS = (REROLL, VARIATIONS)  # the same request again, new seeds: no questions asked
+ACTIONS = (*REPEATS, REMIX)  # on a result
 STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
-_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", CANCEL: "Cancel"}
-_CUSTOM_ID = re.compile(rf"^skill:({'|'.join(ACTIONS + STATUS_ACTIONS)}):([A-Za-z0-9_-]{{1,64}})$")
-# Slack action ids must be unique within a message; the value carries the request id.
-SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", CANCEL: "skill_cancel"}
+_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", CANCEL: "Cancel"}
+_CUSTOM_ID = re.compile(rf"^skill:({'|'.join(ACTIONS + STATUS_ACTIONS)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
+# Slack action ids must be unique within a message; the value carries the request id (and Remix's the seed).
+SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", CANCEL: "skill_cancel"}
 # Discord button styles: primary (blurple), secondary (grey), danger (red).
-_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, CANCEL: 4}
+_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, CANCEL: 4}
+
+
+class Button(NamedTuple):
+    """What a click names: the action, the request it acts on, and (Remix) the seed the result was drawn with."""
+
+    action: str
+    request_id: str
+    seed: int | None = None
 
 
 def label(action: str) -> str:
     return _LABELS[action]
 
 
-def custom_id(action: str, request_id: str) -> str:
-    return f"skill:{action}:{request_id}"
+def custom_id(action: str, request_id: str, seed: int | None = None) -> str:
+    """`skill:<action>:<request id>`, and `:<seed>` for Remix when the result's seed is known: a request that named
+    no seed got one from the consumer, and only its result says which."""
+    return f"skill:{action}:{request_id}" + (f":{seed}" if seed is not None and action == REMIX else "")
 
 
-def parse_custom_id(value: str) -> tuple[str, str] | None:
+def parse_custom_id(value: str) -> Button | None:
     m = _CUSTOM_ID.match(value)
-    return (m.group(1), m.group(2)) if m else None
+    return Button(m.group(1), m.group(2), int(m.group(3)) if m.group(3) else None) if m else None
+
+
+def slack_value(action: str, request_id: str, seed: int | None = None) -> str:
+    """A Slack button's value: the request id, and `:<seed>` for Remix (as in custom_id)."""
+    return custom_id(action, request_id, seed).split(":", 2)[2]
+
+
+def parse_slack_value(value: str) -> tuple[str, int | None]:
+    request_id, _, seed = value.partition(":")
+    return request_id, int(seed) if seed.isdigit() else None
+
+
+def result_seed(event: JobEvent) -> int | None:
+    """The seed of a result's first image: what Remix draws its new prompt with."""
+    return next((b.seed for b in event.blobs if b.seed is not None), None)
 
 
 # -------------------------------------------------------------------------------------- text a sender controls
@@ -292,13 +321,15 @@ def discord_missing_permission(channel_id: str, access: bool) -> str:
             "there (and Send Messages in Threads for threads). Here is your result:")
 
 
-def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS) -> list[dict]:
-    """One action row: a result's Re-roll and Variations, or (STATUS_ACTIONS) a status's Cancel."""
+def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None) -> list[dict]:
+    """One action row: a result's Re-roll, Variations and Remix (its custom id carrying `seed`), or
+    (STATUS_ACTIONS) a status's Cancel."""
     return [
         {
             "type": 1,
             "components": [
-                {"type": 2, "style": _DISCORD_STYLES[a], "label": _LABELS[a], "custom_id": custom_id(a, request_id)}
+                {"type": 2, "style": _DISCORD_STYLES[a], "label": _LABELS[a],
+                 "custom_id": custom_id(a, request_id, seed)}
                 for a in actions
             ],
         }
@@ -319,9 +350,10 @@ def clip(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS) -> list[dict]:
-    """A section with `text`, and with `request_id` an actions block: a result's Re-roll and Variations, or
-    (STATUS_ACTIONS) a status's Cancel."""
+def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS,
+                 seed: int | None = None) -> list[dict]:
+    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations and Remix
+    (its value carrying `seed`), or (STATUS_ACTIONS) a status's Cancel."""
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
     text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
@@ -334,7 +366,7 @@ def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, .
                         "type": "button",
                         "action_id": SLACK_ACTION_IDS[a],
                         "text": {"type": "plain_text", "text": _LABELS[a]},
-                        "value": request_id,
+                        "value": slack_value(a, request_id, seed),
                         **({"style": "primary"} if a == REROLL else {"style": "danger"} if a == CANCEL else {}),
                     }
                     for a in actions

@@ -16,6 +16,10 @@ work in a thread, a person mentions the bot there ("@skillgen a drummer's paradi
 mention in the channel starts a thread on it). Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
 command's trigger_id is claimed first, so a retry never becomes a second job.
 
+The result carries Re-roll, Variations and Remix. Remix, for anyone in the channel, opens a modal (views.open) with
+the prompt to edit; its submission (`view_submission`) is a new request of whoever sent it, with the original's
+seed and options, in the result's channel and thread, and a refusal is shown on the prompt field.
+
 The status message carries a Cancel button (delivery keeps it on queued and progress edits, and drops it with the
 result). A click is acked at once; only the person who asked may cancel (bots/intake.py checks against the request
 remembered in Redis): a GenerateCancel is published and they are told "Cancelling…" privately, anyone else "Only the
@@ -25,6 +29,7 @@ person who asked can cancel this.", privately too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -39,7 +44,7 @@ from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
 from bots.intake import CANCELLING, Intake
 from bots.settings import SlackSettings
-from schemas.messages import GenerateRequest, Origin, Platform
+from schemas.messages import MAX_PROMPT_CHARS, GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
 
@@ -69,8 +74,10 @@ class SlackFrontEnd:
     def register(self, app: AsyncApp) -> None:
         app.command(self.settings.slack_command)(self.on_command)
         app.event("app_mention")(self.on_mention)
-        for action in render.ACTIONS:
+        for action in render.REPEATS:
             app.action(render.SLACK_ACTION_IDS[action])(self.on_button)
+        app.action(render.SLACK_ACTION_IDS[render.REMIX])(self.on_remix)
+        app.view(REMIX_VIEW)(self.on_remix_submit)
         app.action(render.SLACK_ACTION_IDS[render.CANCEL])(self.on_cancel)
 
     async def on_command(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
@@ -201,11 +208,53 @@ class SlackFrontEnd:
         metrics.COMMANDS.labels("slack", "cancel").inc()
         await respond(text=CANCELLING, response_type="ephemeral", replace_original=False)
 
+    async def on_remix(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
+        """Remix, by anyone in the channel: a modal (views.open, within the trigger's 3 seconds) with the prompt to
+        edit. Where the result is, and which request and seed, travel in the view's private_metadata."""
+        await ack()
+        request_id, seed = render.parse_slack_value(action["value"])
+        clicker = self.clicker(body)
+        try:
+            self.intake.check_team(clicker)
+            old = await self.intake.remembered(request_id)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "refused").inc()
+            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
+                          replace_original=False)
+            return
+        where = {"request_id": request_id, "seed": seed, "channel": clicker.channel_id, "thread": clicker.thread_id}
+        try:
+            await client.views_open(trigger_id=body["trigger_id"], view=remix_view(old.prompt, json.dumps(where)))
+        except SlackApiError as exc:
+            log.warning("cannot open the remix modal: %s", exc.response.get("error", ""))
+            await respond(text=REMIX_TOO_SLOW, response_type="ephemeral", replace_original=False)
+
+    async def on_remix_submit(self, ack, body: dict, view: dict, client: AsyncWebClient) -> None:
+        """The edited prompt: a new request of whoever submitted it, with the original's seed and options, in the
+        result's channel (and thread). A refusal is shown on the prompt field, and the modal stays open."""
+        where = json.loads(view.get("private_metadata") or "{}")
+        text = view["state"]["values"][REMIX_INPUT][REMIX_INPUT].get("value") or ""
+        origin = Origin(platform=Platform.slack, team_id=(body.get("team") or {}).get("id") or body["user"]["team_id"],
+                        channel_id=where["channel"], user_id=body["user"]["id"], thread_id=where.get("thread"))
+        try:
+            req = await self.intake.remix(where["request_id"], text, origin, where.get("seed"))
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "refused").inc()
+            await ack(response_action="errors", errors={REMIX_INPUT: render.clip(str(exc), 2000)})
+            return
+        await ack()
+
+        async def tell(text: str, **_) -> None:  # only the person sees it, where the result is
+            await client.chat_postEphemeral(channel=origin.channel_id, user=origin.user_id,
+                                            thread_ts=origin.thread_id, text=text)
+
+        await self.start_job(client, tell, req)
+
     async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
         await ack()
         name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
         try:
-            req = await self.intake.remix(action["value"], name, self.clicker(body))
+            req = await self.intake.repeat(action["value"], name, self.clicker(body))
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
             await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
@@ -236,6 +285,28 @@ class SlackFrontEnd:
             await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=render.QUEUE_DOWN, blocks=[])
             return
         metrics.COMMANDS.labels("slack", "queued").inc()
+
+
+REMIX_VIEW = "skill_remix"  # the modal's callback_id
+REMIX_INPUT = "prompt"  # its input block's block_id and its text input's action_id
+REMIX_TOO_SLOW = "I could not open the Remix form in time; click Remix again."
+
+
+def remix_view(prompt: str, private_metadata: str) -> dict:
+    """Remix's modal: the prompt, prefilled, to edit; the seed and options stay unless --options are added."""
+    return {
+        "type": "modal", "callback_id": REMIX_VIEW, "private_metadata": private_metadata,
+        "title": {"type": "plain_text", "text": "Remix"},
+        "submit": {"type": "plain_text", "text": "Draw"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [{
+            "type": "input", "block_id": REMIX_INPUT,
+            "label": {"type": "plain_text", "text": "Prompt (same seed and options)"},
+            "hint": {"type": "plain_text", "text": "Add --ar 16:9, --n 2, ... to change an option."},
+            "element": {"type": "plain_text_input", "action_id": REMIX_INPUT, "multiline": True,
+                        "initial_value": prompt, "min_length": 1, "max_length": MAX_PROMPT_CHARS},
+        }],
+    }
 
 
 def check(settings: SlackSettings) -> None:

@@ -105,7 +105,8 @@ class SlackPoster:
         if o.status_message_id:
             text = render.slack_result_posted(event)
             buttons_for = event.request_id if event.job == "generate" else None
-            await self._edit_or_post(o, text, render.slack_blocks(text, buttons_for), post_if_gone=False)
+            await self._edit_or_post(o, text, render.slack_blocks(text, buttons_for, seed=render.result_seed(event)),
+                                      post_if_gone=False)
 
     async def _post_once(self, event: JobEvent, method: str, **kwargs):
         """A post that must not be repeated: skipped (answering True) when this request's went out already."""

@@ -1,7 +1,8 @@
 """A fake Discord: the REST API (v10) and the gateway WebSocket, enough for discord.py and for delivery.
 
 `fake.invoke("skill", {"prompt": ...})` dispatches an INTERACTION_CREATE to the connected bot, as Discord does
-when someone runs a slash command; `fake.click(custom_id, message_id)` does the same for a button. Every REST
+when someone runs a slash command; `fake.click(custom_id, message_id)` does the same for a button, and
+`fake.submit_modal(interaction, {input id: value})` submits the modal the bot answered a click with. Every REST
 call is recorded (`fake.calls`); messages are kept in `fake.messages`, so a test reads what a channel shows.
 Files a user attaches to a command (`fake.attachment(...)`) are served from the fake's own CDN path, and the
 guild (with its roles) is announced by GUILD_CREATE after READY, as the guilds intent has Discord do.
@@ -14,7 +15,8 @@ It is as strict as Discord where delivery can go wrong (each documented by Disco
 - `forbid(channel, 50001 or 50013)` makes bot-token posts there answer 403 Missing Access / Missing Permissions,
   and `close_dms(user)` a DM to that user 403 50007 (Cannot send messages to this user);
 - a message with content over 2000 characters, more than 5 action rows or more than 10 attachments answers 400
-  50035 (Invalid Form Body);
+  50035 (Invalid Form Body), and so does a modal (callback type 9) that breaks Discord's rules for one, or one
+  sent in answer to a modal submission;
 - every REST answer carries X-RateLimit-Limit/Remaining/Reset-After/Bucket; `exhaust(path_regex, reset_after_s)`
   makes the next matching answer say Remaining 0, and a call to that bucket before its reset then gets a 429;
   `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global).
@@ -124,6 +126,9 @@ class Interaction:
     callbacks: list[int] = field(default_factory=list)  # response types the bot answered with
     original: Message | None = None
     created_s: float = 0.0  # on the fake's clock
+    kind: int = 2  # 2 a command, 3 a component (button), 5 a modal submission
+    modal: dict | None = None  # the modal the bot answered with (callback type 9)
+    message: dict | None = None  # the message a button was on
 
     def age_s(self, now_s: float) -> float:
         return now_s - self.created_s
@@ -251,12 +256,27 @@ class FakeDiscord(FakePlatform):
         return await self._interact(3, data, message.channel_id, guild_id, user_id, thread, "0", None,
                                     message=message.payload(guild_id))
 
+    async def submit_modal(self, opened: Interaction, values: dict[str, str] | None = None, *,
+                           user_id: str | None = None) -> Interaction:
+        """The person who opened `opened`'s modal submits it: MODAL_SUBMIT (type 5) with each text input's value
+        (`values` by input custom id; an input not named keeps its prefilled value)."""
+        modal = opened.modal
+        assert modal is not None, "the bot answered this interaction with no modal"
+        values = values or {}
+        rows = [{"type": 1, "components": [{"type": 4, "custom_id": i["custom_id"],
+                                            "value": values.get(i["custom_id"], i.get("value") or "")}
+                                           for i in row["components"]]} for row in modal["components"]]
+        data = {"custom_id": modal["custom_id"], "components": rows}
+        return await self._interact(5, data, opened.channel_id, opened.guild_id, user_id or opened.user_id,
+                                    opened.channel_id == THREAD_ID, "0", None, message=opened.message)
+
     async def _interact(self, kind: int, data: dict, channel_id: str, guild_id: str, user_id: str, thread: bool,
                         permissions: str, created_ms: int | None, message: dict | None = None,
                         roles: list[str] = ()) -> Interaction:
         await asyncio.wait_for(self.identified.wait(), 20)
         interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id,
                                   created_s=self.now_s() if created_ms is None else created_ms / 1000)
+        interaction.kind, interaction.message = kind, message
         self.interactions[interaction.token] = interaction
         channel = {"id": channel_id, "guild_id": guild_id, "name": "general", "type": 0, "position": 0,
                    "permission_overwrites": [], "nsfw": False, "parent_id": None}
@@ -477,7 +497,40 @@ class FakeDiscord(FakePlatform):
                                              "response_message_loading": kind == 5,
                                              "response_message_ephemeral": msg.ephemeral},
                              "resource": resource}
-        return 200, {}, {"interaction": {"id": interaction.id, "type": 3}, "resource": {"type": kind}}
+        if kind == 9:  # a modal
+            refused = self._modal_refused(interaction, data)
+            if refused is not None:
+                interaction.callbacks.pop()
+                return 400, {}, refused
+            interaction.modal = data
+        return 200, {}, {"interaction": {"id": interaction.id, "type": interaction.kind}, "resource": {"type": kind}}
+
+    @staticmethod
+    def _modal_refused(interaction: Interaction, data: dict) -> dict | None:
+        """Discord's rules for a modal: never in answer to a modal submission; a custom id (100), a title (45), one
+        to five rows of one text input each (label 45, value within its lengths, at most 4000)."""
+        if interaction.kind == 5:
+            return {"message": "Interaction cannot be responded to with a modal", "code": 50035}
+        errors = {}
+        if not 1 <= len(data.get("custom_id") or "") <= 100:
+            errors["custom_id"] = "Must be between 1 and 100 in length."
+        if not 1 <= len(data.get("title") or "") <= 45:
+            errors["title"] = "Must be between 1 and 45 in length."
+        rows = data.get("components") or []
+        if not 1 <= len(rows) <= 5:
+            errors["components"] = "Must be between 1 and 5 in length."
+        for i, row in enumerate(rows):
+            items = row.get("components") or []
+            if row.get("type") != 1 or len(items) != 1 or items[0].get("type") != 4:
+                errors[f"components.{i}"] = "A modal row holds one text input."
+                continue
+            item = items[0]
+            value = item.get("value") or ""
+            if not item.get("custom_id") or not 1 <= len(item.get("label") or "") <= 45:
+                errors[f"components.{i}.label"] = "A text input needs a custom id and a label of 1 to 45."
+            if len(value) > min(item.get("max_length") or 4000, 4000) or (value and len(value) < (item.get("min_length") or 0)):
+                errors[f"components.{i}.value"] = "The prefilled value is outside the input's lengths."
+        return {"message": "Invalid Form Body", "code": 50035, "errors": errors} if errors else None
 
     def _webhook(self, interaction: Interaction, method: str, rest: list[str], body: dict,
                  files: list[Upload]) -> tuple[int, dict, object]:

@@ -21,6 +21,10 @@ is not in is `channel_not_found`), conversations.join (`channels:join`, public c
 conversations.members answer from the same state. A message's text over 40,000 characters is `msg_too_long`, a
 section block's text over 3,000 `invalid_blocks`. Slash commands carry no thread_ts (Slack never runs one in a
 thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
+
+Modals: every command and click carries a trigger_id that views.open accepts once, within 3 seconds
+(`invalid_trigger_id`, `expired_trigger_id` otherwise); the view opened is kept in `fake.views`, and
+`view_submission(view_id, {block_id: value})` is its submission's payload, to post to the app.
 """
 
 from __future__ import annotations
@@ -188,6 +192,8 @@ class FakeSlack(FakePlatform):
         self.channels: dict[str, Channel] = {CHANNEL_ID: Channel(CHANNEL_ID)}
         self.scopes: set[str] = set(DEFAULT_SCOPES)
         self.delays: dict[str, float] = {}  # Web API method -> seconds it takes to answer
+        self.triggers: dict[str, float] = {}  # trigger_id -> when it was issued (monotonic), until exchanged
+        self.views: dict[str, dict] = {}  # view id -> the view views.open showed, with its `id`
 
     def channel(self, channel_id: str, *, private: bool = False, bot_member: bool = True) -> Channel:
         """Declare a channel: public or private, with the bot in it or not (the requester is always in it)."""
@@ -236,7 +242,7 @@ class FakeSlack(FakePlatform):
             "channel_id": channel_id, "channel_name": "general", "user_id": user_id, "user_name": "player",
             "command": command, "text": text, "api_app_id": "A0FAKE", "is_enterprise_install": "false",
             "response_url": f"{self.server.base}/respond/{uuid.uuid4().hex}",
-            "trigger_id": trigger_id or f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}.{uuid.uuid4().hex}",
+            "trigger_id": self._trigger(trigger_id),
         }
         return urlencode(fields)  # no thread_ts: Slack never says a slash command came from a thread
 
@@ -247,7 +253,7 @@ class FakeSlack(FakePlatform):
         return {
             "type": "block_actions", "team": {"id": team_id, "domain": "fake"},
             "user": {"id": user_id, "username": "player", "team_id": team_id}, "api_app_id": "A0FAKE",
-            "token": "deprecated-verification-token", "trigger_id": f"{secrets.randbelow(10**10)}.x",
+            "token": "deprecated-verification-token", "trigger_id": self._trigger(),
             "container": {"type": "message", "message_ts": message.ts, "channel_id": message.channel,
                           "is_ephemeral": False, **({"thread_ts": message.thread_ts} if message.thread_ts else {})},
             "channel": {"id": message.channel, "name": "general"},
@@ -256,6 +262,32 @@ class FakeSlack(FakePlatform):
             "response_url": f"{self.server.base}/respond/{uuid.uuid4().hex}",
             "actions": [{"action_id": action_id, "block_id": "b", "type": "button", "value": element["value"],
                          "text": element["text"], "action_ts": str(time.time())}],
+        }
+
+    def _trigger(self, trigger_id: str | None = None) -> str:
+        """A trigger_id, as Slack puts on a command or a click: good for one views.open within 3 seconds."""
+        trigger_id = trigger_id or f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}.{uuid.uuid4().hex}"
+        self.triggers[trigger_id] = time.monotonic()
+        return trigger_id
+
+    def view_submission(self, view_id: str, values: dict[str, str], *, user_id: str = USER_ID,
+                        team_id: str = TEAM_ID) -> dict:
+        """Someone submits the modal views.open showed: the `view_submission` payload, each input's value by its
+        block_id (its action_id being the one element's), the rest of the view as Slack keeps it."""
+        view = self.views[view_id]
+        state = {}
+        for block in view.get("blocks") or []:
+            if block.get("type") == "input":
+                element = block["element"]
+                value = values.get(block["block_id"], element.get("initial_value"))
+                state[block["block_id"]] = {element["action_id"]: {"type": element["type"], "value": value}}
+        return {
+            "type": "view_submission", "team": {"id": team_id, "domain": "fake"},
+            "user": {"id": user_id, "username": "player", "name": "player", "team_id": team_id},
+            "api_app_id": "A0FAKE", "token": "deprecated-verification-token", "trigger_id": self._trigger(),
+            "view": {**view, "state": {"values": state}, "hash": uuid.uuid4().hex, "team_id": team_id,
+                     "app_id": "A0FAKE", "bot_id": "B0BOT"},
+            "response_urls": [], "is_enterprise_install": False,
         }
 
     def share_files(self, thread_ts: str, files: list[tuple[str, bytes]], *, text: str = "", user_id: str = USER_ID,
@@ -406,9 +438,42 @@ class FakeSlack(FakePlatform):
         if method == "files.info":
             shared = self.user_files.get(body.get("file", ""))
             return {"ok": True, "file": shared.info()} if shared else {"ok": False, "error": "file_not_found"}
+        if method == "views.open":
+            return self._views_open(body)
         if method == "apps.connections.open":
             return {"ok": True, "url": f"ws://127.0.0.1:{self.server.port}/socket"}
         return {"ok": False, "error": "unknown_method"}
+
+    def _views_open(self, body: dict) -> dict:
+        """A trigger_id is good once, for 3 seconds; a modal's title is at most 24 characters, its
+        private_metadata 3,000, a plain_text_input's initial value within its max_length (3,000 at most)."""
+        trigger = body.get("trigger_id", "")
+        issued = self.triggers.pop(trigger, None)
+        if issued is None:
+            return {"ok": False, "error": "invalid_trigger_id"}
+        if time.monotonic() - issued > 3:
+            return {"ok": False, "error": "expired_trigger_id"}
+        view = body.get("view")
+        view = json.loads(view) if isinstance(view, str) else view or {}
+        problems = []
+        if view.get("type") != "modal":
+            problems.append("must be a modal [json-pointer:/view/type]")
+        if not 1 <= len((view.get("title") or {}).get("text", "")) <= 24:
+            problems.append("must be less than 25 characters [json-pointer:/view/title/text]")
+        if len(view.get("private_metadata") or "") > 3000:
+            problems.append("must be less than 3001 characters [json-pointer:/view/private_metadata]")
+        for i, block in enumerate(view.get("blocks") or []):
+            element = block.get("element") or {}
+            if block.get("type") == "input" and element.get("type") == "plain_text_input":
+                if len(element.get("initial_value") or "") > min(element.get("max_length") or 3000, 3000):
+                    problems.append(f"initial value too long [json-pointer:/view/blocks/{i}/element/initial_value]")
+                if not view.get("submit"):
+                    problems.append("a view with inputs needs submit [json-pointer:/view/submit]")
+        if problems:
+            return {"ok": False, "error": "invalid_arguments", "response_metadata": {"messages": problems}}
+        view_id = f"V{uuid.uuid4().hex[:10].upper()}"
+        self.views[view_id] = {**view, "id": view_id}
+        return {"ok": True, "view": self.views[view_id]}
 
     def _conversations(self, method: str, body: dict) -> dict:
         ch = self._channel(body.get("channel"))

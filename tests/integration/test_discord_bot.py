@@ -389,3 +389,68 @@ async def test_a_person_with_too_many_requests_waiting_is_refused_until_delivery
             await asyncio.sleep(0.05)
     assert (await answered(bot, "a third, once the first is done"))["type"] == 5
     assert len(await bot.requests.wait(4)) == 4
+
+
+@pytest.mark.parametrize("bot", [{"rate_user_per_min": 10}], indirect=True)
+async def test_remix_opens_a_modal_with_the_prompt_and_reruns_the_edit_with_the_same_seed_and_options(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler's cascade --ar 16:9 --no blurry", "n": 2, "seed": 11})
+    [original] = await bot.requests.wait(1)
+    first.original.components = render.discord_buttons(original.request_id, seed=11)  # as delivery leaves it
+    [remix] = [b for b in first.original.components[0]["components"] if b["label"] == "Remix"]
+    # Anyone in the channel may remix: a modal (type 9), within 3 s, with the prompt to edit.
+    t0 = time.monotonic()
+    click = await bot.click(remix["custom_id"], first.original, user_id="777")
+    [callback] = await bot.wait_for(callback_of(bot, click))
+    assert callback.status == 200 and callback.body["type"] == 9 and callback.at - t0 < 3
+    [[field]] = [row["components"] for row in click.modal["components"]]
+    assert field["value"] == "a juggler's cascade" and field["max_length"] == MAX_PROMPT_CHARS
+    submitted = await bot.submit_modal(click, {field["custom_id"]: "a juggler's shower"})
+    [callback] = await bot.wait_for(callback_of(bot, submitted))
+    assert callback.body["type"] == 5
+    [req] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert req.prompt == "a juggler's shower" and req.seed == 11 and req.origin.user_id == "777"
+    same = ("width", "height", "num_images", "negative_prompt", "steps", "scheduler", "lane")
+    assert [getattr(req, f) for f in same] == [getattr(original, f) for f in same]
+    assert submitted.original.content == "⏳ <@777> queued (2 images): *a juggler's shower*"
+    assert (await recall_interaction(req.request_id)).token == submitted.token
+    # `--options` in the edit change those options; the rest, and the seed, stay.
+    again = await bot.click(remix["custom_id"], first.original, user_id="777")
+    await bot.wait_for(callback_of(bot, again))
+    await bot.submit_modal(again, {field["custom_id"]: "a juggler's mills mess --n 1 --steps 12"})
+    [changed] = [r for r in await bot.requests.wait(3) if r.prompt == "a juggler's mills mess"]
+    assert (changed.num_images, changed.steps, changed.seed, changed.width) == (1, 12, 11, original.width)
+
+
+@pytest.mark.parametrize("bot", [{"rate_user_per_min": 10}], indirect=True)
+async def test_a_remix_of_a_request_without_a_seed_uses_the_results_and_a_blocked_edit_is_refused(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler's cascade"})
+    [original] = await bot.requests.wait(1)
+    assert original.seed is None  # the consumer chose it: the result's button carries it
+    first.original.components = render.discord_buttons(original.request_id, seed=1234)
+    [remix] = [b for b in first.original.components[0]["components"] if b["label"] == "Remix"]
+    assert remix["custom_id"] == f"skill:remix:{original.request_id}:1234"
+    blocked = await bot.click(remix["custom_id"], first.original)
+    await bot.wait_for(callback_of(bot, blocked))
+    refused = await bot.submit_modal(blocked, {"prompt": "a gory beheading"})
+    [callback] = await bot.wait_for(callback_of(bot, refused))
+    assert callback.body["type"] == 4 and callback.body["data"]["flags"] & 64
+    assert callback.body["data"]["content"].startswith("Your prompt was blocked: it asks for graphic violence or gore.")
+    bad = await bot.click(remix["custom_id"], first.original)
+    await bot.wait_for(callback_of(bot, bad))
+    refused = await bot.submit_modal(bad, {"prompt": "a cat --steps 99"})
+    [callback] = await bot.wait_for(callback_of(bot, refused))
+    assert "--steps: Input should be less than or equal to 50" in callback.body["data"]["content"]
+    assert await bot.requests.settle(0.5) == [original]
+    ok = await bot.click(remix["custom_id"], first.original)
+    await bot.wait_for(callback_of(bot, ok))
+    await bot.submit_modal(ok, {"prompt": "a juggler's shower"})
+    [req] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert (req.prompt, req.seed) == ("a juggler's shower", 1234)
+
+
+async def test_remix_of_a_forgotten_request_says_so_without_a_modal(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler"})
+    await bot.requests.wait(1)
+    it = await bot.click(render.custom_id(render.REMIX, "f" * 32, 5), first.original)
+    [callback] = await bot.wait_for(callback_of(bot, it))
+    assert callback.body["type"] == 4 and callback.body["data"]["content"] == FORGOTTEN and it.modal is None

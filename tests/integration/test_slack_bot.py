@@ -385,3 +385,62 @@ async def test_a_person_with_too_many_requests_waiting_is_refused_until_delivery
             await asyncio.sleep(0.05)
     assert "queued" in (await bot.command("a third, once the first is done"))[1]["text"]
     assert len(await bot.requests.wait(4)) == 4
+
+
+async def open_remix(bot, status_msg, user_id: str = USER_ID) -> dict:
+    """Click Remix on `status_msg` as `user_id`; the view the bot opened."""
+    before = set(bot.fake.views)
+    payload = bot.fake.button_payload(status_msg, "skill_remix", user_id=user_id)
+    status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+    assert status == 200 and took_s < 3
+    await bot.fake.wait_for(lambda c: c.path == "views.open", count=len(before) + 1)
+    [view_id] = set(bot.fake.views) - before
+    return bot.fake.views[view_id]
+
+
+async def test_remix_opens_a_modal_and_its_submission_reruns_the_edit_with_the_same_seed_in_the_thread(bot):
+    thread = "1700000000.000300"
+    await bot.fake.post_event(bot.url, bot.fake.mention_event("a juggler's cascade --seed 11 --ar 16:9 --n 2",
+                                                              thread_ts=thread))
+    [original] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=11)  # as delivery leaves it
+    [_, actions] = status_msg.blocks
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix"]
+    view = await open_remix(bot, status_msg, user_id="U0OTHER")  # anyone in the channel may remix
+    [block] = view["blocks"]
+    assert view["callback_id"] == "skill_remix" and block["element"]["initial_value"] == "a juggler's cascade"
+    # A refused edit is shown on the prompt field; the modal stays open and nothing is published.
+    refused = bot.fake.view_submission(view["id"], {"prompt": "a nude figure study"}, user_id="U0OTHER")
+    status, answer, took_s = await bot.post("payload=" + quote(json.dumps(refused)))
+    assert status == 200 and took_s < 3 and answer["response_action"] == "errors"
+    assert answer["errors"]["prompt"].startswith("Your prompt was blocked: it asks for sexual content or nudity.")
+    assert await bot.requests.settle(0.5) == [original]
+    submission = bot.fake.view_submission(view["id"], {"prompt": "a juggler's shower"}, user_id="U0OTHER")
+    status, answer, took_s = await bot.post("payload=" + quote(json.dumps(submission)))
+    assert status == 200 and took_s < 3 and answer == ""  # the modal closes
+    [req] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert (req.prompt, req.seed, req.width, req.height, req.num_images) == (
+        "a juggler's shower", 11, original.width, original.height, 2)
+    assert req.origin.user_id == "U0OTHER" and req.origin.thread_id == thread and req.origin.channel_id == CHANNEL_ID
+    [status_msg] = [m for m in bot.fake.visible(CHANNEL_ID, thread) if "a juggler's shower" in m.text]
+    assert status_msg.text == "⏳ <@U0OTHER> queued (2 images): _a juggler's shower_"
+    assert req.origin.status_message_id == status_msg.ts
+
+
+async def test_a_remix_of_a_request_without_a_seed_uses_the_results_and_a_late_modal_says_to_click_again(bot):
+    await bot.command("a juggler's cascade")
+    [original] = await bot.requests.wait(1)
+    assert original.seed is None  # the consumer chose it: the result's button carries it
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=1234)
+    view = await open_remix(bot, status_msg)
+    await bot.post("payload=" + quote(json.dumps(bot.fake.view_submission(view["id"], {"prompt": "a juggler's mess"}))))
+    [req] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert (req.prompt, req.seed, req.origin.thread_id) == ("a juggler's mess", 1234, None)
+    # Slack's trigger_id lasts 3 seconds: a views.open after that fails, and the person is told to click again.
+    bot.fake.delays["views.open"] = 3.2
+    payload = bot.fake.button_payload(status_msg, "skill_remix")
+    await bot.post("payload=" + quote(json.dumps(payload)))
+    [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), timeout_s=10)
+    assert said.body["text"] == slack_bot.REMIX_TOO_SLOW and said.body["response_type"] == "ephemeral"
