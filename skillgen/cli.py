@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bot", "discord"): ("bots.discord_bot", "Discord bot: /skill slash command (gateway)"),
     ("bot", "slack"): ("bots.slack_bot", "Slack bot: /skill slash command (Socket Mode or HTTP)"),
     ("bot", "delivery"): ("bots.delivery", "post results from skill.events back to Discord and Slack"),
+    ("web",): ("bots.web", "web page front-end (Gradio): /skill in a browser; --embedded runs broker and consumer too"),
     ("trainer",): ("trainer.worker", "LoRA fine-tune worker: skill.finetune -> adapter registry"),
     ("export", "onnx"): ("skillgen.inference.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
     ("model", "train-icons"): ("skillgen.tools.icon_model", "train the embedded skill-icon model from scratch"),

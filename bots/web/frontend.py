@@ -1,0 +1,270 @@
+"""The web front-end's work, without the page: admit, publish, follow the events, fetch the images.
+
+Each browser session is one person: platform `console`, team `web`, a random user id made when the page loads.
+So the same intake as the chat bots (bots/intake.py) applies: the prompt policy, backpressure, the per-person and
+per-team rate limits and quotas (a reload makes a new person, but the team's limits still count everyone), the
+remembered request behind Re-roll and Variations, and the owner check and seal of a Cancel.
+
+Kafka is connected on the first request, not at start, so the page comes up (and says so) while the broker is down;
+a request that cannot be published, or that no consumer answers within SKILL_WEB_ANSWER_S, gets a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from PIL import Image
+from pydantic import Field
+
+from bots import render
+from bots.errors import Refusal
+from bots.events import EventFollower
+from bots.intake import CANCELLING, Intake
+from bots.queued import finished
+from bots.settings import BotSettings
+from bots.train_commands import describe_adapters
+from bots.web.form import (
+    NOT_ANSWERING,
+    NOTHING_TO_CANCEL,
+    NOTHING_TO_REPEAT,
+    OOPS,
+    STOPPED_ANSWERING,
+    Form,
+    Progress,
+    caption,
+    final_line,
+    progress_of,
+)
+from schemas.messages import EventKind, GenerateRequest, Origin, Platform
+from skillgen.adapters.registry import DEFAULT_ADAPTER_URL, Registry
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.logs import job
+from skillgen.runtime.redis import Store
+
+log = logging.getLogger("skillgen.web")
+
+TEAM = "web"
+SESSIONS_KEPT = 10_000  # browser sessions remembered (their last request, for Re-roll, Variations and Cancel)
+
+
+class WebSettings(BotSettings):
+    """`skillgen web`: the bots' settings, plus where the page listens and how long it waits for a consumer."""
+
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=7860, ge=1, le=65535)
+    # A request with no event at all after this long: no consumer is reading (or the broker lost it).
+    web_answer_s: float = Field(default=30.0, gt=0)
+    # After its first event, the longest silence (beyond its ETA) before the page gives up on a request.
+    web_stall_s: float = Field(default=120.0, gt=0)
+    # Connecting to Kafka and publishing, each: past this the broker counts as down.
+    web_publish_s: float = Field(default=10.0, gt=0)
+    adapter_url: str = DEFAULT_ADAPTER_URL
+
+
+@dataclass
+class Session:
+    """One browser session: who it is, the request it is following and its last picture."""
+
+    user_id: str
+    current: str | None = None  # queued or drawing: what Cancel cancels
+    last: str | None = None  # the last request that drew: what Re-roll and Variations repeat
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(platform=Platform.console, team_id=TEAM, channel_id=TEAM, user_id=self.user_id)
+
+
+def new_user_id() -> str:
+    return "web-" + secrets.token_hex(8)
+
+
+@dataclass
+class View:
+    """What the page shows for a request at one moment: a message, where it stands, and (at the end) images."""
+
+    notice: str | None = None  # None: leave the message shown as it is
+    progress: Progress | None = None
+    final: str | None = None
+    images: list[tuple[Image.Image, str]] | None = None  # (image, caption): the gallery, when it changes
+    request_id: str | None = None
+
+
+class Follower(EventFollower):
+    def forget(self, request_id: str) -> None:
+        """Stop routing a finished request's events (the follower keeps a queue per watched id until then)."""
+        self._queues.pop(request_id, None)
+
+
+@dataclass
+class Frontend:
+    settings: WebSettings
+    sessions: OrderedDict[str, Session] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.blobs = BlobStore(self.settings.blob_url)
+        self.registry = Registry(self.settings.adapter_url)
+        self.store = Store.from_settings(self.settings)
+        self.intake: Intake | None = None
+        self.follower: Follower | None = None
+        self._connecting = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def connect(self) -> Intake:
+        """The intake and the event follower, started on first use (and again after a failed start)."""
+        async with self._connecting:
+            if self.intake is not None:
+                return self.intake
+            from skillgen.runtime.kafka import make_producer
+
+            producer = make_producer(self.settings)
+            follower = Follower(self.settings)
+            try:
+                await asyncio.wait_for(producer.start(), self.settings.web_publish_s)
+                await asyncio.wait_for(follower.start(), self.settings.web_publish_s)
+            except BaseException:
+                await asyncio.gather(producer.stop(), return_exceptions=True)
+                if getattr(follower, "_task", None) is not None:
+                    await follower.stop()
+                raise
+            self.follower = follower
+            self.intake = Intake(self.settings, producer, self.store)
+            log.info("connected to Kafka at %s", self.settings.kafka_bootstrap)
+            return self.intake
+
+    async def close(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.intake is not None:
+            await self.intake.producer.stop()
+        await self.store.close()
+
+    def session(self, user_id: str) -> Session:
+        found = self.sessions.get(user_id)
+        if found is None:
+            found = self.sessions[user_id] = Session(user_id)
+            while len(self.sessions) > SESSIONS_KEPT:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(user_id)
+        return found
+
+    # -- actions ------------------------------------------------------------------------------------------
+    async def draw(self, user_id: str, form: Form) -> AsyncIterator[View]:
+        """A new request from the form, followed to its end."""
+        async for view in self._run(self.session(user_id), lambda intake, s: intake.admit(form.parsed(), s.origin)):
+            yield view
+
+    async def remix(self, user_id: str, action: str) -> AsyncIterator[View]:
+        """Re-roll (render.REROLL) or Variations (render.VARIATIONS) of this session's last picture."""
+        session = self.session(user_id)
+        if session.last is None:
+            yield View(notice=NOTHING_TO_REPEAT)
+            return
+        last = session.last
+        async for view in self._run(session, lambda intake, s: intake.repeat(last, action, s.origin)):
+            yield view
+
+    async def cancel(self, user_id: str) -> str:
+        """Cancel this session's request in progress: the intake checks the owner and seals it as the bots do."""
+        session = self.session(user_id)
+        if session.current is None:
+            return NOTHING_TO_CANCEL
+        try:
+            intake = await self.connect()
+            msg = await intake.cancel(session.current, session.origin)
+            await asyncio.wait_for(intake.publish_cancel(msg), self.settings.web_publish_s)
+        except Refusal as exc:
+            return str(exc)
+        except Exception:
+            log.warning("a cancel could not be published", exc_info=True, extra=job(session.current))
+            return render.queue_down("The cancel")
+        return CANCELLING
+
+    async def adapters(self) -> str:
+        """The team's adapters, as `/skill-adapters` lists them."""
+        try:
+            return await asyncio.to_thread(describe_adapters, self.registry, TEAM)
+        except Exception:
+            log.warning("the adapter registry could not be read", exc_info=True)
+            return "The adapter registry cannot be read just now; try again in a minute."
+
+    # -- one request --------------------------------------------------------------------------------------
+    async def _run(self, session: Session, admit) -> AsyncIterator[View]:
+        try:
+            intake = await self.connect()
+        except Exception as exc:
+            log.warning("cannot reach Kafka at %s: %s", self.settings.kafka_bootstrap, exc)
+            yield View(notice=render.QUEUE_DOWN)
+            return
+        try:
+            req: GenerateRequest | None = await admit(intake, session)
+        except Refusal as exc:
+            yield View(notice=str(exc))
+            return
+        if req is None:  # `help` typed as the prompt
+            yield View(notice=HELP_LINE)
+            return
+        assert self.follower is not None
+        events = self.follower.watch(req.request_id)
+        session.current = req.request_id
+        try:
+            estimate = intake.estimate(req.request_id)
+            where = f", position ~{estimate.position}" if estimate and estimate.eta_s is not None else ""
+            yield View(notice="", progress=Progress(f"Queued{where}"), images=[], request_id=req.request_id)
+            try:
+                await asyncio.wait_for(intake.publish(req), self.settings.web_publish_s)
+            except Exception:
+                log.warning("publish failed", exc_info=True, extra=job(req.request_id))
+                yield View(notice=render.QUEUE_DOWN, final="", request_id=req.request_id)
+                return
+            async for view in self._follow(req, events):
+                if view.final is not None and view.images:
+                    session.last = req.request_id
+                yield view
+        except Exception:
+            log.exception("the page could not follow a request", extra=job(req.request_id))
+            yield View(notice=OOPS, final="", request_id=req.request_id)
+        finally:
+            if session.current == req.request_id:
+                session.current = None
+            self.follower.forget(req.request_id)
+
+    async def _follow(self, req: GenerateRequest, events: asyncio.Queue) -> AsyncIterator[View]:
+        wait_s, answered = self.settings.web_answer_s, False
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), wait_s)
+            except TimeoutError:
+                log.warning("no event for %.0fs", wait_s, extra=job(req.request_id))
+                yield View(notice=STOPPED_ANSWERING if answered else NOT_ANSWERING, final="",
+                           request_id=req.request_id)
+                return
+            answered = True
+            wait_s = self.settings.web_stall_s + (event.eta_s or 0)
+            if not event.kind.terminal:
+                yield View(progress=progress_of(event), request_id=req.request_id)
+                continue
+            # Delivery does the same for chat requests; the page's requests are finished here (where it cannot run).
+            await finished(self.store, req.origin, req.request_id)
+            images = None
+            if event.kind == EventKind.succeeded:
+                images = await asyncio.to_thread(self._images, event)
+            yield View(final=final_line(event), images=images, request_id=req.request_id)
+            return
+
+    def _images(self, event) -> list[tuple[Image.Image, str]]:
+        out = []
+        for ref in event.blobs:
+            image = Image.open(io.BytesIO(self.blobs.get(ref)))
+            image.load()
+            out.append((image, caption(ref.seed)))
+        return out
+
+
+HELP_LINE = ("Describe a skill to draw, e.g. a drummer's paradiddle, top view. Options go in the fields below, "
+             "or after the prompt as in chat: --ar 16:9 --n 2 --seed 42.")

@@ -1,0 +1,149 @@
+"""The web page in a real Chromium: a prompt becomes an image with the progress bar moving, Re-roll draws a different
+one, Cancel stops a request, and bad input, a blocked prompt and an outage each get one line, never a traceback."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bots import render
+from bots.web.form import NOT_ANSWERING
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "web.png"
+# Every status the page shows, recorded by the page itself (a poll could miss a step between two looks).
+RECORD_STATUS = """() => {
+  window.seenStatus = [];
+  const status = document.querySelector('#status');
+  new MutationObserver(() => {
+    const box = status.querySelector('.skill-status');
+    const bar = status.querySelector('progress');
+    if (box) window.seenStatus.push({kind: box.dataset.kind, value: bar && bar.getAttribute('value'),
+                                     max: bar && bar.getAttribute('max'), text: box.innerText});
+  }).observe(status, {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+
+
+def open_page(page, url: str) -> None:
+    page.goto(url)
+    page.locator("#prompt textarea").wait_for()
+    page.locator("#status .skill-status").wait_for(state="attached")
+    page.evaluate(RECORD_STATUS)
+
+
+def draw(page, prompt: str) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#draw").click()
+
+
+def notice(page, timeout_ms: float = 30_000) -> str:
+    """The one-line message, once there is one."""
+    page.wait_for_function("() => document.querySelector('#notice .skill-notice').innerText.trim() !== ''",
+                           timeout=timeout_ms)
+    return page.locator("#notice .skill-notice").inner_text().strip()
+
+
+def final_line(page, timeout_ms: float = 90_000) -> str:
+    page.locator("#status .skill-status[data-kind=final]").wait_for(timeout=timeout_ms)
+    return page.locator("#status .skill-line").inner_text().strip()
+
+
+def images(page) -> list[bytes]:
+    srcs = [img.get_attribute("src") for img in page.locator("#gallery img").all()]
+    return [page.request.get(src).body() for src in srcs]
+
+
+def test_a_prompt_becomes_an_image_while_the_progress_bar_moves(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a red football skill icon on a light background")
+    line = final_line(page)
+    assert re.fullmatch(r"Done \(seed [0-9]+\)", line), line
+    steps = [(int(s["value"]), int(s["max"])) for s in page.evaluate("window.seenStatus") if s["kind"] == "progress"]
+    assert len({step for step, _ in steps}) >= 2, steps  # the bar moved, step by step
+    assert [step for step, _ in steps] == sorted(step for step, _ in steps) and {total for _, total in steps} == {12}
+    [png] = images(page)
+    with Image.open(io.BytesIO(png)) as img:
+        assert (img.format, img.size) == ("PNG", (64, 64))
+    assert page.locator("#gallery").inner_text().count("seed ") == 1  # the caption names the seed
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+
+def test_reroll_draws_the_same_request_again_as_a_different_image(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a blue guitar skill icon on a dark background")
+    first_line = final_line(page)
+    [first] = images(page)
+    page.evaluate("() => document.querySelector('#status .skill-status').dataset.kind = 'stale'")
+    page.locator("#reroll").click()
+    second_line = final_line(page)
+    [second] = images(page)
+    assert second != first
+    assert first_line != second_line and second_line.startswith("Done (seed ")  # a new seed
+
+
+def test_cancel_stops_a_request_that_is_drawing(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a green laptop skill icon on a dark background --steps 50 --n 4")
+    page.locator("#status .skill-status[data-kind=progress]").wait_for(timeout=60_000)
+    page.locator("#cancel").click()
+    assert final_line(page).startswith("Cancelled")
+    assert page.locator("#gallery img").count() == 0
+
+
+def test_a_blocked_prompt_gets_the_chats_refusal_and_nothing_is_drawn(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a severed head")
+    line = notice(page)
+    assert re.fullmatch(r"Your prompt was blocked: it asks for graphic violence or gore\. \(ref [0-9a-f]{8}\)", line)
+    assert page.locator("#gallery img").count() == 0
+
+
+@pytest.mark.parametrize(
+    "prompt, reason",
+    [
+        ("a cat --size 1001x64", "--size/--ar width: must be a multiple of 8 between 64 and 1024 pixels, got 1001"),
+        ("a cat --bogus 1", "unknown option --bogus; options are --no, --ar, --size, --steps, --seed, --n, --adapter, "
+                            "--scheduler, --relax"),
+    ],
+)
+def test_bad_input_gets_the_same_one_line_reason_as_in_chat(embedded_page, page, prompt, reason):
+    open_page(page, embedded_page.url)
+    draw(page, prompt)
+    assert notice(page) == reason
+
+
+def test_the_options_fields_are_the_commands_options(embedded_page, page):
+    open_page(page, embedded_page.url)
+    page.get_by_role("button", name=re.compile("^Options")).click()
+    page.locator("#size input, #size textarea").first.fill("64x96")
+    page.locator("#seed input, #seed textarea").first.fill("7")
+    draw(page, "a red football skill icon on a light background")
+    assert final_line(page) == "Done (seed 7)"
+    [png] = images(page)
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (64, 96)
+
+
+def test_a_broker_outage_is_one_clear_line(web_server, page, tmp_path: Path):
+    from skillgen.tools.embedded import free_port
+
+    server = web_server(SKILL_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", SKILL_WEB_PUBLISH_S="5",
+                        SKILL_BLOB_URL=(tmp_path / "blobs").as_uri())
+    open_page(page, server.url)
+    draw(page, "a person playing guitar")
+    assert notice(page) == render.QUEUE_DOWN
+    assert "Traceback" not in page.content()
+
+
+def test_no_consumer_is_one_clear_line(skill_env, web_server, page):
+    server = web_server(SKILL_WEB_ANSWER_S="3")  # the test's broker and Redis, and no consumer at all
+    open_page(page, server.url)
+    draw(page, "a person playing guitar")
+    assert notice(page) == NOT_ANSWERING
+    assert "Traceback" not in page.content()
