@@ -401,7 +401,7 @@ async def open_delivery(settings: DeliverySettings, consumer_options: dict | Non
                 )
             if settings.slack_bot_token is not None:
                 client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_base)
-                posters[Platform.slack] = SlackPoster(client)
+                posters[Platform.slack] = SlackPoster(client, store=store)
             if not posters:
                 raise BotError("delivery has nowhere to post: set SKILL_DISCORD_TOKEN and/or SKILL_SLACK_BOT_TOKEN")
             yield Delivery(settings, posters, store, consumer_options=consumer_options)

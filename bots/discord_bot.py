@@ -5,13 +5,13 @@ limit) is answered at once, ephemeral, saying what to change. Anything else is d
 edited to "queued" (with the group's estimate of its position and ETA when there is one) and a Cancel button, and
 published; delivery (bots/delivery.py) then edits that same response through the interaction webhook as events
 arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
-token) and attaches the images, with Re-roll, Variations and Remix buttons whose clicks come back here (Remix
-opens a modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and
-options). A Cancel click is answered privately at once: "Cancelling…" to the person who asked (and a
-GenerateCancel published), "Only the person who asked can cancel this." to anyone else. What runs before the
-acknowledgement waits on Redis 1.5 s at most (bots/intake.py). Every option's length limit is declared, so
-Discord's client refuses a longer value as it is typed. The bot needs no privileged intents: interactions arrive
-on the gateway regardless.
+token) and attaches the images, with Re-roll, Variations, Remix and Delete buttons whose clicks come back here
+(Remix opens a modal with the prompt to edit; its submission is a new request of whoever sent it, with the same
+seed and options; Delete, for the person who asked alone, deletes the result's message). A Cancel click is
+answered privately at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the
+person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
+most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it
+is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from discord.gateway import DiscordWebSocket
 from bots import extensions, grammar, metrics, render
 from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
-from bots.intake import CANCELLING, Intake
+from bots.intake import CANCELLING, DELETE_FORGOTTEN, NOT_OWNER_DELETE, Intake
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
@@ -122,7 +122,7 @@ class SkillBot(discord.Client):
         await self.start_job(interaction, req)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Re-roll, Variations, Remix and Cancel clicks, and Remix's modal; app commands are the tree's."""
+        """Re-roll, Variations, Remix, Delete and Cancel clicks, and Remix's modal; app commands are the tree's."""
         kinds = (discord.InteractionType.component, discord.InteractionType.modal_submit)
         if interaction.type not in kinds or not interaction.data:
             return
@@ -139,6 +139,9 @@ class SkillBot(discord.Client):
         if button.action == render.REMIX:
             await self.on_remix(interaction, button)
             return
+        if button.action == render.DELETE:
+            await self.on_delete(interaction, button.request_id)
+            return
         try:
             req = await self.intake.repeat(button.request_id, button.action, origin_of(interaction))
         except Refusal as exc:
@@ -147,6 +150,25 @@ class SkillBot(discord.Client):
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
+
+    async def on_delete(self, interaction: discord.Interaction, request_id: str) -> None:
+        """Delete, for the request's owner only: the result's message goes (the click's own token deletes the
+        message its button is on, so no permission is needed, whatever the age of the result); anyone else is
+        told privately that only the person who asked can."""
+        try:
+            await self.intake.owned(request_id, origin_of(interaction), "delete", NOT_OWNER_DELETE, DELETE_FORGOTTEN)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("discord", "delete_refused").inc()
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.defer()  # type 6: the message the button is on becomes @original
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException as exc:
+            log.warning("cannot delete a result: %s", exc, extra=job(request_id))
+            await interaction.followup.send(f"I could not delete it ({exc.text or exc.status}).", ephemeral=True)
+            return
+        metrics.COMMANDS.labels("discord", "delete").inc()
 
     async def on_remix(self, interaction: discord.Interaction, button: render.Button) -> None:
         """Remix, by anyone in the channel: a modal (response type 9) with the prompt to edit. Its custom id is the

@@ -3,7 +3,8 @@
 Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
 backpressure, rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for
 a while (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it, Remix can rerun it
-with an edited prompt, and the Cancel button on its status can tell its owner from anyone else.
+with an edited prompt, and the Cancel button on its status and the Delete button on its result can tell its owner
+from anyone else.
 
 Backpressure: the consumer group publishes its queue to Redis (skillgen.runtime.groupview). While it holds more
 than SKILL_MAX_BACKLOG_S seconds of work a new request is refused ("busy: ... try again in about M min") and
@@ -68,6 +69,9 @@ FORGOTTEN = (
 NOT_OWNER = "Only the person who asked can cancel this."
 CANCEL_FORGOTTEN = "I no longer have this request, so it cannot be cancelled (it is probably finished)."
 CANCELLING = "Cancelling…"
+NOT_OWNER_DELETE = "Only the person who asked can delete this."
+DELETE_FORGOTTEN = ("I no longer have this request, so I cannot tell who asked for it; someone who may manage "
+                    "messages here can remove it.")
 REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
 # Remix keeps these fields of the original unless the edited text gives the option (ar and size: width and height).
 _REMIX_KEEPS = {"negative_prompt": "no", "steps": "steps", "num_images": "n", "scheduler": "scheduler",
@@ -223,14 +227,22 @@ class Intake:
     async def cancel(self, request_id: str, origin: Origin) -> GenerateCancel:
         """The cancel of a remembered request by whoever clicked, or Refusal when that is not its owner (same
         platform, team and user: the consumer checks the same) or the request is not remembered."""
-        try:
-            owner = (await self.remembered(request_id)).origin
-        except Refusal as exc:
-            raise Refusal(CANCEL_FORGOTTEN if str(exc) == FORGOTTEN else str(exc)) from None
-        if (owner.platform, owner.team_id, owner.user_id) != (origin.platform, origin.team_id, origin.user_id):
-            log.info("cancel refused: not the owner", extra=job(request_id, platform=origin.platform.value))
-            raise Refusal(NOT_OWNER)
+        await self.owned(request_id, origin, "cancel", NOT_OWNER, CANCEL_FORGOTTEN)
         return GenerateCancel(request_id=request_id, origin=origin)
+
+    async def owned(self, request_id: str, origin: Origin, what: str, not_owner: str,
+                    forgotten: str) -> GenerateRequest:
+        """The remembered request when `origin` is its owner (same platform, team and user); else Refusal with
+        `not_owner`, or `forgotten` when it is not remembered (nobody can tell the owner then)."""
+        try:
+            req = await self.remembered(request_id)
+        except Refusal as exc:
+            raise Refusal(forgotten if str(exc) == FORGOTTEN else str(exc)) from None
+        owner = req.origin
+        if (owner.platform, owner.team_id, owner.user_id) != (origin.platform, origin.team_id, origin.user_id):
+            log.info("%s refused: not the owner", what, extra=job(request_id, platform=origin.platform.value))
+            raise Refusal(not_owner)
+        return req
 
     async def publish_cancel(self, msg: GenerateCancel) -> None:
         """On the cancel topic, keyed by the request id, the canceller's origin sealed for that request id."""

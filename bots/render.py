@@ -1,5 +1,5 @@
-"""What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll, Variations
-and Remix on a result, Cancel on a status that is not final.
+"""What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll, Variations,
+Remix and Delete on a result, Cancel on a status that is not final.
 
 A button names its action and the request it acts on (`skill:reroll:<request id>`, `skill:cancel:<request id>`;
 Remix also the seed of the result it sits on, `skill:remix:<request id>:<seed>`); the bot that receives the click
@@ -36,16 +36,18 @@ QUEUE_DOWN = queue_down()
 REROLL = "reroll"
 VARIATIONS = "vary"
 REMIX = "remix"
+DELETE = "delete"
 CANCEL = "cancel"
 REPEATS = (REROLL, VARIATIONS)  # the same request again, new seeds: no questions asked
-ACTIONS = (*REPEATS, REMIX)  # on a result
+ACTIONS = (*REPEATS, REMIX, DELETE)  # on a result
 STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
-_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", CANCEL: "Cancel"}
+_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", DELETE: "Delete", CANCEL: "Cancel"}
 _CUSTOM_ID = re.compile(rf"^skill:({'|'.join(ACTIONS + STATUS_ACTIONS)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
 # Slack action ids must be unique within a message; the value carries the request id (and Remix's the seed).
-SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", CANCEL: "skill_cancel"}
+SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", DELETE: "skill_delete",
+                    CANCEL: "skill_cancel"}
 # Discord button styles: primary (blurple), secondary (grey), danger (red).
-_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, CANCEL: 4}
+_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, DELETE: 4, CANCEL: 4}
 
 
 class Button(NamedTuple):
@@ -322,7 +324,7 @@ def discord_missing_permission(channel_id: str, access: bool) -> str:
 
 
 def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None) -> list[dict]:
-    """One action row: a result's Re-roll, Variations and Remix (its custom id carrying `seed`), or
+    """One action row: a result's Re-roll, Variations, Remix (its custom id carrying `seed`) and Delete, or
     (STATUS_ACTIONS) a status's Cancel."""
     return [
         {
@@ -352,8 +354,8 @@ def clip(text: str, max_chars: int) -> str:
 
 def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS,
                  seed: int | None = None) -> list[dict]:
-    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations and Remix
-    (its value carrying `seed`), or (STATUS_ACTIONS) a status's Cancel."""
+    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations, Remix (its
+    value carrying `seed`) and Delete, or (STATUS_ACTIONS) a status's Cancel."""
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
     text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
@@ -367,7 +369,7 @@ def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, .
                         "action_id": SLACK_ACTION_IDS[a],
                         "text": {"type": "plain_text", "text": _LABELS[a]},
                         "value": slack_value(a, request_id, seed),
-                        **({"style": "primary"} if a == REROLL else {"style": "danger"} if a == CANCEL else {}),
+                        **({"style": "primary"} if a == REROLL else {"style": "danger"} if a in (CANCEL, DELETE) else {}),
                     }
                     for a in actions
                 ],

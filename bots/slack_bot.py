@@ -20,6 +20,9 @@ The result carries Re-roll, Variations and Remix. Remix, for anyone in the chann
 the prompt to edit; its submission (`view_submission`) is a new request of whoever sent it, with the original's
 seed and options, in the result's channel and thread, and a refusal is shown on the prompt field.
 
+Delete, for the person who asked alone, removes the result's images (files.delete) or message and the status
+message with the buttons; anyone else is told privately "Only the person who asked can delete this."
+
 The status message carries a Cancel button (delivery keeps it on queued and progress edits, and drops it with the
 result). A click is acked at once; only the person who asked may cancel (bots/intake.py checks against the request
 remembered in Redis): a GenerateCancel is published and they are told "Cancelling…" privately, anyone else "Only the
@@ -42,8 +45,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
-from bots.intake import CANCELLING, Intake
+from bots.intake import CANCELLING, DELETE_FORGOTTEN, NOT_OWNER_DELETE, Intake
 from bots.settings import SlackSettings
+from bots.slack_post import GONE, result_key
 from schemas.messages import MAX_PROMPT_CHARS, GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
@@ -78,6 +82,7 @@ class SlackFrontEnd:
             app.action(render.SLACK_ACTION_IDS[action])(self.on_button)
         app.action(render.SLACK_ACTION_IDS[render.REMIX])(self.on_remix)
         app.view(REMIX_VIEW)(self.on_remix_submit)
+        app.action(render.SLACK_ACTION_IDS[render.DELETE])(self.on_delete)
         app.action(render.SLACK_ACTION_IDS[render.CANCEL])(self.on_cancel)
 
     async def on_command(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
@@ -250,6 +255,33 @@ class SlackFrontEnd:
 
         await self.start_job(client, tell, req)
 
+    async def on_delete(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
+        """Delete, for the request's owner only: the result's images (files.delete: the bot uploaded them) or its
+        message, then the status message the button is on. Anyone else is told privately."""
+        await ack()
+        request_id = action["value"]
+        clicker = self.clicker(body)
+        try:
+            await self.intake.owned(request_id, clicker, "delete", NOT_OWNER_DELETE, DELETE_FORGOTTEN)
+        except Refusal as exc:
+            metrics.COMMANDS.labels("slack", "delete_refused").inc()
+            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
+                          replace_original=False)
+            return
+        where = json.loads(await self.intake.store.get(result_key(request_id)) or "{}")
+        try:
+            for file_id in where.get("files") or []:
+                await _unless(("file_not_found", "file_deleted"), client.files_delete(file=file_id))
+            if where.get("ts"):
+                await _unless(GONE, client.chat_delete(channel=where["channel"], ts=where["ts"]))
+            await _unless(GONE, client.chat_delete(channel=clicker.channel_id, ts=body["container"]["message_ts"]))
+        except SlackApiError as exc:
+            error = exc.response.get("error", "")
+            log.warning("cannot delete a result: %s", error, extra=job(request_id))
+            await respond(text=f"I could not delete it ({error}).", response_type="ephemeral", replace_original=False)
+            return
+        metrics.COMMANDS.labels("slack", "delete").inc()
+
     async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
         await ack()
         name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
@@ -285,6 +317,15 @@ class SlackFrontEnd:
             await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=render.QUEUE_DOWN, blocks=[])
             return
         metrics.COMMANDS.labels("slack", "queued").inc()
+
+
+async def _unless(errors: tuple[str, ...], call) -> None:
+    """Await a Web API call; an error in `errors` (already gone) counts as done."""
+    try:
+        await call
+    except SlackApiError as exc:
+        if exc.response.get("error") not in errors:
+            raise
 
 
 REMIX_VIEW = "skill_remix"  # the modal's callback_id

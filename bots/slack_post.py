@@ -6,8 +6,8 @@ that workspace in the last minute; the rest of the minute is kept for final resu
 
 A result is a new message that mentions the requester (an edit notifies nobody): the images are uploaded with
 files_upload_v2 into the channel and thread of the request, with that message as their comment, FIRST; then the
-status message is edited to "✅ ... · done: see below", with the Reroll / Variations buttons. So a status never
-says done while the images are missing: an upload Slack refuses (`not_in_channel`: the bot was removed) turns the
+status message is edited to "✅ ... · done: see below", with the result's buttons (the result's file ids, or its
+message's ts, are kept in Redis for Delete). So a status never says done while the images are missing: an upload Slack refuses (`not_in_channel`: the bot was removed) turns the
 status into "❌ I could not post the images here: invite me with /invite @skillgen" (a new message when the edit is
 refused too, as chat:write.public still lets it post in a public channel). A result without images is the same
 with chat.postMessage. The one step that cannot be repeated harmlessly (the post) is remembered per request, so
@@ -21,6 +21,7 @@ status message and go to the person alone (chat.postEphemeral). Every text is cl
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict, deque
 
@@ -31,18 +32,27 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bots import render
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Origin, Platform
+from skillgen.runtime.redis import Store
 
 GONE = ("message_not_found", "cant_update_message", "cant_delete_message")
 NOT_MEMBER = ("not_in_channel", "channel_not_found")
 PROGRESS_EDITS_PER_MIN = 40  # of Slack's ~50 chat.update a minute per workspace; the rest is for final results
+RESULT_TTL_S = 7 * 86400  # how long a result's Delete button can find the result's files
 POSTED_REMEMBERED = 10_000  # request ids whose result message is up, so a retried result does not post it again
+
+
+def result_key(request_id: str) -> str:
+    """Where delivery keeps a posted result's place (channel, file ids or message ts) in Redis."""
+    return f"slack:result:{request_id}"
 
 
 class SlackPoster:
     platform = Platform.slack
 
-    def __init__(self, client: AsyncWebClient, progress_edits_per_min: int = PROGRESS_EDITS_PER_MIN):
+    def __init__(self, client: AsyncWebClient, progress_edits_per_min: int = PROGRESS_EDITS_PER_MIN,
+                 store: Store | None = None):
         self.client = client
+        self.store = store
         self.progress_edits_per_min = progress_edits_per_min
         self._updates: dict[str, deque[float]] = {}  # workspace -> when each chat.update of the last minute went
         self._posted: OrderedDict[str, None] = OrderedDict()
@@ -102,11 +112,20 @@ class SlackPoster:
             text = render.slack_cannot_upload(event)
             await self._edit_or_post(o, text, render.slack_blocks(text))
             return
+        await self._remember_result(event, posted)
         if o.status_message_id:
             text = render.slack_result_posted(event)
             buttons_for = event.request_id if event.job == "generate" else None
             await self._edit_or_post(o, text, render.slack_blocks(text, buttons_for, seed=render.result_seed(event)),
                                       post_if_gone=False)
+
+    async def _remember_result(self, event: JobEvent, posted) -> None:
+        """Where the result went (its files, or its message's ts), for the Delete button (bots/slack_bot.py)."""
+        if self.store is None or posted is True or event.job != "generate":
+            return  # True: posted by an earlier try, which remembered it
+        files = [f["id"] for f in posted.get("files") or [] if f.get("id")]
+        where = {"channel": event.origin.channel_id, "files": files, "ts": None if files else posted.get("ts")}
+        await self.store.put(result_key(event.request_id), json.dumps(where), RESULT_TTL_S)
 
     async def _post_once(self, event: JobEvent, method: str, **kwargs):
         """A post that must not be repeated: skipped (answering True) when this request's went out already."""

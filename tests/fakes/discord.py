@@ -497,6 +497,8 @@ class FakeDiscord(FakePlatform):
                                              "response_message_loading": kind == 5,
                                              "response_message_ephemeral": msg.ephemeral},
                              "resource": resource}
+        if kind in (6, 7) and interaction.message is not None:  # a click's @original is the message it was on
+            interaction.original = self.messages.get(interaction.message["id"])
         if kind == 9:  # a modal
             refused = self._modal_refused(interaction, data)
             if refused is not None:

@@ -79,6 +79,7 @@ class SharedFile:
     filename: str
     data: bytes
     initial_comment: str | None
+    deleted: bool = False
 
     @property
     def is_png(self) -> bool:
@@ -226,7 +227,8 @@ class FakeSlack(FakePlatform):
                 if m.channel == channel and m.thread_ts == thread_ts and not m.deleted]
 
     def pngs(self, channel: str, thread_ts: str | None = None) -> list[SharedFile]:
-        return [f for f in self.files if f.channel == channel and f.thread_ts == thread_ts and f.is_png]
+        return [f for f in self.files
+                if f.channel == channel and f.thread_ts == thread_ts and f.is_png and not f.deleted]
 
     @property
     def file_host(self) -> str:
@@ -438,6 +440,12 @@ class FakeSlack(FakePlatform):
         if method == "files.info":
             shared = self.user_files.get(body.get("file", ""))
             return {"ok": True, "file": shared.info()} if shared else {"ok": False, "error": "file_not_found"}
+        if method == "files.delete":  # the bot may delete the files it uploaded (files:write)
+            shared = next((f for f in self.files if f.file_id == body.get("file") and not f.deleted), None)
+            if shared is None:
+                return {"ok": False, "error": "file_not_found"}
+            shared.deleted = True
+            return {"ok": True}
         if method == "views.open":
             return self._views_open(body)
         if method == "apps.connections.open":

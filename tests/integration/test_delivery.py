@@ -46,7 +46,7 @@ async def test_discord_status_then_images_on_the_original_response_exactly_once(
         await asyncio.sleep(1.5)
     assert [f.filename for f in final.files] == [f"skill-{r[:8]}-1.png", f"skill-{r[:8]}-2.png"]
     assert all(f.is_png for f in final.files)
-    reroll, _, remix = final.body["components"][0]["components"]
+    reroll, _, remix, _ = final.body["components"][0]["components"]
     assert reroll["custom_id"] == f"skill:reroll:{r}" and remix["custom_id"] == f"skill:remix:{r}:1"  # image 1's seed
     assert final.body["allowed_mentions"] == {"parse": [], "users": [fd.USER_ID]}
     assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=True))) == 1
@@ -177,7 +177,7 @@ async def test_slack_status_updates_then_the_image_in_the_thread_once(world):
     assert status.edits[0] == f"⏳ <@{fs.USER_ID}> queued, position 2: _a drummer's paradiddle_"
     assert status.text.startswith("✅") and [b["type"] for b in status.blocks] == ["section", "actions"]
     # Re-roll, Variations, and Remix with the seed the result was drawn with (the request may have named none)
-    assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r, f"{r}:3"]
+    assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r, f"{r}:3", r]
     assert len(status.edits) == 2  # queued (the progress was throttled), then done
 
 

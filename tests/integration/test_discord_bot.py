@@ -10,7 +10,7 @@ import pytest
 
 from bots import discord_bot, render
 from bots.credentials import Interactions
-from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER
+from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER, NOT_OWNER_DELETE
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_PROMPT_CHARS,
@@ -454,3 +454,29 @@ async def test_remix_of_a_forgotten_request_says_so_without_a_modal(bot):
     it = await bot.click(render.custom_id(render.REMIX, "f" * 32, 5), first.original)
     [callback] = await bot.wait_for(callback_of(bot, it))
     assert callback.body["type"] == 4 and callback.body["data"]["content"] == FORGOTTEN and it.modal is None
+
+
+@pytest.mark.security
+async def test_only_the_owner_can_delete_a_result_even_after_its_token_died(bot, skill_env):
+    it = await bot.invoke("skill", {"prompt": "a juggler's cascade"})
+    [req] = await bot.requests.wait(1)
+    world = World(skill_env, discord=bot)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/{it.token}/messages/@original")
+                           and bool(c.files))
+    [delete] = [b for b in it.original.components[0]["components"] if b["label"] == "Delete"]
+    assert (delete["custom_id"], delete["style"]) == (f"skill:delete:{req.request_id}", 4)
+    bot.advance(16 * 60)  # the request's own token is dead: the click's token deletes the message
+    other = await bot.click(delete["custom_id"], it.original, user_id="777")
+    [callback] = await bot.wait_for(callback_of(bot, other))
+    assert callback.body["type"] == 4 and callback.body["data"]["flags"] & 64
+    assert callback.body["data"]["content"] == NOT_OWNER_DELETE == "Only the person who asked can delete this."
+    assert not it.original.deleted and bot.matching(lambda c: c.method == "DELETE") == []
+    own = await bot.click(delete["custom_id"], it.original)
+    [callback] = await bot.wait_for(callback_of(bot, own))
+    assert callback.body["type"] == 6  # acknowledged, nothing said
+    [deleted] = await bot.wait_for(lambda c: c.method == "DELETE")
+    assert deleted.status == 204 and deleted.path.endswith(f"/{own.token}/messages/@original")
+    assert it.original.deleted and it.original not in bot.channel(CHANNEL_ID)

@@ -406,7 +406,7 @@ async def test_remix_opens_a_modal_and_its_submission_reruns_the_edit_with_the_s
     status_msg = bot.fake.messages[original.origin.status_message_id]
     status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=11)  # as delivery leaves it
     [_, actions] = status_msg.blocks
-    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix"]
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Delete"]
     view = await open_remix(bot, status_msg, user_id="U0OTHER")  # anyone in the channel may remix
     [block] = view["blocks"]
     assert view["callback_id"] == "skill_remix" and block["element"]["initial_value"] == "a juggler's cascade"
@@ -444,3 +444,30 @@ async def test_a_remix_of_a_request_without_a_seed_uses_the_results_and_a_late_m
     await bot.post("payload=" + quote(json.dumps(payload)))
     [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), timeout_s=10)
     assert said.body["text"] == slack_bot.REMIX_TOO_SLOW and said.body["response_type"] == "ephemeral"
+
+
+@pytest.mark.security
+async def test_only_the_owner_can_delete_a_result_and_its_images_and_status_go(bot, skill_env):
+    await bot.command("a juggler's cascade")
+    [req] = await bot.requests.wait(1)
+    world = World(skill_env, slack=bot.fake)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.fake.wait_for(lambda c: c.path == "chat.update")  # after the upload: "done", with the buttons
+    status_msg = bot.fake.messages[req.origin.status_message_id]
+    [_, actions] = status_msg.blocks
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Delete"]
+    [shared] = bot.fake.pngs(CHANNEL_ID)
+    payload = bot.fake.button_payload(status_msg, "skill_delete", user_id="U0OTHER")
+    status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+    assert status == 200 and took_s < 3
+    [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+    assert said.body["text"] == "Only the person who asked can delete this." and said.body["response_type"] == "ephemeral"
+    assert bot.fake.visible(CHANNEL_ID) == [status_msg] and bot.fake.pngs(CHANNEL_ID) == [shared]
+    await bot.post("payload=" + quote(json.dumps(bot.fake.button_payload(status_msg, "skill_delete"))))
+    [removed] = await bot.fake.wait_for(lambda c: c.path == "files.delete")
+    assert removed.body["file"] == shared.file_id
+    await bot.fake.wait_for(lambda c: c.path == "chat.delete")
+    assert bot.fake.visible(CHANNEL_ID) == [] and bot.fake.pngs(CHANNEL_ID) == []
+    assert len(responses(bot)) == 1  # the owner is told nothing: the result is simply gone
