@@ -130,7 +130,7 @@ class Profile:
     def of(cls, quick: bool) -> Profile:
         if quick:
             return cls(calibration_batches=3, unloaded_requests=5, quiet_interval_s=2.0, flood_measure_s=12.0,
-                       grace_s=4.0, weights_s=16.0, eta_publish_s=15.0, cancel_rounds=2, flood_rounds=1)
+                       grace_s=4.0, weights_s=14.0, eta_publish_s=10.0, cancel_rounds=2, flood_rounds=1)
         return cls(calibration_batches=8, unloaded_requests=12, quiet_interval_s=2.5, flood_measure_s=35.0,
                    grace_s=8.0, weights_s=90.0, eta_publish_s=45.0, cancel_rounds=4, flood_rounds=2)
 
