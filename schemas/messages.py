@@ -49,6 +49,14 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 Lane = Literal["fast", "relax", "replay"]
 LANES: tuple[str, ...] = get_args(Lane)
 MAX_DEADLINE_S = 24 * 3600
+# img2img (the chat's Vary and Upscale actions): how much of the init image is redrawn, and the upscale factors.
+MIN_STRENGTH, MAX_STRENGTH, DEFAULT_STRENGTH = 0.05, 1.0, 0.6
+Upscale = Literal[1, 2]
+# An init image is one of our own results: a PNG of at most MAX_SIDE_PX a side, far below this many bytes.
+MAX_INIT_IMAGE_BYTES = 16 * 1024 * 1024
+# What a blob store reference to a PNG looks like (skillgen/runtime/blobstore.py writes `<store>/ab/ab12...64.png`);
+# the consumer's blob store checks the whole URL again against its own location before reading.
+_PNG_BLOB_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^?#\\\s]*/([0-9a-f]{2})/([0-9a-f]{64})\.png")
 
 
 def _now() -> datetime:
@@ -193,6 +201,13 @@ class GenerateRequest(_Message):
     # Seconds after created_at by which the result must be ready, or the request is refused early ("busy, try
     # again in about N min"); None: the lane's default (ConsumerSettings.lane_deadline_s).
     deadline_s: int | None = Field(default=None, ge=10, le=MAX_DEADLINE_S)
+    # img2img: start from `init_image`, one of our own results in the blob store, and redraw `strength` of it
+    # (1.0: everything, the image only sets the layout and colours; 0.3: small changes). With upscale=2 the
+    # init image is enlarged 2x first: width and height are then the output size, twice the init image's.
+    # (In this order: each one's check reads the fields before it.)
+    upscale: Upscale = 1
+    init_image: BlobRef | None = Field(default=None, validate_default=True)
+    strength: float = Field(default=DEFAULT_STRENGTH, ge=MIN_STRENGTH, le=MAX_STRENGTH, validate_default=True)
     created_at: datetime = Field(default_factory=_now)
 
     @field_validator("prompt")
@@ -208,6 +223,55 @@ class GenerateRequest(_Message):
     def _side(cls, v: int) -> int:
         if not MIN_SIDE_PX <= v <= MAX_SIDE_PX or v % 8:
             raise ValueError(f"must be a multiple of 8 between {MIN_SIDE_PX} and {MAX_SIDE_PX} pixels, got {v}")
+        return v
+
+    @field_validator("upscale")
+    @classmethod
+    def _upscale(cls, f: int, info: ValidationInfo) -> int:
+        w, h = info.data.get("width"), info.data.get("height")
+        if f > 1 and w is not None and h is not None and (w % (8 * f) or h % (8 * f) or min(w, h) < MIN_SIDE_PX * f):
+            raise ValueError(f"with upscale={f}, width and height are the output size ({f}x the init image's): "
+                             f"multiples of {8 * f} between {MIN_SIDE_PX * f} and {MAX_SIDE_PX} pixels, got {w}x{h}")
+        return f
+
+    @field_validator("init_image")
+    @classmethod
+    def _init_image(cls, ref: BlobRef | None, info: ValidationInfo) -> BlobRef | None:
+        f = info.data.get("upscale")  # None: refused on its own field
+        if ref is None:
+            if f not in (None, 1):
+                raise ValueError(f"upscale={f} enlarges an init_image: give init_image, or leave upscale out")
+            return ref
+        if ref.content_type != "image/png":
+            raise ValueError(f"init_image must be a PNG result of this service, got content type {ref.content_type!r}")
+        m = _PNG_BLOB_URL.fullmatch(ref.url)
+        if m is None or m.group(2) != ref.sha256 or m.group(1) != ref.sha256[:2]:
+            raise ValueError("init_image must be a result of this service: its url must end in the blob store's own "
+                             "name for its sha256 (.../ab/ab12...png), without '?', '#' or '\\'")
+        if {".", ".."} & set(ref.url.split("://", 1)[1].split("/")):
+            raise ValueError("init_image url must not contain '.' or '..' segments")
+        if ref.bytes > MAX_INIT_IMAGE_BYTES:
+            raise ValueError(f"init_image is {ref.bytes} bytes; at most {MAX_INIT_IMAGE_BYTES}")
+        w, h = info.data.get("width"), info.data.get("height")
+        if None not in (f, w, h, ref.width, ref.height) and (ref.width * f, ref.height * f) != (w, h):
+            what = "the request's size" if f == 1 else f"half the request's size (upscale={f})"
+            raise ValueError(f"init_image is {ref.width}x{ref.height} pixels; it must be {what}, "
+                             f"{w // f}x{h // f}: set width and height to match")
+        return ref
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float, info: ValidationInfo) -> float:
+        if "init_image" not in info.data:  # refused on its own field
+            return v
+        if info.data["init_image"] is None:
+            if v != DEFAULT_STRENGTH:
+                raise ValueError("strength applies to an init_image: give init_image, or leave strength out")
+            return v
+        steps = info.data.get("steps")
+        if steps is not None and int(steps * v) < 1:
+            raise ValueError(f"strength {v:g} at {steps} steps redraws nothing (steps x strength must be at "
+                             "least 1): raise strength or steps")
         return v
 
 

@@ -1,9 +1,14 @@
 """One denoising loop for every backend.
 
-A backend only knows how to run three networks (text encoder, UNet, VAE decoder); the scheduler math, the
-guidance and the per-sample randomness live here, so the torch reference and the ONNX Runtime backends differ
+A backend only knows how to run four networks (text encoder, UNet, VAE encoder and decoder); the scheduler math,
+the guidance and the per-sample randomness live here, so the torch reference and the ONNX Runtime backends differ
 only in how a tensor goes through a network. Each sample draws its initial latents (and any per-step noise)
 from its own generator, so an image depends on its own request and never on its batch-mates.
+
+Image-to-image works as diffusers' StableDiffusionImg2ImgPipeline does, with a deterministic encoding: each init
+image is VAE-encoded alone (the latent distribution's mean, times the scaling factor), noised with its sample's
+own generator to the first of the last `int(steps * strength)` timesteps, and denoised from there. A 2x upscale
+("hires fix") is the same on the init image enlarged 2x with Lanczos, at the output size.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Sample:
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
+    # img2img: the image to start from (RGB), at the batch's size or at half of it (then enlarged 2x first).
+    init_image: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class BatchSpec:
     guidance: float = 7.5
     scheduler: str = "dpmpp"
     adapter: str | None = None  # a key the backend resolved with `load_adapter`; None is the base model
+    # None: text-to-image. A number: image-to-image, every sample carries an init image, and the last
+    # int(steps * strength) of the schedule's steps run (1.0 redraws everything, 0.3 keeps most of the image).
+    strength: float | None = None
 
 
 class Backend(Protocol):
@@ -81,6 +91,10 @@ class Backend(Protocol):
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (b, 3, H, W) -> the mean of their latent distribution, not yet scaled."""
+        ...
 
     def load_adapter(self, key: str, path) -> None: ...
 
@@ -116,7 +130,7 @@ class Engine:
         # A fresh scheduler per batch: multistep schedulers keep state between steps.
         return getattr(diffusers, cls_name).from_config({**self.backend.scheduler_config, **extra})
 
-    def check(self, spec: BatchSpec) -> None:
+    def check(self, spec: BatchSpec, samples: Sequence[Sample] = ()) -> None:
         f = self.backend.vae_scale_factor
         if spec.width % f or spec.height % f:
             raise PipelineError(f"width and height must be multiples of {f}, got {spec.width}x{spec.height}")
@@ -125,6 +139,23 @@ class Engine:
                 f"{spec.width}x{spec.height} is above this worker's cap of {self.memory.max_pixels} pixels per image; "
                 "ask for a smaller size"
             )
+        if spec.strength is not None:
+            if not 0.0 < spec.strength <= 1.0:
+                raise PipelineError(f"strength must be above 0 and at most 1, got {spec.strength:g}")
+            if int(spec.steps * spec.strength) < 1:
+                raise PipelineError(f"strength {spec.strength:g} at {spec.steps} steps redraws nothing "
+                                    "(steps x strength must be at least 1): raise strength or steps")
+        sizes = ((spec.width, spec.height), (spec.width // 2, spec.height // 2))
+        for i, s in enumerate(samples):
+            if (s.init_image is None) != (spec.strength is None):
+                raise PipelineError(
+                    f"sample {i}: " + ("an init image needs a strength in the batch spec" if spec.strength is None
+                                       else f"strength {spec.strength:g} needs an init image")
+                )
+            if s.init_image is not None and s.init_image.size not in sizes:
+                w, h = s.init_image.size
+                raise PipelineError(f"sample {i}: the init image is {w}x{h}; it must be {spec.width}x{spec.height}, "
+                                    f"or {sizes[1][0]}x{sizes[1][1]} to be upscaled 2x")
 
     def generate(
         self,
@@ -149,7 +180,7 @@ class Engine:
         Without `cancelled` the result never holds None."""
         if not samples:
             return []
-        self.check(spec)
+        self.check(spec, samples)
         be = self.backend
         be.use_adapter(spec.adapter)
         level = plan_level(
@@ -193,6 +224,16 @@ class Engine:
             "with attention slicing and VAE tiling; ask for a smaller size"
         )
 
+    def encode_init(self, spec: BatchSpec, samples: Sequence[Sample]) -> torch.Tensor:
+        """The scaled latents of every sample's init image, fp32 on the backend's device. One image at a time: a
+        latent then never depends on its batch-mates, and the encoder's activations stay those of one image."""
+        be = self.backend
+        out = []
+        for s in samples:
+            pixels = init_tensor(s.init_image, spec.width, spec.height).to(be.device, be.dtype)
+            out.append(be.encode(pixels).float() * be.vae_scaling_factor)
+        return torch.cat(out)
+
     def initial_latents(self, spec: BatchSpec, samples: Sequence[Sample]) -> tuple[torch.Tensor, list[torch.Generator]]:
         f = self.backend.vae_scale_factor
         shape = (1, self.backend.latent_channels, spec.height // f, spec.width // f)
@@ -208,7 +249,13 @@ class Engine:
         be.set_memory_savings(level)
         scheduler = self.make_scheduler(spec.scheduler)
         scheduler.set_timesteps(spec.steps, device=be.device)
-        n = len(scheduler.timesteps)
+        timesteps = scheduler.timesteps
+        if spec.strength is not None:  # img2img: only the schedule's last int(steps * strength) steps run
+            begin = (spec.steps - min(int(spec.steps * spec.strength), spec.steps)) * scheduler.order
+            timesteps = timesteps[begin:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
+        n = len(timesteps)
 
         # `alive[j]` is the position in `samples` of row j of the batch. Samples cancelled before anything runs
         # are left out before the text is encoded: the rest then run exactly as a batch that never held them.
@@ -232,7 +279,12 @@ class Engine:
         # Fresh generators on every attempt: a retry after an OOM repeats exactly the same randomness.
         init, gens = self.initial_latents(spec, samples_in)
         # The scheduler math runs in fp32 on the backend's device, so latents never leave it between steps.
-        latents = (init if latents is None else latents).to(be.device) * scheduler.init_noise_sigma
+        noise = (init if latents is None else latents).to(be.device)
+        if spec.strength is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            clean = self.encode_init(spec, samples_in)
+            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(samples_in)))
 
         def drop(after_steps: int) -> bool:
             """Takes newly cancelled samples out of the batch; True when none is left."""
@@ -257,7 +309,7 @@ class Engine:
         # Checked again after the text encoding, so a cancel that arrived meanwhile costs no denoising step.
         if drop(0):
             return [None] * len(samples)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             noise = be.unet(model_in.to(be.dtype), t, emb).float()
@@ -277,6 +329,16 @@ class Engine:
         for j, image in zip(alive, to_pil(images), strict=True):
             out[j] = image
         return out
+
+
+def init_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An init image as the VAE takes it: (1, 3, height, width) in [-1, 1], fp32; a half-size image is enlarged
+    2x with Lanczos first (the upscale)."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
 def _chunk_cancels(cancelled: CancelledFn | None, index: list[int]) -> Callable[[], set[int]]:

@@ -1,4 +1,5 @@
-"""Export a diffusers Stable Diffusion to ONNX (text encoder, UNet, VAE decoder), cached by a content hash.
+"""Export a diffusers Stable Diffusion to ONNX (text encoder, UNet, VAE decoder and encoder), cached by a content
+hash.
 
 Batch and spatial axes are dynamic. The weights of the attention projections (`lora_targets`) are graph inputs
 rather than initializers, so a LoRA adapter is applied by feeding fused weights: switching adapters never
@@ -32,13 +33,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from skillgen.inference.errors import ExportError, ModelLoadError
 
-EXPORT_FORMAT = 1  # bump when the graphs written here change meaning, so older exports become stale
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# Bump when the graphs written here change meaning, so older exports become stale. 2: the VAE encoder (img2img).
+EXPORT_FORMAT = 2
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 LORA_COMPONENTS = ("text_encoder", "unet")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 MODEL_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "unet", "vae")
 MANIFEST = "manifest.json"
-OPTIMIZER_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
+OPTIMIZER_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 GPU_ONLY_FUSIONS = (
     "enable_nhwc_conv",
     "enable_group_norm",
@@ -232,6 +234,8 @@ def export_component(model_dir: Path, component: str, path: Path, options: Expor
             # upsample-size branch chosen on purpose above), and the legacy-exporter notice is known.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # The VAE encoder's mean is a strided slice of its moments, which the tracer does not constant-fold.
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
             torch.onnx.export(
                 wrapper,
                 (*example, *weights),
@@ -305,6 +309,20 @@ def _traceable(model_dir: Path, component: str):
             (latent,),
             ["latent"],
             {"latent": {0: "batch", 2: "height", 3: "width"}, "out": {0: "batch", 2: "height", 3: "width"}},
+        )
+    if component == "vae_encoder":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        image = torch.randn(1, 3, 8 * f, 8 * f)
+        return (
+            vae,
+            # The latent distribution's mean: deterministic; the engine adds each sample's own noise.
+            lambda m, x: m.encode(x, return_dict=False)[0].mode(),
+            (image,),
+            ["image"],
+            {"image": {0: "batch", 2: "height", 3: "width"}, "out": {0: "batch", 2: "height", 3: "width"}},
         )
     raise ExportError(f"unknown component {component!r}")
 

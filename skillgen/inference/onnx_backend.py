@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: text encoder, UNet and VAE decoder exported once (cached), run by the best provider.
+"""ONNX Runtime backend: text encoder, UNet and VAE decoder and encoder exported once (cached), run by the best
+provider.
 
 Providers, in order when available: TensorRT EP (fp16, engine and timing caches beside the export, shape
 profiles for the sizes in use) > CUDA EP (IO binding on torch's own stream, so latents never leave the device)
@@ -64,6 +65,8 @@ class TrtProfile(BaseModel):
         ):
             if component == "text_encoder":
                 out[kind] = f"input_ids:{batch}x77"
+            elif component == "vae_encoder":
+                out[kind] = f"image:1x3x{px}x{px}"  # the engine encodes one init image at a time
             elif component == "unet":
                 s = side(px)
                 n = batch if kind == "min" else 2 * batch  # without guidance the UNet sees the batch itself
@@ -183,6 +186,7 @@ class OnnxBackend:
         self.vae_scale_factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
         self.vae_scaling_factor = cfg["vae"].get("scaling_factor", 0.18215)
         self.latent_channels = cfg["unet"]["in_channels"]
+        self.vae_latent_channels = cfg["vae"].get("latent_channels", 4)
         self.text_dim = cfg["text_encoder"]["hidden_size"]
         self.dtype = torch.float32  # graphs take and give fp32; fp16 lives inside them
 
@@ -289,7 +293,7 @@ class OnnxBackend:
         for component, net in self.networks.items():
             net.bind_weights(weight_set[component]["values"])
 
-    # -- the three networks ------------------------------------------------------------------------------------
+    # -- the four networks ------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer
         return tok(
@@ -314,6 +318,11 @@ class OnnxBackend:
         b, _, h, w = latents.shape
         f = self.vae_scale_factor
         return self.networks["vae_decoder"].run({"latent": latents.float()}, (b, 3, h * f, w * f))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        f = self.vae_scale_factor
+        return self.networks["vae_encoder"].run({"image": images.float()}, (b, self.vae_latent_channels, h // f, w // f))
 
     def _check_profile(self, latents: torch.Tensor) -> None:
         p, f = self.trt_profile, self.vae_scale_factor

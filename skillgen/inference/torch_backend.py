@@ -83,6 +83,10 @@ class TorchBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latents).sample
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # The mean, not a draw: the sample's own generator adds all the randomness (engine.Engine.encode_init).
+        return self.pipe.vae.encode(images).latent_dist.mode()
+
     # -- memory ----------------------------------------------------------------------------------------------
     def set_memory_savings(self, level: int) -> None:
         if level == self._savings:

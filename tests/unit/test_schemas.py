@@ -195,6 +195,20 @@ BASE = {
     Origin: ORIGIN,
 }
 BLOB = {"url": "file:///b/ab/ab.png", "sha256": "ab" * 32, "bytes": 1}
+# A previous result, as an img2img request names it (BASE's request is 512x512).
+INIT = {"url": f"s3://skill-blobs/ab/{'ab' * 32}.png", "sha256": "ab" * 32, "bytes": 1000, "width": 512, "height": 512}
+HOSTILE_INIT_URLS = [
+    "file:///etc/passwd",
+    f"file:///b/../../etc/ab/{'ab' * 32}.png",
+    f"file:///b/./ab/{'ab' * 32}.png",
+    f"file:///b/ab/{'ab' * 32}.png?x=1",
+    f"file:///b/ab/{'ab' * 32}.png#frag",
+    f"file:///b/ab/{'cd' * 32}.png",  # another blob's name than the sha256 it claims
+    f"file:///b/cd/{'ab' * 32}.png",
+    f"file:///b/ab/{'ab' * 32}.json",
+    f"file:///b\\..\\ab/{'ab' * 32}.png",
+    f"/b/ab/{'ab' * 32}.png",  # no scheme
+]
 
 
 def outside(low: int, high: int) -> st.SearchStrategy:
@@ -253,6 +267,18 @@ INVALID = [
     (Origin, "seal", st.sampled_from(["", "x" * 64, "A" * 64]).map(lambda v: {"seal": v})),
     (GenerateRequest, "request_id", st.sampled_from(["../victim", "/", "a/b", "a.b"]).map(lambda v: {"request_id": v})),
     (JobEvent, "request_id", st.sampled_from(["../victim", "/", "a/b"]).map(lambda v: {"request_id": v})),
+    (GenerateRequest, "init_image", st.sampled_from(HOSTILE_INIT_URLS).map(lambda v: {"init_image": INIT | {"url": v}})),
+    (GenerateRequest, "init_image", st.just({"init_image": INIT | {"content_type": "application/json"}})),
+    (GenerateRequest, "init_image", st.just({"init_image": INIT | {"bytes": 16 * 2**20 + 1}})),
+    (GenerateRequest, "init_image", st.sampled_from([256, 1024]).map(lambda v: {"init_image": INIT | {"width": v}})),
+    (GenerateRequest, "init_image", st.just({"upscale": 2, "width": 1024, "height": 1024})),  # nothing to enlarge
+    (GenerateRequest, "strength", st.floats(0.05, 1.0).filter(lambda v: v != 0.6).map(lambda v: {"strength": v})),
+    (GenerateRequest, "strength", (st.floats(max_value=0.05, exclude_max=True) | st.floats(min_value=1.0, exclude_min=True))
+     .map(lambda v: {"init_image": INIT, "strength": v})),
+    (GenerateRequest, "strength", st.just({"init_image": INIT, "strength": 0.1, "steps": 9})),  # redraws no step
+    (GenerateRequest, "upscale", st.integers().filter(lambda v: v not in (1, 2)).map(lambda v: {"upscale": v})),
+    (GenerateRequest, "upscale", st.sampled_from([(1016, 1024), (120, 128), (112, 112)])
+     .map(lambda wh: {"init_image": INIT | {"width": None}, "upscale": 2, "width": wh[0], "height": wh[1]})),
 ]
 
 
@@ -293,6 +319,44 @@ def test_event_shape_rules_are_explained(changes, reason):
     with pytest.raises(ValidationError) as refused:
         JobEvent.model_validate(BASE[JobEvent] | changes)
     assert reason in describe(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "size"),
+    [
+        ({"init_image": INIT}, (512, 512)),
+        ({"init_image": INIT, "strength": 1.0}, (512, 512)),
+        ({"init_image": INIT | {"width": 256, "height": 384}, "upscale": 2, "width": 512, "height": 768,
+          "strength": 0.35}, (512, 768)),
+        ({"init_image": INIT | {"width": None, "height": None}, "upscale": 2, "width": 1024, "height": 1024}, (1024, 1024)),
+    ],
+)
+def test_img2img_and_upscale_requests_round_trip(changes, size):
+    req = GenerateRequest.model_validate(BASE[GenerateRequest] | changes)
+    assert (req.width, req.height) == size and req.init_image.sha256 == INIT["sha256"]
+    assert decode(encode(req)[0], GenerateRequest) == req
+
+
+def test_a_text_to_image_request_keeps_the_img2img_defaults():
+    req = GenerateRequest.model_validate(BASE[GenerateRequest])
+    assert (req.init_image, req.strength, req.upscale) == (None, 0.6, 1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"strength": 0.3}, "strength: strength applies to an init_image"),
+        ({"upscale": 2}, "init_image: upscale=2 enlarges an init_image"),
+        ({"init_image": INIT, "upscale": 2}, "init_image: init_image is 512x512 pixels; it must be half the request's"),
+        ({"init_image": INIT, "steps": 4, "strength": 0.2}, "strength: strength 0.2 at 4 steps redraws nothing"),
+        ({"init_image": INIT | {"url": HOSTILE_INIT_URLS[1]}}, "init_image: init_image url must not contain"),
+        ({"init_image": INIT | {"url": HOSTILE_INIT_URLS[0]}}, "init_image: init_image must be a result of this service"),
+    ],
+)
+def test_img2img_refusals_say_what_to_change(changes, reason):
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate(BASE[GenerateRequest] | changes)
+    assert describe(refused.value).startswith(reason), describe(refused.value)
 
 
 @pytest.mark.parametrize(("field", "value"), [("loss", math.nan), ("loss", math.inf), ("eta_s", math.inf)])
