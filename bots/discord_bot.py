@@ -25,10 +25,10 @@ import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
-from bots import extensions, grammar, metrics, render
+from bots import extensions, grammar, locales, metrics, render
 from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
-from bots.intake import CANCELLING, DELETE_FORGOTTEN, NOT_OWNER_DELETE, Intake
+from bots.intake import Intake
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
@@ -55,6 +55,12 @@ def configure_endpoints(settings: DiscordSettings) -> None:
     its own API-version switch sets the same class attribute, so one process talks to one Discord."""
     discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
     DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def lang_of(interaction: discord.Interaction) -> str:
+    """The language the person uses Discord in (the interaction's `locale`): what they are answered in, and what
+    delivery writes their request's status and result in (bots/locales)."""
+    return locales.from_discord(interaction.locale)
 
 
 def origin_of(interaction: discord.Interaction) -> Origin:
@@ -112,7 +118,7 @@ class SkillBot(discord.Client):
             req = await self.intake.admit(grammar.from_options(prompt, options), origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
         if req is None:
             metrics.COMMANDS.labels("discord", "help").inc()
@@ -146,7 +152,7 @@ class SkillBot(discord.Client):
             req = await self.intake.repeat(button.request_id, button.action, origin_of(interaction))
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
@@ -156,10 +162,10 @@ class SkillBot(discord.Client):
         message its button is on, so no permission is needed, whatever the age of the result); anyone else is
         told privately that only the person who asked can."""
         try:
-            await self.intake.owned(request_id, origin_of(interaction), "delete", NOT_OWNER_DELETE, DELETE_FORGOTTEN)
+            await self.intake.owned(request_id, origin_of(interaction), "delete")
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "delete_refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
         await interaction.response.defer()  # type 6: the message the button is on becomes @original
         try:
@@ -178,7 +184,7 @@ class SkillBot(discord.Client):
             old = await self.intake.remembered(button.request_id)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
         await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt))
 
@@ -189,7 +195,7 @@ class SkillBot(discord.Client):
             req = await self.intake.remix(button.request_id, text, origin_of(interaction), button.seed)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
@@ -200,15 +206,15 @@ class SkillBot(discord.Client):
             msg = await self.intake.cancel(request_id, origin_of(interaction))
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "cancel_refused").inc()
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
             return
-        await interaction.response.send_message(CANCELLING, ephemeral=True)
+        await interaction.response.send_message(locales.t("cancelling", lang_of(interaction)), ephemeral=True)
         try:
             await self.intake.publish_cancel(msg)
         except Exception:
             log.exception("publish of a cancel failed", extra=job(request_id))
             metrics.COMMANDS.labels("discord", "queue_down").inc()
-            await interaction.edit_original_response(content=render.queue_down("The cancel"))
+            await interaction.edit_original_response(content=render.queue_down("The cancel", lang_of(interaction)))
             return
         metrics.COMMANDS.labels("discord", "cancel").inc()
 
@@ -216,16 +222,18 @@ class SkillBot(discord.Client):
         # "queued" is written before publishing so it can never land after delivery's first edit.
         # Only the author may be pinged: a prompt that quotes <@someone> must not reach them.
         only_author = discord.AllowedMentions(everyone=False, roles=False, users=[interaction.user])
-        text = render.queued(req, self.intake.estimate(req.request_id))
+        lang = lang_of(interaction)
+        text = render.queued(req, self.intake.estimate(req.request_id), lang)
         original = await interaction.edit_original_response(content=text, allowed_mentions=only_author,
                                                             view=status_view(req.request_id))
         try:
             await remember_token(self.intake, interaction, req.request_id, original)
+            await locales.remember(self.intake.store, req.request_id, lang, self.settings.remember_s)
             await self.intake.publish(req)
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             metrics.COMMANDS.labels("discord", "queue_down").inc()
-            await interaction.edit_original_response(content=render.QUEUE_DOWN, view=None)
+            await interaction.edit_original_response(content=render.queue_down(lang=lang), view=None)
             return
         metrics.COMMANDS.labels("discord", "queued").inc()
 

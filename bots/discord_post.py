@@ -36,7 +36,7 @@ import time
 
 import aiohttp
 
-from bots import metrics, render
+from bots import locales, metrics, render
 from bots.credentials import Interactions
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Platform
@@ -93,9 +93,13 @@ class DiscordPoster:
     def message_key(self, event: JobEvent) -> str | None:
         return f"discord:{event.request_id}"
 
+    async def _lang(self, event: JobEvent) -> str:
+        """The language the request was made in (the bot keeps it by request id; English when none was kept)."""
+        return await locales.recall(self.store, event.request_id)
+
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
-        payload: dict = {"content": render.status(event), "allowed_mentions": _only(event)}
+        payload: dict = {"content": render.status(event, await self._lang(event)), "allowed_mentions": _only(event)}
         if buttons := render.status_buttons(event):  # Cancel stays on every status until the result
             payload["components"] = render.discord_buttons(event.request_id, buttons)
         hook = await self._webhook(event)
@@ -128,7 +132,7 @@ class DiscordPoster:
             return
         succeeded = event.kind == EventKind.succeeded
         payload: dict = {
-            "content": render.done(event) if succeeded else render.failed(event),
+            "content": (render.done if succeeded else render.failed)(event, await self._lang(event)),
             "allowed_mentions": _only(event),
             "components": render.discord_buttons(event.request_id, seed=render.result_seed(event))
             if succeeded and event.job == "generate" else [],
@@ -161,7 +165,8 @@ class DiscordPoster:
     async def _cancelled(self, event: JobEvent) -> None:
         """The request's message becomes a short cancelled line: no images, no buttons, nobody pinged, and no new
         message when there is none to edit (the canceller was told "Cancelling…" when they clicked)."""
-        payload = {"content": render.cancelled(event), "allowed_mentions": {"parse": [], "users": []},
+        payload = {"content": render.cancelled(event, await self._lang(event)),
+                   "allowed_mentions": {"parse": [], "users": []},
                    "components": [], "attachments": []}
         hook = await self._webhook(event)
         if hook is not None:
@@ -183,7 +188,7 @@ class DiscordPoster:
         """Notify the requester of the result that an edit just showed (edits never notify)."""
         if event.replay_of:
             return  # a re-run names no one (skillgen replay)
-        body: dict = {"content": render.discord_ping(event), "allowed_mentions": _only(event)}
+        body: dict = {"content": render.discord_ping(event, await self._lang(event)), "allowed_mentions": _only(event)}
         try:
             if hook is not None:
                 await self._call("POST", hook, body)
@@ -196,7 +201,7 @@ class DiscordPoster:
             log.warning("result posted, but its ping was not: %s", exc, extra=job(event.request_id))
 
     async def _tell_privately(self, event: JobEvent) -> None:
-        text = {"content": render.blocked(event), "allowed_mentions": _only(event)}
+        text = {"content": render.blocked(event, await self._lang(event)), "allowed_mentions": _only(event)}
         hook = await self._webhook(event)
         if hook is not None:
             try:

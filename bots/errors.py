@@ -8,7 +8,27 @@ class BotError(RuntimeError):
 
 
 class Refusal(BotError):
-    """A command that will not run, with the message for the person who sent it (shown only to them)."""
+    """A command that will not run, with the message for the person who sent it (shown only to them). One made
+    with `of(key, ...)` comes from the catalogues (bots/locales) and can be said in the sender's language."""
+
+    def __init__(self, message: str, key: str | None = None, **params: object):
+        super().__init__(message)
+        self.key = key
+        self.params = params
+
+    @classmethod
+    def of(cls, key: str, **params: object) -> Refusal:
+        from bots.locales import t
+
+        return cls(t(key, **params), key, **params)
+
+    def say(self, lang: str = "en") -> str:
+        """The message in `lang` when it is a catalogue's; as raised otherwise."""
+        if self.key is None:
+            return str(self)
+        from bots.locales import t
+
+        return t(self.key, lang, **self.params)
 
 
 class RateLimited(Refusal):

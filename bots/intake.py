@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from bots import grammar, render
 from bots.errors import Refusal
 from bots.keys import partition_key
+from bots.locales import t
 from bots.queued import QueuedJobs
 from bots.ratelimit import BREAKER_S, RateLimiter
 from bots.settings import BotSettings
@@ -61,17 +62,13 @@ NOT_ALLOWED = (
     "skillgen is not enabled for this {where}. Ask whoever runs it to add `{who}` to SKILL_ALLOWED_TEAMS."
 )
 PRE_ACK_S = 1.5  # Redis's share of Discord's 3 seconds before the acknowledgement
-SLOW = "I could not look up the request behind this button just now; try again in a minute."
-FORGOTTEN = (
-    "I no longer have the request behind this button (results can be re-rolled for a limited time); "
-    "run /skill again with the same prompt."
-)
-NOT_OWNER = "Only the person who asked can cancel this."
-CANCEL_FORGOTTEN = "I no longer have this request, so it cannot be cancelled (it is probably finished)."
-CANCELLING = "Cancelling…"
-NOT_OWNER_DELETE = "Only the person who asked can delete this."
-DELETE_FORGOTTEN = ("I no longer have this request, so I cannot tell who asked for it; someone who may manage "
-                    "messages here can remove it.")
+SLOW = t("slow")
+FORGOTTEN = t("forgotten")
+NOT_OWNER = t("not_owner_cancel")
+CANCEL_FORGOTTEN = t("cancel_forgotten")
+CANCELLING = t("cancelling")
+NOT_OWNER_DELETE = t("not_owner_delete")
+DELETE_FORGOTTEN = t("delete_forgotten")
 REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
 # Remix keeps these fields of the original unless the edited text gives the option (ar and size: width and height).
 _REMIX_KEEPS = {"negative_prompt": "no", "steps": "steps", "num_images": "n", "scheduler": "scheduler",
@@ -153,7 +150,7 @@ class Intake:
         queued_min = max(1, round(backlog_s / 60))
         retry_min = max(1, math.ceil((backlog_s - bound_s) / 60))
         log.info("refused: %.0fs of work queued (SKILL_MAX_BACKLOG_S=%d)", backlog_s, bound_s)
-        raise Refusal(f"busy: about {queued_min} min of work is queued; try again in about {retry_min} min")
+        raise Refusal.of("busy", queued_min=queued_min, retry_min=retry_min)
 
     def _keep_estimate(self, req: GenerateRequest, view: GroupView | None) -> None:
         if view is None or not view.consumers:
@@ -172,9 +169,9 @@ class Intake:
             raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), max(0.05, within_s))
         except TimeoutError:
             log.warning("Redis took over %.1fs to read a remembered request", within_s)
-            raise Refusal(SLOW) from None
+            raise Refusal.of("slow") from None
         if raw is None:
-            raise Refusal(FORGOTTEN)
+            raise Refusal.of("forgotten")
         return GenerateRequest.model_validate_json(raw)
 
     async def repeat(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
@@ -227,21 +224,21 @@ class Intake:
     async def cancel(self, request_id: str, origin: Origin) -> GenerateCancel:
         """The cancel of a remembered request by whoever clicked, or Refusal when that is not its owner (same
         platform, team and user: the consumer checks the same) or the request is not remembered."""
-        await self.owned(request_id, origin, "cancel", NOT_OWNER, CANCEL_FORGOTTEN)
+        await self.owned(request_id, origin, "cancel")
         return GenerateCancel(request_id=request_id, origin=origin)
 
-    async def owned(self, request_id: str, origin: Origin, what: str, not_owner: str,
-                    forgotten: str) -> GenerateRequest:
-        """The remembered request when `origin` is its owner (same platform, team and user); else Refusal with
-        `not_owner`, or `forgotten` when it is not remembered (nobody can tell the owner then)."""
+    async def owned(self, request_id: str, origin: Origin, what: str) -> GenerateRequest:
+        """The remembered request when `origin` is its owner (same platform, team and user); else Refusal: "Only
+        the person who asked can <what> this.", or that it is forgotten (nobody can tell the owner then). `what`:
+        cancel or delete."""
         try:
             req = await self.remembered(request_id)
         except Refusal as exc:
-            raise Refusal(forgotten if str(exc) == FORGOTTEN else str(exc)) from None
+            raise (Refusal.of(f"{what}_forgotten") if exc.key == "forgotten" else exc) from None
         owner = req.origin
         if (owner.platform, owner.team_id, owner.user_id) != (origin.platform, origin.team_id, origin.user_id):
             log.info("%s refused: not the owner", what, extra=job(request_id, platform=origin.platform.value))
-            raise Refusal(not_owner)
+            raise Refusal.of(f"not_owner_{what}")
         return req
 
     async def publish_cancel(self, msg: GenerateCancel) -> None:

@@ -29,7 +29,6 @@ from skillgen.runtime.redis import Store
 log = logging.getLogger("skillgen.queued")
 
 FORGET_S = 6 * 3600  # an unfinished request stops counting after this long (its terminal event was lost)
-AT_CAP = "you already have {count} requests waiting; wait for one to finish (or cancel one)"
 
 
 def key(origin: Origin) -> str:
@@ -82,7 +81,7 @@ class QueuedJobs:
             return
         if waiting is not None and waiting >= self.cap:
             log.info("refused: %d requests waiting (SKILL_MAX_QUEUED_PER_PERSON=%d)", waiting, self.cap)
-            raise Refusal(AT_CAP.format(count=waiting))
+            raise Refusal.of("at_cap", count=waiting)
 
     async def add(self, origin: Origin, request_id: str) -> None:
         """Count a published request against its owner until `finished` (or FORGET_S)."""

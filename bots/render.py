@@ -22,12 +22,18 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
+from bots.locales import t
 from schemas.messages import EventKind, GenerateRequest, JobEvent, Platform
 from skillgen.runtime.groupview import Estimate
 
+_QUEUE_DOWN_KEYS = {"Your request": "queue_down_request", "The cancel": "queue_down_cancel"}
 
-def queue_down(what: str = "Your request") -> str:
-    """The one refusal for a request Kafka could not take, worded alike on every front-end."""
+
+def queue_down(what: str = "Your request", lang: str = "en") -> str:
+    """The one refusal for a request Kafka could not take, worded alike on every front-end (in the catalogues for
+    a request and a cancel; other things, e.g. a training, in English)."""
+    if what in _QUEUE_DOWN_KEYS:
+        return t(_QUEUE_DOWN_KEYS[what], lang)
     return f"❌ {what} could not be queued (the queue is unreachable). Try again in a minute."
 
 
@@ -185,8 +191,8 @@ def mention(user_id: str) -> str:
 LANE_NOTES = {"relax": "relax mode", "replay": "re-run lane"}  # the fast lane, the default, goes unsaid
 
 
-def lane_note(lane: str | None) -> str:
-    return f" · {LANE_NOTES[lane]}" if lane in LANE_NOTES else ""
+def lane_note(lane: str | None, lang: str = "en") -> str:
+    return t(f"lane_{lane}", lang) if lane in LANE_NOTES else ""
 
 
 def timestamp(at: datetime, platform: Platform) -> str:
@@ -200,25 +206,27 @@ def timestamp(at: datetime, platform: Platform) -> str:
     return f"in about {max(0, round(at.timestamp() - datetime.now(timezone.utc).timestamp()))}s"
 
 
-def ready(created_at: datetime, eta_s: float | None, platform: Platform) -> str:
+def ready(created_at: datetime, eta_s: float | None, platform: Platform, lang: str = "en") -> str:
     """", ready <timestamp>" for a result expected `eta_s` seconds after `created_at`; "" when nobody knows."""
     if eta_s is None:
         return ""
-    word = "ready by" if platform == Platform.slack else "ready"  # "ready by 14:03", "ready in 3 minutes"
-    return f", {word} {timestamp(created_at + timedelta(seconds=eta_s), platform)}"
+    key = "ready_by" if platform == Platform.slack else "ready"  # "ready by 14:03", "ready in 3 minutes"
+    return t(key, lang, when=timestamp(created_at + timedelta(seconds=eta_s), platform))
 
 
-def queued(req: GenerateRequest, estimate: Estimate | None = None) -> str:
+def queued(req: GenerateRequest, estimate: Estimate | None = None, lang: str = "en") -> str:
     """The acknowledgment: queued, with the group's estimate at intake when there is one."""
     p = req.origin.platform
-    n = f" ({req.num_images} images)" if req.num_images > 1 else ""
+    n = t("n_images", lang, n=req.num_images) if req.num_images > 1 else ""
     where = ""
     if estimate is not None and estimate.eta_s is not None:
-        where = f", position ~{estimate.position}{ready(req.created_at, estimate.eta_s, p)}"
-    return f"⏳ {mention(req.origin.user_id)} queued{n}{where}{lane_note(req.lane)}: {quote(req.prompt, p)}"
+        where = t("position_estimate", lang, position=estimate.position) + ready(req.created_at, estimate.eta_s, p,
+                                                                                 lang)
+    return t("queued", lang, who=mention(req.origin.user_id), n=n, where=where, lane=lane_note(req.lane, lang),
+             what=quote(req.prompt, p))
 
 
-def status(event: JobEvent) -> str:
+def status(event: JobEvent, lang: str = "en") -> str:
     """One line for a status that is not final: queue position, started, or a progress bar."""
     who = mention(event.origin.user_id)
     progress = event.kind == EventKind.progress and event.step is not None and event.total_steps
@@ -230,14 +238,15 @@ def status(event: JobEvent) -> str:
         bar = f"{_bar(event.step, event.total_steps)} " if progress else ""
         return f"🧪 {who} {bar}{said(progress_text(event), event.origin.platform)}"
     p = event.origin.platform
-    what = quote(event.prompt, p) if event.prompt else "your request"
-    when = ready(event.created_at, event.eta_s, p)
+    what = quote(event.prompt, p) if event.prompt else t("your_request", lang)
+    when = ready(event.created_at, event.eta_s, p, lang)
     if event.kind == EventKind.queued:
-        where = f", position {event.queue_position}" if event.queue_position is not None else ""
-        return f"⏳ {who} queued{where}{when}{lane_note(event.lane)}: {what}"
+        where = t("position", lang, position=event.queue_position) if event.queue_position is not None else ""
+        return t("queued", lang, who=who, n="", where=where + when, lane=lane_note(event.lane, lang), what=what)
     if progress:
-        return f"🎨 {who} {_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}{when}: {what}"
-    return f"🎨 {who} drawing{when}: {what}"
+        return t("progress", lang, who=who, bar=_bar(event.step, event.total_steps), step=event.step,
+                 total=event.total_steps, ready=when, what=what)
+    return t("drawing", lang, who=who, ready=when, what=what)
 
 
 def _bar(step: int, total: int) -> str:
@@ -245,59 +254,59 @@ def _bar(step: int, total: int) -> str:
     return "▰" * filled + "▱" * (10 - filled)
 
 
-def rerun(event: JobEvent) -> str:
+def rerun(event: JobEvent, lang: str = "en") -> str:
     """What a re-run (`skillgen replay`) adds to its result: that it is one, and the operator's reason, escaped as
     sender text is. A re-run is the operator's post, so it names (and pings) no one."""
     if event.replay_of is None:
         return ""
     p = event.origin.platform
     why = f": {_bounded(event.replay_reason, lambda t: safe(t, p), 300)}" if event.replay_reason else ""
-    return f" · re-run of an earlier request{why}"
+    return t("rerun", lang, why=why)
 
 
 def _who(event: JobEvent) -> str:
     return "" if event.replay_of is not None else f"{mention(event.origin.user_id)} "
 
 
-def done(event: JobEvent) -> str:
+def done(event: JobEvent, lang: str = "en") -> str:
     p = event.origin.platform
-    what = quote(event.prompt, p) if event.prompt else "your request"
+    what = quote(event.prompt, p) if event.prompt else t("your_request", lang)
     seeds = [b.seed for b in event.blobs if b.seed is not None]
-    seed_note = f" (seed {', '.join(map(str, seeds))})" if seeds else ""
-    cached = " · from cache" if event.cache_level else ""
+    seed_note = t("seeds", lang, seeds=", ".join(map(str, seeds))) if seeds else ""
+    cached = t("from_cache", lang) if event.cache_level else ""
     if event.job == "finetune":
         return f"✅ {mention(event.origin.user_id)} {said(event.message or f'adapter {event.adapter} is ready', p)}"
-    return f"✅ {_who(event)}{what}{seed_note}{cached}{rerun(event)}"
+    return t("done", lang, who=_who(event), what=what, seeds=seed_note, cached=cached, rerun=rerun(event, lang))
 
 
-def failed(event: JobEvent) -> str:
+def failed(event: JobEvent, lang: str = "en") -> str:
     if event.job == "finetune":  # the trainer's message is a whole sentence: "Training of `x` failed: ..."
         return f"❌ {mention(event.origin.user_id)} {said(event.message, event.origin.platform)}"
     p = event.origin.platform
-    what = quote(event.prompt, p) if event.prompt else "your request"
-    return f"❌ {_who(event)}could not draw {what}: {said(event.message, p)}{rerun(event)}"
+    what = quote(event.prompt, p) if event.prompt else t("your_request", lang)
+    return t("failed", lang, who=_who(event), what=what, message=said(event.message, p), rerun=rerun(event, lang))
 
 
-def blocked(event: JobEvent) -> str:
+def blocked(event: JobEvent, lang: str = "en") -> str:
     """Shown only to the person who asked; never names the prompt in a channel."""
-    return f"🚫 {said(event.message, event.origin.platform)} Nothing was posted to the channel.{rerun(event)}"
+    return t("blocked", lang, message=said(event.message, event.origin.platform), rerun=rerun(event, lang))
 
 
-def cancelled(event: JobEvent) -> str:
+def cancelled(event: JobEvent, lang: str = "en") -> str:
     """A cancelled request's status: short, naming (and so pinging) nobody."""
     p = event.origin.platform
-    what = quote(event.prompt, p) if event.prompt else "the request"
+    what = quote(event.prompt, p) if event.prompt else t("the_request", lang)
     why = f" · {said(event.message, p)}" if event.message else ""
-    return f"🛑 cancelled: {what}{why}"
+    return t("cancelled", lang, what=what, why=why)
 
 
-def slack_result_posted(event: JobEvent) -> str:
+def slack_result_posted(event: JobEvent, lang: str = "en") -> str:
     """The status message once the result is posted as a new message below it (that one pings the person)."""
-    return f"{done(event)} · done: see below"
+    return t("done_see_below", lang, done=done(event, lang))
 
 
-def slack_cannot_upload(event: JobEvent) -> str:
-    return f"❌ {mention(event.origin.user_id)} I could not post the images here: invite me with `/invite @skillgen`."
+def slack_cannot_upload(event: JobEvent, lang: str = "en") -> str:
+    return t("cannot_upload", lang, who=mention(event.origin.user_id))
 
 
 DISCORD_MAX_CHARS = 2000  # a Discord message's content
@@ -308,11 +317,11 @@ def discord_clip(text: str) -> str:
     return text if len(text) <= DISCORD_MAX_CHARS else text[: DISCORD_MAX_CHARS - 1] + "…"
 
 
-def discord_ping(event: JobEvent) -> str:
+def discord_ping(event: JobEvent, lang: str = "en") -> str:
     """The follow-up that notifies the requester of a result shown by an edit (edits never notify)."""
-    what = "is ready" if event.kind == EventKind.succeeded else "could not be done"
-    job = "Your training" if event.job == "finetune" else "Your picture"
-    return f"🔔 {mention(event.origin.user_id)} {job} {what} (above)."
+    what = "ready" if event.kind == EventKind.succeeded else "failed"
+    job = "training" if event.job == "finetune" else "picture"
+    return t(f"ping_{job}_{what}", lang, who=mention(event.origin.user_id))
 
 
 def discord_missing_permission(channel_id: str, access: bool) -> str:

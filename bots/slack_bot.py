@@ -45,7 +45,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import extensions, grammar, metrics, render
 from bots.errors import BotError, Refusal
-from bots.intake import CANCELLING, DELETE_FORGOTTEN, NOT_OWNER_DELETE, Intake
+from bots.intake import CANCELLING, Intake
 from bots.settings import SlackSettings
 from bots.slack_post import GONE, result_key
 from schemas.messages import MAX_PROMPT_CHARS, GenerateRequest, Origin, Platform
@@ -262,7 +262,7 @@ class SlackFrontEnd:
         request_id = action["value"]
         clicker = self.clicker(body)
         try:
-            await self.intake.owned(request_id, clicker, "delete", NOT_OWNER_DELETE, DELETE_FORGOTTEN)
+            await self.intake.owned(request_id, clicker, "delete")
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "delete_refused").inc()
             await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",

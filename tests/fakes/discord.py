@@ -2,7 +2,8 @@
 
 `fake.invoke("skill", {"prompt": ...})` dispatches an INTERACTION_CREATE to the connected bot, as Discord does
 when someone runs a slash command; `fake.click(custom_id, message_id)` does the same for a button, and
-`fake.submit_modal(interaction, {input id: value})` submits the modal the bot answered a click with. Every REST
+`fake.submit_modal(interaction, {input id: value})` submits the modal the bot answered a click with (each takes
+the person's `locale`, en-US unless given). Every REST
 call is recorded (`fake.calls`); messages are kept in `fake.messages`, so a test reads what a channel shows.
 Files a user attaches to a command (`fake.attachment(...)`) are served from the fake's own CDN path, and the
 guild (with its roles) is announced by GUILD_CREATE after READY, as the guilds intent has Discord do.
@@ -226,7 +227,7 @@ class FakeDiscord(FakePlatform):
     async def invoke(self, name: str, options: dict[str, object], *, channel_id: str = CHANNEL_ID,
                      guild_id: str = GUILD_ID, user_id: str = USER_ID, thread: bool = False,
                      permissions: str = "0", created_ms: int | None = None,
-                     roles: list[str] = ()) -> Interaction:
+                     roles: list[str] = (), locale: str = "en-US") -> Interaction:
         """Someone (a member with `roles`) runs `/name` with these options: INTERACTION_CREATE (type 2) goes to
         the bot. An Attachment value becomes an attachment option, resolved as Discord resolves it."""
         types = {str: 3, int: 4, bool: 5, Attachment: 11}
@@ -237,7 +238,7 @@ class FakeDiscord(FakePlatform):
         if files:
             data["resolved"] = {"attachments": files}
         return await self._interact(2, data, channel_id, guild_id, user_id, thread, permissions, created_ms,
-                                    roles=list(roles))
+                                    roles=list(roles), locale=locale)
 
     async def autocomplete(self, name: str, options: dict[str, object], focused: str, *,
                            guild_id: str = GUILD_ID, user_id: str = USER_ID) -> Interaction:
@@ -249,15 +250,15 @@ class FakeDiscord(FakePlatform):
         return await self._interact(4, data, CHANNEL_ID, guild_id, user_id, False, "0", None)
 
     async def click(self, custom_id: str, message: Message, *, user_id: str = USER_ID,
-                    guild_id: str = GUILD_ID) -> Interaction:
+                    guild_id: str = GUILD_ID, locale: str = "en-US") -> Interaction:
         """Someone clicks a button on `message`: INTERACTION_CREATE (type 3)."""
         data = {"custom_id": custom_id, "component_type": 2}
         thread = message.channel_id == THREAD_ID
         return await self._interact(3, data, message.channel_id, guild_id, user_id, thread, "0", None,
-                                    message=message.payload(guild_id))
+                                    message=message.payload(guild_id), locale=locale)
 
     async def submit_modal(self, opened: Interaction, values: dict[str, str] | None = None, *,
-                           user_id: str | None = None) -> Interaction:
+                           user_id: str | None = None, locale: str = "en-US") -> Interaction:
         """The person who opened `opened`'s modal submits it: MODAL_SUBMIT (type 5) with each text input's value
         (`values` by input custom id; an input not named keeps its prefilled value)."""
         modal = opened.modal
@@ -268,11 +269,11 @@ class FakeDiscord(FakePlatform):
                                            for i in row["components"]]} for row in modal["components"]]
         data = {"custom_id": modal["custom_id"], "components": rows}
         return await self._interact(5, data, opened.channel_id, opened.guild_id, user_id or opened.user_id,
-                                    opened.channel_id == THREAD_ID, "0", None, message=opened.message)
+                                    opened.channel_id == THREAD_ID, "0", None, message=opened.message, locale=locale)
 
     async def _interact(self, kind: int, data: dict, channel_id: str, guild_id: str, user_id: str, thread: bool,
                         permissions: str, created_ms: int | None, message: dict | None = None,
-                        roles: list[str] = ()) -> Interaction:
+                        roles: list[str] = (), locale: str = "en-US") -> Interaction:
         await asyncio.wait_for(self.identified.wait(), 20)
         interaction = Interaction(snowflake(created_ms), secrets.token_urlsafe(24), channel_id, guild_id, user_id,
                                   created_s=self.now_s() if created_ms is None else created_ms / 1000)
@@ -291,7 +292,7 @@ class FakeDiscord(FakePlatform):
                                 "avatar": None},
                        "roles": list(roles), "joined_at": _iso(), "deaf": False, "mute": False, "permissions": permissions,
                        "flags": 0},
-            "locale": "en-US", "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
+            "locale": locale, "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
             "authorizing_integration_owners": {"0": guild_id}, "context": 0, "attachment_size_limit": 8388608,
         }
         if message is not None:

@@ -480,3 +480,30 @@ async def test_only_the_owner_can_delete_a_result_even_after_its_token_died(bot,
     [deleted] = await bot.wait_for(lambda c: c.method == "DELETE")
     assert deleted.status == 204 and deleted.path.endswith(f"/{own.token}/messages/@original")
     assert it.original.deleted and it.original not in bot.channel(CHANNEL_ID)
+
+
+@pytest.mark.parametrize("bot", [{"rate_user_per_min": 10, "max_queued_per_person": 1}], indirect=True)
+async def test_a_chinese_interaction_gets_chinese_status_lines_through_delivery(bot, skill_env):
+    it = await bot.invoke("skill", {"prompt": "a cellist's vibrato", "n": 2}, locale="zh-CN")
+    [req] = await bot.requests.wait(1)
+    assert it.original.content == f"⏳ <@{USER_ID}> 已排队（2 张）：*a cellist's vibrato*"
+    # A refusal from the catalogue is said in their language (the cap of 1 is reached); zh-TW reads as zh too.
+    said = (await answered(bot, "a second", locale="zh-TW"))["data"]
+    assert said["flags"] & 64 and said["content"] == "你已有 1 个请求在等待；请等其中一个完成（或取消一个）"
+    # Delivery writes the request's status, result and ping in the language it was asked in.
+    world = World(skill_env, discord=bot)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.progress, req.request_id, prompt=req.prompt, step=10,
+                               total_steps=20))
+        await bot.wait_for(lambda c: c.method == "PATCH" and "第 10/20 步" in c.body.get("content", ""))
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image(7)]))
+        [ping] = await bot.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{it.token}"))
+    assert it.original.content == f"✅ <@{USER_ID}> *a cellist's vibrato*（种子 7）" and it.original.pngs
+    assert ping.body["content"] == f"🔔 <@{USER_ID}> 你的图片已完成（见上方）。"
+    # Someone on an English client is still answered in English.
+    said = (await answered(bot, "a third", user_id="777"))
+    assert said["type"] == 5
+    [other] = [r for r in await bot.requests.wait(2) if r.origin.user_id == "777"]
+    [edit] = await bot.wait_for(lambda c: c.method == "PATCH" and "a third" in c.body.get("content", ""))
+    assert edit.body["content"] == "⏳ <@777> queued: *a third*"

@@ -1,0 +1,46 @@
+"""The English catalogue, the reference: every other language has exactly these keys and {placeholders}."""
+
+MESSAGES = {
+    "queued": "⏳ {who} queued{n}{where}{lane}: {what}",
+    "n_images": " ({n} images)",
+    "position_estimate": ", position ~{position}",
+    "position": ", position {position}",
+    "ready": ", ready {when}",
+    "ready_by": ", ready by {when}",
+    "lane_relax": " · relax mode",
+    "lane_replay": " · re-run lane",
+    "progress": "🎨 {who} {bar} step {step}/{total}{ready}: {what}",
+    "drawing": "🎨 {who} drawing{ready}: {what}",
+    "your_request": "your request",
+    "the_request": "the request",
+    "done": "✅ {who}{what}{seeds}{cached}{rerun}",
+    "seeds": " (seed {seeds})",
+    "from_cache": " · from cache",
+    "rerun": " · re-run of an earlier request{why}",
+    "failed": "❌ {who}could not draw {what}: {message}{rerun}",
+    "blocked": "🚫 {message} Nothing was posted to the channel.{rerun}",
+    "cancelled": "🛑 cancelled: {what}{why}",
+    "done_see_below": "{done} · done: see below",
+    "cannot_upload": "❌ {who} I could not post the images here: invite me with `/invite @skillgen`.",
+    "ping_picture_ready": "🔔 {who} Your picture is ready (above).",
+    "ping_picture_failed": "🔔 {who} Your picture could not be done (above).",
+    "ping_training_ready": "🔔 {who} Your training is ready (above).",
+    "ping_training_failed": "🔔 {who} Your training could not be done (above).",
+    "queue_down_request": "❌ Your request could not be queued (the queue is unreachable). Try again in a minute.",
+    "queue_down_cancel": "❌ The cancel could not be queued (the queue is unreachable). Try again in a minute.",
+    "busy": "busy: about {queued_min} min of work is queued; try again in about {retry_min} min",
+    "at_cap": "you already have {count} requests waiting; wait for one to finish (or cancel one)",
+    "slow": "I could not look up the request behind this button just now; try again in a minute.",
+    "forgotten": (
+        "I no longer have the request behind this button (results can be re-rolled for a "
+        "limited time); run /skill again with the same prompt."
+    ),
+    "not_owner_cancel": "Only the person who asked can cancel this.",
+    "cancel_forgotten": "I no longer have this request, so it cannot be cancelled (it is probably finished).",
+    "cancelling": "Cancelling…",
+    "not_owner_delete": "Only the person who asked can delete this.",
+    "delete_forgotten": (
+        "I no longer have this request, so I cannot tell who asked for it; someone who may manage messages here "
+        "can remove it."
+    ),
+}

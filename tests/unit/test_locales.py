@@ -1,0 +1,72 @@
+"""The catalogues (bots/locales): every key in every language with the same placeholders, Discord's locales read
+as ours, and the status lines, refusals and pings in Chinese as in English."""
+
+import string
+from datetime import datetime, timezone
+
+import pytest
+
+from bots import locales, render
+from bots.errors import Refusal
+from bots.locales import CATALOGUES, en
+from schemas.messages import (
+    BlobRef,
+    EventKind,
+    GenerateRequest,
+    JobEvent,
+    Origin,
+    Platform,
+)
+
+pytestmark = pytest.mark.unit
+
+DISCORD = Origin(platform=Platform.discord, team_id="222", channel_id="333", user_id="555",
+                 created_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+
+def placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+@pytest.mark.parametrize("lang", sorted(CATALOGUES))
+def test_every_language_has_every_key_with_the_same_placeholders(lang):
+    catalogue = CATALOGUES[lang]
+    assert set(catalogue) == set(en.MESSAGES)
+    for key, text in en.MESSAGES.items():
+        assert placeholders(catalogue[key]) == placeholders(text), key
+        assert catalogue[key].strip(), key
+
+
+def test_discord_locales_are_read_as_ours():
+    assert [locales.from_discord(x) for x in ("zh-CN", "zh-TW", "en-US", "en-GB", "ja", None, "")] == [
+        "zh", "zh", "en", "en", "en", "en", "en"]
+
+
+def event(kind: EventKind, **fields) -> JobEvent:
+    return JobEvent(request_id="r1", kind=kind, origin=DISCORD, prompt="a cellist's vibrato",
+                    created_at=DISCORD.created_at, **fields)
+
+
+def test_status_lines_results_and_pings_in_chinese():
+    req = GenerateRequest(origin=DISCORD, prompt="a cellist's vibrato", num_images=2, lane="relax")
+    assert render.queued(req, lang="zh") == "⏳ <@555> 已排队（2 张） · 放松模式：*a cellist's vibrato*"
+    assert render.queued(req) == "⏳ <@555> queued (2 images) · relax mode: *a cellist's vibrato*"
+    queued = event(EventKind.queued, queue_position=3, eta_s=90)
+    assert render.status(queued, "zh") == "⏳ <@555> 已排队，第 3 位，预计 <t:1893456090:R> 完成：*a cellist's vibrato*"
+    progress = event(EventKind.progress, step=5, total_steps=20)
+    assert render.status(progress, "zh") == "🎨 <@555> ▰▰▱▱▱▱▱▱▱▱ 第 5/20 步：*a cellist's vibrato*"
+    done = event(EventKind.succeeded, blobs=[BlobRef(url="file:///x.png", sha256="a" * 64, bytes=1, seed=7)])
+    assert render.done(done, "zh") == "✅ <@555> *a cellist's vibrato*（种子 7）"
+    assert render.discord_ping(done, "zh") == "🔔 <@555> 你的图片已完成（见上方）。"
+    assert render.cancelled(event(EventKind.cancelled), "zh") == "🛑 已取消：*a cellist's vibrato*"
+    failed = event(EventKind.failed, message="out of memory")
+    assert render.failed(failed, "zh") == "❌ <@555> 无法绘制 *a cellist's vibrato*：out of memory"
+    assert render.queue_down(lang="zh") == "❌ 你的请求未能加入队列（队列无法连接）。请一分钟后再试。"
+    assert render.status(progress, "fr") == render.status(progress)  # no catalogue: English
+
+
+def test_refusals_from_the_catalogue_are_said_in_the_senders_language():
+    refused = Refusal.of("at_cap", count=5)
+    assert str(refused) == "you already have 5 requests waiting; wait for one to finish (or cancel one)"
+    assert refused.say("zh") == "你已有 5 个请求在等待；请等其中一个完成（或取消一个）"
+    assert Refusal("--steps: too many").say("zh") == "--steps: too many"  # the grammar's own words stay English
