@@ -30,9 +30,12 @@ async def main(embedded: bool = False, host: str | None = None, port: int | None
     if not embedded:
         await serve(host, port)
         return 0
+    from bots.web.frontend import WebSettings
     from bots.web.stack import EmbeddedStack
 
-    async with EmbeddedStack(log=lambda line: print(f"skillgen web: {line}", flush=True)):
+    settings = WebSettings()
+    async with EmbeddedStack(adapter_url=settings.adapter_url, trainer=settings.web_training,
+                             log=lambda line: print(f"skillgen web: {line}", flush=True)):
         await serve(host, port)
     return 0
 

@@ -13,6 +13,7 @@ import html
 from dataclasses import dataclass
 
 from bots import grammar, render
+from bots.train_commands import progress_text
 from schemas.messages import EventKind, JobEvent, Platform
 
 ASPECT_RATIOS = ("", "1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")  # "": the deployment's default size
@@ -22,6 +23,9 @@ STOPPED_ANSWERING = "The image service stopped answering about this request; try
 OOPS = "Something went wrong on our side; try again in a minute."
 NOTHING_TO_REPEAT = "Draw something first: Re-roll and Variations repeat your last picture."
 NOTHING_TO_CANCEL = "Nothing to cancel: none of your requests is queued or drawing."
+NO_TRAINING_TO_CANCEL = "Nothing to cancel: no training of yours is running here."
+TRAINING_OFF = ("Training from this page is off. An operator turns it on with SKILL_WEB_TRAINING=true (only for a "
+                "page behind access control: everyone here is one team); or use /skill-train in Discord or Slack.")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,10 @@ def about(eta_s: float | None) -> str:
 
 
 def progress_of(event: JobEvent) -> Progress:
-    """A status that is not final: queue position and ETA, drawing, or step k of n."""
+    """A status that is not final: queue position and ETA, drawing, or step k of n (a training: the trainer's line)."""
+    if event.job == "finetune":
+        step, total = (event.step or 0, event.total_steps or 0) if event.kind == EventKind.progress else (0, 0)
+        return Progress(progress_text(event).replace("`", ""), step, total, kind=event.kind.value)
     lane = f" ({render.LANE_NOTES[event.lane]})" if event.lane in render.LANE_NOTES else ""
     if event.kind == EventKind.queued:
         position = event.queue_position
@@ -86,6 +93,9 @@ def caption(seed: int | None) -> str:
 def final_line(event: JobEvent) -> str:
     """A terminal event in one line: done with its seeds, or why not."""
     said = render.said(event.message, Platform.console)
+    if event.job == "finetune":  # the trainer's message is a whole sentence
+        ready = f"Adapter {event.adapter} is ready" if event.kind == EventKind.succeeded else event.kind.value
+        return (said or ready).replace("`", "")
     if event.kind == EventKind.succeeded:
         seeds = [s for s in seeds_of(event) if s is not None]
         seed_note = f" (seed {', '.join(map(str, seeds))})" if seeds else ""

@@ -18,6 +18,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 from pydantic import Field
@@ -27,22 +28,41 @@ from bots.errors import Refusal
 from bots.events import EventFollower
 from bots.intake import CANCELLING, Intake
 from bots.queued import finished
-from bots.settings import BotSettings
-from bots.train_commands import describe_adapters
+from bots.settings import BotSettings, TrainCommandSettings
+from bots.train_commands import (
+    Attached,
+    TrainCommandError,
+    cancel_command,
+    cancel_request,
+    check_files,
+    describe_adapters,
+    finetune_key,
+    finetune_request,
+    train_command,
+)
+from bots.training_slack_threads import UPLOAD_TYPE
 from bots.web.form import (
+    NO_TRAINING_TO_CANCEL,
     NOT_ANSWERING,
     NOTHING_TO_CANCEL,
     NOTHING_TO_REPEAT,
     OOPS,
     STOPPED_ANSWERING,
+    TRAINING_OFF,
     Form,
     Progress,
     caption,
     final_line,
     progress_of,
 )
-from schemas.messages import EventKind, GenerateRequest, Origin, Platform
-from skillgen.adapters.registry import DEFAULT_ADAPTER_URL, Registry
+from schemas.messages import (
+    EventKind,
+    FineTuneRequest,
+    GenerateRequest,
+    Origin,
+    Platform,
+)
+from skillgen.adapters.registry import Registry
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job
 from skillgen.runtime.redis import Store
@@ -53,8 +73,9 @@ TEAM = "web"
 SESSIONS_KEPT = 10_000  # browser sessions remembered (their last request, for Re-roll, Variations and Cancel)
 
 
-class WebSettings(BotSettings):
-    """`skillgen web`: the bots' settings, plus where the page listens and how long it waits for a consumer."""
+class WebSettings(BotSettings, TrainCommandSettings):
+    """`skillgen web`: the bots' settings (and their training commands'), plus where the page listens, how long it
+    waits for a consumer, and whether it may start trainings."""
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=7860, ge=1, le=65535)
@@ -64,7 +85,9 @@ class WebSettings(BotSettings):
     web_stall_s: float = Field(default=120.0, gt=0)
     # Connecting to Kafka and publishing, each: past this the broker counts as down.
     web_publish_s: float = Field(default=10.0, gt=0)
-    adapter_url: str = DEFAULT_ADAPTER_URL
+    # The Train tab. Off by default: everyone on the page is one team ("web"), and the trainer's permission check
+    # treats the console platform as the operator; turn it on only for a page behind your own access control.
+    web_training: bool = False
 
 
 @dataclass
@@ -74,6 +97,7 @@ class Session:
     user_id: str
     current: str | None = None  # queued or drawing: what Cancel cancels
     last: str | None = None  # the last request that drew: what Re-roll and Variations repeat
+    training: str | None = None  # the adapter this session is training: what Cancel training stops
 
     @property
     def origin(self) -> Origin:
@@ -93,6 +117,17 @@ class View:
     final: str | None = None
     images: list[tuple[Image.Image, str]] | None = None  # (image, caption): the gallery, when it changes
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    """The Train tab's fields: `/skill-train <name> [--trigger w] [--steps n] [--caption text]` and the files."""
+
+    name: str = ""
+    trigger: str = ""
+    steps: str = ""
+    caption: str = ""
+    files: list[str] = field(default_factory=list)  # paths of the uploads, as the page saved them
 
 
 class Follower(EventFollower):
@@ -128,9 +163,8 @@ class Frontend:
                 await asyncio.wait_for(producer.start(), self.settings.web_publish_s)
                 await asyncio.wait_for(follower.start(), self.settings.web_publish_s)
             except BaseException:
-                await asyncio.gather(producer.stop(), return_exceptions=True)
-                if getattr(follower, "_task", None) is not None:
-                    await follower.stop()
+                # whichever half started is stopped again (stopping one that never started only raises, ignored)
+                await asyncio.gather(producer.stop(), follower.stop(), return_exceptions=True)
                 raise
             self.follower = follower
             self.intake = Intake(self.settings, producer, self.store)
@@ -193,6 +227,48 @@ class Frontend:
             log.warning("the adapter registry could not be read", exc_info=True)
             return "The adapter registry cannot be read just now; try again in a minute."
 
+    # -- training -----------------------------------------------------------------------------------------
+    async def train(self, user_id: str, form: TrainForm) -> AsyncIterator[View]:
+        """A fine-tune of the uploaded images (as `/skill-train`: the same checks and message), followed to its end;
+        the final view's image is the trainer's sample grid."""
+        if not self.settings.web_training:
+            yield View(notice=TRAINING_OFF)
+            return
+        session = self.session(user_id)
+        try:
+            cmd = train_command(form.name.strip(), form.trigger.strip() or None, form.steps.strip() or None,
+                                form.caption.strip() or None)
+            check_files([Attached(Path(f).name, None, Path(f).stat().st_size) for f in form.files], self.settings.ingest)
+            images = await asyncio.to_thread(lambda: [self.blobs.put(Path(f).read_bytes(), UPLOAD_TYPE)
+                                                      for f in form.files])
+            req = finetune_request(cmd, session.origin, [], self.settings, images=images)
+        except TrainCommandError as exc:
+            yield View(notice=str(exc))
+            return
+        session.training = req.adapter
+        try:
+            async for view in self._publish_and_follow(
+                    req, lambda intake: intake.send(self.settings.topics.finetune, req, key=finetune_key(req))):
+                yield view
+        finally:
+            if session.training == req.adapter:
+                session.training = None
+
+    async def cancel_training(self, user_id: str) -> str:
+        """Stop this session's training, as `/skill-train cancel <name>` does (every trainer reads the cancel)."""
+        session = self.session(user_id)
+        if session.training is None:
+            return NO_TRAINING_TO_CANCEL
+        msg = cancel_request(cancel_command(session.training), session.origin)
+        try:
+            intake = await self.connect()
+            await asyncio.wait_for(intake.send(self.settings.topics.finetune_cancel, msg,
+                                               key=f"{TEAM}/{msg.adapter}".encode()), self.settings.web_publish_s)
+        except Exception:
+            log.warning("a training cancel could not be published", exc_info=True)
+            return render.queue_down("The cancel")
+        return f"Asked the trainer to stop {msg.adapter}."
+
     # -- one request --------------------------------------------------------------------------------------
     async def _run(self, session: Session, admit) -> AsyncIterator[View]:
         try:
@@ -209,32 +285,45 @@ class Frontend:
         if req is None:  # `help` typed as the prompt
             yield View(notice=HELP_LINE)
             return
-        assert self.follower is not None
-        events = self.follower.watch(req.request_id)
         session.current = req.request_id
+        try:
+            async for view in self._publish_and_follow(req, lambda intake: intake.publish(req)):
+                if view.final is not None and view.images:
+                    session.last = req.request_id
+                yield view
+        finally:
+            if session.current == req.request_id:
+                session.current = None
+
+    async def _publish_and_follow(self, req: GenerateRequest | FineTuneRequest, publish) -> AsyncIterator[View]:
+        """Watch the request's events, publish it (`publish(intake)`), and show each event until its final one."""
+        try:
+            intake = await self.connect()
+        except Exception as exc:
+            log.warning("cannot reach Kafka at %s: %s", self.settings.kafka_bootstrap, exc)
+            yield View(notice=render.QUEUE_DOWN)
+            return
+        assert self.follower is not None
+        events = self.follower.watch(req.request_id)  # before publishing: no event can come before it
         try:
             estimate = intake.estimate(req.request_id)
             where = f", position ~{estimate.position}" if estimate and estimate.eta_s is not None else ""
             yield View(notice="", progress=Progress(f"Queued{where}"), images=[], request_id=req.request_id)
             try:
-                await asyncio.wait_for(intake.publish(req), self.settings.web_publish_s)
+                await asyncio.wait_for(publish(intake), self.settings.web_publish_s)
             except Exception:
                 log.warning("publish failed", exc_info=True, extra=job(req.request_id))
                 yield View(notice=render.QUEUE_DOWN, final="", request_id=req.request_id)
                 return
             async for view in self._follow(req, events):
-                if view.final is not None and view.images:
-                    session.last = req.request_id
                 yield view
         except Exception:
             log.exception("the page could not follow a request", extra=job(req.request_id))
             yield View(notice=OOPS, final="", request_id=req.request_id)
         finally:
-            if session.current == req.request_id:
-                session.current = None
             self.follower.forget(req.request_id)
 
-    async def _follow(self, req: GenerateRequest, events: asyncio.Queue) -> AsyncIterator[View]:
+    async def _follow(self, req: GenerateRequest | FineTuneRequest, events: asyncio.Queue) -> AsyncIterator[View]:
         wait_s, answered = self.settings.web_answer_s, False
         while True:
             try:
@@ -249,8 +338,8 @@ class Frontend:
             if not event.kind.terminal:
                 yield View(progress=progress_of(event), request_id=req.request_id)
                 continue
-            # Delivery does the same for chat requests; the page's requests are finished here (where it cannot run).
-            await finished(self.store, req.origin, req.request_id)
+            if isinstance(req, GenerateRequest):  # delivery does this for chat requests, the page for its own
+                await finished(self.store, req.origin, req.request_id)
             images = None
             if event.kind == EventKind.succeeded:
                 images = await asyncio.to_thread(self._images, event)

@@ -1,5 +1,6 @@
 """The Gradio page: a Draw tab (the `/skill` form, status with a progress bar, a gallery, Re-roll, Variations and
-Cancel) and an Adapters tab (the team's adapters, as `/skill-adapters` lists them).
+Cancel) and an Adapters tab (the team's adapters, as `/skill-adapters` lists them, and, where SKILL_WEB_TRAINING
+allows, `/skill-train` from uploaded images with its progress and sample grid).
 
 Every handler is async and runs on the server's event loop, the one the Kafka clients live on. Handlers that
 follow a request stream its events as they come (Gradio generators); they have no concurrency limit, since all
@@ -12,7 +13,7 @@ import gradio as gr
 
 from bots import render
 from bots.web.form import ASPECT_RATIOS, COUNTS, Form, notice_html, status_html
-from bots.web.frontend import Frontend, View, new_user_id
+from bots.web.frontend import Frontend, TrainForm, View, new_user_id
 
 CSS = """
 .skill-status { display: flex; align-items: center; gap: 0.75rem; min-height: 1.5rem; }
@@ -38,6 +39,13 @@ def _outputs(view: View):
     return notice, status, gallery
 
 
+def _train_outputs(view: View):
+    """A training's View as the Train section's outputs: notice, status, the sample grid (one image)."""
+    notice, status, _ = _outputs(view)
+    grid = gr.skip() if view.images is None else (view.images[0][0] if view.images else None)
+    return notice, status, grid
+
+
 def build(frontend: Frontend) -> gr.Blocks:
     async def draw(user_id, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax):
         form = Form(prompt=prompt, negative=negative, aspect_ratio=aspect_ratio or "", size=size, count=count or "",
@@ -58,6 +66,15 @@ def build(frontend: Frontend) -> gr.Blocks:
 
     async def adapters():
         return await frontend.adapters()
+
+    async def train(user_id, name, trigger, steps, caption, files):
+        form = TrainForm(name=name or "", trigger=trigger or "", steps=steps or "", caption=caption or "",
+                         files=[str(f) for f in files or []])
+        async for view in frontend.train(user_id, form):
+            yield _train_outputs(view)
+
+    async def cancel_training(user_id):
+        return notice_html(await frontend.cancel_training(user_id))
 
     with gr.Blocks(title="skillgen") as page:
         user = gr.State(new_user_id)  # a new person per browser session
@@ -93,6 +110,24 @@ def build(frontend: Frontend) -> gr.Blocks:
         with gr.Tab("Adapters") as adapters_tab:
             adapter_list = gr.Markdown(elem_id="adapter-list")
             refresh = gr.Button("Refresh", elem_id="refresh-adapters")
+            gr.Markdown("### Train an adapter" + ("" if frontend.settings.web_training else
+                                                  " (off on this page: SKILL_WEB_TRAINING)"))
+            with gr.Row():
+                train_name = gr.Textbox(label="Adapter name", placeholder="team-style", elem_id="train-name")
+                train_trigger = gr.Textbox(label="Trigger word (--trigger)", placeholder="sks", elem_id="train-trigger")
+                train_steps = gr.Textbox(label="Steps (--steps)", placeholder=str(frontend.settings.default_train_steps),
+                                         elem_id="train-steps")
+            train_caption = gr.Textbox(label="Caption (--caption)", placeholder="a photo of sks", elem_id="train-caption")
+            train_files = gr.File(label="Images (PNG, JPEG or WebP) or one zip", file_count="multiple",
+                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".zip"], type="filepath",
+                                  elem_id="train-files")
+            with gr.Row():
+                train_button = gr.Button("Train", variant="primary", elem_id="train")
+                cancel_train_button = gr.Button("Cancel training", variant="stop", elem_id="cancel-training")
+            train_notice = gr.HTML(notice_html(), elem_id="train-notice")
+            train_status = gr.HTML(status_html(), elem_id="train-status")
+            sample_grid = gr.Image(label="Sample grid", type="pil", format="png", interactive=False,
+                                   elem_id="sample-grid")
 
         fields = [user, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax]
         shown = [notice, status, gallery]
@@ -104,4 +139,8 @@ def build(frontend: Frontend) -> gr.Blocks:
         cancel_button.click(cancel, [user], [notice], concurrency_limit=None, show_progress="hidden")
         adapters_tab.select(adapters, None, [adapter_list], show_progress="hidden")
         refresh.click(adapters, None, [adapter_list])
+        train_button.click(train, [user, train_name, train_trigger, train_steps, train_caption, train_files],
+                           [train_notice, train_status, sample_grid], **follow)
+        cancel_train_button.click(cancel_training, [user], [train_notice], concurrency_limit=None,
+                                  show_progress="hidden")
     return page

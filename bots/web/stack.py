@@ -8,6 +8,7 @@ page's process dies (Linux's parent-death signal), so nothing outlives it.
   a bot may not import the tools floor; it stops Tansu when told to, or when the page's process goes away.
 - the consumer: `skillgen consumer` on SKILL_MODEL (default: the shipped embedded model), with short group
   timeouts for Tansu (as `skillgen demo` uses) and /healthz on a free loopback port, which says when it is ready.
+- with SKILL_WEB_TRAINING, a trainer (`skillgen trainer`) on the same model and adapter registry.
 
 Without SKILL_SIGNING_KEY a key is made for the run, so requests and cancels are sealed as the chat bots seal them.
 """
@@ -47,6 +48,9 @@ _FAST_GROUP = {"SKILL_KAFKA_SESSION_TIMEOUT_MS": "2000", "SKILL_KAFKA_HEARTBEAT_
 # (models/skill-icons/TRAINING.md); a deployment's own SKILL_DEFAULT_* still win.
 _EMBEDDED_DEFAULTS = {"SKILL_DEFAULT_WIDTH": "64", "SKILL_DEFAULT_HEIGHT": "64", "SKILL_DEFAULT_GUIDANCE": "2.5"}
 
+# LoRA on the embedded model (README, "Fine-tuning"): a higher learning rate, samples at its guidance.
+_EMBEDDED_TRAINING = {"SKILL_LORA__LR": "5e-3", "SKILL_SAMPLE_GUIDANCE": "2.5"}
+
 
 class StackError(RuntimeError):
     """The embedded broker or consumer did not start; the message says which and why."""
@@ -73,8 +77,11 @@ def _die_with_parent() -> None:
 class EmbeddedStack:
     """`async with EmbeddedStack() as env:` the broker and a ready consumer; `env` is the SKILL_* the page uses."""
 
-    def __init__(self, model: str | None = None, ready_timeout_s: float = 600, log=print):
+    def __init__(self, model: str | None = None, adapter_url: str | None = None, trainer: bool = False,
+                 ready_timeout_s: float = 600, log=print):
         self.model = model or os.environ.get("SKILL_MODEL") or default_model()
+        self.adapter_url = adapter_url
+        self.trainer = trainer
         self.ready_timeout_s = ready_timeout_s
         self.log = log
         self.children: list[subprocess.Popen] = []
@@ -102,6 +109,8 @@ class EmbeddedStack:
             "SKILL_MODEL": self.model,
             "SKILL_SIGNING_KEY": os.environ.get("SKILL_SIGNING_KEY") or secrets.token_hex(32),
         }
+        if self.adapter_url:  # one registry for the page's Adapters tab, the consumer and the trainer
+            env["SKILL_ADAPTER_URL"] = self.adapter_url
         if self.model == default_model():
             env |= {k: v for k, v in _EMBEDDED_DEFAULTS.items() if not os.environ.get(k)}
         base = {**os.environ, **env}
@@ -125,6 +134,12 @@ class EmbeddedStack:
         consumer = self._spawn([sys.executable, "-m", "skillgen.cli", "consumer"],
                                {**base, **_FAST_GROUP, "SKILL_METRICS_PORT": str(health)})
         self.log(f"starting the consumer on {self.model} (loading the model takes a while)")
+        if self.trainer:
+            trainer_env = {**base, **_FAST_GROUP}
+            if self.model == default_model():
+                trainer_env |= {k: v for k, v in _EMBEDDED_TRAINING.items() if not os.environ.get(k)}
+            self._spawn([sys.executable, "-m", "skillgen.cli", "trainer"], trainer_env)
+            self.log("starting a trainer (SKILL_WEB_TRAINING)")
         await self._ready(consumer, health)
         self.log("consumer ready")
         return env

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bots import render
-from bots.web.form import NOT_ANSWERING
+from bots.web.form import NOT_ANSWERING, TRAINING_OFF
 
 pytestmark = pytest.mark.browser
 
@@ -147,3 +147,14 @@ def test_no_consumer_is_one_clear_line(skill_env, web_server, page):
     draw(page, "a person playing guitar")
     assert notice(page) == NOT_ANSWERING
     assert "Traceback" not in page.content()
+
+
+def test_the_adapters_tab_lists_the_teams_adapters_and_training_waits_for_the_operator(embedded_page, page):
+    open_page(page, embedded_page.url)
+    page.get_by_role("tab", name="Adapters").click()
+    page.locator("#adapter-list").get_by_text("Your team has no adapters yet").wait_for(timeout=30_000)
+    page.locator("#train-name input, #train-name textarea").first.fill("team-style")
+    page.locator("#train").click()
+    page.wait_for_function("() => document.querySelector('#train-notice .skill-notice').innerText.trim() !== ''",
+                           timeout=30_000)
+    assert page.locator("#train-notice .skill-notice").inner_text().strip() == TRAINING_OFF

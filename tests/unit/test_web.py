@@ -17,19 +17,23 @@ from bots import grammar, render
 from bots.grammar import CommandError, Defaults
 from bots.intake import CANCELLING, Intake
 from bots.web.form import (
+    NO_TRAINING_TO_CANCEL,
     NOT_ANSWERING,
     NOTHING_TO_CANCEL,
     NOTHING_TO_REPEAT,
+    TRAINING_OFF,
     Form,
     final_line,
     progress_of,
     status_html,
 )
-from bots.web.frontend import TEAM, Frontend, Session, WebSettings
+from bots.web.frontend import TEAM, Frontend, Session, TrainForm, WebSettings
 from schemas.codec import decode
 from schemas.messages import (
     BlobRef,
     EventKind,
+    FineTuneCancel,
+    FineTuneRequest,
     GenerateCancel,
     GenerateRequest,
     JobEvent,
@@ -247,6 +251,59 @@ async def test_cancel_publishes_the_owners_sealed_cancel_keyed_by_the_request_id
     assert topic == web.settings.topics.generate_cancel and key == req.request_id.encode()
     assert msg.request_id == req.request_id and msg.origin.user_id == "web-e"
     assert msg.origin.verify(req.request_id, KEY.encode())
+
+
+async def test_training_is_off_unless_the_operator_turns_it_on(web, tmp_path):
+    image = tmp_path / "one.png"
+    image.write_bytes(png(1))
+    views = [v async for v in web.train("web-f", TrainForm(name="team-style", files=[str(image)]))]
+    assert [v.notice for v in views] == [TRAINING_OFF] and web.intake.producer.sent == []
+
+
+async def test_a_training_uploads_the_images_and_follows_the_trainer_to_its_sample_grid(web, tmp_path):
+    web.settings.web_training = True
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(png(i))
+    grid = BlobStore(web.settings.blob_url).put(png(200))
+
+    def trainer(queue, rid):
+        for ev in (event(EventKind.progress, job="finetune", adapter="team-style", step=5, total_steps=20, loss=0.1),
+                   event(EventKind.succeeded, job="finetune", adapter="team-style", blobs=[grid])):
+            queue.put_nowait(ev.model_copy(update={"request_id": rid}))
+
+    form = TrainForm(name="team-style", trigger="tsx", steps="20", caption="a photo of tsx", files=list(map(str, files)))
+    views = await run_with(web, web.train("web-f", form), trainer)
+    [(topic, value, key, headers)] = web.intake.producer.sent
+    req = decode(value, FineTuneRequest, headers)
+    assert (topic, key) == (web.settings.topics.finetune, b"web/team-style")
+    assert (req.adapter, req.trigger, req.steps, req.caption) == ("team-style", "tsx", 20, "a photo of tsx")
+    assert [BlobStore(web.settings.blob_url).get(ref) for ref in req.images] == [png(0), png(1)]
+    assert req.origin.verify(req.request_id, KEY.encode())
+    progress = [v.progress for v in views if v.progress and v.progress.total]
+    assert progress[0].line.startswith("Training team-style: step 5/20") and progress[0].step == 5
+    assert views[-1].final == "Adapter team-style is ready" and len(views[-1].images) == 1
+
+
+async def test_a_training_with_bad_input_gets_the_chats_reason(web, tmp_path):
+    web.settings.web_training = True
+    views = [v async for v in web.train("web-g", TrainForm(name="team-style"))]
+    assert views[-1].notice == "attach the training images (PNG, JPEG or WebP) or one zip of them"
+    text = tmp_path / "notes.txt"
+    text.write_text("hi")
+    views = [v async for v in web.train("web-g", TrainForm(name="team-style", files=[str(text)]))]
+    assert views[-1].notice == "file 1 is not a PNG, JPEG or WebP image or a zip of them"
+
+
+async def test_cancel_training_publishes_the_teams_cancel(web, tmp_path):
+    assert await web.cancel_training("web-h") == NO_TRAINING_TO_CANCEL
+    web.session("web-h").training = "team-style"
+    assert await web.cancel_training("web-h") == "Asked the trainer to stop team-style."
+    [(topic, value, key, headers)] = web.intake.producer.sent
+    msg = decode(value, FineTuneCancel, headers)
+    assert (topic, key, msg.adapter, msg.origin.user_id) == (web.settings.topics.finetune_cancel, b"web/team-style",
+                                                             "team-style", "web-h")
 
 
 async def test_the_adapters_tab_lists_the_web_teams_adapters(web):
