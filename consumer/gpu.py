@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from skillgen.runtime.logs import job as job_fields
 log = logging.getLogger("skillgen.consumer")
 
 RETRIES_SPENT = "generation failed after retries; the team has been notified"
+SPEED_WINDOW = 15  # batches the speed estimate looks back on
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,12 @@ class GpuLoop:
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
         # Seconds of GPU time per work unit, a moving average over batches: the speed behind every ETA.
+        # The median over the last SPEED_WINDOW batches: one batch slowed by a noisy neighbour does not swing
+        # every ETA given after it.
         self.s_per_unit: float | None = None
+        self._timed: deque[float] = deque(maxlen=SPEED_WINDOW)
         self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
+        self.flights_per_batch = 1.0  # moving average
         self.running_units = 0.0
         self.running_since = 0.0
         self.step = 0  # denoising steps the running batch has finished
@@ -110,7 +117,9 @@ class GpuLoop:
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
         it is done (None before the first batch is timed)."""
-        ahead_s = self.running_left_s() + self.post_s
+        # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
+        # on average half the batch's.
+        ahead_s = self.running_left_s() + self.post_s * (self.flights_per_batch + 1) / 2
         if self.policy.fair:
             return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
                             team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights,
@@ -196,7 +205,7 @@ class GpuLoop:
             samples, spans = [], []
             for f in flights:
                 spans.append(slice(len(samples), len(samples) + len(f.seeds)))
-                samples += [Sample(f.request.prompt, f.request.negative_prompt, seed) for seed in f.seeds]
+                samples += [Sample(f.request.prompt, f.request.negative_prompt, seed, f.init_image) for seed in f.seeds]
             for f in flights:
                 f.position = 0
                 for job in f.waiters:
@@ -205,7 +214,8 @@ class GpuLoop:
                     self.metrics.sched_wait.labels(f.team, f.lane).observe(now - f.queued_at)
                 self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
             await self.outlet.started(flights)
-            spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter)
+            spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
+                             strength=key.strength)
             self.running = flights
             self.running_units = sum(f.cost for f in flights)
             self.running_since = self.progressed = time.monotonic()
@@ -225,10 +235,10 @@ class GpuLoop:
             gen_s = time.perf_counter() - t0
             self.metrics.generation.observe(gen_s)
             self.metrics.batch_size.observe(len(samples))
-            ran = [f for f in flights if not f.cancelled]
-            if ran and len(ran) == len(flights):  # a batch cut short by a cancel says nothing about speed
-                per_unit = gen_s / max(1e-9, sum(f.cost for f in flights))
-                self.s_per_unit = per_unit if self.s_per_unit is None else 0.7 * self.s_per_unit + 0.3 * per_unit
+            self.flights_per_batch = 0.8 * self.flights_per_batch + 0.2 * len(flights)
+            if not any(f.cancelled for f in flights):  # a batch cut short by a cancel says nothing about speed
+                self._timed.append(gen_s / max(1e-9, sum(f.cost for f in flights)))
+                self.s_per_unit = statistics.median(self._timed)
             log.info("batch of %d images (%d requests) in %.2fs", len(samples), len(flights), gen_s)
             for f, span in zip(flights, spans):
                 if f.cancelled:

@@ -167,7 +167,7 @@ class Worker:
         if link is not None:  # crash-loop counts are correctness keys too: on the same link
             self.service.attempts_store = Store(link, s.redis_prefix)
         self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id,
-                             s.team_allowed)
+                             s.team_allowed, blobs=self.blobs)
         if l2_link:
             log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds, safety policy %s); single flight "
                      "%s", s.l1_max_bytes >> 20, l2_link.url, s.cache_ttl_s, self.policy_id,
@@ -333,8 +333,10 @@ class Worker:
             return
         self.metrics.cache_misses.inc()
         req: GenerateRequest = job.message
+        steps = req.steps if req.init_image is None else int(req.steps * req.strength)  # img2img: the steps that run
         flight = Flight(draw.key, draw.batch, req, draw.adapter, draw.seeds, waiters=[job], team=req.origin.team_id,
-                        cost=groupview.units(len(draw.seeds), req.width, req.height, req.steps, req.guidance))
+                        cost=groupview.units(len(draw.seeds), req.width, req.height, steps, req.guidance),
+                        init_image=draw.init_image)
         self._flights[draw.key] = flight
         flight.lane = await self._lane(req, flight.cost)
         await self._fly(flight)
@@ -393,9 +395,12 @@ class Worker:
         req = flight.request
         if any(j.attempt > 1 for j in flight.waiters):
             return None
-        deadline_s = req.deadline_s or self.settings.lane_deadline_s.get(flight.lane)
-        if deadline_s is None:
+        lane_s = self.settings.lane_deadline_s.get(flight.lane)
+        # A request may ask for a shorter deadline than its lane's, never a longer one.
+        asked = [d for d in (req.deadline_s, lane_s) if d is not None]
+        if not asked:
             return None
+        deadline_s = min(asked)
         left_s = deadline_s - (time.time() - req.created_at.timestamp())
         if eta_s <= left_s:
             return None

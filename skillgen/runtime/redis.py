@@ -18,7 +18,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -35,11 +35,21 @@ _EXTEND_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('p
 _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
+# Connections one client opens at most. Callers past it wait for a free one (a blocking pool) instead of failing:
+# a consumer reading ahead thousands of records has thousands of handlers asking Redis at once, and redis-py's
+# default pool raises "Too many connections" past 100, which would look like an outage to RedisLink.
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
+
+
 def connect(url: str, timeout_s: float = 0.5, decode_responses: bool = False) -> Redis:
     """The Redis client every service uses. Short timeouts and no retries: each caller has an answer for an
-    unreachable Redis, so a retry would only make a request wait longer for the same answer."""
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                          retry=Retry(NoBackoff(), 0), decode_responses=decode_responses)
+    unreachable Redis, so a retry would only make a request wait longer for the same answer. At most
+    MAX_CONNECTIONS connections; past that, callers queue for one (up to POOL_WAIT_S)."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S,
+                                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), 0), decode_responses=decode_responses)
+    return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 
 
 def redact(url: str) -> str:
