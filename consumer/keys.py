@@ -29,8 +29,10 @@ def _digest(obj) -> bytes:
 
 
 def content(req: GenerateRequest) -> dict:
-    """Every request field that decides the pixels, except the seed."""
-    return {
+    """Every request field that decides the pixels, except the seed. An img2img request adds its init image (by
+    sha256: the same bytes wherever they are stored), strength and upscale; a text-to-image request's content is
+    what it was before img2img existed, so its seeds and cache keys did not change."""
+    body = {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
         "width": req.width,
@@ -40,6 +42,9 @@ def content(req: GenerateRequest) -> dict:
         "scheduler": req.scheduler,
         "adapter": str(req.adapter) if req.adapter else None,
     }
+    if req.init_image is not None:
+        body.update(init_image=req.init_image.sha256, strength=req.strength, upscale=req.upscale)
+    return body
 
 
 def seed_of(req: GenerateRequest) -> int:
@@ -112,10 +117,13 @@ class BatchKey(NamedTuple):
     scheduler: str
     adapter: str | None = None
     solo: str | None = None
+    # img2img: the strength every sample of the batch is redrawn at; None for text-to-image, so the two never mix.
+    strength: float | None = None
 
 
 def batch_key(req: GenerateRequest, adapter: ResolvedAdapter | None) -> BatchKey:
-    return BatchKey(req.width, req.height, req.steps, req.guidance, req.scheduler, adapter.key if adapter else None)
+    return BatchKey(req.width, req.height, req.steps, req.guidance, req.scheduler, adapter.key if adapter else None,
+                    strength=req.strength if req.init_image is not None else None)
 
 
 # -- the model's identity ------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
 
 The order is the rule: the team first (SKILL_ALLOWED_TEAMS, checked again here: whoever writes the topic is not
 trusted to have passed the bots), the prompt policy next (nothing is looked up for a prompt that may not be drawn), then
-the adapter (a name the team does not have is the requester's mistake, said plainly), then the cache under the
-key of everything that decides the pixels and of the safety policy's fingerprint. What is left is a `Draw`:
+the adapter (a name the team does not have is the requester's mistake, said plainly), then an img2img request's init
+image reference (one of the blob store's own names, or refused), then the cache under the key of everything that
+decides the pixels and of the safety policy's fingerprint; on a miss the init image is read and opened within bounds
+(in a thread: consumer/init_image.py), so a missing or bad one is refused before the GPU. What is left is a `Draw`:
 single flight and the batcher take it from there (consumer/worker.py). No Kafka here, so the rules are
 unit-tested on their own.
 """
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from consumer.cache import CacheEntry, Level, TwoLevelCache
+from consumer.init_image import InitImageError, check_ref, read_init_image
 from consumer.keys import (
     AdapterResolver,
     BatchKey,
@@ -28,6 +31,7 @@ from consumer.keys import (
 )
 from schemas.messages import EventKind, GenerateRequest
 from skillgen.inference.errors import PipelineError
+from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job as job_fields
 from skillgen.safety import PromptPolicy
 
@@ -40,7 +44,7 @@ class Refuse:
 
     kind: EventKind
     message: str
-    stage: str  # "team", "prompt" or "adapter"
+    stage: str  # "team", "prompt", "adapter" or "init_image"
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class Draw:
-    """A picture to make: its cache key, the batch it may share, the adapter version and one seed per image."""
+    """A picture to make: its cache key, the batch it may share, the adapter version, one seed per image and,
+    for img2img, the init image (PIL, RGB) at the size the request names it."""
 
     key: str
     batch: BatchKey
     adapter: ResolvedAdapter | None
     seeds: list[int]
+    init_image: object | None = None
 
 
 Route = Refuse | Hit | Draw
@@ -65,7 +71,9 @@ NOT_ALLOWED = "this team may not use skillgen (SKILL_ALLOWED_TEAMS); ask whoever
 
 class Router:
     def __init__(self, prompt_policy: PromptPolicy, resolve_adapter: AdapterResolver, cache: TwoLevelCache,
-                 model_id: str, policy_id: str, team_allowed: Callable[[str, str], bool] = lambda _p, _t: True):
+                 model_id: str, policy_id: str, team_allowed: Callable[[str, str], bool] = lambda _p, _t: True,
+                 blobs: BlobStore | None = None):
+        self.blobs = blobs  # where init images are read; None: img2img requests are refused
         self.team_allowed = team_allowed  # (platform, team id) -> may it use the system
         self.prompt_policy = prompt_policy
         self.resolve_adapter = resolve_adapter
@@ -88,8 +96,22 @@ class Router:
                 adapter = await asyncio.to_thread(self.resolve_adapter, req.adapter, req.origin.team_id)
             except PipelineError as exc:
                 return Refuse(EventKind.failed, str(exc), "adapter")
+        if req.init_image is not None:
+            if self.blobs is None:
+                return Refuse(EventKind.failed, "init_image cannot be used: this consumer has no blob store",
+                              "init_image")
+            try:
+                check_ref(self.blobs, req)
+            except InitImageError as exc:
+                return Refuse(EventKind.failed, str(exc), "init_image")
         key = cache_key(req, self.model_id, adapter, self.policy_id)
         hit = await self.cache.get(key)
         if hit is not None:
             return Hit(*hit)
-        return Draw(key, batch_key(req, adapter), adapter, image_seeds(req))
+        init = None
+        if req.init_image is not None:
+            try:
+                init = await asyncio.to_thread(read_init_image, self.blobs, req)
+            except InitImageError as exc:
+                return Refuse(EventKind.failed, str(exc), "init_image")
+        return Draw(key, batch_key(req, adapter), adapter, image_seeds(req), init)

@@ -11,13 +11,14 @@ from consumer.keys import (
     ResolvedAdapter,
     batch_key,
     cache_key,
+    content,
     image_seeds,
     model_identity,
     no_registry,
     seed_of,
     weights_sha256,
 )
-from schemas.messages import AdapterRef, GenerateRequest, Origin
+from schemas.messages import AdapterRef, BlobRef, GenerateRequest, Origin
 from skillgen.inference import AdapterError
 
 pytestmark = pytest.mark.unit
@@ -91,6 +92,39 @@ def test_batch_key_groups_by_shape_and_adapter_version_not_by_prompt_or_seed():
     assert len({batch_key(r, None) for r in [req(), *differing]}) == 5
     assert batch_key(req(), V1) != batch_key(req(), V2) != batch_key(req(), None)
     assert V1.key != V2.key and "." not in V1.key  # torch module names cannot hold dots
+
+
+def init(sha: str = "ab" * 32, **kw) -> BlobRef:
+    return BlobRef(url=f"file:///blobs/{sha[:2]}/{sha}.png", sha256=sha, bytes=100, **kw)
+
+
+def test_the_init_image_strength_and_upscale_change_the_cache_key_and_text_to_image_keys_do_not():
+    keys = {
+        cache_key(r, MODEL, None, POLICY)
+        for r in [
+            req(), req(init_image=init()), req(init_image=init("cd" * 32)), req(init_image=init(), strength=0.3),
+            req(width=128, height=128), req(width=128, height=128, init_image=init(), upscale=2),
+        ]
+    }
+    assert len(keys) == 6
+    # The same bytes under another URL (another copy of the store) are the same picture.
+    moved = init().model_copy(update={"url": f"s3://other/ab/{'ab' * 32}.png"})
+    assert cache_key(req(init_image=moved), MODEL, None, POLICY) == cache_key(req(init_image=init()), MODEL, None, POLICY)
+    # A text-to-image request hashes exactly what it hashed before img2img existed: cached pictures stay valid.
+    assert set(content(req())) == {"prompt", "negative_prompt", "width", "height", "steps", "guidance", "scheduler",
+                                   "adapter"}
+
+
+def test_img2img_batches_by_strength_and_never_with_text_to_image():
+    txt = batch_key(req(), None)
+    assert txt.strength is None
+    a, b = batch_key(req(init_image=init(), strength=0.5), None), batch_key(req(init_image=init("cd" * 32)), None)
+    assert a.strength == 0.5 and b.strength == 0.6
+    assert len({txt, a, b}) == 3
+    # Different init images (and an upscale of a half-size one) at the same strength and output size share a batch.
+    assert batch_key(req(init_image=init()), None) == b
+    up = req(width=128, height=128, init_image=init(), upscale=2)
+    assert batch_key(up, None) == batch_key(req(width=128, height=128, init_image=init("ef" * 32)), None)
 
 
 def test_without_a_registry_an_adapter_fails_with_a_clear_message():
