@@ -8,11 +8,14 @@ Slack sends the text after the command: `parse(text)`. Discord sends typed optio
 trigger=..., steps=..., caption=...)`. Either way `check_allowed` decides, then `finetune_request` (published on
 `topics.finetune`, key `finetune_key(req)`) or `cancel_request` (published on `topics.finetune_cancel`, which every
 trainer follows). A `--caption` goes through the prompt policy as soon as it is parsed (the trainer checks every
-caption again: it trusts no producer).
+caption again: it trusts no producer). The bots fetch the training files into the blob store themselves
+(`fetch_to_blobs`): Slack's need the bot's token, Discord's attachment links expire.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,8 +37,11 @@ from schemas.messages import (
     mention,
 )
 from skillgen.adapters.registry import Registry
-from skillgen.runtime.fetch import IngestError, check_url
+from skillgen.runtime.blobstore import BlobStore
+from skillgen.runtime.fetch import IngestError, check_url, download_all
 from skillgen.safety.prompt import PromptPolicy
+
+log = logging.getLogger("skillgen.train")
 
 HELP = """\
 **/skill-train** teaches your team's model a style or a thing from a few images.
@@ -266,6 +272,27 @@ def finetune_request(cmd: Train, origin: Origin, image_urls: list[str], settings
         return FineTuneRequest(**fields)
     except ValidationError as exc:
         raise TrainCommandError(describe(exc).replace("image_urls", "images")) from None
+
+
+BLOBS_DOWN = "I could not keep the files for the trainer (storage is unreachable); try again in a minute."
+UPLOAD_TYPE = "application/octet-stream"  # the trainer tells images from a zip by their bytes
+
+
+async def fetch_to_blobs(urls: list[str], limits: IngestLimits, blobs: BlobStore, *, slack_token: str | None = None,
+                         blobs_down: str = BLOBS_DOWN) -> list[BlobRef]:
+    """Download the training files (skillgen.runtime.fetch: the download policy, byte caps; a Slack token only to
+    Slack's file hosts) and put each in the blob store, in order: the references for the request, so the trainer
+    never needs a chat credential nor a link that expires (Discord's signed CDN URLs do). TrainCommandError when
+    a download is refused (naming the file by position) or the store cannot be written (`blobs_down`)."""
+    try:
+        fetched = await download_all(urls, limits, slack_token=slack_token)
+    except IngestError as exc:
+        raise TrainCommandError(f"{exc}. Nothing was sent to the trainer.") from None
+    try:
+        return [await asyncio.to_thread(blobs.put, data, UPLOAD_TYPE) for _, data in fetched]
+    except Exception:
+        log.exception("cannot put the training files in the blob store")
+        raise TrainCommandError(blobs_down) from None
 
 
 def cancel_request(cmd: Cancel, origin: Origin) -> FineTuneCancel:

@@ -5,10 +5,12 @@ many) and `image2` to `image10`. Discord cannot give one command both options an
 stopping a training is its own command, `/skill-train-cancel name:`. Adapter names autocomplete from the team's
 registry, `/skill`'s `adapter` option included. Everything is checked before anything is
 published (name, options, who may train, each file's declared type and size), and a refusal is answered at
-once, ephemeral, with what to change. An accepted training is deferred, edited to "queued" and published;
+once, ephemeral, with what to change. An accepted training is deferred, its files are fetched into the blob store
+(Discord's attachment links are signed and expire, so the trainer must not depend on them: the request carries
+blob references, as Slack's does), then it is edited to "queued" and published;
 delivery then keeps that same response current with the trainer's progress and finally attaches the sample
 grid (after the interaction token's 15 minutes it edits the same message with the bot token, bots/discord_post.py).
-The URL checks run after the defer: they may resolve host names, and Discord allows 3 seconds before the
+The downloads (the URL policy, byte caps) run after the defer, as Discord allows 3 seconds before the
 acknowledgement; a refusal then removes the "thinking..." response and tells the person in an ephemeral follow-up.
 """
 
@@ -34,6 +36,7 @@ from bots.train_commands import (
     check_allowed,
     check_files,
     describe_adapters,
+    fetch_to_blobs,
     finetune_key,
     finetune_request,
     mention,
@@ -41,6 +44,7 @@ from bots.train_commands import (
 )
 from schemas.messages import MAX_PROMPT_CHARS
 from skillgen.adapters.registry import Registry
+from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.logs import job
 
 log = logging.getLogger("skillgen.discord.train")
@@ -72,6 +76,7 @@ class DiscordTraining:
         self.settings = settings
         self.topics = bot.intake.settings.topics
         self.registry = Registry(settings.adapter_url)
+        self.blobs = BlobStore(settings.blob_url)
         self._listings: dict[str, tuple[float, dict]] = {}
 
     async def on_train(self, interaction: discord.Interaction, name: str, files: list[discord.Attachment],
@@ -87,9 +92,11 @@ class DiscordTraining:
             return
         await interaction.response.defer(thinking=True)
         try:
-            # The URL check resolves host names, which may take longer than Discord's 3 seconds allow before the
-            # acknowledgement: after the defer, off the event loop.
-            req = await asyncio.to_thread(finetune_request, cmd, origin, [f.url for f in files], self.settings)
+            # Discord's attachment links are signed and expire (and a queue can outlast them): the files go into the
+            # blob store now, and the trainer reads them there. After the defer: downloads take longer than the 3
+            # seconds Discord allows before the acknowledgement.
+            images = await fetch_to_blobs([f.url for f in files], self.settings.ingest, self.blobs)
+            req = finetune_request(cmd, origin, [], self.settings, images=images)
         except TrainCommandError as exc:
             TRAIN_COMMANDS.labels("discord", "train", "refused").inc()
             # Refusals stay private: the channel's "thinking..." goes, the reason is an ephemeral follow-up.

@@ -18,12 +18,15 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from bots import train_commands
 from bots.render import slack_text
-from bots.train_commands import Train, TrainCommandError
+from bots.train_commands import (
+    UPLOAD_TYPE as UPLOAD_TYPE,  # the web front-end's uploads use it too
+)
+from bots.train_commands import Train
 from schemas.limits import IngestLimits
 from schemas.messages import BlobRef, Origin, Platform
 from skillgen.runtime.blobstore import BlobStore
-from skillgen.runtime.fetch import IngestError, download_all
 from skillgen.runtime.redis import Lease, Store, WithoutRedis
 
 log = logging.getLogger("skillgen.slack.train")
@@ -134,21 +137,10 @@ def dropped_text(s: Session, by: str) -> str:
 # ------------------------------------------------------------------------------------------------- files at go
 
 BLOBS_DOWN = "I could not keep the files for the trainer (storage is unreachable). Your files are kept: reply `go` again."
-# What the trainer is sent: its sniffing of the bytes decides what a file is, not the sender's declared type.
-UPLOAD_TYPE = "application/octet-stream"
 
 
 async def fetch_to_blobs(files: list[SharedFile], limits: IngestLimits, token: str | None,
                          blobs: BlobStore) -> list[BlobRef]:
-    """Download the thread's files with the bot's token and put each in the blob store, in order; the references
-    for the request. TrainCommandError when a download is refused (naming the file by position) or the store
-    cannot be written."""
-    try:
-        fetched = await download_all([f.url for f in files], limits, slack_token=token)
-    except IngestError as exc:
-        raise TrainCommandError(f"{exc}. Nothing was sent to the trainer.") from None
-    try:
-        return [await asyncio.to_thread(blobs.put, data, UPLOAD_TYPE) for _, data in fetched]
-    except Exception:
-        log.exception("cannot put the training files in the blob store")
-        raise TrainCommandError(BLOBS_DOWN) from None
+    """Download the thread's files with the bot's token into the blob store (train_commands.fetch_to_blobs)."""
+    return await train_commands.fetch_to_blobs([f.url for f in files], limits, blobs, slack_token=token,
+                                               blobs_down=BLOBS_DOWN)

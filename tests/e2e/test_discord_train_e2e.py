@@ -1,6 +1,6 @@
 """Chat to adapter on Discord, end to end: `/skill-train` with three attached images, dispatched by the fake
-Discord to the real bot -> real broker -> the trainer service (tiny model) downloading the attachments from the
-fake CDN -> delivery edits the command's response with progress and attaches the sample grid. Then `/skill ...
+Discord to the real bot, which copies the attachments from the fake CDN into the blob store (their links expire)
+-> real broker -> the trainer service (tiny model) reading them there -> delivery edits the command's response with progress and attaches the sample grid. Then `/skill ...
 --adapter` draws a different image than the same request without it, and another guild cannot use the adapter."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ async def test_train_from_discord_then_draw_with_the_adapter(system):
     assert done.body["content"].startswith(f"✅ <@{USER_ID}> Adapter `circles@v1` is ready")
     [grid] = done.files
     assert Image.open(io.BytesIO(grid.data)).size == (128, 128)  # two samples: base row over adapter row
-    assert sorted(system.cdn_fetches) == sorted(a.id for a in images.values())  # the trainer fetched each once
+    assert sorted(system.cdn_fetches) == sorted(a.id for a in images.values())  # the bot fetched each once
     meta = system.registry.meta(GUILD_ID, "circles", 1)
     assert (meta.training.images, meta.training.trained_by.user_id) == (3, USER_ID)
 

@@ -20,7 +20,9 @@ It is as strict as Discord where delivery can go wrong (each documented by Disco
   sent in answer to a modal submission;
 - every REST answer carries X-RateLimit-Limit/Remaining/Reset-After/Bucket; `exhaust(path_regex, reset_after_s)`
   makes the next matching answer say Remaining 0, and a call to that bucket before its reset then gets a 429;
-  `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global).
+  `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global);
+- attachment links are signed (`?ex=&is=&hm=`) and expire: past `ex` (a day, or an attachment's `ttl_s`, on the
+  fake's clock) the CDN answers 404 "This content is no longer available.".
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Attachment:
     data: bytes
     content_type: str | None
     url: str
+    expires_s: float = 2.0**40  # on the fake's clock: the signed URL answers 404 from then on
 
     def payload(self) -> dict:
         return {"id": self.id, "filename": self.filename, "size": len(self.data), "url": self.url,
@@ -136,6 +139,7 @@ class Interaction:
 
 
 CALLBACK_DEADLINE_S = 3.0
+ATTACHMENT_TTL_S = 24 * 3600  # a signed CDN link's lifetime (Discord's are about a day)
 TOKEN_LIFETIME_S = 15 * 60
 MAX_CONTENT, MAX_ROWS, MAX_FILES = 2000, 5, 10
 BUCKET_LIMIT = 5
@@ -217,11 +221,16 @@ class FakeDiscord(FakePlatform):
         return [m for m in self.messages.values() if m.interaction_token == interaction.token and m.ephemeral]
 
     # -- what Discord sends the bot ------------------------------------------------------------------------
-    def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png") -> Attachment:
-        """A file a user is about to attach to a command (pass it as an option's value)."""
+    def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png",
+                   ttl_s: float = ATTACHMENT_TTL_S) -> Attachment:
+        """A file a user is about to attach to a command (pass it as an option's value). Its URL is signed as
+        Discord's CDN signs them (`ex`, `is`, `hm`) and stops working `ttl_s` from now on the fake's clock."""
         attachment_id = snowflake()
-        url = f"{self.server.base}/attachments/{attachment_id}/{filename}"
-        self.attachments[attachment_id] = Attachment(attachment_id, filename, data, content_type, url)
+        issued, expires = self.now_s(), self.now_s() + ttl_s
+        signature = secrets.token_hex(16)
+        url = (f"{self.server.base}/attachments/{attachment_id}/{filename}"
+               f"?ex={int(expires):x}&is={int(issued):x}&hm={signature}&")
+        self.attachments[attachment_id] = Attachment(attachment_id, filename, data, content_type, url, expires)
         return self.attachments[attachment_id]
 
     async def invoke(self, name: str, options: dict[str, object], *, channel_id: str = CHANNEL_ID,
@@ -355,6 +364,8 @@ class FakeDiscord(FakePlatform):
         attachment = self.attachments.get(request.match_info["id"])
         if attachment is None or attachment.filename != request.match_info["filename"]:
             return web.Response(status=404, text="not found")
+        if self.now_s() >= attachment.expires_s or request.query.get("ex") != f"{int(attachment.expires_s):x}":
+            return web.Response(status=404, text="This content is no longer available.")
         self.cdn_fetches.append(attachment.id)
         return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
 

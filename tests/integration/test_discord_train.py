@@ -11,6 +11,7 @@ import uuid
 import zipfile
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -18,6 +19,7 @@ from bots import discord_bot
 from bots.settings import DiscordSettings
 from schemas.messages import FineTuneCancel, FineTuneRequest
 from skillgen.adapters.registry import Registry
+from skillgen.runtime.blobstore import BlobStore
 from tests.fakes.discord import (
     CHANNEL_ID,
     GUILD_ID,
@@ -92,7 +94,7 @@ async def test_the_commands_are_registered_with_typed_options(bot):
     assert [o["name"] for o in commands["skill-train-cancel"]["options"]] == ["name"]
 
 
-async def test_a_trainer_trains_the_request_carries_the_attachments_and_the_interaction(bot):
+async def test_a_trainer_trains_the_request_carries_the_attachments_and_the_interaction(bot, skill_env):
     a, b = bot.attachment("one.png", png()), bot.attachment("two.webp", png(), "image/webp")
     it = await bot.invoke("skill-train", {"name": "team-style", "images": a, "image2": b, "trigger": "zq",
                                           "steps": 40}, roles=[TRAINER_ROLE_ID])
@@ -100,14 +102,21 @@ async def test_a_trainer_trains_the_request_carries_the_attachments_and_the_inte
     assert said["content"] == f"⏳ <@{USER_ID}> training `team-style` queued: 2 images, 40 steps, trigger word `zq`"
     assert not said["flags"] & 64
     [req] = await bot.finetunes.wait(1)
-    assert (req.adapter, req.trigger, req.steps, req.image_urls) == ("team-style", "zq", 40, [a.url, b.url])
+    assert (req.adapter, req.trigger, req.steps, req.image_urls) == ("team-style", "zq", 40, [])
     o = req.origin
     assert (o.platform, o.team_id, o.channel_id, o.user_id) == ("discord", GUILD_ID, CHANNEL_ID, USER_ID)
     assert it.token not in req.model_dump_json() and o.verify(req.request_id, SIGNING_KEY.encode())
     assert (await recall_interaction(req.request_id)).token == it.token
     # The response's id too: after the token's 15 minutes delivery edits it with the bot token.
     assert await recall_original(req.request_id) == it.original.id
-    assert bot.finetunes.seen == [req] and bot.cdn_fetches == []  # the bot never downloads; the trainer does
+    # The bot fetched each attachment once, into the blob store: the request carries no link that can expire.
+    assert bot.finetunes.seen == [req] and bot.cdn_fetches == [a.id, b.id]
+    blobs = BlobStore(skill_env.vars["SKILL_BLOB_URL"])
+    assert [blobs.get(ref) for ref in req.images] == [a.data, b.data]
+    bot.advance(2 * 86400)  # two days on, when the trainer may only now get to it
+    async with aiohttp.ClientSession() as http, http.get(a.url) as gone:
+        assert gone.status == 404 and await gone.text() == "This content is no longer available."
+    assert [blobs.get(ref) for ref in req.images] == [a.data, b.data]
 
 
 @pytest.mark.parametrize(
@@ -177,7 +186,7 @@ async def test_a_zip_alone_is_accepted_as_one_file(bot):
                           roles=[TRAINER_ROLE_ID])
     assert "queued: one zip" in (await answer(bot, it))["content"]
     [req] = await bot.finetunes.wait(1)
-    assert len(req.image_urls) == 1 and req.image_urls[0].endswith("/set.zip")
+    assert len(req.images) == 1 and req.image_urls == []
 
 
 async def test_adapter_names_autocomplete_from_the_teams_registry_only(bot):
@@ -225,3 +234,13 @@ async def test_a_url_the_download_policy_refuses_is_told_privately_after_the_def
     assert "downloads only come from" in followup.body["content"]
     assert it.original.deleted and bot.channel(CHANNEL_ID) == []
     assert await bot.finetunes.settle(0.5) == []
+
+
+async def test_an_attachment_whose_link_expired_before_the_bot_fetched_it_is_told_privately(bot):
+    stale = bot.attachment("one.png", png(), ttl_s=60)
+    bot.advance(120)  # Discord's signed link is dead: its CDN answers 404
+    it = await bot.invoke("skill-train", {"name": "team-style", "images": stale}, roles=[TRAINER_ROLE_ID])
+    [followup] = await bot.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{it.token}"))
+    assert followup.body["flags"] & 64 and followup.body["content"].startswith("❌ file 1: ")
+    assert "Nothing was sent to the trainer." in followup.body["content"]
+    assert it.original.deleted and await bot.finetunes.settle(0.5) == []
