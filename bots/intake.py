@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaProducer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from bots import grammar, render
 from bots.errors import Refusal
@@ -41,7 +41,7 @@ from bots.locales import t
 from bots.queued import QueuedJobs
 from bots.ratelimit import BREAKER_S, RateLimiter
 from bots.settings import BotSettings
-from schemas.codec import encode
+from schemas.codec import describe, encode
 from schemas.messages import (
     MAX_IMAGES,
     MAX_SEED,
@@ -70,9 +70,10 @@ CANCELLING = t("cancelling")
 NOT_OWNER_DELETE = t("not_owner_delete")
 DELETE_FORGOTTEN = t("delete_forgotten")
 REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
-# Remix keeps these fields of the original unless the edited text gives the option (ar and size: width and height).
-_REMIX_KEEPS = {"negative_prompt": "no", "steps": "steps", "num_images": "n", "scheduler": "scheduler",
-                "adapter": "adapter", "lane": "relax"}
+# What an option typed into Remix's edit replaces; every other field is the original's.
+_REMIX_OPTIONS = {"no": ("negative_prompt",), "ar": ("width", "height"), "size": ("width", "height"),
+                  "steps": ("steps",), "seed": ("seed",), "n": ("num_images",), "adapter": ("adapter",),
+                  "scheduler": ("scheduler",), "relax": ("lane",)}
 ESTIMATES_KEPT = 1000  # estimates made at admission, kept for the acknowledgment that follows
 
 
@@ -203,12 +204,17 @@ class Intake:
         typed = grammar.to_request(parsed, origin, self.settings.defaults)  # the grammar's checks and limits
         old = await self.remembered(request_id, deadline - time.monotonic())
         given = set(parsed.options)
-        kept = {field: getattr(old, field) for field, option in _REMIX_KEEPS.items() if option not in given}
-        if not given & {"ar", "size"}:
-            kept.update(width=old.width, height=old.height)
-        if "seed" not in given:
-            kept["seed"] = old.seed if old.seed is not None else seed
-        req = typed.model_copy(update={**kept, "guidance": old.guidance, "deadline_s": old.deadline_s})
+        fields = old.model_dump(exclude={"request_id", "created_at", "reroll", "replay_of"})
+        fields.update(origin=origin, prompt=typed.prompt)
+        for option, names in _REMIX_OPTIONS.items():
+            if option in given:
+                fields.update({name: getattr(typed, name) for name in names})
+        if "seed" not in given and old.seed is None:
+            fields["seed"] = seed
+        try:
+            req = GenerateRequest(**fields)  # every field of the original that the edit did not name
+        except ValidationError as exc:
+            raise Refusal(describe(exc)) from None
         return await self._admit_again(req, deadline)
 
     async def _admit_again(self, req: GenerateRequest, deadline: float) -> GenerateRequest:
