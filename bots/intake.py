@@ -38,7 +38,7 @@ from bots import grammar, render
 from bots.errors import Refusal
 from bots.keys import partition_key
 from bots.locales import t
-from bots.queued import QueuedJobs
+from bots.queued import QueuedJobs, finished
 from bots.ratelimit import BREAKER_S, RateLimiter
 from bots.settings import BotSettings
 from schemas.codec import describe, encode
@@ -65,10 +65,8 @@ PRE_ACK_S = 1.5  # Redis's share of Discord's 3 seconds before the acknowledgeme
 SLOW = t("slow")
 FORGOTTEN = t("forgotten")
 NOT_OWNER = t("not_owner_cancel")
-CANCEL_FORGOTTEN = t("cancel_forgotten")
 CANCELLING = t("cancelling")
 NOT_OWNER_DELETE = t("not_owner_delete")
-DELETE_FORGOTTEN = t("delete_forgotten")
 REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
 # What an option typed into Remix's edit replaces; every other field is the original's.
 _REMIX_OPTIONS = {"no": ("negative_prompt",), "ar": ("width", "height"), "size": ("width", "height"),
@@ -276,7 +274,11 @@ class Intake:
         # Remembered first: the buttons on its result can appear before a slow write here would finish.
         await self.store.put(f"req:{req.request_id}", req.model_dump_json(), self.settings.remember_s)
         await self.queued.add(req.origin, req.request_id)  # until delivery handles its terminal event
-        await self.send(self.settings.topics.generate, req, key=partition_key(req))
+        try:
+            await self.send(self.settings.topics.generate, req, key=partition_key(req))
+        except BaseException:
+            await finished(self.store, req.origin, req.request_id)  # never published: it holds no slot
+            raise
         log.info("published %r", req.prompt[:60], extra=job(req.request_id, platform=req.origin.platform.value))
 
     async def send(self, topic: str, msg: BaseModel, key: bytes) -> None:

@@ -10,7 +10,6 @@ IngestLimits.slack_file_hosts, byte caps) into the blob store, and the request c
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +27,6 @@ from schemas.limits import IngestLimits
 from schemas.messages import BlobRef, Origin, Platform
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.redis import Lease, Store, WithoutRedis
-
-log = logging.getLogger("skillgen.slack.train")
 
 LOCK_TTL_S = 15
 LOCK_WAIT_S = 120  # an event waits this long for the one before it in its thread (each Slack call times out)

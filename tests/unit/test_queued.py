@@ -93,3 +93,20 @@ async def test_a_redis_that_never_answers_admits_within_the_time_box_then_is_lef
         for writer in held:
             writer.close()
         server.close()
+
+
+class BrokenProducer:
+    async def send_and_wait(self, *args, **kwargs):
+        raise ConnectionError("the queue is unreachable")
+
+
+async def test_a_request_that_could_not_be_published_holds_no_slot(store):
+    from bots.intake import Intake
+    from bots.ratelimit import RateLimiter
+    from schemas.messages import GenerateRequest
+
+    intake = Intake(BotSettings(max_queued_per_person=1), BrokenProducer(), store, RateLimiter([], store))
+    with pytest.raises(ConnectionError):
+        await intake.publish(GenerateRequest(origin=origin(), prompt="a cellist"))
+    await intake.queued.check(origin())
+    assert await store.link.client.zcard(store.key("queued:slack:U1")) == 0
