@@ -239,6 +239,7 @@ async def reprocess(
     of it is stored, written to the sink or posted. `image_policy` defaults to the one the consumer builds.
     Results posted (--channel, --deliver) go out under a fresh request id; with --deliver an original request is
     re-run once (its marker), unless `force`."""
+    from consumer.init_image import InitImageError, read_init_image
     from consumer.keys import image_seeds
     from skillgen.inference.engine import BatchSpec, Sample
     from skillgen.runtime.blobstore import BlobStore
@@ -272,9 +273,19 @@ async def reprocess(
             if not verdict.allowed:
                 report.note(p, BLOCKED, posted=await out.emit(EventKind.blocked, message=verdict.reason), **out.ids)
                 continue
-            spec = BatchSpec(req.width, req.height, req.steps, req.guidance, req.scheduler)
+            init = None
+            if req.init_image is not None:  # img2img: the same init image, read and checked as the consumer does
+                try:
+                    init = await asyncio.to_thread(read_init_image, blobs, req)
+                except InitImageError as exc:
+                    posted = await out.emit(EventKind.failed, message=str(exc))
+                    report.note(p, FAILED, posted=posted, detail="init image", **out.ids)
+                    continue
+            spec = BatchSpec(req.width, req.height, req.steps, req.guidance, req.scheduler,
+                             strength=req.strength if init is not None else None)
             seeds = image_seeds(req)
-            images = await asyncio.to_thread(engine.generate, spec, [Sample(req.prompt, req.negative_prompt, s) for s in seeds])
+            samples = [Sample(req.prompt, req.negative_prompt, s, init) for s in seeds]
+            images = await asyncio.to_thread(engine.generate, spec, samples)
             released = await asyncio.to_thread(release, images, seeds, image_policy, blobs)
             if isinstance(released, Decision):
                 log.warning("replayed request %s withheld (%s: %s)", req.request_id, released.category, released.detail)

@@ -10,7 +10,10 @@ import io
 import pytest
 from PIL import Image
 
+from consumer.replay import Selection, select
+from consumer.replay_work import Report, reprocess
 from schemas.messages import BlobRef, EventKind
+from skillgen.runtime.blobstore import BlobStore
 from tests.integration.test_consumer import (  # noqa: F401 - fixtures
     Kafka,
     RecordingEngine,
@@ -23,6 +26,23 @@ from tests.integration.test_consumer import (  # noqa: F401 - fixtures
 )
 
 pytestmark = pytest.mark.integration
+
+
+class FlatEngine:
+    """Flat pictures of the batch's size; notes each batch's strength and its samples' init image sizes."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[float | None, list]] = []
+
+    def generate(self, spec, samples, progress=None, cancelled=None):
+        self.batches.append((spec.strength, [s.init_image and s.init_image.size for s in samples]))
+        return [Image.new("RGB", (spec.width, spec.height), (s.seed % 256, 90, 120)) for s in samples]
+
+
+def png(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def size_of(worker, ref: BlobRef) -> tuple[int, int]:
@@ -81,3 +101,24 @@ async def test_a_previous_result_is_varied_and_upscaled_and_bad_references_fail_
 
     # The text-to-image request, then the two img2img ones (different output sizes: two batches).
     assert sorted(n for n, _, _ in recording.batches) == [1, 1, 1]
+
+
+async def test_reprocess_reruns_img2img_from_the_same_init_image_and_fails_a_lost_one_clearly(
+    skill_env, tiny_model, image_policy  # noqa: F811
+):
+    settings = consumer_settings(tiny_model)
+    blobs = BlobStore(settings.blob_url)
+    init = blobs.put(png((64, 64)), width=64, height=64)
+    lost_sha = hashlib.sha256(b"gone").hexdigest()
+    lost = init.model_copy(update={"url": init.url.replace(init.sha256, lost_sha).replace(
+        f"/{init.sha256[:2]}/", f"/{lost_sha[:2]}/"), "sha256": lost_sha})
+    async with Kafka(settings) as kafka:
+        up = await kafka.publish(request(width=128, height=128, steps=4, init_image=init, upscale=2, strength=0.35))
+        await kafka.publish(request("a juggler's cascade", steps=4, init_image=lost))
+    flat = FlatEngine()
+    report = Report("test", "reprocess", "generate")
+    await reprocess(settings, await select(settings, Selection()), flat, None, None, False,
+                    image_policy=image_policy, report=report)
+    assert flat.batches == [(0.35, [(64, 64)])]
+    assert {k: report.counts[k] for k in ("succeeded", "failed")} == {"succeeded": 1, "failed": 1}
+    assert up.init_image == init
