@@ -15,6 +15,7 @@ from skillgen.inference import PipelineError, load_engine  # noqa: E402
 from skillgen.inference.engine import BatchSpec, Sample  # noqa: E402
 from skillgen.runtime.settings import EMBEDDED_MODEL_DIR  # noqa: E402
 from skillgen.tools.tiny import build_tiny  # noqa: E402
+from tests.unit.test_engine import OomAbove  # noqa: E402
 from tests.unit.test_engine_cancel import CancelAt  # noqa: E402
 
 SPEC = BatchSpec(width=64, height=64, steps=6, strength=0.5)
@@ -116,6 +117,15 @@ def test_upscale_draws_twice_the_init_image_size_and_keeps_seeds_apart(engine, i
     assert psnr_db(up[0], up[1]) < 40
     alone = engine.generate(spec, img2img(inits, 2)[1:])[0]
     assert psnr_db(alone, up[1]) >= 60
+
+
+def test_oom_splits_an_img2img_batch_without_changing_its_images(engine, inits):
+    expected = engine.generate(SPEC, img2img(inits, 4))
+    steps = []
+    with OomAbove(engine.backend, max_batch=2) as oom:  # guidance doubles the batch: one image per call fits
+        got = engine.generate(SPEC, img2img(inits, 4), progress=lambda i, n: steps.append((i, n)))
+    assert all(psnr_db(a, b) >= 60 for a, b in zip(got, expected, strict=True))
+    assert oom.seen[-1] == 2 and steps[-1] == (3, 3)
 
 
 def test_mismatched_inputs_are_refused_before_any_compute(engine, inits):
