@@ -306,7 +306,8 @@ class OnnxBackend:
 
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         if self.provider == EP_NAMES["tensorrt"]:
-            self._check_profile(latents)
+            f = self.vae_scale_factor
+            self._check_profile(latents.shape[0], latents.shape[2] * f, latents.shape[3] * f)
         inputs = {
             "sample": latents.float(),
             "timestep": torch.as_tensor(t, device=latents.device).float().reshape(()),
@@ -322,14 +323,16 @@ class OnnxBackend:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         b, _, h, w = images.shape
         f = self.vae_scale_factor
+        if self.provider == EP_NAMES["tensorrt"]:
+            self._check_profile(b, h, w)
         return self.networks["vae_encoder"].run({"image": images.float()}, (b, self.vae_latent_channels, h // f, w // f))
 
-    def _check_profile(self, latents: torch.Tensor) -> None:
-        p, f = self.trt_profile, self.vae_scale_factor
-        sides = (latents.shape[2] * f, latents.shape[3] * f)
-        if latents.shape[0] > 2 * p.max_batch or not all(p.min_side_px <= s <= p.max_side_px for s in sides):
+    def _check_profile(self, batch: int, height_px: int, width_px: int) -> None:
+        p = self.trt_profile
+        sides = (height_px, width_px)
+        if batch > 2 * p.max_batch or not all(p.min_side_px <= s <= p.max_side_px for s in sides):
             raise PipelineError(
-                f"{sides[1]}x{sides[0]} at batch {latents.shape[0]} is outside this worker's TensorRT profile "
+                f"{sides[1]}x{sides[0]} at batch {batch} is outside this worker's TensorRT profile "
                 f"({p.min_side_px}-{p.max_side_px} px, up to {p.max_batch} images)"
             )
 

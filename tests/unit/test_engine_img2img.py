@@ -148,3 +148,17 @@ def test_onnx_img2img_and_upscale_match_torch(tiny, engine, inits, tmp_path):
         for g, w in zip(got, want, strict=True):
             assert g.size == (spec.width, spec.height)
             assert psnr_db(g, w) >= 60
+
+
+def test_the_tensorrt_profile_covers_the_vae_encoder_and_refuses_sides_outside_it():
+    pytest.importorskip("onnxruntime")
+    from skillgen.inference.onnx_backend import OnnxBackend, TrtProfile
+
+    profile = TrtProfile(min_side_px=256, opt_side_px=512, max_side_px=768, max_batch=4)
+    assert profile.shapes("vae_encoder", 4, 768, 8) == {
+        "min": "image:1x3x256x256", "opt": "image:1x3x512x512", "max": "image:1x3x768x768"}
+    backend = OnnxBackend.__new__(OnnxBackend)  # the check needs no session
+    backend.trt_profile = profile
+    backend._check_profile(1, 512, 768)
+    with pytest.raises(PipelineError, match="128x128 at batch 1 is outside this worker's TensorRT profile"):
+        backend._check_profile(1, 128, 128)
