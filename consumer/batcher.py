@@ -188,12 +188,47 @@ class Batcher(Generic[T]):
         ready = self._ready_keys(self._clock())
         if not ready:
             return None
-        head = self._head(ready)
+        return self._form(self._head(ready))
+
+    def queued(self, lane: str, team: str) -> int:
+        """Requests queued for `team` in `lane`."""
+        ln = self._lanes.get(lane)
+        tm = ln.teams.get(team) if ln else None
+        return len(tm.entries) if tm else 0
+
+    def _light(self, lane: str, team: str) -> bool:
+        """A team with at most one batch's worth queued: someone asking, not a flood."""
+        tm = self._lanes[lane].teams.get(team)
+        return tm is not None and sum(e.size for e in tm.entries) <= self.max_batch
+
+    def ready_light(self, exclude: set[tuple[str, str]], adapter=None) -> tuple[Hashable, list[T]] | None:
+        """The batch that may preempt a running one (consumer/gpu.py): headed by the first ready request, in fair
+        order, of a light team not in `exclude` (the running batch's teams), with the running batch's adapter;
+        its riders are light teams' requests only. None when there is none."""
+        ready = self._ready_keys(self._clock())
+        if not ready or not self.policy.fair:
+            return None
+        lanes = sorted((ln_name for ln_name, ln in self._lanes.items() if ln.count),
+                       key=lambda n: self._lanes[n].start)
+        for lane in lanes:
+            ln = self._lanes[lane]
+            for team, tm in sorted(((n, t) for n, t in ln.teams.items() if t.entries),
+                                   key=lambda nt: (nt[1].start, nt[1].entries[0].seq)):
+                head = tm.entries[0]
+                if ((lane, team) in exclude or head.key not in ready or not self._light(lane, team)
+                        or getattr(head.key, "adapter", None) != adapter):
+                    continue
+                return self._form(head, riders=lambda e: (e.lane, e.team) not in exclude and self._light(e.lane,
+                                                                                                        e.team))
+        return None
+
+    def _form(self, head: _Entry[T], riders: Callable[[_Entry[T]], bool] | None = None) -> tuple[Hashable, list[T]]:
         key = head.key
         candidates = self._keys[key]
         if self.policy.fair:
             ln = self._lanes[head.lane]
-            others = sorted((e for e in candidates if e is not head and e.lane == head.lane),
+            others = sorted((e for e in candidates if e is not head and e.lane == head.lane
+                             and (riders is None or riders(e))),
                             key=lambda e: (ln.teams[e.team].start, e.seq))
             candidates = [head, *others]
             # SFQ's virtual time: the start tags of what is served now.

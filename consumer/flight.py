@@ -49,6 +49,7 @@ class Flight(Generic[J]):
     # Everyone waiting cancelled while it ran: its samples leave the batch at the next denoising step.
     cancelled: bool = False
     cancel_step: int | None = None  # the running batch's step when the cancel arrived
+    steps_done: int = 0  # denoising steps its running batch has finished
     init_image: object | None = None  # img2img: the init image (PIL), read before the GPU (consumer/routing.py)
 
 

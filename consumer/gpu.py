@@ -71,6 +71,24 @@ def after_failure(flights: list[Flight], exc: BaseException, max_retries: int,
     return [Requeue(f, retry_backoff_ms / 1000 * 2 ** (attempts - 1), attempts)]
 
 
+@dataclass(eq=False)
+class _Batch:
+    """One batch on its way through the engine."""
+
+    key: object
+    flights: list[Flight]
+    spec: object
+    samples: list
+    spans: list[slice]
+    progress: Callable[[int, int], None]
+    cancelled: Callable[[], list[int]]
+    gen_s: float = 0.0
+    preempted: bool = False  # another batch ran between two of its steps
+
+    def __post_init__(self) -> None:
+        self.progress.holder.append(self)  # type: ignore[attr-defined]
+
+
 class Outlet(Protocol):
     """What the GPU loop tells the service around it."""
 
@@ -101,7 +119,7 @@ class GpuLoop:
         self.flights_per_batch = 1.0  # moving average
         self.running_units = 0.0
         self.running_since = 0.0
-        self.step = 0  # denoising steps the running batch has finished
+        self._nested = False  # a preempting batch is running inside another's step (on the inference thread)
         self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
         self.dispatched = time.monotonic()  # when the last batch left the queue (or the queue was empty)
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -192,66 +210,118 @@ class GpuLoop:
                 loop.call_later(action.delay_s, self.requeue_alone, f)
 
     async def run(self) -> None:
-        from skillgen.inference.engine import (  # torch: only once the loop runs
-            BatchSpec,
-            Sample,
-        )
-
         loop = asyncio.get_running_loop()
         while True:
             key, flights = await self.batcher.next_batch()
-            now = time.monotonic()
-            self.dispatched = now
-            samples, spans = [], []
-            for f in flights:
-                spans.append(slice(len(samples), len(samples) + len(f.seeds)))
-                samples += [Sample(f.request.prompt, f.request.negative_prompt, seed, f.init_image) for seed in f.seeds]
-            for f in flights:
-                f.position = 0
-                for job in f.waiters:
-                    job.waiting, job.woke = False, now
-                if f.queued_at is not None:
-                    self.metrics.sched_wait.labels(f.team, f.lane).observe(now - f.queued_at)
-                self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
             await self.outlet.started(flights)
-            spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
-                             strength=key.strength)
+            batch = self._begin(key, flights, loop)
             self.running = flights
-            self.running_units = sum(f.cost for f in flights)
-            self.running_since = self.progressed = time.monotonic()
-            self.step = 0
-            t0 = time.perf_counter()
             try:
-                images = await loop.run_in_executor(
-                    self._gpu, self._generate, spec, flights[0].adapter, samples, self._progress_fn(flights, loop),
-                    self._cancelled_fn(flights, spans),
-                )
+                images = await loop.run_in_executor(self._gpu, self._generate, batch)
             except Exception as exc:  # noqa: BLE001 - every failure is judged by after_failure
                 self.failed(flights, exc)
                 continue
             finally:
                 self.running = []
                 self.progressed = time.monotonic()
-            gen_s = time.perf_counter() - t0
-            self.metrics.generation.observe(gen_s)
-            self.metrics.batch_size.observe(len(samples))
-            self.flights_per_batch = 0.8 * self.flights_per_batch + 0.2 * len(flights)
-            if not any(f.cancelled for f in flights):  # a batch cut short by a cancel says nothing about speed
-                self._timed.append(gen_s / max(1e-9, sum(f.cost for f in flights)))
-                self.s_per_unit = statistics.median(self._timed)
-            log.info("batch of %d images (%d requests) in %.2fs", len(samples), len(flights), gen_s)
-            for f, span in zip(flights, spans):
-                if f.cancelled:
-                    self.outlet.spawn(self.outlet.close(f))
-                else:
-                    self.outlet.spawn(self.outlet.drawn(f, images[span]))
+            self._end(batch, images)
+
+    def _begin(self, key, flights: list[Flight], loop: asyncio.AbstractEventLoop) -> _Batch:
+        """A batch leaves the queue: its waiters stop waiting, the schedule's metrics, and what the engine needs."""
+        from skillgen.inference.engine import (  # torch: only once the loop runs
+            BatchSpec,
+            Sample,
+        )
+
+        now = time.monotonic()
+        self.dispatched = now
+        samples, spans = [], []
+        for f in flights:
+            spans.append(slice(len(samples), len(samples) + len(f.seeds)))
+            samples += [Sample(f.request.prompt, f.request.negative_prompt, seed, f.init_image) for seed in f.seeds]
+        for f in flights:
+            f.position = 0
+            for job in f.waiters:
+                job.waiting, job.woke = False, now
+            if f.queued_at is not None:
+                self.metrics.sched_wait.labels(f.team, f.lane).observe(now - f.queued_at)
+            self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
+        spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
+                         strength=key.strength)
+        self.running_units = sum(f.cost for f in flights)
+        self.running_since = self.progressed = time.monotonic()
+        return _Batch(key, flights, spec, samples, spans, self._progress_fn(key, flights, loop),
+                      self._cancelled_fn(flights, spans))
+
+    def _end(self, batch: _Batch, images) -> None:
+        """On the event loop: the batch's timing, then each flight to post-processing (or closed, if cancelled)."""
+        flights, gen_s = batch.flights, batch.gen_s
+        self.metrics.generation.observe(gen_s)
+        self.metrics.batch_size.observe(len(batch.samples))
+        self.flights_per_batch = 0.8 * self.flights_per_batch + 0.2 * len(flights)
+        # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
+        if not any(f.cancelled for f in flights) and not batch.preempted:
+            self._timed.append(gen_s / max(1e-9, sum(f.cost for f in flights)))
+            self.s_per_unit = statistics.median(self._timed)
+        log.info("batch of %d images (%d requests) in %.2fs", len(batch.samples), len(flights), gen_s)
+        for f, span in zip(flights, batch.spans):
+            if f.cancelled:
+                self.outlet.spawn(self.outlet.close(f))
+            else:
+                self.outlet.spawn(self.outlet.drawn(f, images[span]))
+
+    # -- preemption: a light team's batch runs between two denoising steps of a heavy team's --------------
+    def _preempt(self, outer: _Batch, loop: asyncio.AbstractEventLoop) -> None:
+        """On the inference thread, between two steps of `outer`: when the fair schedule's next batch belongs to
+        a team with nothing else queued (someone asking once, not a flood) while `outer` serves teams that have
+        more queued, that batch runs now, to the end, and `outer` resumes where it stopped (its state is its
+        own: latents, scheduler, generators; nothing it holds changes). One level deep: a preempting batch is
+        never preempted. Dispatch order stays the fair schedule's; only who waits for the GPU in between moves."""
+        if self._nested or not self.policy.fair or not self.settings.preempt or not len(self.batcher):
+            return
+        try:
+            taken = asyncio.run_coroutine_threadsafe(self._take_light(outer), loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 - the loop is shutting down, or slow: no preemption this step
+            return
+        if taken is None:
+            return
+        key, flights = taken
+        be = self.engine.backend
+        saved_level = getattr(be, "_savings", None)  # the memory savings the outer batch runs with (both backends)
+        self._nested = True
+        outer.preempted = True
+        self.metrics.preempted.inc()
+        try:
+            try:
+                asyncio.run_coroutine_threadsafe(self.outlet.started(flights), loop).result(timeout=30)
+            except Exception:  # noqa: BLE001 - events are best effort; the batch runs anyway
+                pass
+            inner = self._begin(key, flights, loop)
+            self.running = outer.flights + flights
+            try:
+                images = self._generate(inner)
+            except Exception as exc:  # noqa: BLE001 - judged by after_failure, on the loop
+                loop.call_soon_threadsafe(self.failed, flights, exc)
+            else:
+                loop.call_soon_threadsafe(self._end, inner, images)
+        finally:
+            self.running = outer.flights
+            self._nested = False
+            if saved_level is not None:
+                be.set_memory_savings(saved_level)
+
+    async def _take_light(self, outer: _Batch):
+        busy = {(f.lane, f.team) for f in outer.flights}
+        if not any(self.batcher.queued(lane, team) for lane, team in busy):
+            return None  # the running batch's teams have nothing else waiting: it is not a flood
+        return self.batcher.ready_light(exclude=busy, adapter=outer.key.adapter)
 
     def cancel_running(self, flight: Flight) -> bool:
         """Everyone waiting for a running flight cancelled: its samples leave the batch at the next step."""
         if flight not in self.running:
             return False
         flight.cancelled = True
-        flight.cancel_step = self.step
+        flight.cancel_step = flight.steps_done
         return True
 
     def _cancelled_fn(self, flights: list[Flight], spans: list[slice]) -> Callable[[], list[int]]:
@@ -263,27 +333,37 @@ class GpuLoop:
                 if f.cancelled:
                     if i not in seen:
                         seen.add(i)
-                        self.metrics.cancel_late_steps.observe(max(0, self.step - (f.cancel_step or 0)))
+                        self.metrics.cancel_late_steps.observe(max(0, f.steps_done - (f.cancel_step or 0)))
                     out.extend(range(span.start, span.stop))
             return out
 
         return cancelled
 
-    def _generate(self, spec, adapter: ResolvedAdapter | None, samples, progress, cancelled):
+    def _generate(self, batch: _Batch):
+        """On the inference thread."""
+        adapter: ResolvedAdapter | None = batch.flights[0].adapter
         if adapter is not None:
             self.engine.backend.load_adapter(adapter.key, adapter.path)
-        return self.engine.generate(spec, samples, progress, cancelled=cancelled)
+        t0 = time.perf_counter()
+        images = self.engine.generate(batch.spec, batch.samples, batch.progress, cancelled=batch.cancelled)
+        batch.gen_s = time.perf_counter() - t0
+        return images
 
-    def _progress_fn(self, flights: list[Flight], loop: asyncio.AbstractEventLoop) -> Callable[[int, int], None]:
+    def _progress_fn(self, key, flights: list[Flight], loop: asyncio.AbstractEventLoop) -> Callable[[int, int], None]:
         last = [time.monotonic()]
+        holder: list[_Batch] = []
 
         def progress(step: int, total: int) -> None:  # on the inference thread
             now = self.progressed = time.monotonic()
-            self.step = step
+            for f in flights:
+                f.steps_done = step
             if step < total and now - last[0] >= self.settings.progress_interval_s:
                 last[0] = now
                 loop.call_soon_threadsafe(self.outlet.spawn, self.outlet.progress(flights, step, total))
+            if step < total - 1 and holder:
+                self._preempt(holder[0], loop)
 
+        progress.holder = holder  # type: ignore[attr-defined] - set once the batch exists (_Batch.__post_init__)
         return progress
 
 

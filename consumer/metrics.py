@@ -40,6 +40,8 @@ class ConsumerMetrics:
                                     ["team", "lane"], buckets=_SECONDS + (600, 1800, 3600), registry=r)
         self.sched_refused = Counter("skill_sched_refused", "Requests refused because they could not meet their "
                                      "deadline", ["lane"], registry=r)
+        self.preempted = Counter("skill_sched_preempted", "Batches that ran between two steps of another",
+                                 registry=r)
         self.cancelled = Counter("skill_cancelled", "Requests cancelled by their owner", ["where"], registry=r)
         self.cancel_late_steps = Histogram(
             "skill_cancel_late_steps", "Denoising steps a cancelled sample ran after its cancel arrived",

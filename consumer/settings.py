@@ -36,6 +36,9 @@ class ConsumerSettings(CommonSettings):
     # first). Team weights (team id -> weight, default 1) and lane weights (fast 1, relax 0.25, replay 0.1), as
     # JSON in SKILL_TEAM_WEIGHTS / SKILL_LANE_WEIGHTS.
     scheduling: Literal["fair", "fifo"] = "fair"
+    # With fair scheduling: a batch of a team that has nothing else queued (someone asking once) may run between
+    # two denoising steps of a running batch of teams with more queued (a flood), instead of waiting for its end.
+    preempt: bool = True
     team_weights: dict[str, float] = Field(default_factory=dict)
     lane_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
     # A team's fast-lane budget per UTC day in work units (one 512x512 image, 20 steps, with guidance); past it

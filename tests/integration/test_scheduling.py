@@ -300,3 +300,28 @@ async def test_a_republish_under_live_load_keeps_live_latency_within_the_replay_
     alone, beside, replay = (statistics.median(waits(kafka, rids)) for rids in (quiet, loaded, copies))
     assert replay > 1.0, replay  # the replay really queued
     assert beside <= alone + 2 * batch_s + 0.1, (alone, beside)
+
+
+async def test_a_light_teams_batch_preempts_a_flood_batch_between_steps_which_resumes_unchanged(  # noqa: F811
+        skill_env, tiny_model, engine, image_policy):  # noqa: F811
+    """The quiet request does not wait for the running flood batch to end: it runs between two of its denoising
+    steps (nested in the same inference thread) and the flood batch resumes where it stopped, its images as if
+    nothing had happened (≥60 dB against drawing them alone). With preemption off it waits for the batch."""
+    settings = consumer_settings(tiny_model, max_batch=2, max_wait_ms=0, progress_interval_s=0)
+    recording = RecordingEngine(engine)
+    async with Kafka(settings) as kafka, running(settings, recording, image_policy=image_policy) as w:
+        flood = [await kafka.publish(req("flood", i, steps=25), partition=0) for i in range(4)]
+        await kafka.wait_for(lambda k: any(e.kind == EventKind.progress for e in k.of(flood[0].request_id)))
+        quiet = await kafka.publish(req("quiet", 0, steps=25), partition=1)
+        rids = [r.request_id for r in [*flood, quiet]]
+        await kafka.wait_for(lambda k: k.all_final(rids), timeout_s=120)
+    order = finished_order(kafka)
+    assert order.index(quiet.request_id) < order.index(flood[0].request_id), order  # it was running already
+    # A batch ran inside another's interval (RecordingEngine notes each generate call as it returns).
+    spans = [(start, end) for _, start, end in recording.batches]
+    assert any(o[0] < i[0] and i[1] < o[1] for o in spans for i in spans if o != i), spans
+    assert sample(w, "skill_sched_preempted_total") >= 1
+    for r in flood:
+        got = Image.open(io.BytesIO(w.blobs.get(kafka.final(r.request_id).blobs[0]))).convert("RGB")
+        alone = engine.generate(BatchSpec(64, 64, 25), [Sample(r.prompt, "", image_seeds(r)[0])])[0]
+        assert psnr(got, alone) >= 60

@@ -60,7 +60,7 @@ METRICS = {
     # scheduling (issue 17)
     "skill_sched_queued": "gauge", "skill_sched_queued_units": "gauge", "skill_sched_served_units_total": "counter",
     "skill_sched_wait_seconds": "histogram", "skill_sched_refused_total": "counter", "skill_cancelled_total": "counter",
-    "skill_cancel_late_steps": "histogram",
+    "skill_cancel_late_steps": "histogram", "skill_sched_preempted_total": "counter",
 }
 
 
