@@ -108,7 +108,7 @@ def build(frontend: Frontend) -> gr.Blocks:
                 vary_button = gr.Button("Variations", elem_id="vary")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Tab("Adapters") as adapters_tab:
-            adapter_list = gr.Markdown(elem_id="adapter-list")
+            adapter_list = gr.Markdown(line_breaks=True, elem_id="adapter-list")
             refresh = gr.Button("Refresh", elem_id="refresh-adapters")
             gr.Markdown("### Train an adapter" + ("" if frontend.settings.web_training else
                                                   " (off on this page: SKILL_WEB_TRAINING)"))

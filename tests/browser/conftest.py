@@ -1,7 +1,7 @@
 """A real `skillgen web` in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
-`embedded_page` runs `skillgen web --embedded` once per module (broker, consumer on the shipped model and the page,
-in one process group) with progress events on every step; `web_server(**env)` runs a plain `skillgen web` against
+`embedded_page` runs `skillgen web --embedded` once per module (broker, consumer on the shipped model, a trainer and
+the page, in one process group) with progress events on every step and training from the page on; `web_server(**env)` runs a plain `skillgen web` against
 whatever the SKILL_* variables name. Each test gets a fresh browser page, so a new person (session) each time.
 Without a Chromium binary the tests skip, saying how to install one.
 """
@@ -80,7 +80,7 @@ def embedded_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServe
     chromium()
     work = tmp_path_factory.mktemp("web-embedded")
     env = _env(SKILL_PROGRESS_INTERVAL_S="0", SKILL_DEFAULT_STEPS="12", SKILL_BLOB_URL=(work / "blobs").as_uri(),
-               SKILL_ADAPTER_URL=(work / "adapters").as_uri())
+               SKILL_ADAPTER_URL=(work / "adapters").as_uri(), SKILL_WEB_TRAINING="true")
     server = WebServer(["--embedded"], env, work / "web.log")
     try:
         server.wait_ready(timeout_s=240)

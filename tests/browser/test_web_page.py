@@ -1,5 +1,6 @@
 """The web page in a real Chromium: a prompt becomes an image with the progress bar moving, Re-roll draws a different
-one, Cancel stops a request, and bad input, a blocked prompt and an outage each get one line, never a traceback."""
+one, Cancel stops a request, a training from uploaded images shows its progress and sample grid and its adapter then
+draws, and bad input, a blocked prompt and an outage each get one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bots import render
-from bots.web.form import NOT_ANSWERING, TRAINING_OFF
+from bots.web.form import NOT_ANSWERING
 
 pytestmark = pytest.mark.browser
 
@@ -149,12 +150,35 @@ def test_no_consumer_is_one_clear_line(skill_env, web_server, page):
     assert "Traceback" not in page.content()
 
 
-def test_the_adapters_tab_lists_the_teams_adapters_and_training_waits_for_the_operator(embedded_page, page):
+
+def test_training_from_uploaded_images_shows_progress_and_the_sample_grid(embedded_page, page, tmp_path: Path):
+    from PIL import ImageDraw
+
+    files = []
+    for i in range(4):
+        img = Image.new("RGB", (64, 64), (240, 240, 240))
+        ImageDraw.Draw(img).ellipse((10 + i, 10, 54 - i, 54), fill=(200, 40 + 30 * i, 200))
+        files.append(tmp_path / f"{i}.png")
+        img.save(files[-1])
     open_page(page, embedded_page.url)
     page.get_by_role("tab", name="Adapters").click()
     page.locator("#adapter-list").get_by_text("Your team has no adapters yet").wait_for(timeout=30_000)
-    page.locator("#train-name input, #train-name textarea").first.fill("team-style")
+    page.locator("#train-name input, #train-name textarea").first.fill("circles")
+    page.locator("#train-steps input, #train-steps textarea").first.fill("10")
+    page.locator("#train-files input[type=file]").set_input_files([str(f) for f in files])
+    page.wait_for_function("() => (document.querySelector('#train-files').innerText.match(/png/g) || []).length >= 4",
+                           timeout=30_000)  # the four uploads are listed (by name: 0.png ... 3.png)
+    page.evaluate("""() => { window.seenTraining = []; const s = document.querySelector('#train-status');
+      new MutationObserver(() => window.seenTraining.push(s.innerText)).observe(s, {subtree: true, childList: true,
+      characterData: true}); }""")
     page.locator("#train").click()
-    page.wait_for_function("() => document.querySelector('#train-notice .skill-notice').innerText.trim() !== ''",
-                           timeout=30_000)
-    assert page.locator("#train-notice .skill-notice").inner_text().strip() == TRAINING_OFF
+    page.locator("#train-status .skill-status[data-kind=final]").wait_for(timeout=240_000)
+    final = page.locator("#train-status .skill-line").inner_text()
+    assert final.startswith("Adapter circles@v1 is ready"), final
+    assert any(re.search(r"Training circles: step [0-9]+/10", text) for text in page.evaluate("window.seenTraining"))
+    page.locator("#sample-grid img").wait_for(timeout=30_000)
+    page.locator("#refresh-adapters").click()
+    page.locator("#adapter-list").get_by_text("circles").first.wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Draw").click()
+    draw(page, "a sks skill icon --adapter circles")
+    assert final_line(page).startswith("Done (seed ")
