@@ -171,9 +171,14 @@ class SkillBot(discord.Client):
         try:
             await interaction.delete_original_response()
         except discord.HTTPException as exc:
-            log.warning("cannot delete a result: %s", exc, extra=job(request_id))
-            await interaction.followup.send(f"I could not delete it ({exc.text or exc.status}).", ephemeral=True)
-            return
+            try:  # a result posted with the bot token (after 15 minutes, no response to edit): the bot's own message
+                if interaction.message is None:
+                    raise
+                await interaction.message.delete()
+            except discord.HTTPException:
+                log.warning("cannot delete a result: %s", exc, extra=job(request_id))
+                await interaction.followup.send(f"I could not delete it ({exc.text or exc.status}).", ephemeral=True)
+                return
         metrics.COMMANDS.labels("discord", "delete").inc()
 
     async def on_remix(self, interaction: discord.Interaction, button: render.Button) -> None:

@@ -507,3 +507,15 @@ async def test_a_chinese_interaction_gets_chinese_status_lines_through_delivery(
     [other] = [r for r in await bot.requests.wait(2) if r.origin.user_id == "777"]
     [edit] = await bot.wait_for(lambda c: c.method == "PATCH" and "a third" in c.body.get("content", ""))
     assert edit.body["content"] == "⏳ <@777> queued: *a third*"
+
+
+async def test_a_result_the_clicks_token_cannot_delete_is_deleted_with_the_bot_token(bot):
+    it = await bot.invoke("skill", {"prompt": "a juggler's cascade"})
+    [req] = await bot.requests.wait(1)
+    it.original.components = render.discord_buttons(req.request_id)  # as delivery leaves it
+    bot.fail("DELETE", r"^/webhooks/.*/messages/@original$", 404, body={"message": "Unknown Message", "code": 10008})
+    await bot.click(render.custom_id(render.DELETE, req.request_id), it.original)
+    [deleted] = await bot.wait_for(lambda c: c.method == "DELETE" and c.path.startswith("/channels/"))
+    assert deleted.status == 204 and deleted.path == f"/channels/{CHANNEL_ID}/messages/{it.original.id}"
+    assert deleted.headers["Authorization"] == f"Bot {bot.bot_token}" and it.original.deleted
+    assert bot.matching(lambda c: c.method == "POST" and c.path.startswith("/webhooks/")) == []  # nothing to say
