@@ -168,3 +168,19 @@ def model_identity(model: str, backend: str, precision: str) -> str:
     if digest is None:
         log.warning("cannot hash the weights of %s: cache keys use its name alone", model)
     return f"{model}|{digest or 'unhashed'}|{backend}|{precision}"
+
+
+def registry_resolver(adapter_url: str) -> AdapterResolver:
+    """Adapters from the team registry: `name` is the team's latest version, `name@vN` that one."""
+    from skillgen.adapters.registry import Registry, RegistryError
+
+    registry = Registry(adapter_url)
+
+    def resolve(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
+        try:
+            found = registry.resolve(team_id, ref)
+        except RegistryError as exc:
+            raise AdapterError(str(exc)) from None
+        return ResolvedAdapter(name=ref.name, version=found.version, path=found.path, sha256=found.sha256)
+
+    return resolve

@@ -12,39 +12,31 @@ is the shared service skeleton, skillgen/runtime/service.py: this module only sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import math
-import os
-import socket
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 
 from pydantic import TypeAdapter, ValidationError
 
 from consumer.cache import L1, L2, CacheEntry, RedisLink, TwoLevelCache, cache_link
 from consumer.flight import Flight, Leases
 from consumer.gpu import GpuLoop, load_engine_from
-from consumer.keys import AdapterResolver, ResolvedAdapter, model_identity, no_registry
+from consumer.keys import (
+    AdapterResolver,
+    model_identity,
+    no_registry,
+    registry_resolver,
+)
 from consumer.metrics import ConsumerMetrics
 from consumer.routing import Draw, Hit, Refuse, Router
+from consumer.schedule import CANCELLED, Scheduling
 from consumer.settings import ConsumerSettings
 from schemas.codec import CodecError, decode, encode
-from schemas.messages import (
-    AdapterRef,
-    EventKind,
-    GenerateCancel,
-    GenerateRequest,
-    JobEvent,
-    Origin,
-    RequestId,
-)
+from schemas.messages import EventKind, GenerateRequest, JobEvent, Origin, RequestId
 from schemas.topics import CONSUMER_GROUP
-from skillgen.inference import AdapterError
 from skillgen.runtime import groupview
 from skillgen.runtime.blobstore import BlobStore
 from skillgen.runtime.broadcast import Broadcast
@@ -62,19 +54,6 @@ log = logging.getLogger("skillgen.consumer")
 UNHANDLED = "the consumer could not handle this request; the team has been notified"
 CRASHED = ("this request stopped the image service each time it was tried, so it was set aside; "
            "the team has been notified")
-CANCELLED = "cancelled by the person who asked"
-CANCEL_MEMORY = 100_000  # cancels remembered for requests not read yet (oldest forgotten first)
-
-
-def busy(eta_s: float, left_s: float) -> str:
-    """The refusal for a request that cannot be ready by its deadline."""
-    wait_min = max(1, math.ceil((eta_s - max(left_s, 0.0)) / 60))
-    return (f"busy: the image service has about {max(1, round(eta_s / 60))} min of work queued ahead of this "
-            f"request, more than it may wait; try again in about {wait_min} min")
-
-
-def same_person(a: Origin, b: Origin) -> bool:
-    return (a.platform, a.team_id, a.user_id) == (b.platform, b.team_id, b.user_id)
 
 
 class Worker:
@@ -118,10 +97,7 @@ class Worker:
             producer_options={"linger_ms": 0},
         )
         self._flights: dict[str, Flight[Job]] = {}
-        self._cancels: OrderedDict[str, GenerateCancel] = OrderedDict()  # request id -> its owner's cancel
-        self._seal_key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
-        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._link = None
+        self.sched = Scheduling(self)  # lanes, deadlines, cancels and the group view (consumer/schedule.py)
         # Safety checks and PNG encoding of one batch overlap the next batch on the GPU.
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
 
@@ -159,8 +135,7 @@ class Worker:
         self.policy_id = await asyncio.to_thread(policy_fingerprint, SafetySettings())
         # Leases are correctness keys (the noeviction Redis); the cache has its own (allkeys-lru) when set.
         link = RedisLink(s.redis_url, s.redis_timeout_s, s.redis_retry_s) if s.redis_url else None
-        self._link = link
-        self.budget = Store(link, s.redis_prefix + "fast:")
+        self.sched.link = link
         l2_link = cache_link(s, link)
         self.cache = TwoLevelCache(L1(s.l1_max_bytes), L2.from_settings(s, l2_link) if l2_link else None)
         self.leases = Leases(link, s.redis_prefix, s.lease_ttl_s, s.lease_poll_ms, self.gpu.progressing)
@@ -176,12 +151,12 @@ class Worker:
             log.info("cache: L1 in process only (%d MiB), single flight in this process only: SKILL_REDIS_URL is unset",
                      s.l1_max_bytes >> 20)
 
-        cancels = Broadcast(s, self.topics.generate_cancel, s.cancel_lookback_s, self._read_cancel)
+        cancels = Broadcast(s, self.topics.generate_cancel, s.cancel_lookback_s, self.sched.read_cancel)
 
         def started() -> None:
             self.spawn(self.gpu.run())
             self.spawn(self._watch_lag())
-            self.spawn(self._publish_view())
+            self.spawn(self.sched.publish_view())
             log.info("consumer ready on %s (max_batch %d, max_wait %d ms)", self.topics.generate, s.max_batch,
                      s.max_wait_ms)
             if ready:
@@ -205,81 +180,6 @@ class Worker:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
             await asyncio.sleep(1.0)
 
-    def view(self) -> groupview.ConsumerView:
-        """This consumer's queue and speed, as the group view publishes it."""
-        gpu = self.gpu
-        # Records of our partitions not fetched yet: work nobody has sized (the readers count it at an average).
-        lag = sum(self.service.lag().values()) - len(self.service.offsets)
-        return groupview.ConsumerView(
-            consumer=self.consumer_id, at=time.time(), s_per_unit=gpu.s_per_unit, running_s=gpu.running_left_s(),
-            lag=max(0, lag), queued=gpu.batcher.backlog(), team_weights=dict(gpu.policy.team_weights),
-            lane_weights=dict(gpu.policy.lane_weights))
-
-    async def _publish_view(self) -> None:
-        """The group view (Redis) and the scheduling gauges, every SKILL_VIEW_INTERVAL_S."""
-        shown: set[tuple[str, str]] = set()
-        while True:
-            view = self.view()
-            now_shown = set()
-            for name, q in view.queued.items():
-                lane, team = groupview.split_flow(name)
-                self.metrics.sched_queued.labels(team, lane).set(q.requests)
-                self.metrics.sched_queued_units.labels(team, lane).set(q.units)
-                now_shown.add((team, lane))
-            for team, lane in shown - now_shown:
-                self.metrics.sched_queued.labels(team, lane).set(0)
-                self.metrics.sched_queued_units.labels(team, lane).set(0)
-            shown = now_shown | shown
-            await groupview.publish(self._link, self.settings.redis_prefix, view)
-            await asyncio.sleep(self.settings.view_interval_s)
-
-    # -- cancels (skill.generate.cancel, read whole by every consumer) ---------------------------------------
-    def _read_cancel(self, record) -> None:
-        try:
-            msg = decode(record.value, GenerateCancel, record.headers)
-        except CodecError as exc:
-            log.warning("ignoring an undecodable cancel at %d: %s", record.offset, exc)
-            return
-        if self._seal_key is not None and not msg.origin.verify(msg.request_id, self._seal_key):
-            log.warning("ignoring a cancel whose origin is not sealed for it", extra=job_fields(msg.request_id))
-            return
-        if len(self._cancels) >= CANCEL_MEMORY:
-            self._cancels.popitem(last=False)
-        self._cancels[msg.request_id] = msg
-        if self.service.state == "running":
-            self.spawn(self._cancel(msg))
-
-    def _cancelled(self, req: GenerateRequest) -> bool:
-        """Whether the request's owner cancelled it (someone else's cancel is ignored, and said so in the log)."""
-        msg = self._cancels.get(req.request_id)
-        if msg is None:
-            return False
-        if not same_person(msg.origin, req.origin):
-            log.warning("ignoring a cancel from %s:%s, who did not ask for this request", msg.origin.platform.value,
-                        msg.origin.user_id, extra=job_fields(req.request_id))
-            return False
-        return True
-
-    async def _cancel(self, msg: GenerateCancel) -> None:
-        """Take the owner's request out wherever it is here: waiting for a lease, queued, or running (its
-        samples leave the batch at the next denoising step). A flight others still wait for goes on."""
-        for flight in list(self._flights.values()) + [f for f in self.gpu.running if f.key not in self._flights]:
-            mine = [j for j in flight.waiters
-                    if j.message.request_id == msg.request_id and self._cancelled(j.message)]
-            if not mine:
-                continue
-            flight.waiters = [j for j in flight.waiters if j not in mine]
-            where = "queued"
-            if not flight.waiters:
-                if self.gpu.batcher.remove(flight):
-                    await self.close(flight)
-                elif self.gpu.cancel_running(flight):
-                    where = "running"
-            self.metrics.cancelled.labels(where).inc(len(mine))
-            for job in mine:
-                job.waiting = False
-                await self._answer(job, EventKind.cancelled, message=CANCELLED)
-
     # -- one record, up to the GPU queue ------------------------------------------------------------------
     async def _admit(self, job: Job) -> None:
         try:
@@ -289,7 +189,7 @@ class Worker:
             await self._unreadable(job, exc)
             self.service.finish(job)
             return
-        if self._cancelled(job.message):  # cancelled before it was read
+        if self.sched.cancelled(job.message):  # cancelled before it was read
             self.metrics.cancelled.labels("unread").inc()
             await self._answer(job, EventKind.cancelled, message=CANCELLED)
             return
@@ -316,7 +216,7 @@ class Worker:
     async def _join_or_fly(self, job: Job, draw: Draw) -> None:
         if job.abandoned:
             return
-        if self._cancelled(job.message):  # cancelled while it was being routed
+        if self.sched.cancelled(job.message):  # cancelled while it was being routed
             self.metrics.cancelled.labels("unread").inc()
             await self._answer(job, EventKind.cancelled, message=CANCELLED)
             return
@@ -338,18 +238,8 @@ class Worker:
                         cost=groupview.units(len(draw.seeds), req.width, req.height, steps, req.guidance),
                         init_image=draw.init_image)
         self._flights[draw.key] = flight
-        flight.lane = await self._lane(req, flight.cost)
+        flight.lane = await self.sched.lane(req, flight.cost)
         await self._fly(flight)
-
-    async def _lane(self, req: GenerateRequest, cost: float) -> str:
-        """The lane the request runs in: what it asked for, except that a team past its fast budget for the day
-        (SKILL_FAST_UNITS_PER_DAY, counted in Redis across the group) runs in relax."""
-        budget = self.settings.fast_units_per_day
-        if req.lane != "fast" or budget <= 0:
-            return req.lane
-        day = datetime.now(timezone.utc).strftime("%Y%m%d")
-        used = await self.budget.incr(f"{req.origin.platform.value}:{req.origin.team_id}:{day}", cost, 2 * 86400)
-        return "fast" if used <= budget else "relax"
 
     async def _fly(self, flight: Flight[Job]) -> None:
         """Take the lease on the flight's picture, or wait for the consumer that holds it."""
@@ -377,7 +267,7 @@ class Worker:
                 await self._land(flight, entry, "flight")
                 return
         est = self.gpu.estimate(flight)
-        if est.eta_s is not None and (refusal := self._late(flight, est.eta_s)):
+        if est.eta_s is not None and (refusal := self.sched.late(flight, est.eta_s)):
             await self.close(flight)
             self.metrics.sched_refused.labels(flight.lane).inc(len(flight.waiters))
             log.info("refused: %s", refusal, extra=job_fields(flight.request.request_id))
@@ -387,24 +277,6 @@ class Worker:
         for job in list(flight.waiters):
             await self._notify(job, EventKind.queued, queue_position=est.position, eta_s=est.eta_s,
                                lane=flight.lane)
-
-    def _late(self, flight: Flight[Job], eta_s: float) -> str | None:
-        """The "busy" refusal when the flight cannot be ready by its deadline (the request's own, or its lane's);
-        None when it can. A record taken up again after a crash (attempt above 1) is never refused: it was
-        accepted once, and its requester was told so."""
-        req = flight.request
-        if any(j.attempt > 1 for j in flight.waiters):
-            return None
-        lane_s = self.settings.lane_deadline_s.get(flight.lane)
-        # A request may ask for a shorter deadline than its lane's, never a longer one.
-        asked = [d for d in (req.deadline_s, lane_s) if d is not None]
-        if not asked:
-            return None
-        deadline_s = min(asked)
-        left_s = deadline_s - (time.time() - req.created_at.timestamp())
-        if eta_s <= left_s:
-            return None
-        return busy(eta_s, left_s)
 
     # -- what the GPU loop reports (consumer/gpu.py's Outlet) -----------------------------------------------
     async def started(self, flights: list[Flight[Job]]) -> None:
@@ -536,10 +408,8 @@ class Worker:
     async def _on_revoked(self, dropped: list[Job]) -> None:
         """Forget the revoked partitions' jobs: a flight nobody here waits for any more leaves the queue."""
         for tp in {j.tp for j in dropped}:
-            try:
+            with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass
         for flight in list(self._flights.values()):
             flight.waiters = [j for j in flight.waiters if not j.abandoned]
             if not flight.waiters and self.gpu.batcher.remove(flight):
@@ -552,22 +422,6 @@ _REQUEST_ID = TypeAdapter(RequestId)
 def _log_lost_event(delivery: asyncio.Future) -> None:
     if not delivery.cancelled() and delivery.exception() is not None:
         log.warning("an event could not be produced: %s", delivery.exception())
-
-
-def registry_resolver(adapter_url: str) -> AdapterResolver:
-    """Adapters from the team registry: `name` is the team's latest version, `name@vN` that one."""
-    from skillgen.adapters.registry import Registry, RegistryError
-
-    registry = Registry(adapter_url)
-
-    def resolve(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
-        try:
-            found = registry.resolve(team_id, ref)
-        except RegistryError as exc:
-            raise AdapterError(str(exc)) from None
-        return ResolvedAdapter(name=ref.name, version=found.version, path=found.path, sha256=found.sha256)
-
-    return resolve
 
 
 async def serve(settings: ConsumerSettings, engine=None, ready: Callable[[], None] | None = None) -> Worker:
