@@ -5,7 +5,8 @@ Per event:
   message; one that arrives after the result was posted (or while it is being posted), or whose edit fails, is
   dropped, since the next one says more anyway.
 - Final (succeeded, failed, blocked, cancelled): one post per request, whatever kind comes first
-  (bots/markers.py): take the request's claim, read the images from the blob store, post, mark done. A later
+  (bots/markers.py): take the request's claim, read the images from the blob store, post, mark done. A succeeded
+  result's image references are kept first (SKILL_REMEMBER_S), for its Upscale and Vary buttons. A later
   terminal event of the request, of any kind, is dropped and counted
   (`skill_delivery_posts_total{outcome="duplicate"}`): a result that finishes after its cancel is never shown,
   and a cancel that comes after the result changes nothing. A cancelled request's status becomes a short
@@ -43,7 +44,7 @@ from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots import metrics
+from bots import image_actions, metrics
 from bots.discord_post import DiscordPoster
 from bots.errors import BotError, RetryAfter, Transient, Undeliverable
 from bots.markers import Busy, Claim, Markers, Posted
@@ -290,6 +291,8 @@ class Delivery:
         tries) the error is raised and the event re-queued."""
         images = []
         if event.kind == EventKind.succeeded:
+            # Before the result's Upscale and Vary buttons appear, what their clicks redraw (bots/image_actions.py).
+            await image_actions.remember(self.store, event, self.settings.remember_s)
             # Pictures only: a fine-tune's blobs also include its adapter weights.
             pictures = [ref for ref in event.blobs if ref.content_type == "image/png"]
             for i, ref in enumerate(pictures):

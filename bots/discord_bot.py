@@ -6,10 +6,11 @@ edited to "queued" (with the group's estimate of its position and ETA when there
 published; delivery (bots/delivery.py) then edits that same response through the interaction webhook as events
 arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
 token) and attaches the images, with Re-roll, Variations, Remix and Delete buttons whose clicks come back here
-(Remix opens a modal with the prompt to edit; its submission is a new request of whoever sent it, with the same
-seed and options; Delete, for the person who asked alone, deletes the result's message). A Cancel click is
-answered privately at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the
-person who asked can cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
+(and Upscale and Vary of each image, U1-U4 and V1-V4: a new img2img request of whoever clicked; Remix opens a
+modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and options;
+Delete, for the person who asked alone, deletes the result's message). A Cancel click is answered privately at
+once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the person who asked can
+cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
 most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it
 is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
 """
@@ -128,7 +129,8 @@ class SkillBot(discord.Client):
         await self.start_job(interaction, req)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Re-roll, Variations, Remix, Delete and Cancel clicks, and Remix's modal; app commands are the tree's."""
+        """Re-roll, Variations, Upscale, Vary, Remix, Delete and Cancel clicks, and Remix's modal; app commands are
+        the tree's."""
         kinds = (discord.InteractionType.component, discord.InteractionType.modal_submit)
         if interaction.type not in kinds or not interaction.data:
             return
@@ -148,8 +150,12 @@ class SkillBot(discord.Client):
         if button.action == render.DELETE:
             await self.on_delete(interaction, button.request_id)
             return
+        origin = origin_of(interaction)
         try:
-            req = await self.intake.repeat(button.request_id, button.action, origin_of(interaction))
+            if button.action in render.IMAGE_ACTIONS:  # Upscale or Vary of one image
+                req = await self.intake.from_image(button.request_id, button.action, button.index, origin)
+            else:
+                req = await self.intake.repeat(button.request_id, button.action, origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("discord", "refused").inc()
             await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)

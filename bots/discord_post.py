@@ -36,7 +36,7 @@ import time
 
 import aiohttp
 
-from bots import locales, metrics, render
+from bots import image_actions, locales, metrics, render
 from bots.credentials import Interactions
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Platform
@@ -135,7 +135,7 @@ class DiscordPoster:
             "content": (render.done if succeeded else render.failed)(event, await self._lang(event)),
             "allowed_mentions": _only(event),
             "components": render.discord_buttons(event.request_id, seed=render.result_seed(event))
-            if succeeded and event.job == "generate" else [],
+            + image_actions.discord_rows(event) if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
         hook = await self._webhook(event)

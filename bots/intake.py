@@ -3,8 +3,8 @@
 Parse (bots/grammar.py), the prompt policy (the consumer's own, run early; the consumer stays authoritative),
 backpressure, rate limits and quotas, then publish to `skill.generate`. Each published request is remembered for
 a while (SKILL_REMEMBER_S) so the Re-roll and Variations buttons on its result can repeat it, Remix can rerun it
-with an edited prompt, and the Cancel button on its status and the Delete button on its result can tell its owner
-from anyone else.
+with an edited prompt, Upscale and Vary can redraw one of its images (with the images delivery keeps), and the
+Cancel button on its status and the Delete button on its result can tell its owner from anyone else.
 
 Backpressure: the consumer group publishes its queue to Redis (skillgen.runtime.groupview). While it holds more
 than SKILL_MAX_BACKLOG_S seconds of work a new request is refused ("busy: ... try again in about M min") and
@@ -13,8 +13,8 @@ is advice: without it (Redis unset, down or slow) every request goes ahead. A pe
 SKILL_MAX_QUEUED_PER_PERSON requests not yet finished is refused too (bots/queued.py), before the rate limits, so
 neither refusal spends an allowance.
 
-`admit`, `repeat`, `remix` and `cancel` run before a chat command, click or modal is acknowledged (Discord: 3
-seconds), so what they ask Redis is time-boxed to PRE_ACK_S all together: the group view and the count of a
+`admit`, `repeat`, `from_image`, `remix` and `cancel` run before a chat command, click or modal is acknowledged
+(Discord: 3 seconds), so what they ask Redis is time-boxed to PRE_ACK_S all together: the group view and the count of a
 person's queued requests are skipped when they do not come in time (and then left alone for BREAKER_S), the rate-limit check falls
 back to the limiter's own windows (and its breaker), and a remembered request that cannot be read in time is
 answered with a "try again" refusal.
@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ValidationError
 
-from bots import grammar, render
+from bots import grammar, image_actions, render
 from bots.errors import Refusal
 from bots.keys import partition_key
 from bots.locales import t
@@ -164,14 +164,18 @@ class Intake:
 
     async def remembered(self, request_id: str, within_s: float = PRE_ACK_S) -> GenerateRequest:
         """The request behind a button, as published; Refusal when it cannot be read in time or is forgotten."""
+        return GenerateRequest.model_validate_json(await self._recall(f"req:{request_id}", within_s))
+
+    async def _recall(self, key: str, within_s: float) -> str:
+        """What a button needs from Redis; Refusal when it cannot be read in time ("slow") or is gone ("forgotten")."""
         try:
-            raw = await asyncio.wait_for(self.store.get(f"req:{request_id}"), max(0.05, within_s))
+            raw = await asyncio.wait_for(self.store.get(key), max(0.05, within_s))
         except TimeoutError:
-            log.warning("Redis took over %.1fs to read a remembered request", within_s)
+            log.warning("Redis took over %.1fs to read %s", within_s, key.partition(":")[0])
             raise Refusal.of("slow") from None
         if raw is None:
             raise Refusal.of("forgotten")
-        return GenerateRequest.model_validate_json(raw)
+        return raw
 
     async def repeat(self, request_id: str, action: str, origin: Origin) -> GenerateRequest:
         """Re-roll (the same request, a new seed) or Variations (four images from new seeds) of a remembered request,
@@ -188,6 +192,17 @@ class Intake:
             num_images=MAX_IMAGES if action == render.VARIATIONS else old.num_images,
         )
         return await self._admit_again(req, deadline)
+
+    async def from_image(self, request_id: str, action: str, index: int, origin: Origin) -> GenerateRequest:
+        """Upscale or Vary (render.UPSCALE, render.VARY) of image `index` (from 1) of a remembered request's result
+        (its pictures as delivery kept them: bots/image_actions.py), on behalf of whoever clicked, in the channel they
+        clicked in."""
+        self.check_team(origin)
+        deadline = time.monotonic() + PRE_ACK_S
+        old = await self.remembered(request_id, deadline - time.monotonic())
+        kept = await self._recall(image_actions.result_key(request_id), deadline - time.monotonic())
+        refs = image_actions.parse(kept)
+        return await self._admit_again(image_actions.request(old, refs, action, index, origin), deadline)
 
     async def remix(self, request_id: str, text: str, origin: Origin, seed: int | None = None) -> GenerateRequest:
         """Remix: a remembered request with the prompt `text` (edited in a modal), the same seed (`seed`, the one its

@@ -1,9 +1,11 @@
 """What the bots and delivery say in a channel, for Discord and Slack alike, and the buttons: Re-roll, Variations,
-Remix and Delete on a result, Cancel on a status that is not final.
+Remix and Delete on a result, Cancel on a status that is not final (and U1-U4, V1-V4 on one image of a result:
+bots/image_actions.py lays them out).
 
 A button names its action and the request it acts on (`skill:reroll:<request id>`, `skill:cancel:<request id>`;
-Remix also the seed of the result it sits on, `skill:remix:<request id>:<seed>`); the bot that receives the click
-looks the request up (bots/intake.py).
+Remix also the seed of the result it sits on, `skill:remix:<request id>:<seed>`; Upscale and Vary the image's
+place in the result, from 1, `skill:u:<request id>:2`); the bot that receives the click looks the request up
+(bots/intake.py).
 
 When a result is expected (an event's `eta_s`, an estimate at intake) it is shown as the platform's own timestamp,
 so every reader sees it in their time zone: Discord `<t:UNIX:R>` ("in 3 minutes"), Slack
@@ -44,11 +46,15 @@ VARIATIONS = "vary"
 REMIX = "remix"
 DELETE = "delete"
 CANCEL = "cancel"
+UPSCALE = "u"  # 2x one image of a result
+VARY = "v"  # a variation of one image of a result (Variations draws four from new seeds)
+IMAGE_ACTIONS = (UPSCALE, VARY)
 REPEATS = (REROLL, VARIATIONS)  # the same request again, new seeds: no questions asked
 ACTIONS = (*REPEATS, REMIX, DELETE)  # on a result
 STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
 _LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", DELETE: "Delete", CANCEL: "Cancel"}
-_CUSTOM_ID = re.compile(rf"^skill:({'|'.join(ACTIONS + STATUS_ACTIONS)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
+_ALL = ACTIONS + STATUS_ACTIONS + IMAGE_ACTIONS
+_CUSTOM_ID = re.compile(rf"^skill:({'|'.join(_ALL)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
 # Slack action ids must be unique within a message; the value carries the request id (and Remix's the seed).
 SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", DELETE: "skill_delete",
                     CANCEL: "skill_cancel"}
@@ -57,31 +63,40 @@ _DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, DELETE: 4, CANCEL: 4}
 
 
 class Button(NamedTuple):
-    """What a click names: the action, the request it acts on, and (Remix) the seed the result was drawn with."""
+    """What a click names: the action, the request it acts on, and (Remix) the seed the result was drawn with or
+    (Upscale, Vary) the image's place in the result, from 1."""
 
     action: str
     request_id: str
     seed: int | None = None
+    index: int | None = None
 
 
 def label(action: str) -> str:
     return _LABELS[action]
 
 
-def custom_id(action: str, request_id: str, seed: int | None = None) -> str:
-    """`skill:<action>:<request id>`, and `:<seed>` for Remix when the result's seed is known: a request that named
-    no seed got one from the consumer, and only its result says which."""
-    return f"skill:{action}:{request_id}" + (f":{seed}" if seed is not None and action == REMIX else "")
+def custom_id(action: str, request_id: str, seed: int | None = None, index: int | None = None) -> str:
+    """`skill:<action>:<request id>`, and `:<seed>` for Remix when the result's seed is known (a request that named
+    no seed got one from the consumer, and only its result says which), `:<index>` for Upscale and Vary."""
+    extra = seed if action == REMIX else index if action in IMAGE_ACTIONS else None
+    return f"skill:{action}:{request_id}" + (f":{extra}" if extra is not None else "")
 
 
 def parse_custom_id(value: str) -> Button | None:
     m = _CUSTOM_ID.match(value)
-    return Button(m.group(1), m.group(2), int(m.group(3)) if m.group(3) else None) if m else None
+    if m is None:
+        return None
+    extra = int(m.group(3)) if m.group(3) else None
+    if m.group(1) in IMAGE_ACTIONS:
+        return Button(m.group(1), m.group(2), index=extra) if extra else None  # which image it is, or nothing
+    return Button(m.group(1), m.group(2), extra)
 
 
-def slack_value(action: str, request_id: str, seed: int | None = None) -> str:
-    """A Slack button's value: the request id, and `:<seed>` for Remix (as in custom_id)."""
-    return custom_id(action, request_id, seed).split(":", 2)[2]
+def slack_value(action: str, request_id: str, seed: int | None = None, index: int | None = None) -> str:
+    """A Slack button's value: the request id, and `:<seed>` for Remix, `:<index>` for Upscale and Vary (as in
+    custom_id)."""
+    return custom_id(action, request_id, seed, index).split(":", 2)[2]
 
 
 def parse_slack_value(value: str) -> tuple[str, int | None]:

@@ -42,7 +42,13 @@ class SlackAccess(CommonSettings):
     slack_api_base: str = "https://slack.com/api/"
 
 
-class BotSettings(CommonSettings):
+class Remembering(CommonSettings):
+    # How long the buttons on a result keep working: the bots keep each request (Re-roll, Variations, Remix,
+    # Cancel, Delete) and delivery each result's images (Upscale, Vary) this long.
+    remember_s: int = Field(default=7 * 86400, ge=60)
+
+
+class BotSettings(Remembering):
     """What every front-end shares: the defaults a bare `/skill <prompt>` gets for this deployment's model,
     rate limits and quotas, and who is exempt from them."""
 
@@ -59,8 +65,6 @@ class BotSettings(CommonSettings):
     quota_team_per_day: int = Field(default=2000, ge=0)
     # "discord:<user id>" or "slack:<user id>", comma-separated: never rate limited.
     admins: CommaList = []
-    # How long Re-roll and Variations keep working on a result.
-    remember_s: int = Field(default=7 * 86400, ge=60)
     # Backpressure: a /skill is refused ("busy, try again in about N min") while the consumer group has more than
     # this many seconds of work queued (skillgen.runtime.groupview, read from Redis); 0 turns the check off.
     max_backlog_s: int = Field(default=1800, ge=0)
@@ -107,7 +111,7 @@ class SlackSettings(BotSettings, SlackAccess):
     slack_command: str = Field(default="/skill", pattern=r"^/[a-z0-9_-]{1,31}$")
 
 
-class DeliverySettings(DiscordAccess, SlackAccess):
+class DeliverySettings(DiscordAccess, SlackAccess, Remembering):
     # Progress edits per message: at most one per this many seconds.
     edit_interval_s: float = Field(default=2.0, ge=0)
     # The longest a handler waits in line per pass (429s and 5xx backoffs together), holding its partition;

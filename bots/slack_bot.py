@@ -16,9 +16,10 @@ work in a thread, a person mentions the bot there ("@skillgen a drummer's paradi
 mention in the channel starts a thread on it). Slack retries a command it thinks timed out (X-Slack-Retry-Num); the
 command's trigger_id is claimed first, so a retry never becomes a second job.
 
-The result carries Re-roll, Variations and Remix. Remix, for anyone in the channel, opens a modal (views.open) with
-the prompt to edit; its submission (`view_submission`) is a new request of whoever sent it, with the original's
-seed and options, in the result's channel and thread, and a refusal is shown on the prompt field.
+The result carries Re-roll, Variations and Remix, and Upscale and Vary of each image (U1-U4, V1-V4: a new
+img2img request of whoever clicked, as a Re-roll is). Remix, for anyone in the channel, opens a modal (views.open)
+with the prompt to edit; its submission (`view_submission`) is a new request of whoever sent it, with the
+original's seed and options, in the result's channel and thread, and a refusal is shown on the prompt field.
 
 Delete, for the person who asked alone, removes the result's images (files.delete) or message and the status
 message with the buttons; anyone else is told privately "Only the person who asked can delete this."
@@ -43,7 +44,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots import extensions, grammar, metrics, render
+from bots import extensions, grammar, image_actions, metrics, render
 from bots.errors import BotError, Refusal
 from bots.intake import CANCELLING, Intake
 from bots.settings import SlackSettings
@@ -80,6 +81,7 @@ class SlackFrontEnd:
         app.event("app_mention")(self.on_mention)
         for action in render.REPEATS:
             app.action(render.SLACK_ACTION_IDS[action])(self.on_button)
+        app.action(image_actions.SLACK_ACTION_ID)(self.on_button)  # U1-U4, V1-V4
         app.action(render.SLACK_ACTION_IDS[render.REMIX])(self.on_remix)
         app.view(REMIX_VIEW)(self.on_remix_submit)
         app.action(render.SLACK_ACTION_IDS[render.DELETE])(self.on_delete)
@@ -284,9 +286,14 @@ class SlackFrontEnd:
 
     async def on_button(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
         await ack()
-        name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
+        clicker = self.clicker(body)
         try:
-            req = await self.intake.repeat(action["value"], name, self.clicker(body))
+            if picked := image_actions.SLACK_ACTION_ID.match(action["action_id"]):  # Upscale or Vary of one image
+                request_id, index = render.parse_slack_value(action["value"])
+                req = await self.intake.from_image(request_id, picked.group(1), index or 0, clicker)
+            else:
+                name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
+                req = await self.intake.repeat(action["value"], name, clicker)
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
             await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",

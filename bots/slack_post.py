@@ -29,7 +29,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots import render
+from bots import image_actions, render
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from skillgen.runtime.redis import Store
@@ -116,8 +116,8 @@ class SlackPoster:
         if o.status_message_id:
             text = render.slack_result_posted(event)
             buttons_for = event.request_id if event.job == "generate" else None
-            await self._edit_or_post(o, text, render.slack_blocks(text, buttons_for, seed=render.result_seed(event)),
-                                      post_if_gone=False)
+            blocks = render.slack_blocks(text, buttons_for, seed=render.result_seed(event))
+            await self._edit_or_post(o, text, blocks + image_actions.slack_blocks(event), post_if_gone=False)
 
     async def _remember_result(self, event: JobEvent, posted) -> None:
         """Where the result went (its files, or its message's ts), for the Delete button (bots/slack_bot.py)."""

@@ -43,4 +43,8 @@ MESSAGES = {
         "I no longer have this request, so I cannot tell who asked for it; someone who may manage messages here "
         "can remove it."
     ),
+    "no_such_image": "This result has no image {index}.",
+    "too_large_to_upscale": (
+        "This image is {width}x{height}: twice that is more than {max_px} pixels a side, so it cannot be upscaled."
+    ),
 }

@@ -15,9 +15,9 @@ It is as strict as Discord where delivery can go wrong (each documented by Disco
 - a bot may edit a non-ephemeral interaction response with its bot token (PATCH /channels/{c}/messages/{id});
 - `forbid(channel, 50001 or 50013)` makes bot-token posts there answer 403 Missing Access / Missing Permissions,
   and `close_dms(user)` a DM to that user 403 50007 (Cannot send messages to this user);
-- a message with content over 2000 characters, more than 5 action rows or more than 10 attachments answers 400
-  50035 (Invalid Form Body), and so does a modal (callback type 9) that breaks Discord's rules for one, or one
-  sent in answer to a modal submission;
+- a message with content over 2000 characters, more than 5 action rows (or more than 5 buttons in one, or two
+  components with the same custom_id) or more than 10 attachments answers 400 50035 (Invalid Form Body), and so
+  does a modal (callback type 9) that breaks Discord's rules for one, or one sent in answer to a modal submission;
 - every REST answer carries X-RateLimit-Limit/Remaining/Reset-After/Bucket; `exhaust(path_regex, reset_after_s)`
   makes the next matching answer say Remaining 0, and a call to that bucket before its reset then gets a 429;
   `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global);
@@ -142,6 +142,7 @@ CALLBACK_DEADLINE_S = 3.0
 ATTACHMENT_TTL_S = 24 * 3600  # a signed CDN link's lifetime (Discord's are about a day)
 TOKEN_LIFETIME_S = 15 * 60
 MAX_CONTENT, MAX_ROWS, MAX_FILES = 2000, 5, 10
+MAX_BUTTONS_PER_ROW, MAX_CUSTOM_ID = 5, 100
 BUCKET_LIMIT = 5
 PERMISSION_ERRORS = {50001: "Missing Access", 50013: "Missing Permissions"}
 
@@ -414,6 +415,7 @@ class FakeDiscord(FakePlatform):
             errors["content"] = f"Must be {MAX_CONTENT} or fewer in length."
         if len(data.get("components") or []) > MAX_ROWS:
             errors["components"] = f"Must be {MAX_ROWS} or fewer in length."
+        errors.update(_component_errors(data.get("components") or []))
         if len(files) > MAX_FILES or len(data.get("attachments") or []) > MAX_FILES:
             errors["attachments"] = f"Must be {MAX_FILES} or fewer in length."
         if errors:
@@ -564,3 +566,19 @@ class FakeDiscord(FakePlatform):
             msg = self._new_message(interaction.channel_id, "followup", body, files, interaction.token)
             return 200, {}, msg.payload(interaction.guild_id)
         return 404, {}, {"message": "fake Discord does not serve this webhook call", "code": 0}
+
+
+def _component_errors(rows: list) -> dict:
+    """A message's action rows as Discord checks them: at most 5 buttons a row, each custom_id 1-100 characters and
+    unique in the message."""
+    errors, seen = {}, set()
+    for r, row in enumerate(rows):
+        items = row.get("components") or []
+        if len(items) > MAX_BUTTONS_PER_ROW:
+            errors[f"components.{r}.components"] = f"Must be {MAX_BUTTONS_PER_ROW} or fewer in length."
+        for i, item in enumerate(items):
+            cid = item.get("custom_id")
+            if cid is not None and (not 1 <= len(cid) <= MAX_CUSTOM_ID or cid in seen):
+                errors[f"components.{r}.components.{i}.custom_id"] = "Must be 1-100 in length and unique."
+            seen.add(cid)
+    return errors

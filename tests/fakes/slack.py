@@ -19,8 +19,9 @@ channel the fake was not told about is a public channel the bot is in, as CHANNE
 `chat:write.public` (the default); an upload always needs membership. conversations.info (a private channel the bot
 is not in is `channel_not_found`), conversations.join (`channels:join`, public channels only) and
 conversations.members answer from the same state. A message's text over 40,000 characters is `msg_too_long`, a
-section block's text over 3,000 `invalid_blocks`. Slash commands carry no thread_ts (Slack never runs one in a
-thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
+section block's text over 3,000 `invalid_blocks`, and so is an actions block of more than 25 elements (or two
+with one action_id, or a button value over 2,000 characters). Slash commands carry no thread_ts (Slack never runs
+one in a thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
 
 Modals: every command and click carries a trigger_id that views.open accepts once, within 3 seconds
 (`invalid_trigger_id`, `expired_trigger_id` otherwise); the view opened is kept in `fake.views`, and
@@ -388,6 +389,8 @@ class FakeSlack(FakePlatform):
                 return {"ok": False, "error": "msg_too_long"}
             if any(len((b.get("text") or {}).get("text", "")) > 3000 for b in _blocks(body) if b.get("type") == "section"):
                 return {"ok": False, "error": "invalid_blocks"}
+            if any(not _actions_ok(b) for b in _blocks(body) if b.get("type") == "actions"):
+                return {"ok": False, "error": "invalid_blocks"}
         if method in ("conversations.info", "conversations.join", "conversations.members"):
             return self._conversations(method, body)
         if method == "auth.test":
@@ -554,3 +557,11 @@ class FakeSlack(FakePlatform):
 def _blocks(body: dict) -> list:
     blocks = body.get("blocks") or []
     return json.loads(blocks) if isinstance(blocks, str) else blocks
+
+
+def _actions_ok(block: dict) -> bool:
+    """An actions block as Block Kit allows one: 1-25 elements, action ids unique in it, values of 2,000 at most."""
+    elements = block.get("elements") or []
+    ids = [e.get("action_id") for e in elements if e.get("action_id")]
+    return 1 <= len(elements) <= 25 and len(ids) == len(set(ids)) and all(
+        len(e.get("value") or "") <= 2000 for e in elements)

@@ -175,9 +175,11 @@ async def test_slack_status_updates_then_the_image_in_the_thread_once(world):
     assert shared.filename == f"skill-{r[:8]}-1.png"
     status = world.slack.messages[o.status_message_id]
     assert status.edits[0] == f"⏳ <@{fs.USER_ID}> queued, position 2: _a drummer's paradiddle_"
-    assert status.text.startswith("✅") and [b["type"] for b in status.blocks] == ["section", "actions"]
+    assert status.text.startswith("✅") and [b["type"] for b in status.blocks] == ["section", "actions", "actions"]
     # Re-roll, Variations, and Remix with the seed the result was drawn with (the request may have named none)
     assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r, f"{r}:3", r]
+    # and Vary of its one image (a 16 px image is too small to upscale)
+    assert [(e["action_id"], e["value"]) for e in status.blocks[2]["elements"]] == [("skill_v1", f"{r}:1")]
     assert len(status.edits) == 2  # queued (the progress was throttled), then done
 
 

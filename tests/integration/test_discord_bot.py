@@ -31,7 +31,7 @@ from tests.fakes.discord import (
     FakeDiscord,
 )
 from tests.fakes.records import TopicReader
-from tests.fakes.world import World, event
+from tests.fakes.world import World, event, png_bytes
 from tests.harness import SIGNING_KEY
 
 ADMINISTRATOR = str(1 << 3)
@@ -519,3 +519,39 @@ async def test_a_result_the_clicks_token_cannot_delete_is_deleted_with_the_bot_t
     assert deleted.status == 204 and deleted.path == f"/channels/{CHANNEL_ID}/messages/{it.original.id}"
     assert deleted.headers["Authorization"] == f"Bot {bot.bot_token}" and it.original.deleted
     assert bot.matching(lambda c: c.method == "POST" and c.path.startswith("/webhooks/")) == []  # nothing to say
+
+
+async def test_upscale_and_vary_of_one_image_publish_img2img_requests_of_the_clicker(bot, skill_env):
+    it = await bot.invoke("skill", {"prompt": "a juggler's cascade --no blurry", "n": 2, "seed": 11, "steps": 30})
+    [original] = await bot.requests.wait(1)
+    # Before delivery posts the result (and keeps its images) a click has nothing to redraw.
+    early = await bot.click(render.custom_id(render.UPSCALE, original.request_id, index=1), it.original)
+    [callback] = await bot.wait_for(callback_of(bot, early))
+    assert callback.body["data"]["flags"] & 64 and callback.body["data"]["content"] == FORGOTTEN
+    world = World(skill_env, discord=bot)
+    refs = [world.blobs.put(png_bytes(i, 256), width=256, height=256, seed=11 + i) for i in (0, 1)]
+    async with world.running():
+        await world.send(event(original.origin, EventKind.succeeded, original.request_id, prompt=original.prompt,
+                               blobs=refs))
+        [posted] = await bot.wait_for(lambda c: c.method == "PATCH" and bool(c.files)
+                                      and c.path.endswith(f"/{it.token}/messages/@original"))
+    assert posted.status == 200  # the fake checks Discord's limits: 5 rows, 5 buttons a row, unique custom ids
+    rows = [[b["label"] for b in row["components"]] for row in it.original.components]
+    assert rows == [["Re-roll", "Variations", "Remix", "Delete"], ["U1", "U2"], ["V1", "V2"]]
+    [u2] = [b for b in it.original.components[1]["components"] if b["label"] == "U2"]
+    assert u2["custom_id"] == f"skill:u:{original.request_id}:2"
+    up = await bot.click(u2["custom_id"], it.original, user_id="777")
+    [callback] = await bot.wait_for(callback_of(bot, up))
+    assert callback.body["type"] == 5
+    [upscale] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert upscale.init_image == refs[1] and (upscale.upscale, upscale.width, upscale.height) == (2, 512, 512)
+    assert (upscale.strength, upscale.seed, upscale.num_images) == (0.35, 12, 1)
+    assert (upscale.prompt, upscale.negative_prompt, upscale.steps) == ("a juggler's cascade", "blurry", 30)
+    assert upscale.origin.user_id == "777" and upscale.origin.verify(upscale.request_id, SIGNING_KEY.encode())
+    assert up.original.content == "⏳ <@777> queued: *a juggler's cascade*"
+    assert (await recall_interaction(upscale.request_id)).token == up.token
+    vary = await bot.click(render.custom_id(render.VARY, original.request_id, index=1), it.original, user_id="777")
+    await bot.wait_for(callback_of(bot, vary))
+    [varied] = [r for r in await bot.requests.wait(3) if r.request_id not in (original.request_id, upscale.request_id)]
+    assert varied.init_image == refs[0] and (varied.upscale, varied.width, varied.height) == (1, 256, 256)
+    assert (varied.strength, varied.num_images, varied.reroll) == (0.6, 1, 1) and varied.seed != original.seed

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from bots import render, slack_bot
-from bots.intake import CANCELLING, NOT_ALLOWED, NOT_OWNER
+from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER
 from bots.settings import SlackSettings
 from schemas.messages import EventKind, GenerateCancel, GenerateRequest
 from skillgen.runtime import groupview
@@ -27,7 +27,7 @@ from tests.fakes.slack import (
     FakeSlack,
     sign,
 )
-from tests.fakes.world import World, event
+from tests.fakes.world import World, event, png_bytes
 from tests.harness import SIGNING_KEY
 
 
@@ -456,7 +456,7 @@ async def test_only_the_owner_can_delete_a_result_and_its_images_and_status_go(b
                                blobs=[world.image()]))
         await bot.fake.wait_for(lambda c: c.path == "chat.update")  # after the upload: "done", with the buttons
     status_msg = bot.fake.messages[req.origin.status_message_id]
-    [_, actions] = status_msg.blocks
+    [_, actions, _] = status_msg.blocks  # (the last: Vary of its image)
     assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Delete"]
     [shared] = bot.fake.pngs(CHANNEL_ID)
     payload = bot.fake.button_payload(status_msg, "skill_delete", user_id="U0OTHER")
@@ -471,3 +471,45 @@ async def test_only_the_owner_can_delete_a_result_and_its_images_and_status_go(b
     await bot.fake.wait_for(lambda c: c.path == "chat.delete")
     assert bot.fake.visible(CHANNEL_ID) == [] and bot.fake.pngs(CHANNEL_ID) == []
     assert len(responses(bot)) == 1  # the owner is told nothing: the result is simply gone
+
+
+async def test_upscale_and_vary_of_one_image_publish_img2img_requests_of_the_clicker(bot, skill_env):
+    thread = "1700000000.000400"
+    await bot.fake.post_event(bot.url, bot.fake.mention_event("a juggler's cascade --n 2 --seed 11 --steps 30",
+                                                              thread_ts=thread))
+    [original] = await bot.requests.wait(1)
+    world = World(skill_env, slack=bot.fake)
+    refs = [world.blobs.put(png_bytes(i, 256), width=256, height=256, seed=11 + i) for i in (0, 1)]
+    async with world.running():
+        await world.send(event(original.origin, EventKind.succeeded, original.request_id, prompt=original.prompt,
+                               blobs=refs))
+        await bot.fake.wait_for(lambda c: c.path == "chat.update")  # after the upload, with the buttons
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    # (the fake keeps an edit's blocks only within Block Kit's limits: 25 elements a block, unique action ids)
+    [_, _, per_image] = status_msg.blocks
+    assert [e["text"]["text"] for e in per_image["elements"]] == ["U1", "U2", "V1", "V2"]
+    payload = bot.fake.button_payload(status_msg, "skill_u2", user_id="U0OTHER")
+    assert payload["actions"][0]["value"] == f"{original.request_id}:2"
+    status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+    assert status == 200 and took_s < 3
+    [upscale] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    assert upscale.init_image == refs[1] and (upscale.upscale, upscale.width, upscale.height) == (2, 512, 512)
+    assert (upscale.strength, upscale.seed, upscale.num_images, upscale.steps) == (0.35, 12, 1, 30)
+    assert upscale.origin.user_id == "U0OTHER" and upscale.origin.thread_id == thread
+    assert upscale.origin.status_message_id in bot.fake.messages  # its own status message, in the thread
+    await bot.post("payload=" + quote(json.dumps(bot.fake.button_payload(status_msg, "skill_v1", user_id="U0OTHER"))))
+    [varied] = [r for r in await bot.requests.wait(3) if r.request_id not in (original.request_id, upscale.request_id)]
+    assert varied.init_image == refs[0] and (varied.upscale, varied.width, varied.height) == (1, 256, 256)
+    assert (varied.strength, varied.num_images, varied.reroll) == (0.6, 1, 1) and varied.seed != original.seed
+    # Delivery keeps the result's images as long as the bots keep the request (SKILL_REMEMBER_S); once they are
+    # gone, a click is told so, privately.
+    store = Store.from_settings(CommonSettings())
+    try:
+        assert 7 * 86400 - 120 < await store.ttl_s(f"result:{original.request_id}") <= 7 * 86400
+        await store.link.call(lambda r: r.delete(store.key(f"result:{original.request_id}")), None)
+    finally:
+        await store.close()
+    await bot.post("payload=" + quote(json.dumps(bot.fake.button_payload(status_msg, "skill_v2"))))
+    [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+    assert said.body["text"] == FORGOTTEN and said.body["response_type"] == "ephemeral"
+    assert len(await bot.requests.settle(0.5)) == 3
