@@ -68,6 +68,7 @@ class _Entry(Generic[T]):
 class _Team:
     start: float = 0.0
     entries: deque = field(default_factory=deque)
+    units: float = 0.0  # the queued entries' cost, kept as they come and go
 
 
 @dataclass(eq=False)
@@ -88,6 +89,7 @@ class Batcher(Generic[T]):
         self.policy = policy or Policy()
         self._clock = clock
         self._keys: dict[Hashable, list[_Entry[T]]] = {}
+        self._sizes: dict[Hashable, int] = {}  # images queued per key, kept as entries come and go
         self._lanes: dict[str, _Lane] = {}
         self._vt = 0.0
         self._changed = asyncio.Event()
@@ -105,6 +107,7 @@ class Batcher(Generic[T]):
         entry = _Entry(item, key, size, now + (self.max_wait_s if wait else 0.0), self._seq, team, lane,
                        float(size if cost is None else cost), now)
         self._keys.setdefault(key, []).append(entry)
+        self._sizes[key] = self._sizes.get(key, 0) + size
         ln = self._lanes.get(lane)
         if ln is None:
             ln = self._lanes[lane] = _Lane(start=self._vt)
@@ -116,6 +119,7 @@ class Batcher(Generic[T]):
         elif not tm.entries:
             tm.start = max(tm.start, ln.vt)
         tm.entries.append(entry)
+        tm.units += entry.cost
         ln.count += 1
         self._changed.set()
         return ahead
@@ -152,8 +156,7 @@ class Batcher(Generic[T]):
         for lane_name, ln in self._lanes.items():
             for team_name, tm in ln.teams.items():
                 if tm.entries:
-                    out[flow(lane_name, team_name)] = Queued(requests=len(tm.entries),
-                                                             units=sum(e.cost for e in tm.entries))
+                    out[flow(lane_name, team_name)] = Queued(requests=len(tm.entries), units=max(0.0, tm.units))
         return out
 
     def waiting_since(self, item: T) -> float | None:
@@ -165,11 +168,11 @@ class Batcher(Generic[T]):
 
     # -- choosing ------------------------------------------------------------------------------------------
     def _ready_keys(self, now: float) -> set[Hashable]:
-        ready = set()
-        for key, q in self._keys.items():
-            if self._hurry or sum(e.size for e in q) >= self.max_batch or min(e.deadline for e in q) <= now:
-                ready.add(key)
-        return ready
+        # A key's entries keep their arrival order and all wait alike (a retry that runs alone has a key of its
+        # own), so its first entry has the earliest deadline.
+        if self._hurry:
+            return set(self._keys)
+        return {key for key, q in self._keys.items() if self._sizes[key] >= self.max_batch or q[0].deadline <= now}
 
     def _head(self, ready: set[Hashable]) -> _Entry[T]:
         if self.policy.fair:
@@ -256,10 +259,13 @@ class Batcher(Generic[T]):
     def _take(self, entry: _Entry[T]) -> None:
         q = self._keys[entry.key]
         q.remove(entry)
+        self._sizes[entry.key] -= entry.size
         if not q:
-            del self._keys[entry.key]
+            del self._keys[entry.key], self._sizes[entry.key]
         ln = self._lanes[entry.lane]
-        ln.teams[entry.team].entries.remove(entry)
+        tm = ln.teams[entry.team]
+        tm.entries.remove(entry)
+        tm.units -= entry.cost
         ln.count -= 1
 
     def _forget_idle(self) -> None:
@@ -274,7 +280,7 @@ class Batcher(Generic[T]):
             if batch is not None:
                 return batch
             self._changed.clear()
-            deadlines = [e.deadline for q in self._keys.values() for e in q]
+            deadlines = [q[0].deadline for q in self._keys.values()]
             timeout = max(0.0, min(deadlines) - self._clock()) if deadlines else None
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)

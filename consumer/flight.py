@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from consumer.cache import L2, CacheEntry
 from consumer.keys import BatchKey, ResolvedAdapter
 from schemas.messages import GenerateRequest
-from skillgen.runtime.redis import Lease, RedisLink, Store, WithoutRedis
+from skillgen.runtime.redis import Lease, RedisLink, Store, WithoutRedis, renew_all
 
 log = logging.getLogger("skillgen.consumer.flight")
 
@@ -65,6 +65,8 @@ class Leases:
         self.ttl_s = ttl_s
         self.poll_s = poll_ms / 1000
         self.progressing = progressing
+        self._held: set[Lease] = set()
+        self._renewer: asyncio.Task | None = None
 
     async def acquire(self, key: str) -> Lease | None:
         """The lease on `key`, or None while another consumer holds it."""
@@ -72,8 +74,32 @@ class Leases:
         if not await lease.acquire():
             return None
         if self.link is not None:  # without Redis there is nothing to renew
-            lease.keep_renewed(self.progressing)
+            self._held.add(lease)
+            if self._renewer is None or self._renewer.done():
+                self._renewer = asyncio.create_task(self._renew_held(), name="renew leases")
         return lease
+
+    async def _renew_held(self) -> None:
+        """Every third of the TTL, every lease still held, in one pipelined round trip (thousands of queued
+        flights would otherwise mean thousands of tasks and calls); none while the GPU loop is stuck, so they
+        lapse and peers take the pictures over."""
+        stuck = False
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            self._held = {lease for lease in self._held if not lease.released}
+            if self.progressing is not None and not self.progressing():
+                if not stuck:
+                    stuck = True
+                    log.warning("%d leases not renewed: the GPU loop makes no progress, so they lapse within "
+                                "%.1fs", len(self._held), self.ttl_s)
+                continue
+            stuck = False
+            await renew_all(self.store, list(self._held), self.ttl_s)
+
+    def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
 
     async def wait(self, key: str, l2: L2, wanted: Callable[[], bool] = lambda: True) -> CacheEntry | None:
         """Wait while another consumer holds the lease on `key`: its result once it is in L2, or None when

@@ -169,6 +169,7 @@ class Worker:
             await cancels.stop()
             for flight in list(self._flights.values()):  # left to the next owner: its peers need not wait
                 await self.close(flight)
+            self.leases.close()
             for opened in {id(x): x for x in (link, l2_link) if x is not None}.values():
                 await opened.close()
             self.gpu.shutdown()
