@@ -148,7 +148,7 @@ class Batcher(Generic[T]):
 
     @property
     def images(self) -> int:
-        return sum(e.size for q in self._keys.values() for e in q)
+        return sum(self._sizes.values())
 
     def backlog(self) -> dict[str, Queued]:
         """What is queued, per flow ("lane/team"): requests and work units."""

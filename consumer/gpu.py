@@ -115,6 +115,10 @@ class GpuLoop:
         # every ETA given after it.
         self.s_per_unit: float | None = None
         self._timed: deque[float] = deque(maxlen=SPEED_WINDOW)
+        # Full batches cost less per unit than small ones (a batch of 8 here: about half a lone image's per unit),
+        # so a deep queue, which is served in full batches, is timed by them.
+        self.s_per_unit_full: float | None = None
+        self._timed_full: deque[float] = deque(maxlen=SPEED_WINDOW)
         self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
         self.flights_per_batch = 1.0  # moving average
         self.running_units = 0.0
@@ -132,18 +136,25 @@ class GpuLoop:
             return 0.0
         return max(0.0, self.running_units * self.s_per_unit - (time.monotonic() - self.running_since))
 
+    def speed(self) -> float | None:
+        """Seconds per work unit for what is queued now: full batches' when a full batch is waiting."""
+        if self.s_per_unit_full is not None and self.batcher.images >= self.settings.max_batch:
+            return self.s_per_unit_full
+        return self.s_per_unit
+
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
         it is done (None before the first batch is timed)."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
         ahead_s = self.running_left_s() + self.post_s * (self.flights_per_batch + 1) / 2
+        speed = self.speed()
         if self.policy.fair:
             return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
                             team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights,
-                            s_per_unit=self.s_per_unit, running_s=ahead_s)
+                            s_per_unit=speed, running_s=ahead_s)
         work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
-        eta = None if self.s_per_unit is None else round(ahead_s + work * self.s_per_unit, 1)
+        eta = None if speed is None else round(ahead_s + work * speed, 1)
         return Estimate(position=len(self.batcher), units_ahead=work, eta_s=eta)
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
@@ -261,8 +272,12 @@ class GpuLoop:
         self.flights_per_batch = 0.8 * self.flights_per_batch + 0.2 * len(flights)
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
         if not any(f.cancelled for f in flights) and not batch.preempted:
-            self._timed.append(gen_s / max(1e-9, sum(f.cost for f in flights)))
+            per_unit = gen_s / max(1e-9, sum(f.cost for f in flights))
+            self._timed.append(per_unit)
             self.s_per_unit = statistics.median(self._timed)
+            if len(batch.samples) >= self.settings.max_batch:
+                self._timed_full.append(per_unit)
+                self.s_per_unit_full = statistics.median(self._timed_full)
         log.info("batch of %d images (%d requests) in %.2fs", len(batch.samples), len(flights), gen_s)
         for f, span in zip(flights, batch.spans):
             if f.cancelled:
