@@ -90,6 +90,12 @@ async def remember_token(intake: Intake, interaction: discord.Interaction, reque
         await interactions.remember_original(request_id, str(original.id))
 
 
+
+async def refuse(interaction: discord.Interaction, exc: Refusal, what: str = "refused") -> None:
+    """A refusal, told privately to the person who clicked or typed, in their language."""
+    metrics.COMMANDS.labels("discord", what).inc()
+    await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+
 class SkillBot(discord.Client):
     """The Discord front-end. `intake` publishes; `tree` holds /skill and any extension's commands."""
 
@@ -118,8 +124,7 @@ class SkillBot(discord.Client):
             # A server's administrators get no exemption: limits follow SKILL_ADMINS alone (bots/ratelimit.py).
             req = await self.intake.admit(grammar.from_options(prompt, options), origin)
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc)
             return
         if req is None:
             metrics.COMMANDS.labels("discord", "help").inc()
@@ -157,8 +162,7 @@ class SkillBot(discord.Client):
             else:
                 req = await self.intake.repeat(button.request_id, button.action, origin)
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc)
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
@@ -170,8 +174,7 @@ class SkillBot(discord.Client):
         try:
             await self.intake.owned(request_id, origin_of(interaction), "delete")
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "delete_refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc, "delete_refused")
             return
         await interaction.response.defer()  # type 6: the message the button is on becomes @original
         try:
@@ -194,8 +197,7 @@ class SkillBot(discord.Client):
             self.intake.check_team(origin_of(interaction))
             old = await self.intake.remembered(button.request_id)
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc)
             return
         await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt))
 
@@ -205,8 +207,7 @@ class SkillBot(discord.Client):
         try:
             req = await self.intake.remix(button.request_id, text, origin_of(interaction), button.seed)
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc)
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)
@@ -216,8 +217,7 @@ class SkillBot(discord.Client):
         try:
             msg = await self.intake.cancel(request_id, origin_of(interaction))
         except Refusal as exc:
-            metrics.COMMANDS.labels("discord", "cancel_refused").inc()
-            await interaction.response.send_message(exc.say(lang_of(interaction)), ephemeral=True)
+            await refuse(interaction, exc, "cancel_refused")
             return
         await interaction.response.send_message(locales.t("cancelling", lang_of(interaction)), ephemeral=True)
         try:
