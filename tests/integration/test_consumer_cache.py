@@ -91,13 +91,15 @@ async def test_a_lease_is_exclusive_and_a_killed_holders_lease_lapses(redis_serv
         again = await b.acquire("k")
         assert again is not None
 
-        # the holder dies: nothing renews, nothing releases
-        again._renewer.cancel()
+        # the holder dies: nothing renews (its consumer's one renewer stops), nothing releases
+        b.close()
         t0 = time.monotonic()
         assert await a.wait("k", l2) is None
         assert 0.3 < time.monotonic() - t0 < 2.0
         assert await a.acquire("k") is not None
     finally:
+        for leases in (a, b):
+            leases.close()
         for link in links:
             await link.close()
 
