@@ -223,6 +223,33 @@ def _friendly(exc: ValidationError) -> str:
     return "; ".join(parts) or describe(exc)
 
 
+def command_line(req: GenerateRequest, seed: int | None = None, defaults: Defaults = Defaults()) -> str:
+    """The `/skill ...` line that asks for `req` again: what the Parameters button shows, to copy. Options at
+    their deployment default are left out; `seed` (a result's, when the request named none) pins the pictures.
+    An Upscale's or Vary's source image cannot be typed: the line is the request it was drawn from.
+    `parse(command_line(req))` gives back the same prompt, negative, size, steps, seed, count, adapter,
+    scheduler and lane (tests/unit/test_grammar.py)."""
+    parts = ["/skill", req.prompt]
+    if req.negative_prompt:
+        parts += ["--no", req.negative_prompt]
+    width, height = (req.width // req.upscale, req.height // req.upscale)
+    if (width, height) != (defaults.width, defaults.height):
+        parts += ["--size", f"{width}x{height}"]
+    if req.steps != defaults.steps:
+        parts += ["--steps", str(req.steps)]
+    if (seed := req.seed if req.seed is not None else seed) is not None:
+        parts += ["--seed", str(seed)]
+    if req.num_images != 1:
+        parts += ["--n", str(req.num_images)]
+    if req.adapter is not None:
+        parts += ["--adapter", str(req.adapter)]
+    if req.scheduler != defaults.scheduler:
+        parts += ["--scheduler", req.scheduler]
+    if req.lane == "relax":
+        parts.append("--relax")
+    return " ".join(parts)
+
+
 def parse(
     text: str | Parsed, origin: Origin, defaults: Defaults = Defaults(), **extra
 ) -> GenerateRequest | None:

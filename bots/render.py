@@ -46,20 +46,23 @@ VARIATIONS = "vary"
 REMIX = "remix"
 DELETE = "delete"
 CANCEL = "cancel"
+PARAMS = "params"  # the request as a `/skill ...` line to copy, shown only to whoever clicks
+SEEDED = (REMIX, PARAMS)  # buttons whose id carries the seed the result was drawn with, when known
 UPSCALE = "u"  # 2x one image of a result
 VARY = "v"  # a variation of one image of a result (Variations draws four from new seeds)
 IMAGE_ACTIONS = (UPSCALE, VARY)
 REPEATS = (REROLL, VARIATIONS)  # the same request again, new seeds: no questions asked
-ACTIONS = (*REPEATS, REMIX, DELETE)  # on a result
+ACTIONS = (*REPEATS, REMIX, PARAMS, DELETE)  # on a result (Discord: five a row at most)
 STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
-_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", DELETE: "Delete", CANCEL: "Cancel"}
+_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", PARAMS: "Parameters", DELETE: "Delete",
+           CANCEL: "Cancel"}
 _ALL = ACTIONS + STATUS_ACTIONS + IMAGE_ACTIONS
 _CUSTOM_ID = re.compile(rf"^skill:({'|'.join(_ALL)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
 # Slack action ids must be unique within a message; the value carries the request id (and Remix's the seed).
-SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", DELETE: "skill_delete",
-                    CANCEL: "skill_cancel"}
+SLACK_ACTION_IDS = {REROLL: "skill_reroll", VARIATIONS: "skill_vary", REMIX: "skill_remix", PARAMS: "skill_params",
+                    DELETE: "skill_delete", CANCEL: "skill_cancel"}
 # Discord button styles: primary (blurple), secondary (grey), danger (red).
-_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, DELETE: 4, CANCEL: 4}
+_DISCORD_STYLES = {REROLL: 1, VARIATIONS: 2, REMIX: 2, PARAMS: 2, DELETE: 4, CANCEL: 4}
 
 
 class Button(NamedTuple):
@@ -77,9 +80,9 @@ def label(action: str) -> str:
 
 
 def custom_id(action: str, request_id: str, seed: int | None = None, index: int | None = None) -> str:
-    """`skill:<action>:<request id>`, and `:<seed>` for Remix when the result's seed is known (a request that named
+    """`skill:<action>:<request id>`, and `:<seed>` for Remix and Parameters when the result's seed is known (a request that named
     no seed got one from the consumer, and only its result says which), `:<index>` for Upscale and Vary."""
-    extra = seed if action == REMIX else index if action in IMAGE_ACTIONS else None
+    extra = seed if action in SEEDED else index if action in IMAGE_ACTIONS else None
     return f"skill:{action}:{request_id}" + (f":{extra}" if extra is not None else "")
 
 
@@ -94,7 +97,7 @@ def parse_custom_id(value: str) -> Button | None:
 
 
 def slack_value(action: str, request_id: str, seed: int | None = None, index: int | None = None) -> str:
-    """A Slack button's value: the request id, and `:<seed>` for Remix, `:<index>` for Upscale and Vary (as in
+    """A Slack button's value: the request id, and `:<seed>` for Remix and Parameters, `:<index>` for Upscale and Vary (as in
     custom_id)."""
     return custom_id(action, request_id, seed, index).split(":", 2)[2]
 
@@ -348,7 +351,7 @@ def discord_missing_permission(channel_id: str, access: bool) -> str:
 
 
 def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None) -> list[dict]:
-    """One action row: a result's Re-roll, Variations, Remix (its custom id carrying `seed`) and Delete, or
+    """One action row: a result's Re-roll, Variations, Remix and Parameters (their custom ids carrying `seed`) and Delete, or
     (STATUS_ACTIONS) a status's Cancel."""
     return [
         {
@@ -378,8 +381,8 @@ def clip(text: str, max_chars: int) -> str:
 
 def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS,
                  seed: int | None = None) -> list[dict]:
-    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations, Remix (its
-    value carrying `seed`) and Delete, or (STATUS_ACTIONS) a status's Cancel."""
+    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations, Remix and Parameters (their
+    values carrying `seed`) and Delete, or (STATUS_ACTIONS) a status's Cancel."""
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
     text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]

@@ -57,7 +57,7 @@ async def test_discord_a_cancel_after_the_result_changes_nothing(world):
         await handled(delivery, 2)
     [result] = webhook_edits(world, it.token)
     assert result.files and it.original.content.startswith(f"✅ <@{fd.USER_ID}>")
-    assert [b["label"] for b in it.original.components[0]["components"]] == ["Re-roll", "Variations", "Remix", "Delete"]
+    assert [b["label"] for b in it.original.components[0]["components"]] == ["Re-roll", "Variations", "Remix", "Parameters", "Delete"]
 
 
 async def test_slack_a_cancel_after_the_status_edits_it_posts_nothing_and_the_late_result_is_dropped(world):

@@ -537,7 +537,7 @@ async def test_upscale_and_vary_of_one_image_publish_img2img_requests_of_the_cli
                                       and c.path.endswith(f"/{it.token}/messages/@original"))
     assert posted.status == 200  # the fake checks Discord's limits: 5 rows, 5 buttons a row, unique custom ids
     rows = [[b["label"] for b in row["components"]] for row in it.original.components]
-    assert rows == [["Re-roll", "Variations", "Remix", "Delete"], ["U1", "U2"], ["V1", "V2"]]
+    assert rows == [["Re-roll", "Variations", "Remix", "Parameters", "Delete"], ["U1", "U2"], ["V1", "V2"]]
     [u2] = [b for b in it.original.components[1]["components"] if b["label"] == "U2"]
     assert u2["custom_id"] == f"skill:u:{original.request_id}:2"
     up = await bot.click(u2["custom_id"], it.original, user_id="777")

@@ -406,7 +406,7 @@ async def test_remix_opens_a_modal_and_its_submission_reruns_the_edit_with_the_s
     status_msg = bot.fake.messages[original.origin.status_message_id]
     status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=11)  # as delivery leaves it
     [_, actions] = status_msg.blocks
-    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Delete"]
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Parameters", "Delete"]
     view = await open_remix(bot, status_msg, user_id="U0OTHER")  # anyone in the channel may remix
     [block] = view["blocks"]
     assert view["callback_id"] == "skill_remix" and block["element"]["initial_value"] == "a juggler's cascade"
@@ -457,7 +457,7 @@ async def test_only_the_owner_can_delete_a_result_and_its_images_and_status_go(b
         await bot.fake.wait_for(lambda c: c.path == "chat.update")  # after the upload: "done", with the buttons
     status_msg = bot.fake.messages[req.origin.status_message_id]
     [_, actions, _] = status_msg.blocks  # (the last: Vary of its image)
-    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Delete"]
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Re-roll", "Variations", "Remix", "Parameters", "Delete"]
     [shared] = bot.fake.pngs(CHANNEL_ID)
     payload = bot.fake.button_payload(status_msg, "skill_delete", user_id="U0OTHER")
     status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bots.errors import Refusal
-from bots.grammar import CommandError, Defaults, from_options, help_text, parse, split
+from bots.grammar import CommandError, Defaults, command_line, from_options, help_text, parse, split
 from schemas.messages import MAX_PROMPT_CHARS, Origin, Platform
 
 pytestmark = pytest.mark.unit
@@ -135,3 +135,31 @@ async def test_the_console_refuses_a_blocked_prompt_before_publishing(tmp_path):
     bot = ConsoleBot(BotSettings(kafka_bootstrap="127.0.0.1:1"), tmp_path)  # never connected: nothing published
     with pytest.raises(CommandError, match="Your prompt was blocked: it asks for sexual content or nudity."):
         await bot.submit("/skill a nude figure study")
+
+
+_KEPT = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "num_images", "adapter", "scheduler", "lane")
+
+
+@pytest.mark.parametrize("line", [
+    "/skill a cellist --no blurry, text --size 512x768 --steps 12 --seed 7 --n 3 --adapter team-style@v2 "
+    "--scheduler euler --relax",
+    "/skill a drummer's paradiddle, \"top\" view",
+    "/skill a skater --ar 16:9 --seed 0",
+])
+def test_the_parameters_line_asks_for_the_same_request_again(line):
+    req = parse(line, ORIGIN)
+    again = parse(command_line(req), ORIGIN)
+    assert again.model_dump(include=set(_KEPT)) == req.model_dump(include=set(_KEPT))
+
+
+def test_the_parameters_line_leaves_defaults_out_and_pins_the_results_seed():
+    req = parse("/skill a violinist's bow hold", ORIGIN)
+    assert command_line(req) == "/skill a violinist's bow hold"
+    assert command_line(req, seed=42) == "/skill a violinist's bow hold --seed 42"
+    small = Defaults(width=64, height=64, steps=8)
+    assert command_line(parse("a cat --size 64x64 --steps 8", ORIGIN, small), defaults=small) == "/skill a cat"
+
+
+def test_an_upscales_parameters_are_those_of_the_image_it_enlarged():
+    req = parse("/skill a cat --size 256x256 --seed 3", ORIGIN).model_copy(update={"width": 512, "height": 512, "upscale": 2})
+    assert command_line(req) == "/skill a cat --size 256x256 --seed 3"

@@ -97,7 +97,7 @@ def test_a_single_image_gets_upscale_and_vary_and_four_get_two_rows_within_the_p
     blocks = render.slack_blocks("done", old.request_id) + image_actions.slack_blocks(four)
     elements = [e for b in blocks if b["type"] == "actions" for e in b["elements"]]
     ids = [e["action_id"] for e in elements]
-    assert len(ids) == len(set(ids)) == 12 and all(len(b.get("elements", ())) <= 25 for b in blocks)
+    assert len(ids) == len(set(ids)) == 13 and all(len(b.get("elements", ())) <= 25 for b in blocks)
     u2 = next(e for e in elements if e["action_id"] == "skill_u2")
     assert u2["value"] == f"{old.request_id}:2" and image_actions.SLACK_ACTION_ID.match("skill_u2")
 

@@ -76,8 +76,8 @@ def test_a_status_has_a_cancel_button_and_a_result_has_reroll_and_variations():
     assert (cancel["label"], cancel["custom_id"], cancel["style"]) == ("Cancel", "skill:cancel:r1", 4)
     assert render.parse_custom_id(cancel["custom_id"]) == render.Button(render.CANCEL, "r1")
     result = render.discord_buttons("r1", seed=42)[0]["components"]
-    assert [b["label"] for b in result] == ["Re-roll", "Variations", "Remix", "Delete"]
-    assert [b["custom_id"] for b in result] == ["skill:reroll:r1", "skill:vary:r1", "skill:remix:r1:42", "skill:delete:r1"]
+    assert [b["label"] for b in result] == ["Re-roll", "Variations", "Remix", "Parameters", "Delete"]
+    assert [b["custom_id"] for b in result] == ["skill:reroll:r1", "skill:vary:r1", "skill:remix:r1:42", "skill:params:r1:42", "skill:delete:r1"]
     assert render.parse_custom_id("skill:remix:r1:42") == render.Button(render.REMIX, "r1", seed=42)
     [_, actions] = render.slack_blocks("⏳", "r1", render.STATUS_ACTIONS)
     assert [(e["action_id"], e["value"]) for e in actions["elements"]] == [("skill_cancel", "r1")]
