@@ -318,6 +318,13 @@ def cancelled(event: JobEvent, lang: str = "en") -> str:
     return t("cancelled", lang, what=what, why=why)
 
 
+def parameters(line: str, lang: str = "en") -> str:
+    """What the Parameters button shows (to whoever clicked): the request's `/skill ...` line
+    (grammar.command_line) in a code block, which both platforms render verbatim with a copy affordance; a ``` in
+    the prompt would end the block early, so it is broken with a zero-width space."""
+    return t("parameters", lang, line="```\n" + line.replace("```", "`\u200b``") + "\n```")
+
+
 def slack_result_posted(event: JobEvent, lang: str = "en") -> str:
     """The status message once the result is posted as a new message below it (that one pings the person)."""
     return t("done_see_below", lang, done=done(event, lang))

@@ -47,4 +47,5 @@ MESSAGES = {
     "too_large_to_upscale": (
         "This image is {width}x{height}: twice that is more than {max_px} pixels a side, so it cannot be upscaled."
     ),
+    "parameters": "Copy this line to ask for the same picture again:\n{line}",
 }

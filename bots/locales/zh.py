@@ -39,4 +39,5 @@ MESSAGES = {
     "delete_forgotten": "我已不再保存这个请求，无法确认是谁发起的；可管理本频道消息的人可以删除它。",
     "no_such_image": "这个结果没有第 {index} 张图片。",
     "too_large_to_upscale": "这张图片是 {width}x{height}：放大两倍会超过每边 {max_px} 像素，因此无法放大。",
+    "parameters": "复制这一行即可再次生成同一张图：\n{line}",
 }
