@@ -1,12 +1,14 @@
 """What the bots and delivery say, in English and Simplified Chinese: one catalogue per language (en.py, zh.py),
 the same keys and placeholders in each (tests/unit/test_locales.py checks).
 
-A request's language is its requester's: on Discord the interaction's `locale` (`zh-CN` and `zh-TW` read as zh;
-anything else as en). It travels beside the request, not in it: the bot keeps it in Redis by request id
-(`lang:<request id>`, only when it is not English, for as long as the request is remembered), and delivery reads
-it there, so the status lines, the result and the ping come in the language the command was typed in. Without
-Redis they come in English. Slack stays English for now: a slash command does not say the user's locale, and
-asking users.info (with include_locale) before the acknowledgement costs a call in Slack's 3 seconds.
+A request's language is its requester's: on Discord the interaction's `locale`; on Slack the user's `locale` as
+users.info tells it (with include_locale, scope users:read), which no Slack payload carries, so the Slack bot asks
+after its acknowledgement and keeps the answer per person for a day (bots/slack_locale.py): its answers before an
+acknowledgement are in the person's language once it is known, in English before. Either way `zh-CN` and `zh-TW`
+read as zh, anything else (or nothing) as en. It travels beside the request, not in it: the bot keeps it in Redis
+by request id (`lang:<request id>`, only when it is not English, for as long as the request is remembered), and
+delivery reads it there, so the status lines, the result and the ping come in the requester's language. Without
+Redis they come in English.
 
 What the catalogues leave out stays English: the grammar's messages (they name options), the rate-limit lines,
 the consumer's and the trainer's own messages (quoted as they come), the help text.
@@ -29,6 +31,12 @@ def t(key: str, lang: str = DEFAULT, **params: object) -> str:
 def from_discord(locale: object) -> str:
     """A Discord locale (`zh-CN`, `zh-TW`, `en-US`, ...) as one of ours."""
     return "zh" if str(locale or "").lower().startswith("zh") else DEFAULT
+
+
+def from_slack(locale: object) -> str:
+    """A Slack user's locale (users.info's `user.locale`: `zh-CN`, `zh-TW`, `en-US`, ...; absent without
+    include_locale) as one of ours: the same tags as Discord's."""
+    return from_discord(locale)
 
 
 def _key(request_id: str) -> str:
