@@ -27,7 +27,11 @@ message with the buttons; anyone else is told privately "Only the person who ask
 The status message carries a Cancel button (delivery keeps it on queued and progress edits, and drops it with the
 result). A click is acked at once; only the person who asked may cancel (bots/intake.py checks against the request
 remembered in Redis): a GenerateCancel is published and they are told "Cancelling…" privately, anyone else "Only the
-person who asked can cancel this.", privately too.
+person who asked can cancel this.", privately too. Parameters, for anyone, answers privately with the `/skill ...`
+line that asks for the result again (grammar.command_line, the result's seed in the button's value).
+
+Slack's payloads carry no locale: the person's language comes from users.info after the ack (bots/slack_locale.py)
+and is kept for delivery by request id (bots/locales); what is said before an ack is in the language already known.
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots import extensions, grammar, image_actions, metrics, render
+from bots import extensions, grammar, image_actions, locales, metrics, render
 from bots.errors import BotError, Refusal
-from bots.intake import CANCELLING, Intake
+from bots.intake import Intake
 from bots.settings import SlackSettings
+from bots.slack_locale import SlackLocales
 from bots.slack_post import GONE, result_key
-from schemas.messages import MAX_PROMPT_CHARS, GenerateRequest, Origin, Platform
+from bots.slack_remix import REMIX_INPUT, REMIX_TOO_SLOW, REMIX_VIEW, remix_view
+from schemas.messages import GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
 
@@ -75,6 +81,7 @@ class SlackFrontEnd:
         self.settings = settings
         self.intake = intake
         self._member_of: dict[str, float] = {}  # channel id -> when the bot was last known to be in it
+        self.locales = SlackLocales(intake.store)
 
     def register(self, app: AsyncApp) -> None:
         app.command(self.settings.slack_command)(self.on_command)
@@ -86,6 +93,7 @@ class SlackFrontEnd:
         app.view(REMIX_VIEW)(self.on_remix_submit)
         app.action(render.SLACK_ACTION_IDS[render.DELETE])(self.on_delete)
         app.action(render.SLACK_ACTION_IDS[render.CANCEL])(self.on_cancel)
+        app.action(render.SLACK_ACTION_IDS[render.PARAMS])(self.on_params)
 
     async def on_command(self, ack, command: dict, client: AsyncWebClient, respond) -> None:
         # Every invocation has its own trigger_id, and a retry repeats it.
@@ -101,11 +109,12 @@ class SlackFrontEnd:
             channel_id=command["channel_id"],
             user_id=command["user_id"],
         )
+        lang = self.locales.known(origin)  # users.info is asked after the ack (start_job)
         try:
             req = await self.intake.admit(grammar.split(command.get("text") or "", command=False), origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
-            await self._ack(ack, claim, render.defuse(str(exc), Platform.slack))  # it may quote what was typed
+            await self._ack(ack, claim, render.defuse(exc.say(lang), Platform.slack))  # it may quote what was typed
             return
         if req is None:
             metrics.COMMANDS.labels("slack", "help").inc()
@@ -121,7 +130,7 @@ class SlackFrontEnd:
             metrics.COMMANDS.labels("slack", "not_member").inc()
             await self._ack(ack, claim, cannot)
             return
-        await self._ack(ack, claim, render.queued(req, self.intake.estimate(req.request_id)))
+        await self._ack(ack, claim, render.queued(req, self.intake.estimate(req.request_id), lang))
         await self.start_job(client, respond, req)
 
     async def can_post(self, client: AsyncWebClient, channel_id: str) -> str | None:
@@ -171,7 +180,7 @@ class SlackFrontEnd:
             req = await self.intake.admit(grammar.split(text, command=False), origin)
         except Refusal as exc:
             metrics.COMMANDS.labels("slack", "refused").inc()
-            await tell(render.defuse(str(exc), Platform.slack))
+            await tell(render.defuse(exc.say(await self.locales.lang(client, origin)), Platform.slack))
             return
         if req is None:
             metrics.COMMANDS.labels("slack", "help").inc()
@@ -195,25 +204,51 @@ class SlackFrontEnd:
             thread_id=container.get("thread_ts") or (body.get("message") or {}).get("thread_ts"),
         )
 
-    async def on_cancel(self, ack, body: dict, action: dict, respond) -> None:
+    async def refuse(self, respond, client: AsyncWebClient, who: Origin, exc: Refusal, outcome: str = "refused"):
+        """A refusal after the acknowledgement, told privately to whoever clicked, in their language."""
+        metrics.COMMANDS.labels("slack", outcome).inc()
+        text = exc.say(await self.locales.lang(client, who))
+        await respond(text=render.defuse(text, Platform.slack), response_type="ephemeral", replace_original=False)
+
+    async def on_cancel(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
         """Cancel, for the request's owner only; everyone is answered privately."""
         await ack()
+        clicker = self.clicker(body)
         try:
-            msg = await self.intake.cancel(action["value"], self.clicker(body))
+            msg = await self.intake.cancel(action["value"], clicker)
         except Refusal as exc:
-            metrics.COMMANDS.labels("slack", "cancel_refused").inc()
-            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
-                          replace_original=False)
+            await self.refuse(respond, client, clicker, exc, "cancel_refused")
             return
+        lang = await self.locales.lang(client, clicker)
         try:
             await self.intake.publish_cancel(msg)
         except Exception:
             log.exception("publish of a cancel failed", extra=job(msg.request_id))
             metrics.COMMANDS.labels("slack", "queue_down").inc()
-            await respond(text=render.queue_down("The cancel"), response_type="ephemeral", replace_original=False)
+            await respond(text=render.queue_down("The cancel", lang), response_type="ephemeral",
+                          replace_original=False)
             return
         metrics.COMMANDS.labels("slack", "cancel").inc()
-        await respond(text=CANCELLING, response_type="ephemeral", replace_original=False)
+        await respond(text=locales.t("cancelling", lang), response_type="ephemeral", replace_original=False)
+
+    async def on_params(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
+        """Parameters, for anyone in the channel: the `/skill ...` line that asks for the result again (the
+        remembered request, with the seed the result was drawn with when it named none, the deployment's defaults
+        left out), shown only to whoever clicked."""
+        await ack()
+        request_id, seed = render.parse_slack_value(action["value"])
+        clicker = self.clicker(body)
+        try:
+            self.intake.check_team(clicker)
+            req = await self.intake.remembered(request_id)
+        except Refusal as exc:
+            await self.refuse(respond, client, clicker, exc)
+            return
+        line = grammar.command_line(req, seed, self.intake.settings.defaults)
+        line = self.settings.slack_command + line.removeprefix("/skill")  # the command as this app names it
+        text = render.slack_text(render.parameters(line, await self.locales.lang(client, clicker)))
+        metrics.COMMANDS.labels("slack", "params").inc()
+        await respond(text=text, response_type="ephemeral", replace_original=False)
 
     async def on_remix(self, ack, body: dict, action: dict, client: AsyncWebClient, respond) -> None:
         """Remix, by anyone in the channel: a modal (views.open, within the trigger's 3 seconds) with the prompt to
@@ -225,9 +260,7 @@ class SlackFrontEnd:
             self.intake.check_team(clicker)
             old = await self.intake.remembered(request_id)
         except Refusal as exc:
-            metrics.COMMANDS.labels("slack", "refused").inc()
-            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
-                          replace_original=False)
+            await self.refuse(respond, client, clicker, exc)
             return
         where = {"request_id": request_id, "seed": seed, "channel": clicker.channel_id, "thread": clicker.thread_id}
         try:
@@ -245,9 +278,10 @@ class SlackFrontEnd:
                         channel_id=where["channel"], user_id=body["user"]["id"], thread_id=where.get("thread"))
         try:
             req = await self.intake.remix(where["request_id"], text, origin, where.get("seed"))
-        except Refusal as exc:
+        except Refusal as exc:  # said in the ack: in the language already known
             metrics.COMMANDS.labels("slack", "refused").inc()
-            await ack(response_action="errors", errors={REMIX_INPUT: render.clip(str(exc), 2000)})
+            await ack(response_action="errors", errors={REMIX_INPUT: render.clip(exc.say(self.locales.known(origin)),
+                                                                                 2000)})
             return
         await ack()
 
@@ -266,9 +300,7 @@ class SlackFrontEnd:
         try:
             await self.intake.owned(request_id, clicker, "delete")
         except Refusal as exc:
-            metrics.COMMANDS.labels("slack", "delete_refused").inc()
-            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
-                          replace_original=False)
+            await self.refuse(respond, client, clicker, exc, "delete_refused")
             return
         where = json.loads(await self.intake.store.get(result_key(request_id)) or "{}")
         try:
@@ -295,16 +327,16 @@ class SlackFrontEnd:
                 name = next(a for a, action_id in render.SLACK_ACTION_IDS.items() if action_id == action["action_id"])
                 req = await self.intake.repeat(action["value"], name, clicker)
         except Refusal as exc:
-            metrics.COMMANDS.labels("slack", "refused").inc()
-            await respond(text=render.defuse(str(exc), Platform.slack), response_type="ephemeral",
-                          replace_original=False)
+            await self.refuse(respond, client, clicker, exc)
             return
         await self.start_job(client, respond, req)
 
     async def start_job(self, client: AsyncWebClient, respond, req: GenerateRequest) -> None:
-        """Post the status message, then publish with its ts, so delivery edits the message the person sees."""
+        """Post the status message, then publish with its ts, so delivery edits the message the person sees. The
+        person's language is asked here, after the acknowledgement, and kept for delivery before the publish."""
         origin = req.origin
-        text = render.queued(req, self.intake.estimate(req.request_id))
+        lang = await self.locales.lang(client, origin)
+        text = render.queued(req, self.intake.estimate(req.request_id), lang)
         blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS)
         try:
             posted = await client.chat_postMessage(
@@ -317,11 +349,13 @@ class SlackFrontEnd:
             return
         req = req.model_copy(update={"origin": origin.model_copy(update={"status_message_id": posted["ts"]})})
         try:
+            await locales.remember(self.intake.store, req.request_id, lang, self.intake.settings.remember_s)
             await self.intake.publish(req)
         except Exception:
             log.exception("publish failed", extra=job(req.request_id))
             metrics.COMMANDS.labels("slack", "queue_down").inc()
-            await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=render.QUEUE_DOWN, blocks=[])
+            await client.chat_update(channel=origin.channel_id, ts=posted["ts"], text=render.queue_down(lang=lang),
+                                     blocks=[])
             return
         metrics.COMMANDS.labels("slack", "queued").inc()
 
@@ -333,28 +367,6 @@ async def _unless(errors: tuple[str, ...], call) -> None:
     except SlackApiError as exc:
         if exc.response.get("error") not in errors:
             raise
-
-
-REMIX_VIEW = "skill_remix"  # the modal's callback_id
-REMIX_INPUT = "prompt"  # its input block's block_id and its text input's action_id
-REMIX_TOO_SLOW = "I could not open the Remix form in time; click Remix again."
-
-
-def remix_view(prompt: str, private_metadata: str) -> dict:
-    """Remix's modal: the prompt, prefilled, to edit; the seed and options stay unless --options are added."""
-    return {
-        "type": "modal", "callback_id": REMIX_VIEW, "private_metadata": private_metadata,
-        "title": {"type": "plain_text", "text": "Remix"},
-        "submit": {"type": "plain_text", "text": "Draw"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [{
-            "type": "input", "block_id": REMIX_INPUT,
-            "label": {"type": "plain_text", "text": "Prompt (same seed and options)"},
-            "hint": {"type": "plain_text", "text": "Add --ar 16:9, --n 2, ... to change an option."},
-            "element": {"type": "plain_text_input", "action_id": REMIX_INPUT, "multiline": True,
-                        "initial_value": prompt, "min_length": 1, "max_length": MAX_PROMPT_CHARS},
-        }],
-    }
 
 
 def check(settings: SlackSettings) -> None:

@@ -14,9 +14,10 @@ with chat.postMessage. The one step that cannot be repeated harmlessly (the post
 a retry of the result after a 429 or a 5xx on the edit does not post it twice.
 Status edits carry the Cancel button; every final edit drops it. A cancelled request is an edit of the status
 message to "🛑 cancelled" and nothing else (no new message, so nobody is pinged).
-Failed results are an edit plus a short new message that mentions the requester; blocked results delete the
-status message and go to the person alone (chat.postEphemeral). Every text is clipped to Slack's limits
-(render.SLACK_SECTION_MAX in a section, render.SLACK_TEXT_MAX in a message).
+Failed results are an edit plus a short new message that mentions the requester ("🔔 @them Your picture could not
+be done (above)."); blocked results delete the status message and go to the person alone (chat.postEphemeral).
+Every text is clipped to Slack's limits (render.SLACK_SECTION_MAX in a section, render.SLACK_TEXT_MAX in a
+message), and in the requester's language, which the bot keeps by request id (bots/locales).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots import image_actions, render
+from bots import image_actions, locales, render
 from bots.errors import RetryAfter, Transient, Undeliverable
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from skillgen.runtime.redis import Store
@@ -74,31 +75,35 @@ class SlackPoster:
     async def status(self, event: JobEvent) -> None:
         if not event.origin.status_message_id or not self._spend_update(event.origin.team_id, progress=True):
             return  # nothing to edit, or the workspace's edit budget is spent: the next status or the result shows
-        text = render.status(event)
+        text = render.status(event, await self._lang(event))
         blocks = render.slack_blocks(text, event.request_id, render.status_buttons(event))  # Cancel, until the result
         await self._edit_or_post(event.origin, text, blocks, post_if_gone=False)
 
+    async def _lang(self, event: JobEvent) -> str:
+        """The requester's language (the bot keeps it by request id; English when none was kept)."""
+        return await locales.recall(self.store, event.request_id)
+
     async def final(self, event: JobEvent, images: list[tuple[str, bytes]]) -> None:
-        o = event.origin
+        o, lang = event.origin, await self._lang(event)
         if event.kind == EventKind.blocked:
             if o.status_message_id:
                 await self._call("chat_delete", ignore=GONE, channel=o.channel_id, ts=o.status_message_id)
             await self._call("chat_postEphemeral", channel=o.channel_id, user=o.user_id, thread_ts=o.thread_id,
-                             text=render.blocked(event))
+                             text=render.blocked(event, lang))
             return
         if event.kind == EventKind.cancelled:  # an edit, no buttons, and no new message: nobody is pinged
             if o.status_message_id:
-                text = render.cancelled(event)
+                text = render.cancelled(event, lang)
                 await self._edit_or_post(o, text, render.slack_blocks(text), post_if_gone=False)
             return
         if event.kind == EventKind.failed:
-            text = render.failed(event)
+            text = render.failed(event, lang)
             await self._edit_or_post(o, text, render.slack_blocks(text))
             if o.status_message_id:  # the edit notifies nobody
                 await self._post_once(event, "chat_postMessage", channel=o.channel_id, thread_ts=o.thread_id,
-                                      text=f"{render.mention(o.user_id)} your request could not be done: see above.")
+                                      text=render.discord_ping(event, lang))
             return
-        result = render.done(event)
+        result = render.done(event, lang)
         if images:
             posted = await self._post_once(
                 event, "files_upload_v2", ignore=NOT_MEMBER, channel=o.channel_id, thread_ts=o.thread_id,
@@ -109,12 +114,12 @@ class SlackPoster:
             posted = await self._post_once(event, "chat_postMessage", ignore=NOT_MEMBER, channel=o.channel_id,
                                            thread_ts=o.thread_id, text=result, blocks=render.slack_blocks(result))
         if posted is None:  # Slack refused the result: the bot is no longer in the channel
-            text = render.slack_cannot_upload(event)
+            text = render.slack_cannot_upload(event, lang)
             await self._edit_or_post(o, text, render.slack_blocks(text))
             return
         await self._remember_result(event, posted)
         if o.status_message_id:
-            text = render.slack_result_posted(event)
+            text = render.slack_result_posted(event, lang)
             buttons_for = event.request_id if event.job == "generate" else None
             blocks = render.slack_blocks(text, buttons_for, seed=render.result_seed(event))
             await self._edit_or_post(o, text, blocks + image_actions.slack_blocks(event), post_if_gone=False)

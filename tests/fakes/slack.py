@@ -4,7 +4,8 @@ Socket Mode WebSocket; plus signed slash-command requests for a Bolt app in HTTP
 Point slack_sdk at it with `AsyncWebClient(base_url=fake.api_base)` (SKILL_SLACK_API_BASE). A test reads
 what a channel shows from `fake.messages`, `fake.files` and `fake.ephemerals`.
 
-People and their files: `fake.users` (users.info: admins and owners) and `fake.usergroups`
+People and their files: `fake.users` (users.info, which needs users:read: admins and owners, and with
+include_locale the person's `locale`, from `fake.locales`, en-US by default) and `fake.usergroups`
 (usergroups.users.list); `fake.share_files(thread_ts, [(name, bytes)])` is a person sharing files into a thread:
 the files are kept (files.info) and served from the fake's private file host (`GET /files-pri/...`, which
 answers 403 without the bot token, as only the bot may fetch them; `file_delay_s` makes each download that
@@ -185,6 +186,7 @@ class FakeSlack(FakePlatform):
         self.files: list[SharedFile] = []
         self.ephemerals: list[Ephemeral] = []
         self.users: dict[str, dict] = {USER_ID: user(USER_ID)}
+        self.locales: dict[str, str] = {}  # user id -> the locale users.info tells (with include_locale): en-US else
         self.usergroups: dict[str, list[str]] = {}  # user group id -> member ids
         self.user_files: dict[str, UserFile] = {}
         self.file_delay_s = 0.0  # how long the private file host takes to answer each download
@@ -435,8 +437,7 @@ class FakeSlack(FakePlatform):
                 shared.append({"id": f["id"], "title": f.get("title"), "name": filename})
             return {"ok": True, "files": shared}
         if method == "users.info":
-            found = self.users.get(body.get("user", ""))
-            return {"ok": True, "user": found} if found else {"ok": False, "error": "user_not_found"}
+            return self._users_info(body)
         if method == "usergroups.users.list":
             members = self.usergroups.get(body.get("usergroup", ""))
             return {"ok": True, "users": members} if members is not None else {"ok": False, "error": "no_such_subteam"}
@@ -454,6 +455,18 @@ class FakeSlack(FakePlatform):
         if method == "apps.connections.open":
             return {"ok": True, "url": f"ws://127.0.0.1:{self.server.port}/socket"}
         return {"ok": False, "error": "unknown_method"}
+
+    def _users_info(self, body: dict) -> dict:
+        """users:read, as Slack asks of users.info; the person's `locale` only with include_locale (slack_sdk sends
+        a bool as 1)."""
+        if "users:read" not in self.scopes:
+            return {"ok": False, "error": "missing_scope", "needed": "users:read", "provided": ",".join(self.scopes)}
+        found = self.users.get(body.get("user", ""))
+        if found is None:
+            return {"ok": False, "error": "user_not_found"}
+        if str(body.get("include_locale", "")).lower() in ("1", "true"):
+            found = {**found, "locale": self.locales.get(found["id"], "en-US")}
+        return {"ok": True, "user": found}
 
     def _views_open(self, body: dict) -> dict:
         """A trigger_id is good once, for 3 seconds; a modal's title is at most 24 characters, its

@@ -588,7 +588,7 @@ async def test_slack_a_failure_is_an_edit_plus_a_mention_and_a_block_stays_priva
         await world.send(event(failed, FAIL, rid()), event(blocked, BLOCK, rid()))
         [ping] = await world.slack.wait_for(lambda c: c.path == "chat.postMessage")
         await world.slack.wait_for(lambda c: c.path == "chat.postEphemeral")
-    assert ping.body["text"] == f"<@{fs.USER_ID}> your request could not be done: see above."
+    assert ping.body["text"] == f"🔔 <@{fs.USER_ID}> Your picture could not be done (above)."
     assert world.slack.messages[failed.status_message_id].text.startswith(f"❌ <@{fs.USER_ID}> could not draw")
     assert world.slack.messages[blocked.status_message_id].deleted
     assert [m.ts for m in world.slack.visible(fs.CHANNEL_ID) if "graphic" in m.text] == []

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, quote
 import aiohttp
 import pytest
 
-from bots import render, slack_bot
+from bots import locales, render, slack_bot
 from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER
 from bots.settings import SlackSettings
 from schemas.messages import EventKind, GenerateCancel, GenerateRequest
@@ -513,3 +513,143 @@ async def test_upscale_and_vary_of_one_image_publish_img2img_requests_of_the_cli
     [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
     assert said.body["text"] == FORGOTTEN and said.body["response_type"] == "ephemeral"
     assert len(await bot.requests.settle(0.5)) == 3
+
+
+async def click(bot, message, action_id: str, **kw) -> None:
+    """Click `action_id` on `message`; the click is acked in time."""
+    payload = bot.fake.button_payload(message, action_id, **kw)
+    status, _, took_s = await bot.post("payload=" + quote(json.dumps(payload)))
+    assert status == 200 and took_s < 3
+
+
+async def test_parameters_tells_the_clicker_alone_the_command_line_with_the_results_seed(bot):
+    await bot.command("a juggler's cascade --ar 16:9 --steps 30 --n 2")
+    [original] = await bot.requests.wait(1)
+    assert original.seed is None  # the consumer chose it: the result's button carries it
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=1234)  # as delivery leaves it
+    await click(bot, status_msg, "skill_params", user_id="U0OTHER")  # anyone in the channel may ask
+    [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+    assert said.body["response_type"] == "ephemeral" and said.body["replace_original"] is False
+    assert said.body["text"] == ("Copy this line to ask for the same picture again:\n"
+                                 "```\n/skill a juggler's cascade --size 680x384 --steps 30 --seed 1234 --n 2\n```")
+    # A request that named its seed shows that one, whatever the button carries; defaults are left out.
+    await bot.command("a juggler's shower --seed 11")
+    [named] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    named_msg = bot.fake.messages[named.origin.status_message_id]
+    named_msg.blocks = render.slack_blocks("✅ done", named.request_id, seed=99)
+    await click(bot, named_msg, "skill_params")
+    _, said = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), count=2)
+    assert said.body["text"].endswith("```\n/skill a juggler's shower --seed 11\n```")
+    assert len(await bot.requests.settle(0.5)) == 2  # asking for parameters publishes nothing
+    assert len(bot.fake.matching(lambda c: c.path == "chat.postMessage")) == 2  # the two statuses, nothing more
+    assert bot.fake.matching(lambda c: c.path == "chat.postEphemeral") == []
+
+
+async def test_parameters_of_a_prompt_with_markup_is_shown_as_text(bot):
+    await bot.command("<!here> a ```fenced``` juggler")
+    [original] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=7)
+    await click(bot, status_msg, "skill_params")
+    [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"))
+    text = said.body["text"]
+    assert "<!here>" not in text and "&lt;!here&gt; a `\u200b``fenced`\u200b`` juggler --seed 7\n```" in text
+    assert text.count("```") == 2  # the prompt's fence cannot end the code block early
+
+
+async def test_parameters_of_a_forgotten_request_or_with_redis_too_slow_is_said_in_the_known_language(
+        bot, monkeypatch):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    await bot.command("a juggler")  # after its ack, the bot asks users.info and holds the answer
+    [original] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    forgotten = render.slack_blocks("✅ done", "f" * 32, seed=5)
+    status_msg.blocks = forgotten
+    await click(bot, status_msg, "skill_params")
+    await click(bot, status_msg, "skill_params", user_id="U0OTHER")  # not a person Slack knows: English
+    said = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), count=2)
+    assert sorted(s.body["text"] for s in said) == sorted([locales.t("forgotten", "zh"), FORGOTTEN])
+    get = Store.get
+
+    async def slow_get(self, name: str):
+        if name.startswith("req:"):
+            await asyncio.sleep(5)
+        return await get(self, name)
+
+    monkeypatch.setattr(Store, "get", slow_get)
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=5)
+    t0 = time.monotonic()
+    await click(bot, status_msg, "skill_params")
+    *_, said = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), count=3)
+    assert said.body["text"] == locales.t("slow", "zh") and said.at - t0 < 3
+    assert len(bot.fake.matching(lambda c: c.path == "users.info")) == 2  # once for each person
+
+
+@pytest.mark.parametrize(("locale", "says"), [
+    ("zh-CN", {"status": "⏳ <@U0FAKE> 已排队（2 张）：_a cellist's vibrato_",
+               "progress": "🎨 <@U0FAKE> ▰▰▱▱▱▱▱▱▱▱ 第 5/20 步：_a cellist's vibrato_",
+               "result": "✅ <@U0FAKE> _a cellist's vibrato_（种子 1, 2）",
+               "done": " · 已完成：见下方", "next": "⏳ <@U0FAKE> 已排队：_a second_"}),
+    ("en-US", {"status": "⏳ <@U0FAKE> queued (2 images): _a cellist's vibrato_",
+               "progress": "🎨 <@U0FAKE> ▰▰▱▱▱▱▱▱▱▱ step 5/20: _a cellist's vibrato_",
+               "result": "✅ <@U0FAKE> _a cellist's vibrato_ (seed 1, 2)",
+               "done": " · done: see below", "next": "⏳ <@U0FAKE> queued: _a second_"}),
+])
+async def test_the_users_locale_gives_the_status_result_and_answers_language_asked_once(bot, skill_env, locale,
+                                                                                       says):
+    bot.fake.locales[USER_ID] = locale
+    _, answer, took_s = await bot.command("a cellist's vibrato --n 2")
+    # Before the ack the locale is not known yet (users.info is never asked within Slack's 3 seconds).
+    assert answer["text"] == f"⏳ <@{USER_ID}> queued (2 images): _a cellist's vibrato_" and took_s < 3
+    [req] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[req.origin.status_message_id]
+    assert status_msg.text == says["status"]
+    [asked] = bot.fake.matching(lambda c: c.path == "users.info")
+    assert (asked.body["user"], asked.body["include_locale"]) == (USER_ID, "1")
+    world = World(skill_env, slack=bot.fake)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.progress, req.request_id, prompt=req.prompt, step=5,
+                               total_steps=20),
+                         event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image(1), world.image(2)]))
+        await bot.fake.wait_for(lambda c: c.path == "chat.update", count=2)
+    assert status_msg.edits[0] == says["progress"]
+    [result] = bot.fake.matching(lambda c: c.path == "files.completeUploadExternal")
+    assert result.body["initial_comment"] == says["result"]
+    assert status_msg.text == says["result"] + says["done"]
+    # Known now (in this process, and in Redis for a day): the next command is acked in that language, unasked.
+    _, answer, _ = await bot.command("a second")
+    assert answer["text"] == says["next"]
+    await bot.requests.wait(2)
+    assert len(bot.fake.matching(lambda c: c.path == "users.info")) == 1
+    store = Store.from_settings(CommonSettings())
+    try:
+        assert 86400 - 120 < await store.ttl_s(f"slack:locale:{TEAM_ID}:{USER_ID}") <= 86400
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["without users:read", "users.info failing"])
+async def test_a_locale_that_cannot_be_known_is_english_and_the_job_is_still_done(bot, skill_env, how):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    if how == "without users:read":
+        bot.fake.scopes.discard("users:read")
+    else:
+        bot.fake.fail("GET", r"^users\.info$", 500)
+    _, answer, _ = await bot.command("a cellist's vibrato")
+    assert "queued" in answer["text"]
+    [req] = await bot.requests.wait(1)
+    [asked] = await bot.fake.wait_for(lambda c: c.path == "users.info")
+    assert asked.status == (500 if how == "users.info failing" else 200)
+    status_msg = bot.fake.messages[req.origin.status_message_id]
+    assert status_msg.text == f"⏳ <@{USER_ID}> queued: _a cellist's vibrato_"
+    world = World(skill_env, slack=bot.fake)
+    async with world.running():
+        await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
+                               blobs=[world.image()]))
+        await bot.fake.wait_for(lambda c: c.path == "chat.update")
+    assert status_msg.text == f"✅ <@{USER_ID}> _a cellist's vibrato_ (seed 1) · done: see below"
+    await bot.command("a second")  # a failure is held a while too: Slack is not asked on every command
+    await bot.requests.wait(2)
+    assert len(bot.fake.matching(lambda c: c.path == "users.info")) == 1
