@@ -102,13 +102,8 @@ class DiscordPoster:
         payload: dict = {"content": render.status(event, await self._lang(event)), "allowed_mentions": _only(event)}
         if buttons := render.status_buttons(event):  # Cancel stays on every status until the result
             payload["components"] = render.discord_buttons(event.request_id, buttons)
-        hook = await self._webhook(event)
-        if hook is not None:
-            try:
-                await self._call("PATCH", f"{hook}/messages/@original", payload)
-                return
-            except WEBHOOK_GONE as exc:
-                await self._bury(event, exc)
+        if await self._edit_original(event, payload) is not None:
+            return
         origin, key = event.origin, _status_key(event.request_id)
         message_id = await self._message_id(event)
         if message_id is not None:
@@ -138,14 +133,10 @@ class DiscordPoster:
             + image_actions.discord_rows(event) if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
-        hook = await self._webhook(event)
+        hook = await self._edit_original(event, payload, images)
         if hook is not None:
-            try:
-                await self._call("PATCH", f"{hook}/messages/@original", payload, images)
-                await self._ping(event, hook, None)
-                return
-            except WEBHOOK_GONE as exc:
-                await self._bury(event, exc)
+            await self._ping(event, hook, None)
+            return
         channel = f"/channels/{event.origin.channel_id}/messages"
         try:
             message_id = await self._message_id(event)
@@ -168,13 +159,8 @@ class DiscordPoster:
         payload = {"content": render.cancelled(event, await self._lang(event)),
                    "allowed_mentions": {"parse": [], "users": []},
                    "components": [], "attachments": []}
-        hook = await self._webhook(event)
-        if hook is not None:
-            try:
-                await self._call("PATCH", f"{hook}/messages/@original", payload)
-                return
-            except WEBHOOK_GONE as exc:
-                await self._bury(event, exc)
+        if await self._edit_original(event, payload) is not None:
+            return
         message_id = await self._message_id(event)
         if message_id is None:
             return
@@ -253,6 +239,20 @@ class DiscordPoster:
         if await self.store.get(_dead_key(event.request_id)) is not None:
             return None
         return f"/webhooks/{interaction.application_id}/{interaction.token}"
+
+    async def _edit_original(self, event: JobEvent, payload: dict, images: list[tuple[str, bytes]] = ()) -> str | None:
+        """Edit the original response through the interaction webhook while it can still be used: the webhook's
+        path once edited, else None (no token, too old, or it answered 404 Unknown Webhook / 401 Invalid Webhook
+        Token just now: buried, so the caller goes on with the bot token)."""
+        hook = await self._webhook(event)
+        if hook is None:
+            return None
+        try:
+            await self._call("PATCH", f"{hook}/messages/@original", payload, images)
+        except WEBHOOK_GONE as exc:
+            await self._bury(event, exc)
+            return None
+        return hook
 
     async def _message_id(self, event: JobEvent) -> str | None:
         """The message that shows this request, to edit with the bot token: the original response, or the

@@ -46,8 +46,9 @@ async def test_discord_status_then_images_on_the_original_response_exactly_once(
         await asyncio.sleep(1.5)
     assert [f.filename for f in final.files] == [f"skill-{r[:8]}-1.png", f"skill-{r[:8]}-2.png"]
     assert all(f.is_png for f in final.files)
-    reroll, _, remix, _ = final.body["components"][0]["components"]
+    reroll, _, remix, params, _ = final.body["components"][0]["components"]
     assert reroll["custom_id"] == f"skill:reroll:{r}" and remix["custom_id"] == f"skill:remix:{r}:1"  # image 1's seed
+    assert (params["label"], params["custom_id"]) == ("Parameters", f"skill:params:{r}:1")
     assert final.body["allowed_mentions"] == {"parse": [], "users": [fd.USER_ID]}
     assert len(world.discord.matching(original_edits(world.discord, it.token, with_files=True))) == 1
     # The burst of seven status events made one edit (throttled); the late progress made none.
@@ -176,8 +177,9 @@ async def test_slack_status_updates_then_the_image_in_the_thread_once(world):
     status = world.slack.messages[o.status_message_id]
     assert status.edits[0] == f"⏳ <@{fs.USER_ID}> queued, position 2: _a drummer's paradiddle_"
     assert status.text.startswith("✅") and [b["type"] for b in status.blocks] == ["section", "actions", "actions"]
-    # Re-roll, Variations, and Remix with the seed the result was drawn with (the request may have named none)
-    assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r, f"{r}:3", r]
+    # Re-roll, Variations, then Remix and Parameters with the seed the result was drawn with (the request may have
+    # named none), and Delete
+    assert [e["value"] for e in status.blocks[1]["elements"]] == [r, r, f"{r}:3", f"{r}:3", r]
     # and Vary of its one image (a 16 px image is too small to upscale)
     assert [(e["action_id"], e["value"]) for e in status.blocks[2]["elements"]] == [("skill_v1", f"{r}:1")]
     assert len(status.edits) == 2  # queued (the progress was throttled), then done
