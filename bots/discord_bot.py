@@ -8,7 +8,8 @@ arrive (after the token's 15 minutes, with the bot token: the original response'
 token) and attaches the images, with Re-roll, Variations, Remix and Delete buttons whose clicks come back here
 (and Upscale and Vary of each image, U1-U4 and V1-V4: a new img2img request of whoever clicked; Remix opens a
 modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and options;
-Delete, for the person who asked alone, deletes the result's message). A Cancel click is answered privately at
+Delete, for the person who asked alone, deletes the result's message; Parameters, by anyone, answers only them with
+the `/skill ...` line that asks for the same picture again). A Cancel click is answered privately at
 once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the person who asked can
 cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
 most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it
@@ -134,8 +135,8 @@ class SkillBot(discord.Client):
         await self.start_job(interaction, req)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Re-roll, Variations, Upscale, Vary, Remix, Delete and Cancel clicks, and Remix's modal; app commands are
-        the tree's."""
+        """Re-roll, Variations, Upscale, Vary, Remix, Parameters, Delete and Cancel clicks, and Remix's modal; app
+        commands are the tree's."""
         kinds = (discord.InteractionType.component, discord.InteractionType.modal_submit)
         if interaction.type not in kinds or not interaction.data:
             return
@@ -154,6 +155,9 @@ class SkillBot(discord.Client):
             return
         if button.action == render.DELETE:
             await self.on_delete(interaction, button.request_id)
+            return
+        if button.action == render.PARAMS:
+            await self.on_params(interaction, button)
             return
         origin = origin_of(interaction)
         try:
@@ -200,6 +204,22 @@ class SkillBot(discord.Client):
             await refuse(interaction, exc)
             return
         await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt))
+
+    async def on_params(self, interaction: discord.Interaction, button: render.Button) -> None:
+        """Parameters, by anyone who can see the result: the remembered request as the `/skill ...` line that asks
+        for it again (options at this deployment's defaults left out; the result's seed, from the button, when the
+        request named none), told privately in the clicker's language. Nothing is published, nothing counted
+        against a limit; the read of Redis is time-boxed (intake.PRE_ACK_S), so the answer is within 3 s."""
+        lang = lang_of(interaction)
+        try:
+            self.intake.check_team(origin_of(interaction))
+            req = await self.intake.remembered(button.request_id)
+        except Refusal as exc:
+            await refuse(interaction, exc, "params_refused")
+            return
+        line = grammar.command_line(req, button.seed, self.settings.defaults)
+        metrics.COMMANDS.labels("discord", "params").inc()
+        await interaction.response.send_message(render.parameters(line, lang), ephemeral=True)
 
     async def on_remix_submit(self, interaction: discord.Interaction, button: render.Button) -> None:
         """The edited prompt: a new request of whoever submitted it, with the original's seed and options."""

@@ -8,9 +8,16 @@ import time
 
 import pytest
 
-from bots import discord_bot, render
+from bots import discord_bot, locales, render
 from bots.credentials import Interactions
-from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER, NOT_OWNER_DELETE
+from bots.intake import (
+    CANCELLING,
+    FORGOTTEN,
+    NOT_ALLOWED,
+    NOT_OWNER,
+    NOT_OWNER_DELETE,
+    SLOW,
+)
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_PROMPT_CHARS,
@@ -296,6 +303,19 @@ async def test_a_redis_that_never_answers_still_gets_the_command_deferred_within
     assert said["flags"] & 64 and "You have reached your limit of 2 requests per minute" in said["content"]
 
 
+async def test_parameters_on_a_redis_that_never_answers_is_still_answered_within_3_seconds(bot_on_silent_redis):
+    bot = bot_on_silent_redis
+    it = await bot.invoke("skill", {"prompt": "a cellist's vibrato", "seed": 3})
+    await bot.wait_for(lambda c: c.method == "PATCH" and "queued" in c.body.get("content", ""))
+    # The request was kept in the bot's memory while Redis was out: its line still comes, privately.
+    [request_id] = [b["custom_id"].split(":")[2] for b in it.original.components[0]["components"]]
+    t0 = time.monotonic()
+    click = await bot.click(render.custom_id(render.PARAMS, request_id), it.original)
+    [callback] = await bot.wait_for(callback_of(bot, click))
+    assert callback.status == 200 and callback.at - t0 < 3 and callback.body["data"]["flags"] & 64
+    assert callback.body["data"]["content"].endswith("```\n/skill a cellist's vibrato --seed 3\n```")
+
+
 async def test_relax_publishes_in_the_relax_lane_and_says_so(bot):
     it = await bot.invoke("skill", {"prompt": "a cellist's bow hold", "relax": True})
     [req] = await bot.requests.wait(1)
@@ -454,6 +474,66 @@ async def test_remix_of_a_forgotten_request_says_so_without_a_modal(bot):
     it = await bot.click(render.custom_id(render.REMIX, "f" * 32, 5), first.original)
     [callback] = await bot.wait_for(callback_of(bot, it))
     assert callback.body["type"] == 4 and callback.body["data"]["content"] == FORGOTTEN and it.modal is None
+
+
+@pytest.mark.parametrize("bot", [{"rate_user_per_min": 10, "default_steps": 12}], indirect=True)
+async def test_parameters_tells_whoever_clicks_alone_the_line_that_asks_for_the_same_picture(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler's cascade --ar 16:9 --no blurry", "steps": 20, "n": 2})
+    [original] = await bot.requests.wait(1)
+    assert original.seed is None  # the consumer chose it: the result's button carries it
+    first.original.components = render.discord_buttons(original.request_id, seed=1234)  # as delivery leaves it
+    [params] = [b for b in first.original.components[0]["components"] if b["label"] == "Parameters"]
+    # Anyone who sees the result may ask; only they see the answer, within 3 s.
+    t0 = time.monotonic()
+    click = await bot.click(params["custom_id"], first.original, user_id="777")
+    [callback] = await bot.wait_for(callback_of(bot, click))
+    assert callback.status == 200 and callback.body["type"] == 4 and callback.at - t0 < 3
+    line = "/skill a juggler's cascade --no blurry --size 680x384 --steps 20 --seed 1234 --n 2"
+    said = f"Copy this line to ask for the same picture again:\n```\n{line}\n```"
+    assert callback.body["data"]["flags"] & 64 and callback.body["data"]["content"] == said
+    assert [m.content for m in bot.ephemeral_to(click)] == [said] and bot.channel(CHANNEL_ID) == [first.original]
+    # In the clicker's language; the line itself is the grammar's, the same in every language.
+    zh = await bot.click(params["custom_id"], first.original, user_id="888", locale="zh-CN")
+    [callback] = await bot.wait_for(callback_of(bot, zh))
+    assert callback.body["data"]["content"] == f"复制这一行即可再次生成同一张图：\n```\n{line}\n```"
+    # A request that named its seed keeps it; options at this deployment's defaults (steps 12 here) are left out.
+    second = await bot.invoke("skill", {"prompt": "a cellist's bow hold", "seed": 11})
+    [named] = [r for r in await bot.requests.wait(2) if r.request_id != original.request_id]
+    click = await bot.click(render.custom_id(render.PARAMS, named.request_id, 99), second.original)
+    [callback] = await bot.wait_for(callback_of(bot, click))
+    assert callback.body["data"]["content"].endswith("```\n/skill a cellist's bow hold --seed 11\n```")
+    assert await bot.requests.settle(0.5) == [original, named]  # asking for parameters publishes nothing
+
+
+async def test_parameters_of_a_forgotten_request_says_so_in_the_clickers_language(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler"})
+    await bot.requests.wait(1)
+    for locale, says in (("en-US", FORGOTTEN), ("zh-TW", locales.t("forgotten", "zh"))):
+        it = await bot.click(render.custom_id(render.PARAMS, "f" * 32, 5), first.original, locale=locale)
+        [callback] = await bot.wait_for(callback_of(bot, it))
+        assert callback.body["type"] == 4 and callback.body["data"]["flags"] & 64
+        assert callback.body["data"]["content"] == says
+
+
+async def test_parameters_when_redis_is_slower_than_the_acknowledgement_allows_says_try_again(bot, monkeypatch):
+    """A read of the remembered request that would take longer than intake.PRE_ACK_S (a Redis call queued behind a
+    full connection pool) is given up on: the click is still answered within 3 s, asking to try again."""
+    first = await bot.invoke("skill", {"prompt": "a juggler", "seed": 5})
+    [original] = await bot.requests.wait(1)
+    get = Store.get
+
+    async def slow_get(self, name: str):
+        if name.startswith("req:"):
+            await asyncio.sleep(5)
+        return await get(self, name)
+
+    monkeypatch.setattr(Store, "get", slow_get)
+    for locale, says in (("en-US", SLOW), ("zh-CN", locales.t("slow", "zh"))):
+        t0 = time.monotonic()
+        it = await bot.click(render.custom_id(render.PARAMS, original.request_id, 5), first.original, locale=locale)
+        [callback] = await bot.wait_for(callback_of(bot, it))
+        assert callback.status == 200 and callback.at - t0 < 3 and callback.body["data"]["flags"] & 64
+        assert callback.body["data"]["content"] == says
 
 
 @pytest.mark.security
