@@ -39,8 +39,9 @@ from bots.errors import Refusal
 from bots.keys import partition_key
 from bots.locales import t
 from bots.queued import QueuedJobs, finished
-from bots.ratelimit import BREAKER_S, RateLimiter
+from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
+from bots.timebox import TimeBox
 from schemas.codec import describe, encode
 from schemas.messages import (
     MAX_IMAGES,
@@ -92,7 +93,7 @@ class Intake:
         self.policy = policy or PromptPolicy.from_settings()
         self._key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
         self._estimates: OrderedDict[str, Estimate] = OrderedDict()
-        self._view_skipped_until = 0.0  # a group view that did not come in time is not asked for until then
+        self._view_box = TimeBox("show the group's queue", "admitting without it")
 
     @classmethod
     @asynccontextmanager
@@ -130,15 +131,9 @@ class Intake:
     async def group_view(self, within_s: float) -> GroupView | None:
         """The consumer group's queue, or None when Redis is unset, down or slower than `within_s`."""
         link = self.store.link
-        if link is None or self.limiter.local_only or time.monotonic() < self._view_skipped_until:
+        if link is None or self.limiter.local_only or self._view_box.tripped:
             return None
-        try:
-            return await asyncio.wait_for(groupview.read(link, self.store.prefix), max(0.05, within_s))
-        except TimeoutError:
-            self._view_skipped_until = time.monotonic() + BREAKER_S
-            log.warning("Redis took over %.1fs to show the group's queue: admitting without it for %.0fs",
-                        within_s, BREAKER_S)
-            return None
+        return await self._view_box.run(lambda: groupview.read(link, self.store.prefix), within_s)
 
     def check_backlog(self, view: GroupView | None) -> None:
         """Refuse new work while the group has more than SKILL_MAX_BACKLOG_S seconds of it queued."""

@@ -17,12 +17,11 @@ lock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from bots.errors import Refusal
-from bots.ratelimit import BREAKER_S, TIME_BOX_S
+from bots.timebox import BREAKER_S, TIME_BOX_S, TimeBox
 from schemas.messages import Origin
 from skillgen.runtime.redis import Store
 
@@ -43,9 +42,7 @@ class QueuedJobs:
         self.cap = cap
         self.admins = set(admins)
         self.forget_s = forget_s
-        self.time_box_s = time_box_s
-        self.breaker_s = breaker_s
-        self._skip_until = 0.0  # the breaker: nobody is capped until then
+        self.box = TimeBox("count a person's queued requests", "nobody is capped", time_box_s, breaker_s)
 
     @classmethod
     def from_settings(cls, settings, store: Store) -> QueuedJobs:
@@ -59,9 +56,8 @@ class QueuedJobs:
         time."""
         if self.exempt(origin) or self.store is None or self.store.link is None:
             return
-        if time.monotonic() < self._skip_until:
+        if self.box.tripped:
             return
-        box_s = self.time_box_s if within_s is None else max(0.05, min(within_s, self.time_box_s))
         name = self.store.key(key(origin))
         oldest_ms = int((time.time() - self.forget_s) * 1000)
 
@@ -72,13 +68,7 @@ class QueuedJobs:
                 _, n = await p.execute()
             return int(n)
 
-        try:
-            waiting = await asyncio.wait_for(self.store.call(count, lambda: None), box_s)
-        except TimeoutError:
-            self._skip_until = time.monotonic() + self.breaker_s
-            log.warning("Redis took over %.1fs to count a person's queued requests: nobody is capped for %.0fs",
-                        box_s, self.breaker_s)
-            return
+        waiting = await self.box.run(lambda: self.store.call(count, lambda: None), within_s)
         if waiting is not None and waiting >= self.cap:
             log.info("refused: %d requests waiting (SKILL_MAX_QUEUED_PER_PERSON=%d)", waiting, self.cap)
             raise Refusal.of("at_cap", count=waiting)

@@ -18,8 +18,6 @@ trips a small breaker: this process uses its own windows for BREAKER_S (30 s) be
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 import uuid
 from collections import defaultdict, deque
@@ -28,13 +26,9 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from bots.errors import RateLimited, Refusal
+from bots.timebox import BREAKER_S, TIME_BOX_S, TimeBox
 from schemas.messages import Origin
 from skillgen.runtime.redis import Store
-
-log = logging.getLogger("skillgen.ratelimit")
-
-TIME_BOX_S = 1.5  # of Discord's 3 s before an interaction must be acknowledged
-BREAKER_S = 30.0  # how long a slow Redis is left alone
 
 # KEYS: one sorted set per limit (member = one unit, score = time in ms).
 # ARGV: count, window_ms, cost for each key, then a unique id for this call's members.
@@ -94,10 +88,8 @@ class RateLimiter:
         self.limits = limits
         self.store = store
         self.admins = set(admins)
-        self.time_box_s = time_box_s
-        self.breaker_s = breaker_s
+        self.box = TimeBox("check a rate limit", "this process keeps its own windows", time_box_s, breaker_s)
         self._local: dict[str, deque[float]] = defaultdict(deque)
-        self._local_until = 0.0  # the breaker: local windows only until then
 
     @classmethod
     def from_settings(cls, settings, store: Store) -> RateLimiter:
@@ -110,7 +102,7 @@ class RateLimiter:
     @property
     def local_only(self) -> bool:
         """The breaker is open: a slow Redis is left alone for now."""
-        return time.monotonic() < self._local_until
+        return self.box.tripped
 
     async def admit(self, origin: Origin, images: int, within_s: float | None = None) -> None:
         """Count one request of `images` images against every limit that applies to this person, or raise
@@ -149,16 +141,9 @@ class RateLimiter:
             argv += [limit.count, limit.window_s * 1000, cost]
         names = [self.store.key(k) for k in keys]
         # Without Redis the windows are this process's: each replica admits up to the limit on its own.
-        box_s = self.time_box_s if within_s is None else max(0.05, min(within_s, self.time_box_s))
-        try:
-            result = await asyncio.wait_for(
-                self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
-                                lambda: None), box_s)
-        except TimeoutError:
-            self._local_until = time.monotonic() + self.breaker_s
-            log.warning("Redis took over %.1fs to check a rate limit: this process keeps its own windows for %.0fs",
-                        box_s, self.breaker_s)
-            result = None
+        result = await self.box.run(
+            lambda: self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
+                                    lambda: None), within_s)
         if result is None:
             return self._admit_local(limits, keys, costs)
         return (0.0, 0) if int(result[0]) == 1 else (int(result[1]) / 1000, int(result[2]) - 1)

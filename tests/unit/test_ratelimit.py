@@ -170,6 +170,6 @@ async def test_a_redis_that_hangs_is_time_boxed_and_left_alone_by_a_breaker():
     with pytest.raises(RateLimited):  # the local window still counts
         await limiter.admit(origin(), 1)
     assert store.calls == 1  # the breaker kept Redis out of the next calls
-    limiter._local_until = 0  # the breaker's 30 s are over: Redis is asked again
+    limiter.box.reset()  # the breaker's 30 s are over: Redis is asked again
     await limiter.admit(origin("U2"), 1, within_s=0.1)
     assert store.calls == 2
