@@ -35,22 +35,22 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bots import grammar, image_actions, locales, render  # noqa: E402
-from bots.discord_bot import remix_modal, status_view  # noqa: E402
-from bots.errors import Refusal  # noqa: E402
-from bots.intake import Intake  # noqa: E402
-from bots.ratelimit import RateLimiter  # noqa: E402
-from bots.settings import BotSettings  # noqa: E402
-from bots.slack_bot import remix_view  # noqa: E402
-from consumer.schedule import CANCELLED  # noqa: E402
-from schemas.messages import (  # noqa: E402
+from bots import grammar, image_actions, locales, render
+from bots.discord_bot import remix_modal, status_view
+from bots.errors import Refusal
+from bots.intake import Intake
+from bots.ratelimit import RateLimiter
+from bots.settings import BotSettings
+from bots.slack_bot import remix_view
+from consumer.schedule import CANCELLED
+from schemas.messages import (
     BlobRef,
     EventKind,
     GenerateRequest,
@@ -58,9 +58,9 @@ from schemas.messages import (  # noqa: E402
     Origin,
     Platform,
 )
-from skillgen.runtime.groupview import ConsumerView, GroupView, Queued  # noqa: E402
-from skillgen.runtime.redis import Store  # noqa: E402
-from skillgen.safety.prompt import PromptPolicy  # noqa: E402
+from skillgen.runtime.groupview import ConsumerView, Estimate, GroupView, Queued
+from skillgen.runtime.redis import Store
+from skillgen.safety.prompt import PromptPolicy
 
 OUT = ROOT / "docs" / "walkthrough.md"
 LANGS = ("en", "zh")
@@ -91,7 +91,7 @@ TTL_S = 7 * 86400
 
 
 def at(hh: int, mm: int, ss: int = 0) -> datetime:
-    return datetime(2026, 12, 6, hh, mm, ss, tzinfo=timezone.utc)
+    return datetime(2026, 12, 6, hh, mm, ss, tzinfo=UTC)
 
 
 RID = {  # fixed request ids (a request id is 32 hex digits, uuid4().hex)
@@ -112,9 +112,10 @@ class People:
     alice: str
     bob: str
 
-    def origin(self, user: str | None = None, created_at: datetime = at(8, 57), status_ts: str | None = None) -> Origin:
+    def origin(self, user: str | None = None, created_at: datetime | None = None) -> Origin:
+        """Where a command or click comes from: Alice (or `user`) in the channel, at `created_at` (08:57)."""
         return Origin(platform=self.platform, team_id=self.team, channel_id=self.channel, user_id=user or self.alice,
-                      status_message_id=status_ts, created_at=created_at)
+                      created_at=created_at or at(8, 57))
 
 
 PEOPLE = {
@@ -199,7 +200,7 @@ def when_note(text: str, sent: datetime) -> list[str]:
                      "(Discord words it in each reader's client language); it counts down as time passes, and "
                      "hovering it shows the date and time.")
     for unix, fallback in re.findall(r"<!date\^(\d+)\^\{time\}\|([^>]*)>", text):
-        moment = datetime.fromtimestamp(int(unix), timezone.utc)
+        moment = datetime.fromtimestamp(int(unix), UTC)
         shanghai = moment + timedelta(hours=8)
         notes.append(f"`<!date^{unix}^{{time}}|{fallback}>` is Slack's date token: the client shows the reader's "
                      f"clock time in their own time zone and format (e.g. {moment:%H:%M} in London, "
@@ -264,7 +265,7 @@ class Walk:
                          height=req.height, seed=seed) for sha, seed in zip(shas, seeds)]
         return self.event(req, EventKind.succeeded, when, blobs=blobs)
 
-    async def admitted(self, command: str, rid: str, when: datetime) -> tuple[GenerateRequest, object]:
+    async def admitted(self, command: str, rid: str, when: datetime) -> tuple[GenerateRequest, Estimate | None]:
         """The request a typed command becomes (Intake.admit), with its fixed id and time, and its estimate."""
         parsed = (grammar.split(command, command=False) if self.p == Platform.slack
                   else grammar.from_options(*self.discord_fields(command)))
@@ -309,7 +310,9 @@ class Walk:
             return "/skill prompt:" + prompt + "".join(f" {k}:{v}" for k, v in fields.items())
         return "/skill " + command
 
-    def queued(self, req: GenerateRequest, estimate, how: str, sent: datetime) -> list[Shown]:
+    def queued(self, req: GenerateRequest, estimate: Estimate | None, how: str, sent: datetime,
+               command: bool = False) -> list[Shown]:
+        """The acknowledgement; `command`: of a typed /skill (Slack also answers the command itself)."""
         text = render.queued(req, estimate, self.lang)
         notes = self.when(text, sent)
         if self.p == Platform.discord:
@@ -319,12 +322,12 @@ class Walk:
                 text, status_view(req.request_id).to_components(), notes)]
         blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS)
         shown = []
-        if how.startswith("Alice types"):
+        if command:
             shown.append(Shown("Slack's answer to the command, seen by Alice alone (`SlackFrontEnd.on_command`'s "
                                "ephemeral ack):", text, [], notes))
-        shown.append(slack_shown(f"{how} The status message, posted in the channel for everyone "
-                                 "(`SlackFrontEnd.start_job`: `render.queued`, `render.slack_blocks`):",
-                                 blocks, [] if shown else notes))
+        lead = "Then the status message" if shown else f"{how} The status message"
+        shown.append(slack_shown(f"{lead}, posted in the channel for everyone (`SlackFrontEnd.start_job`: "
+                                 "`render.queued`, `render.slack_blocks`):", blocks, [] if shown else notes))
         return shown
 
     def status(self, event: JobEvent) -> Shown:
@@ -347,7 +350,8 @@ class Walk:
             return [
                 discord_shown(f"`succeeded` event: delivery edits the response into the result{attached} "
                               "(`DiscordPoster.final`: `render.done`, `render.discord_buttons`, "
-                              "`image_actions.discord_rows`):", render.done(event, self.lang), components),
+                              "`image_actions.discord_rows`; after the interaction token's 15 minutes the same "
+                              "edit, with the bot token):", render.done(event, self.lang), components),
                 Shown("Then a follow-up that pings Alice, since an edit notifies nobody (`render.discord_ping`; "
                       "through the interaction webhook while its 15 minutes last, after that a channel message "
                       "replying to the result):", render.discord_ping(event, self.lang)),
@@ -357,7 +361,7 @@ class Walk:
         return [
             Shown(f"`succeeded` event: a new message in the channel{attached}, mentioning (so notifying) Alice "
                   "(`SlackPoster.final`: files_upload_v2, its comment `render.done`):", render.done(event, self.lang)),
-            slack_shown("Then the status message above it is edited, and carries the buttons "
+            slack_shown("Then the status message (above the result) is edited, and carries the buttons "
                         "(`render.slack_result_posted`, `render.slack_blocks`, `image_actions.slack_blocks`):",
                         blocks),
         ]
@@ -385,7 +389,7 @@ class Walk:
         queued_event = self.event(first, EventKind.queued, at(8, 57, 2), queue_position=20, eta_s=178.0, lane="fast")
         steps.append(Step(STEPS[0], f"Alice types `{self.typed(command)}` at 08:57:00 UTC. Ten requests of her team "
                           "and eleven of another are queued; the group draws a unit (one 512x512 image, 20 steps) in "
-                          "2 s.", self.queued(first, estimate, "Alice types the command.", at(8, 57))
+                          "2 s.", self.queued(first, estimate, "Alice types the command.", at(8, 57), command=True)
                           + [self.status(queued_event)]))
 
         # Progress.
@@ -442,7 +446,7 @@ class Walk:
                           "and submits.", [self.remix_form(first, remix_seed)] + await self.remixed(first, remix_seed)))
 
         # Cancel: someone else first, then Alice; the status becomes a short line.
-        remix = await self.remembered(RID["remix"])
+        remix = await self.intake.remembered(RID["remix"])
         bob = await self.refused(self.intake.cancel(remix.request_id, people.origin(people.bob, at(9, 5, 5))))
         cancelled = self.event(remix, EventKind.cancelled, at(9, 5, 8), message=CANCELLED)
         await self.intake.cancel(remix.request_id, people.origin(created_at=at(9, 5, 6)))  # Alice's: no refusal
@@ -470,9 +474,6 @@ class Walk:
         steps.append(Step(STEPS[11], "Bob clicks Cancel on Alice's status (before she does).",
                           [self.private("Bob alone sees (`Intake.cancel`):", bob.say(self.lang))]))
         return steps
-
-    async def remembered(self, request_id: str) -> GenerateRequest:
-        return await self.intake.remembered(request_id)
 
     def remix_form(self, old: GenerateRequest, seed: int | None) -> Shown:
         if self.p == Platform.discord:
@@ -529,9 +530,6 @@ class Walk:
         return Shown(f"A prompt that passed the bots and was blocked by the consumer (`blocked` event): delivery "
                      f"{where}; `render.blocked`:", render.blocked(event, self.lang))
 
-    async def run(self) -> list[Step]:
-        return await self.steps()
-
 
 # ------------------------------------------------------------------------------------------------ the whole file
 
@@ -555,7 +553,7 @@ async def sections() -> list[str]:
             people = walk.people
             out.append(f"## {name} · {TITLE[lang]}\n\n{HOW_LANG[platform, lang]} Alice is `<@{people.alice}>`, "
                        f"Bob `<@{people.bob}>`.\n")
-            for i, step in enumerate(await walk.run(), 1):
+            for i, step in enumerate(await walk.steps(), 1):
                 out.append(f"### {name} · {lang} · {i}. {step.name}\n\n{step.intro}\n")
                 out += [shown.markdown() for shown in step.shown]
     return out
