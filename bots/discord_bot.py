@@ -5,15 +5,17 @@ limit) is answered at once, ephemeral, saying what to change. Anything else is d
 edited to "queued" (with the group's estimate of its position and ETA when there is one) and a Cancel button, and
 published; delivery (bots/delivery.py) then edits that same response through the interaction webhook as events
 arrive (after the token's 15 minutes, with the bot token: the original response's id is kept in Redis with the
-token) and attaches the images, with Re-roll, Variations, Remix and Delete buttons whose clicks come back here
-(and Upscale and Vary of each image, U1-U4 and V1-V4: a new img2img request of whoever clicked; Remix opens a
-modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and options;
-Delete, for the person who asked alone, deletes the result's message; Parameters, by anyone, answers only them with
-the `/skill ...` line that asks for the same picture again). A Cancel click is answered privately at
-once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the person who asked can
+token) and attaches the images, with Re-roll, Variations, Remix, Parameters and Delete buttons whose clicks come
+back here (and Upscale and Vary of each image, U1-U4 and V1-V4: a new img2img request of whoever clicked; Remix
+opens a modal with the prompt to edit; its submission is a new request of whoever sent it, with the same seed and
+options; Delete, for the person who asked alone, deletes the result's message; Parameters, by anyone, answers
+only them with the `/skill ...` line that asks for the same picture again). A Cancel click is answered privately
+at once: "Cancelling…" to the person who asked (and a GenerateCancel published), "Only the person who asked can
 cancel this." to anyone else. What runs before the acknowledgement waits on Redis 1.5 s at
 most (bots/intake.py). Every option's length limit is declared, so Discord's client refuses a longer value as it
-is typed. The bot needs no privileged intents: interactions arrive on the gateway regardless.
+is typed. Commands and options are registered with Chinese names and descriptions too (bots/locales/commands.py),
+which Discord shows to people whose client is in Chinese. The bot needs no privileged intents: interactions arrive
+on the gateway regardless.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bots import extensions, grammar, locales, metrics, render
 from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
 from bots.intake import Intake
+from bots.locales.commands import CommandTranslator
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
@@ -111,6 +114,8 @@ class SkillBot(discord.Client):
         extensions.setup_discord(self, settings.bot_extensions)
 
     async def setup_hook(self) -> None:
+        # The commands' names and descriptions in Chinese (bots/locales/commands.py), registered with them.
+        await self.tree.set_translator(CommandTranslator())
         if not self.settings.discord_sync_commands:
             return
         guild = discord.Object(id=int(self.settings.discord_guild_id)) if self.settings.discord_guild_id else None

@@ -21,6 +21,10 @@ It is as strict as Discord where delivery can go wrong (each documented by Disco
 - every REST answer carries X-RateLimit-Limit/Remaining/Reset-After/Bucket; `exhaust(path_regex, reset_after_s)`
   makes the next matching answer say Remaining 0, and a call to that bucket before its reset then gets a 429;
   `global_limit(retry_after_s)` answers the next call with a global 429 (`global: true`, X-RateLimit-Global);
+- registering commands (PUT .../commands) checks each command and option as Discord does, localizations included:
+  a name of 1-32 letters, digits, `-` or `_` (Devanagari and Thai marks too), lowercase where the script has case;
+  a description of 1-100 characters; localizations only for Discord's locales; option names unique in each
+  language; anything else answers 400 50035 and registers nothing (`command_errors`);
 - attachment links are signed (`?ex=&is=&hm=`) and expire: past `ex` (a day, or an attachment's `ttl_s`, on the
   fake's clock) the CDN answers 404 "This content is no longer available.".
 """
@@ -33,6 +37,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -456,6 +461,8 @@ class FakeDiscord(FakePlatform):
                              "bot_public": True, "bot_require_code_grant": False, "owner": BOT_USER,
                              "team": None, "verify_key": "0" * 64, "flags": 0, "summary": ""}
         if parts[0] == "applications" and parts[-1] == "commands" and method == "PUT":
+            if errors := command_errors(body.get("_list", [])):
+                return 400, {}, {"message": "Invalid Form Body", "code": 50035, "errors": errors}
             self.commands = [{**c, "id": snowflake(), "application_id": APPLICATION_ID, "version": snowflake()}
                              for c in body["_list"]] if "_list" in body else []
             return 200, {}, self.commands
@@ -581,4 +588,64 @@ def _component_errors(rows: list) -> dict:
             if cid is not None and (not 1 <= len(cid) <= MAX_CUSTOM_ID or cid in seen):
                 errors[f"components.{r}.components.{i}.custom_id"] = "Must be 1-100 in length and unique."
             seen.add(cid)
+    return errors
+
+
+# Discord's locales (https://discord.com/developers/docs/reference#locales): the only keys a localization may have.
+LOCALES = {"id", "da", "de", "en-GB", "en-US", "es-ES", "es-419", "fr", "hr", "it", "lt", "hu", "nl", "no", "pl",
+           "pt-BR", "ro", "fi", "sv-SE", "vi", "tr", "cs", "el", "bg", "ru", "uk", "hi", "th", "zh-CN", "ja", "zh-TW",
+           "ko"}
+MAX_NAME, MAX_DESCRIPTION = 32, 100
+
+
+def name_error(name: object) -> str | None:
+    """Why Discord refuses `name` as a command's or option's name (or a localization of one), or None.
+
+    Discord's rule is `^[-_\\p{L}\\p{N}\\p{sc=Deva}\\p{sc=Thai}]{1,32}$`, lowercase where the script has case."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
+        return f"Must be between 1 and {MAX_NAME} in length."
+    for ch in name:
+        script = 0x0900 <= ord(ch) <= 0x097F or 0x0E00 <= ord(ch) <= 0x0E7F  # Devanagari, Thai (their marks too)
+        if not (ch in "-_" or unicodedata.category(ch)[0] in "LN" or script):
+            return f"Command name is invalid: {ch!r} is not a letter, digit, - or _."
+        if ch != ch.lower():
+            return f"Command name is invalid: {ch!r} is not lowercase."
+    return None
+
+
+def _description_error(text: object) -> str | None:
+    if not isinstance(text, str) or not 1 <= len(text) <= MAX_DESCRIPTION:
+        return f"Must be between 1 and {MAX_DESCRIPTION} in length."
+    return None
+
+
+def _localized_errors(where: str, item: dict) -> dict:
+    """A command's or option's name and description, and their localizations, as Discord checks them."""
+    errors = {}
+    for key, check in (("name", name_error), ("description", _description_error)):
+        if (why := check(item.get(key))) is not None:
+            errors[f"{where}{key}"] = why
+        for locale, text in (item.get(f"{key}_localizations") or {}).items():
+            if locale not in LOCALES:
+                errors[f"{where}{key}_localizations.{locale}"] = f"Locale {locale!r} is not a valid locale."
+            elif (why := check(text)) is not None:
+                errors[f"{where}{key}_localizations.{locale}"] = why
+    return errors
+
+
+def command_errors(commands: list[dict]) -> dict:
+    """What Discord says (the `errors` of a 400 50035) about a list of commands to register; {} when it takes them."""
+    errors = {}
+    for c, command in enumerate(commands):
+        if command.get("type", 1) != 1:
+            continue  # a context menu's name may have spaces and capitals; the fake registers none
+        errors.update(_localized_errors(f"{c}.", command))
+        options = command.get("options") or []
+        for o, option in enumerate(options):
+            errors.update(_localized_errors(f"{c}.options.{o}.", option))
+        for locale in {"", *(k for option in options for k in option.get("name_localizations") or {})}:
+            shown = [(option.get("name_localizations") or {}).get(locale, option.get("name")) if locale
+                     else option.get("name") for option in options]
+            if len(set(shown)) < len(shown):
+                errors[f"{c}.options"] = f"Option names must be unique{f' in {locale}' if locale else ''}."
     return errors

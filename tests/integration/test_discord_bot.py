@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import aiohttp
 import pytest
 
 from bots import discord_bot, locales, render
@@ -115,6 +116,32 @@ async def test_the_command_is_registered_with_typed_options(bot):
     assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, MAX_PROMPT_CHARS) == (1, 500)
     assert options["no"]["max_length"] == 500 and options["size"]["max_length"] == options["ar"]["max_length"] == 16
     assert options["adapter"]["max_length"] == discord_bot.MAX_ADAPTER_REF_CHARS
+
+
+async def test_the_commands_are_registered_with_chinese_names_that_discord_takes(bot):
+    [sync] = bot.matching(lambda c: c.method == "PUT" and c.path.endswith("/commands"))
+    assert sync.status == 200  # the fake checks every name and localization as Discord does (400 50035 otherwise)
+    by_name = {c["name"]: c for c in bot.commands}
+    assert {n: c["name_localizations"]["zh-CN"] for n, c in by_name.items()} == {
+        "skill": "技能图", "skill-train": "技能训练", "skill-train-cancel": "技能训练取消", "skill-adapters": "技能适配器"}
+    skill = by_name["skill"]
+    assert skill["description_localizations"] == {"zh-CN": "画一张技能图（写 help 查看用法）",
+                                                  "zh-TW": "画一张技能图（写 help 查看用法）"}
+    options = {o["name"]: o for o in skill["options"]}
+    assert options["prompt"]["name_localizations"] == {"zh-CN": "提示词", "zh-TW": "提示词"}
+    assert options["n"]["description_localizations"]["zh-CN"] == "画几张图，1-4"
+    # What Discord refuses, the fake refuses too: one bad localization and nothing is registered.
+    bad = [{**skill, "name_localizations": {"zh-CN": "技能 图"}}]
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{bot.api_base}/applications/{APPLICATION_ID}/commands", json=bad,
+                               headers={"Authorization": f"Bot {bot.bot_token}"}) as resp:
+            refused = (resp.status, await resp.json())
+    assert refused[0] == 400 and refused[1]["code"] == 50035 and "0.name_localizations.zh-CN" in refused[1]["errors"]
+    assert bot.commands and bot.commands[0]["name_localizations"]["zh-CN"] == "技能图"  # the last good sync stands
+    # A Chinese client still sends the English names: /skill runs as before.
+    it = await bot.invoke("skill", {"prompt": "a cellist's vibrato", "n": 2}, locale="zh-CN")
+    [req] = await bot.requests.wait(1)
+    assert req.num_images == 2 and it.original.content.startswith(f"⏳ <@{USER_ID}> 已排队")
 
 
 async def test_a_command_in_a_thread_is_answered_in_the_thread(bot):
