@@ -8,11 +8,19 @@ from urllib.parse import parse_qsl, quote
 
 import aiohttp
 import pytest
+from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import locales, render, slack_bot
 from bots.intake import CANCELLING, FORGOTTEN, NOT_ALLOWED, NOT_OWNER
 from bots.settings import SlackSettings
-from schemas.messages import EventKind, GenerateCancel, GenerateRequest
+from bots.slack_locale import SlackLocales
+from schemas.messages import (
+    EventKind,
+    GenerateCancel,
+    GenerateRequest,
+    Origin,
+    Platform,
+)
 from skillgen.runtime import groupview
 from skillgen.runtime.groupview import ConsumerView, Queued
 from skillgen.runtime.redis import Store
@@ -20,6 +28,7 @@ from skillgen.runtime.settings import CommonSettings
 from skillgen.tools.embedded import free_port
 from tests.fakes.records import TopicReader
 from tests.fakes.slack import (
+    BOT_TOKEN,
     CHANNEL_ID,
     SIGNING_SECRET,
     TEAM_ID,
@@ -653,3 +662,21 @@ async def test_a_locale_that_cannot_be_known_is_english_and_the_job_is_still_don
     await bot.command("a second")  # a failure is held a while too: Slack is not asked on every command
     await bot.requests.wait(2)
     assert len(bot.fake.matching(lambda c: c.path == "users.info")) == 1
+
+
+async def test_a_locale_is_asked_once_per_person_even_at_once_replicas_share_it_and_it_expires(fake_slack):
+    fake_slack.locales[USER_ID] = "zh-TW"
+    store = Store(None)  # in memory: what Redis is to two replicas of the bot
+    client = AsyncWebClient(token=BOT_TOKEN, base_url=fake_slack.api_base)
+    who = Origin(platform=Platform.slack, team_id=TEAM_ID, channel_id=CHANNEL_ID, user_id=USER_ID)
+    asked = lambda: fake_slack.matching(lambda c: c.path == "users.info")  # noqa: E731
+    first = SlackLocales(store, ttl_s=1.0)
+    assert first.known(who) == "en"  # nothing held: what is said before an ack is English
+    fake_slack.delays["users.info"] = 0.3
+    assert await asyncio.gather(*(first.lang(client, who) for _ in range(5))) == ["zh"] * 5
+    assert first.known(who) == "zh" and len(asked()) == 1
+    second = SlackLocales(store, ttl_s=1.0)  # another replica: nothing in its process, but Redis has it
+    assert second.known(who) == "en" and await second.lang(client, who) == "zh" and len(asked()) == 1
+    fake_slack.locales[USER_ID] = "en-US"  # the person changes their language: it shows once the day is over
+    await asyncio.sleep(1.1)
+    assert await first.lang(client, who) == "en" and len(asked()) == 2

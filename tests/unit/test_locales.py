@@ -70,3 +70,9 @@ def test_refusals_from_the_catalogue_are_said_in_the_senders_language():
     assert str(refused) == "you already have 5 requests waiting; wait for one to finish (or cancel one)"
     assert refused.say("zh") == "你已有 5 个请求在等待；请等其中一个完成（或取消一个）"
     assert Refusal("--steps: too many").say("zh") == "--steps: too many"  # the grammar's own words stay English
+
+
+def test_slack_locales_are_read_as_ours():
+    """users.info's `user.locale` (absent without include_locale, or when the lookup failed: English)."""
+    assert [locales.from_slack(x) for x in ("zh-CN", "zh-TW", "en-US", "en-GB", "ja-JP", None, "")] == [
+        "zh", "zh", "en", "en", "en", "en", "en"]
