@@ -3,6 +3,7 @@ broker -> real consumer (tiny model) -> delivery -> the fake Slack receives the 
 thread, exactly once, in a new message that mentions the requester."""
 
 import asyncio
+import re
 import time
 
 import aiohttp
@@ -101,3 +102,19 @@ async def test_slack_e2e_a_429_with_retry_after_2_gives_one_post_at_least_2_seco
         [done] = await slack.wait_for(lambda c: c.path == "files.completeUploadExternal", timeout_s=30)
     assert done.at - limited.at >= 2
     assert len(slack.pngs(CHANNEL_ID)) == 1  # a slash command's result goes to the channel
+
+
+async def test_slack_e2e_a_chinese_speaking_user_gets_the_status_and_the_result_in_chinese(slack):
+    slack.locales[USER_ID] = "zh-CN"  # what users.info tells, with include_locale
+    async with slack.world.running():
+        answer = await slack.command("a cellist's vibrato")
+        [done] = await slack.wait_for(lambda c: c.path == "files.completeUploadExternal", timeout_s=120)
+        await slack.wait_for(lambda c: c.path == "chat.update" and "已完成" in c.body.get("text", ""), timeout_s=30)
+    assert answer["text"] == f"⏳ <@{USER_ID}> queued: _a cellist's vibrato_"  # the ack: not known yet
+    [posted] = slack.matching(lambda c: c.path == "chat.postMessage")
+    assert posted.body["text"] == f"⏳ <@{USER_ID}> 已排队：_a cellist's vibrato_"
+    assert re.fullmatch(rf"✅ <@{USER_ID}> _a cellist's vibrato_（种子 \d+）", done.body["initial_comment"])
+    [status] = slack.visible(CHANNEL_ID)
+    assert status.text == done.body["initial_comment"] + " · 已完成：见下方"
+    for edit in status.edits:  # the consumer's queued and progress lines, as delivery wrote them
+        assert re.match(rf"(⏳ <@{USER_ID}> 已排队|🎨 <@{USER_ID}> (正在绘制|.* 第 \d+/\d+ 步)|✅)", edit), edit
