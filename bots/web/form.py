@@ -12,9 +12,9 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from bots import grammar, render
+from bots import grammar, image_actions, render
 from bots.train_commands import progress_text
-from schemas.messages import EventKind, JobEvent, Platform
+from schemas.messages import BlobRef, EventKind, JobEvent, Platform
 
 ASPECT_RATIOS = ("", "1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")  # "": the deployment's default size
 COUNTS = ("1", "2", "3", "4")
@@ -22,6 +22,8 @@ NOT_ANSWERING = "The image service is not answering; try again in a minute."
 STOPPED_ANSWERING = "The image service stopped answering about this request; try again in a minute."
 OOPS = "Something went wrong on our side; try again in a minute."
 NOTHING_TO_REPEAT = "Draw something first: Re-roll and Variations repeat your last picture."
+NOTHING_TO_PICK = "Draw something first: Upscale 2x and Vary redraw one image of your last picture."
+CHOOSE_AN_IMAGE = "Choose an image first: click it in the gallery, then Upscale 2x or Vary."
 NOTHING_TO_CANCEL = "Nothing to cancel: none of your requests is queued or drawing."
 NO_TRAINING_TO_CANCEL = "Nothing to cancel: no training of yours is running here."
 TRAINING_OFF = ("Training from this page is off. An operator turns it on with SKILL_WEB_TRAINING=true (only for a "
@@ -117,6 +119,24 @@ def status_html(progress: Progress | None = None, final: str | None = None) -> s
            if progress.total else '<progress class="skill-bar"></progress>')  # indeterminate while queued
     return (f'<div class="skill-status" data-kind="{progress.kind}">{bar}'
             f'<span class="skill-line">{html.escape(progress.line)}</span></div>')
+
+
+def choice_line(refs: list[BlobRef], chosen: int | None) -> str:
+    """Under the gallery: which image Upscale 2x and Vary redraw (`chosen`, from 1; a lone image needs no choice)
+    and, where its size is known, whether it can be upscaled (image_actions.upscalable, as the chat offers U<i>)."""
+    if not refs:
+        return ""
+    if chosen is None and len(refs) > 1:
+        return "Click an image to choose it for Upscale 2x or Vary."
+    index = chosen or 1
+    ref = refs[index - 1]
+    if ref.width is None or ref.height is None:
+        return f"Image {index} of {len(refs)}: Upscale 2x or Vary redraws it."
+    size = f"Image {index} of {len(refs)} ({ref.width}x{ref.height}): "
+    if image_actions.upscalable(ref.width, ref.height):
+        factor = image_actions.UPSCALE_FACTOR
+        return size + f"Upscale 2x makes it {ref.width * factor}x{ref.height * factor}; Vary redraws it."
+    return size + "Vary redraws it; it is too large to upscale."
 
 
 def notice_html(text: str = "") -> str:

@@ -3,7 +3,8 @@
 Each browser session is one person: platform `console`, team `web`, a random user id made when the page loads.
 So the same intake as the chat bots (bots/intake.py) applies: the prompt policy, backpressure, the per-person and
 per-team rate limits and quotas (a reload makes a new person, but the team's limits still count everyone), the
-remembered request behind Re-roll and Variations, and the owner check and seal of a Cancel.
+remembered request behind Re-roll and Variations, the kept result behind Upscale 2x and Vary of one image
+(bots/image_actions.py: the page keeps it as delivery does for the chat), and the owner check and seal of a Cancel.
 
 Kafka is connected on the first request, not at start, so the page comes up (and says so) while the broker is down;
 a request that cannot be published, or that no consumer answers within SKILL_WEB_ANSWER_S, gets a one-line message.
@@ -23,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 from pydantic import Field
 
-from bots import render
+from bots import image_actions, render
 from bots.errors import Refusal
 from bots.events import EventFollower
 from bots.intake import CANCELLING, Intake
@@ -42,9 +43,11 @@ from bots.train_commands import (
 )
 from bots.training_slack_threads import UPLOAD_TYPE
 from bots.web.form import (
+    CHOOSE_AN_IMAGE,
     NO_TRAINING_TO_CANCEL,
     NOT_ANSWERING,
     NOTHING_TO_CANCEL,
+    NOTHING_TO_PICK,
     NOTHING_TO_REPEAT,
     OOPS,
     STOPPED_ANSWERING,
@@ -52,10 +55,12 @@ from bots.web.form import (
     Form,
     Progress,
     caption,
+    choice_line,
     final_line,
     progress_of,
 )
 from schemas.messages import (
+    BlobRef,
     EventKind,
     FineTuneRequest,
     GenerateRequest,
@@ -97,11 +102,17 @@ class Session:
     user_id: str
     current: str | None = None  # queued or drawing: what Cancel cancels
     last: str | None = None  # the last request that drew: what Re-roll and Variations repeat
+    result: list[BlobRef] = field(default_factory=list)  # its pictures, in the gallery's order
+    chosen: int | None = None  # the picture (from 1) clicked in the gallery: what Upscale 2x and Vary redraw
     training: str | None = None  # the adapter this session is training: what Cancel training stops
 
     @property
     def origin(self) -> Origin:
         return Origin(platform=Platform.console, team_id=TEAM, channel_id=TEAM, user_id=self.user_id)
+
+    def drew(self, request_id: str, pictures: list[BlobRef]) -> None:
+        """A request of this session drew `pictures`: the last picture now, with nothing chosen in it yet."""
+        self.last, self.result, self.chosen = request_id, pictures, None
 
 
 def new_user_id() -> str:
@@ -117,6 +128,7 @@ class View:
     final: str | None = None
     images: list[tuple[Image.Image, str]] | None = None  # (image, caption): the gallery, when it changes
     request_id: str | None = None
+    pictures: list[BlobRef] | None = None  # a drawn result's images as references, for Upscale 2x and Vary
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,8 @@ class Frontend:
     # -- actions ------------------------------------------------------------------------------------------
     async def draw(self, user_id: str, form: Form) -> AsyncIterator[View]:
         """A new request from the form, followed to its end."""
-        async for view in self._run(self.session(user_id), lambda intake, s: intake.admit(form.parsed(), s.origin)):
+        session = self.session(user_id)
+        async for view in self._run(session, lambda intake: intake.admit(form.parsed(), session.origin)):
             yield view
 
     async def remix(self, user_id: str, action: str) -> AsyncIterator[View]:
@@ -200,7 +213,30 @@ class Frontend:
             yield View(notice=NOTHING_TO_REPEAT)
             return
         last = session.last
-        async for view in self._run(session, lambda intake, s: intake.repeat(last, action, s.origin)):
+        async for view in self._run(session, lambda intake: intake.repeat(last, action, session.origin)):
+            yield view
+
+    def choose(self, user_id: str, index: int) -> str:
+        """The gallery's image `index` (from 0) clicked: the one Upscale 2x and Vary redraw. Says which, and its
+        size."""
+        session = self.session(user_id)
+        if 0 <= index < len(session.result):
+            session.chosen = index + 1
+        return choice_line(session.result, session.chosen)
+
+    async def from_image(self, user_id: str, action: str) -> AsyncIterator[View]:
+        """Upscale 2x (render.UPSCALE) or Vary (render.VARY) of the chosen image of this session's last picture (its
+        only image needs no choosing): the chat's U<i> and V<i>, through Intake.from_image."""
+        session = self.session(user_id)
+        if session.last is None or not session.result:
+            yield View(notice=NOTHING_TO_PICK)
+            return
+        index = session.chosen or (1 if len(session.result) == 1 else None)
+        if index is None:
+            yield View(notice=CHOOSE_AN_IMAGE)
+            return
+        last = session.last
+        async for view in self._run(session, lambda intake: intake.from_image(last, action, index, session.origin)):
             yield view
 
     async def cancel(self, user_id: str) -> str:
@@ -246,9 +282,12 @@ class Frontend:
             yield View(notice=str(exc))
             return
         session.training = req.adapter
+
+        async def admitted(intake: Intake) -> FineTuneRequest:  # checked above, as /skill-train checks it
+            return req
+
         try:
-            async for view in self._publish_and_follow(
-                    req, lambda intake: intake.send(self.settings.topics.finetune, req, key=finetune_key(req))):
+            async for view in self._run(session, admitted):
                 yield view
         finally:
             if session.training == req.adapter:
@@ -271,6 +310,8 @@ class Frontend:
 
     # -- one request --------------------------------------------------------------------------------------
     async def _run(self, session: Session, admit) -> AsyncIterator[View]:
+        """Connect, admit (`await admit(intake)`: the request, None for help; a Refusal says why not), publish and
+        follow it to its end. An image request is the one Cancel cancels meanwhile, and its picture the last one."""
         try:
             intake = await self.connect()
         except Exception as exc:
@@ -278,31 +319,34 @@ class Frontend:
             yield View(notice=render.QUEUE_DOWN)
             return
         try:
-            req: GenerateRequest | None = await admit(intake, session)
+            req: GenerateRequest | FineTuneRequest | None = await admit(intake)
         except Refusal as exc:
             yield View(notice=str(exc))
             return
         if req is None:  # `help` typed as the prompt
             yield View(notice=HELP_LINE)
             return
-        session.current = req.request_id
+        drawing = isinstance(req, GenerateRequest)
+        if drawing:
+            session.current = req.request_id
         try:
-            async for view in self._publish_and_follow(req, lambda intake: intake.publish(req)):
-                if view.final is not None and view.images:
-                    session.last = req.request_id
+            async for view in self._publish_and_follow(intake, req):
+                if drawing and view.pictures:
+                    session.drew(req.request_id, view.pictures)
                 yield view
         finally:
             if session.current == req.request_id:
                 session.current = None
 
-    async def _publish_and_follow(self, req: GenerateRequest | FineTuneRequest, publish) -> AsyncIterator[View]:
-        """Watch the request's events, publish it (`publish(intake)`), and show each event until its final one."""
-        try:
-            intake = await self.connect()
-        except Exception as exc:
-            log.warning("cannot reach Kafka at %s: %s", self.settings.kafka_bootstrap, exc)
-            yield View(notice=render.QUEUE_DOWN)
-            return
+    def _publish(self, intake: Intake, req: GenerateRequest | FineTuneRequest):
+        """An image request as the bots publish it (remembered, counted as queued); a fine-tune on its own topic."""
+        if isinstance(req, FineTuneRequest):
+            return intake.send(self.settings.topics.finetune, req, key=finetune_key(req))
+        return intake.publish(req)
+
+    async def _publish_and_follow(self, intake: Intake, req: GenerateRequest | FineTuneRequest
+                                  ) -> AsyncIterator[View]:
+        """Watch the request's events, publish it, and show each event until its final one."""
         assert self.follower is not None
         events = self.follower.watch(req.request_id)  # before publishing: no event can come before it
         try:
@@ -310,7 +354,7 @@ class Frontend:
             where = f", position ~{estimate.position}" if estimate and estimate.eta_s is not None else ""
             yield View(notice="", progress=Progress(f"Queued{where}"), images=[], request_id=req.request_id)
             try:
-                await asyncio.wait_for(publish(intake), self.settings.web_publish_s)
+                await asyncio.wait_for(self._publish(intake, req), self.settings.web_publish_s)
             except Exception:
                 log.warning("publish failed", exc_info=True, extra=job(req.request_id))
                 yield View(notice=render.QUEUE_DOWN, final="", request_id=req.request_id)
@@ -338,12 +382,15 @@ class Frontend:
             if not event.kind.terminal:
                 yield View(progress=progress_of(event), request_id=req.request_id)
                 continue
-            if isinstance(req, GenerateRequest):  # delivery does this for chat requests, the page for its own
+            if isinstance(req, GenerateRequest):  # delivery does these for chat requests, the page for its own
                 await finished(self.store, req.origin, req.request_id)
+                # before Upscale 2x and Vary can be clicked: what Intake.from_image redraws
+                await image_actions.remember(self.store, event, self.settings.remember_s)
             images = None
             if event.kind == EventKind.succeeded:
                 images = await asyncio.to_thread(self._images, event)
-            yield View(final=final_line(event), images=images, request_id=req.request_id)
+            yield View(final=final_line(event), images=images, request_id=req.request_id,
+                       pictures=image_actions.pictures(event) if isinstance(req, GenerateRequest) else None)
             return
 
     def _images(self, event) -> list[tuple[Image.Image, str]]:

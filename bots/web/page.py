@@ -1,10 +1,15 @@
-"""The Gradio page: a Draw tab (the `/skill` form, status with a progress bar, a gallery, Re-roll, Variations and
-Cancel) and an Adapters tab (the team's adapters, as `/skill-adapters` lists them, and, where SKILL_WEB_TRAINING
-allows, `/skill-train` from uploaded images with its progress and sample grid).
+"""The Gradio page: a Draw tab (the `/skill` form, status with a progress bar, a gallery whose images can be
+clicked for Upscale 2x and Vary, Re-roll, Variations and Cancel) and an Adapters tab (the team's adapters, as
+`/skill-adapters` lists them, and, where SKILL_WEB_TRAINING allows, `/skill-train` from uploaded images with its
+progress and sample grid).
 
 Every handler is async and runs on the server's event loop, the one the Kafka clients live on. Handlers that
 follow a request stream its events as they come (Gradio generators); they have no concurrency limit, since all
 they do is wait. Cancel is its own event, so it runs while a request is being followed.
+
+The page shows only its own status line and bar: every event hides Gradio's progress (`show_progress="hidden"`), and
+CSS removes the status tracker of each component an event writes to (class skill-quiet), whose elapsed-time text
+("processing | 1.2s") would otherwise sit in the page, transparent but there.
 """
 
 from __future__ import annotations
@@ -12,7 +17,14 @@ from __future__ import annotations
 import gradio as gr
 
 from bots import render
-from bots.web.form import ASPECT_RATIOS, COUNTS, Form, notice_html, status_html
+from bots.web.form import (
+    ASPECT_RATIOS,
+    COUNTS,
+    Form,
+    choice_line,
+    notice_html,
+    status_html,
+)
 from bots.web.frontend import Frontend, TrainForm, View, new_user_id
 
 CSS = """
@@ -20,8 +32,10 @@ CSS = """
 .skill-status progress { width: 16rem; height: 0.9rem; }
 #gallery img { image-rendering: pixelated; }  /* the embedded model's 64x64 icons, enlarged */
 .skill-notice { color: var(--error-text-color, #b91c1c); min-height: 1.2rem; }
+.skill-quiet > [data-testid="status-tracker"] { display: none !important; }  /* Gradio's own timer text */
 """
 
+QUIET = ["skill-quiet"]  # components whose Gradio status tracker (timer text) is removed
 INTRO = """\
 # skillgen
 Skill images on demand, the same `/skill` as in Discord and Slack. Describe a skill to draw; options can go in the
@@ -29,19 +43,21 @@ fields below or after the prompt as in chat (`--ar 16:9 --n 2 --seed 42`)."""
 
 
 def _outputs(view: View):
-    """A View as the Draw tab's outputs: notice, status, gallery (left as it is while it has no news)."""
+    """A View as the Draw tab's outputs: notice, status, gallery and the line under it (each left as it is while it
+    has no news). New images come with no image chosen (nor highlighted in the gallery)."""
     if view.final is not None:
         status = status_html(final=view.final) if view.final else status_html()
     else:
         status = status_html(view.progress) if view.progress is not None else gr.skip()
-    gallery = gr.skip() if view.images is None else view.images
+    gallery = gr.skip() if view.images is None else gr.Gallery(value=view.images, selected_index=None)
     notice = gr.skip() if view.notice is None else notice_html(view.notice)
-    return notice, status, gallery
+    choice = gr.skip() if view.images is None else choice_line(view.pictures or [], None)
+    return notice, status, gallery, choice
 
 
 def _train_outputs(view: View):
     """A training's View as the Train section's outputs: notice, status, the sample grid (one image)."""
-    notice, status, _ = _outputs(view)
+    notice, status, _, _ = _outputs(view)
     grid = gr.skip() if view.images is None else (view.images[0][0] if view.images else None)
     return notice, status, grid
 
@@ -59,6 +75,17 @@ def build(frontend: Frontend) -> gr.Blocks:
 
     async def vary(user_id):
         async for view in frontend.remix(user_id, render.VARIATIONS):
+            yield _outputs(view)
+
+    async def choose(user_id, evt: gr.SelectData):
+        return frontend.choose(user_id, evt.index)
+
+    async def upscale(user_id):
+        async for view in frontend.from_image(user_id, render.UPSCALE):
+            yield _outputs(view)
+
+    async def vary_image(user_id):
+        async for view in frontend.from_image(user_id, render.VARY):
             yield _outputs(view)
 
     async def cancel(user_id):
@@ -99,16 +126,22 @@ def build(frontend: Frontend) -> gr.Blocks:
                                        elem_id="steps")
                     seed = gr.Textbox(label="Seed (--seed)", placeholder="random", elem_id="seed")
                     relax = gr.Checkbox(label="Relax mode (--relax): drawn when the GPUs have room", elem_id="relax")
-            notice = gr.HTML(notice_html(), elem_id="notice")
-            status = gr.HTML(status_html(), elem_id="status")
+            notice = gr.HTML(notice_html(), elem_id="notice", elem_classes=QUIET)
+            status = gr.HTML(status_html(), elem_id="status", elem_classes=QUIET)
+            # A click on an image chooses it (the select event); no preview: the click is the choice.
             gallery = gr.Gallery(label="Images", columns=4, fit_columns=False, height="auto", preview=False,
-                                 format="png", object_fit="contain", elem_id="gallery")
+                                 allow_preview=False, format="png", object_fit="contain", elem_id="gallery",
+                                 elem_classes=QUIET)
+            with gr.Row(equal_height=True):
+                choice = gr.Markdown(elem_id="choice", elem_classes=QUIET)
+                upscale_button = gr.Button("Upscale 2x", scale=0, elem_id="upscale")
+                vary_image_button = gr.Button("Vary", scale=0, elem_id="vary-image")
             with gr.Row():
                 reroll_button = gr.Button("Re-roll", elem_id="reroll")
                 vary_button = gr.Button("Variations", elem_id="vary")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Tab("Adapters") as adapters_tab:
-            adapter_list = gr.Markdown(line_breaks=True, elem_id="adapter-list")
+            adapter_list = gr.Markdown(line_breaks=True, elem_id="adapter-list", elem_classes=QUIET)
             refresh = gr.Button("Refresh", elem_id="refresh-adapters")
             gr.Markdown("### Train an adapter" + ("" if frontend.settings.web_training else
                                                   " (off on this page: SKILL_WEB_TRAINING)"))
@@ -124,23 +157,25 @@ def build(frontend: Frontend) -> gr.Blocks:
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train")
                 cancel_train_button = gr.Button("Cancel training", variant="stop", elem_id="cancel-training")
-            train_notice = gr.HTML(notice_html(), elem_id="train-notice")
-            train_status = gr.HTML(status_html(), elem_id="train-status")
+            train_notice = gr.HTML(notice_html(), elem_id="train-notice", elem_classes=QUIET)
+            train_status = gr.HTML(status_html(), elem_id="train-status", elem_classes=QUIET)
             sample_grid = gr.Image(label="Sample grid", type="pil", format="png", interactive=False,
-                                   elem_id="sample-grid")
+                                   elem_id="sample-grid", elem_classes=QUIET)
 
         fields = [user, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax]
-        shown = [notice, status, gallery]
-        follow = {"concurrency_limit": None, "show_progress": "hidden"}  # they only wait on events
+        shown = [notice, status, gallery, choice]
+        follow = {"concurrency_limit": None, "show_progress": "hidden"}  # they only wait on events (or not at all)
         draw_button.click(draw, fields, shown, **follow)
         prompt.submit(draw, fields, shown, **follow)
         reroll_button.click(reroll, [user], shown, **follow)
         vary_button.click(vary, [user], shown, **follow)
-        cancel_button.click(cancel, [user], [notice], concurrency_limit=None, show_progress="hidden")
+        gallery.select(choose, [user], [choice], **follow)
+        upscale_button.click(upscale, [user], shown, **follow)
+        vary_image_button.click(vary_image, [user], shown, **follow)
+        cancel_button.click(cancel, [user], [notice], **follow)
         adapters_tab.select(adapters, None, [adapter_list], show_progress="hidden")
-        refresh.click(adapters, None, [adapter_list])
+        refresh.click(adapters, None, [adapter_list], show_progress="hidden")
         train_button.click(train, [user, train_name, train_trigger, train_steps, train_caption, train_files],
                            [train_notice, train_status, sample_grid], **follow)
-        cancel_train_button.click(cancel_training, [user], [train_notice], concurrency_limit=None,
-                                  show_progress="hidden")
+        cancel_train_button.click(cancel_training, [user], [train_notice], **follow)
     return page

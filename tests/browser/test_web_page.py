@@ -1,6 +1,8 @@
-"""The web page in a real Chromium: a prompt becomes an image with the progress bar moving, Re-roll draws a different
-one, Cancel stops a request, a training from uploaded images shows its progress and sample grid and its adapter then
-draws, and bad input, a blocked prompt and an outage each get one line, never a traceback."""
+"""The web page in a real Chromium: a prompt becomes an image with the progress bar moving (and no Gradio timer text
+beside it), Re-roll draws a different one, Upscale 2x and Vary redraw the image clicked in the gallery (and an
+image too large to upscale gets the chat's refusal), Cancel stops a request, a training from uploaded images shows
+its progress and sample grid and its adapter then draws, and bad input, a blocked prompt and an outage each get one
+line, never a traceback."""
 
 from __future__ import annotations
 
@@ -12,14 +14,18 @@ import pytest
 from PIL import Image
 
 from bots import render
-from bots.web.form import NOT_ANSWERING
+from bots.locales import t
+from bots.web.form import CHOOSE_AN_IMAGE, NOT_ANSWERING
 
 pytestmark = pytest.mark.browser
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "web.png"
-# Every status the page shows, recorded by the page itself (a poll could miss a step between two looks).
+# Every status the page shows, recorded by the page itself (a poll could miss a step between two looks); and any
+# elapsed-time text ("0.3s", "processing | 1.2s") that Gradio's own status trackers would put in the rendered page
+# (innerText: what is laid out, even if transparent) while an event runs.
 RECORD_STATUS = """() => {
   window.seenStatus = [];
+  window.seenTimers = [];
   const status = document.querySelector('#status');
   new MutationObserver(() => {
     const box = status.querySelector('.skill-status');
@@ -27,6 +33,10 @@ RECORD_STATUS = """() => {
     if (box) window.seenStatus.push({kind: box.dataset.kind, value: bar && bar.getAttribute('value'),
                                      max: bar && bar.getAttribute('max'), text: box.innerText});
   }).observe(status, {subtree: true, childList: true, attributes: true, characterData: true});
+  new MutationObserver(() => {
+    const timers = document.body.innerText.match(/[0-9]+[.][0-9]+ ?s\\b/g);
+    if (timers) window.seenTimers.push(...timers);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 
 
@@ -59,6 +69,24 @@ def images(page) -> list[bytes]:
     return [page.request.get(src).body() for src in srcs]
 
 
+def natural_sizes(page) -> list[tuple[int, int]]:
+    """The gallery's images as the browser decoded them (once each has loaded)."""
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
+    return [tuple(size) for size in page.evaluate(
+        "() => [...document.querySelectorAll('#gallery img')].map(i => [i.naturalWidth, i.naturalHeight])")]
+
+
+def again(page, button: str) -> str:
+    """Click a button that starts a new request and return that request's final line (not the previous one's)."""
+    page.evaluate("() => document.querySelector('#status .skill-status').dataset.kind = 'stale'")
+    page.locator(button).click()
+    return final_line(page)
+
+
+def no_timer_text(page) -> None:
+    assert page.evaluate("window.seenTimers") == []  # only our own status line and bar, no Gradio "1.2s"
+
+
 def test_a_prompt_becomes_an_image_while_the_progress_bar_moves(embedded_page, page):
     open_page(page, embedded_page.url)
     draw(page, "a red football skill icon on a light background")
@@ -71,6 +99,7 @@ def test_a_prompt_becomes_an_image_while_the_progress_bar_moves(embedded_page, p
     with Image.open(io.BytesIO(png)) as img:
         assert (img.format, img.size) == ("PNG", (64, 64))
     assert page.locator("#gallery").inner_text().count("seed ") == 1  # the caption names the seed
+    no_timer_text(page)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
 
@@ -86,6 +115,41 @@ def test_reroll_draws_the_same_request_again_as_a_different_image(embedded_page,
     [second] = images(page)
     assert second != first
     assert first_line != second_line and second_line.startswith("Done (seed ")  # a new seed
+
+
+def test_upscale_and_vary_redraw_the_image_clicked_in_the_gallery(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a yellow star skill icon on a dark background --n 2")
+    assert final_line(page).startswith("Done (seed ")
+    assert page.locator("#choice").inner_text().strip() == "Click an image to choose it for Upscale 2x or Vary."
+    page.locator("#upscale").click()
+    assert notice(page) == CHOOSE_AN_IMAGE  # two images and none chosen: nothing is drawn
+    assert natural_sizes(page) == [(64, 64), (64, 64)]
+    second_seed = page.locator("#gallery .thumbnail-item").nth(1).inner_text().strip()  # its caption: "seed N"
+    page.locator("#gallery .thumbnail-item").nth(1).click()
+    page.locator("#choice").get_by_text("Image 2 of 2 (64x64): Upscale 2x makes it 128x128").wait_for()
+    assert again(page, "#upscale") == f"Done ({second_seed})"  # an upscale keeps the image's seed
+    assert natural_sizes(page) == [(128, 128)]  # twice the size, the only image now
+    [upscaled] = images(page)
+    with Image.open(io.BytesIO(upscaled)) as img:
+        assert (img.format, img.size) == ("PNG", (128, 128))
+    assert page.locator("#notice .skill-notice").inner_text().strip() == ""  # no refusal: the notice is cleared
+    line = again(page, "#vary-image")  # a lone image needs no choosing
+    assert line.startswith("Done (seed ") and line != f"Done ({second_seed})"  # a variation has a new seed
+    [varied] = images(page)
+    assert varied != upscaled and natural_sizes(page) == [(128, 128)]  # redrawn at the image's own size
+    no_timer_text(page)
+
+
+def test_an_image_too_large_to_upscale_gets_the_chats_refusal(embedded_page, page):
+    open_page(page, embedded_page.url)
+    draw(page, "a white flag skill icon on a dark background --size 520x64")
+    assert final_line(page).startswith("Done (seed ")
+    choice = "Image 1 of 1 (520x64): Vary redraws it; it is too large to upscale."
+    page.locator("#choice").get_by_text(choice).wait_for()
+    page.locator("#upscale").click()
+    assert notice(page) == t("too_large_to_upscale", width=520, height=64, max_px=1024)
+    assert natural_sizes(page) == [(520, 64)]  # nothing was drawn
 
 
 def test_cancel_stops_a_request_that_is_drawing(embedded_page, page):
