@@ -1,6 +1,6 @@
 """The web front-end's pure parts and its work without a page: form fields become the `/skill` request the chat
-would make, events become page text, and a request is admitted, published, followed, re-rolled and cancelled
-through the bots' own intake (a recording producer, events fed by hand)."""
+would make, events become page text, and a request is admitted, published, followed, re-rolled, upscaled or varied
+(one chosen image) and cancelled through the bots' own intake (a recording producer, events fed by hand)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from PIL import Image
 from bots import grammar, render
 from bots.grammar import CommandError, Defaults
 from bots.intake import CANCELLING, Intake
+from bots.locales import t
 from bots.web.form import (
+    CHOOSE_AN_IMAGE,
     NO_TRAINING_TO_CANCEL,
     NOT_ANSWERING,
     NOTHING_TO_CANCEL,
+    NOTHING_TO_PICK,
     NOTHING_TO_REPEAT,
     TRAINING_OFF,
     Form,
@@ -216,6 +219,43 @@ async def test_reroll_repeats_the_last_request_with_a_new_seed(web):
     await run_with(web, web.remix("web-b", render.REROLL), done)
     first, second = (decode(v, GenerateRequest, h) for _, v, _, h in web.intake.producer.sent)
     assert second.prompt == first.prompt and second.reroll == 1 and second.request_id != first.request_id
+
+
+def succeeds_with(*refs):
+    def answer(queue, rid):
+        queue.put_nowait(event(EventKind.succeeded, blobs=list(refs)).model_copy(update={"request_id": rid}))
+    return answer
+
+
+async def test_upscale_and_vary_redraw_the_chosen_image_of_the_last_picture(web):
+    assert [v.notice for v in [v async for v in web.from_image("web-i", render.UPSCALE)]] == [NOTHING_TO_PICK]
+    blobs = BlobStore(web.settings.blob_url)
+    refs = [blobs.put(png(s), seed=s, width=64, height=64) for s in (3, 4)]
+    await run_with(web, web.draw("web-i", Form(prompt="a red ball", count="2")), succeeds_with(*refs))
+    session = web.session("web-i")
+    assert (session.result, session.chosen) == (refs, None)
+    assert [v.notice for v in [v async for v in web.from_image("web-i", render.VARY)]] == [CHOOSE_AN_IMAGE]
+    assert web.choose("web-i", 1) == "Image 2 of 2 (64x64): Upscale 2x makes it 128x128; Vary redraws it."
+    upscaled = blobs.put(png(5), seed=4, width=128, height=128)
+    views = await run_with(web, web.from_image("web-i", render.UPSCALE), succeeds_with(upscaled))
+    assert views[-1].final == "Done (seed 4)" and views[-1].pictures == [upscaled]
+    drawn, up = (decode(v, GenerateRequest, h) for _, v, _, h in web.intake.producer.sent)
+    assert (up.init_image, up.width, up.height, up.upscale, up.seed, up.num_images) == (refs[1], 128, 128, 2, 4, 1)
+    assert up.prompt == drawn.prompt and up.origin.user_id == "web-i" and up.origin.verify(up.request_id, KEY.encode())
+    assert (session.last, session.result, session.chosen) == (up.request_id, [upscaled], None)  # a new picture
+    await run_with(web, web.from_image("web-i", render.VARY), succeeds_with(upscaled))  # a lone image: no choosing
+    _, value, _, headers = web.intake.producer.sent[-1]
+    vary = decode(value, GenerateRequest, headers)
+    assert (vary.init_image, vary.width, vary.height, vary.upscale, vary.reroll) == (upscaled, 128, 128, 1, 1)
+
+
+async def test_an_image_too_large_to_upscale_gets_the_chats_refusal(web):
+    wide = BlobStore(web.settings.blob_url).put(png(6), seed=6, width=520, height=64)
+    await run_with(web, web.draw("web-j", Form(prompt="a red ball", size="520x64")), succeeds_with(wide))
+    assert web.choose("web-j", 0) == "Image 1 of 1 (520x64): Vary redraws it; it is too large to upscale."
+    views = [v async for v in web.from_image("web-j", render.UPSCALE)]
+    assert [v.notice for v in views] == [t("too_large_to_upscale", width=520, height=64, max_px=1024)]
+    assert len(web.intake.producer.sent) == 1  # only the drawing: the refusal published nothing
 
 
 async def test_nobody_answering_and_a_broker_down_each_get_one_line(web):
