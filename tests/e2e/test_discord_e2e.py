@@ -74,6 +74,14 @@ async def test_discord_e2e_png_in_the_thread_exactly_once_across_a_delivery_rest
     assert shown is it.original and len(shown.pngs) == 1 and ping.via == "followup" and not ping.pngs
     assert shown.content.startswith("✅") and shown.components[0]["components"][0]["label"] == "Re-roll"
     assert req.origin.thread_id == THREAD_ID
+    # Parameters on the real result: the request named no seed, so the line pins the one the consumer drew with;
+    # the size and steps were the deployment's defaults, so the line leaves them out.
+    [params] = [b for b in shown.components[0]["components"] if b["label"] == "Parameters"]
+    click = await discord.click(params["custom_id"], shown, user_id="777")
+    [answer] = await discord.wait_for(lambda c: c.method == "POST" and c.path.startswith(f"/interactions/{click.id}/"))
+    seed = events[-1].blobs[0].seed
+    assert req.seed is None and seed is not None and answer.body["data"]["flags"] & 64
+    assert answer.body["data"]["content"].endswith(f"```\n/skill a skater's ollie, side view --seed {seed}\n```")
 
 
 async def test_discord_e2e_a_429_with_retry_after_2_gives_one_post_at_least_2_seconds_later(discord):
