@@ -33,7 +33,7 @@ from skillgen.runtime.redis import Store
 # KEYS: one sorted set per limit (member = one unit, score = time in ms).
 # ARGV: count, window_ms, cost for each key, then a unique id for this call's members.
 # Returns {1} when admitted, or {0, wait_ms, index of the limit that waits longest}.
-_ADMIT = """
+ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local wait, which = 0, 0
@@ -142,7 +142,7 @@ class RateLimiter:
         names = [self.store.key(k) for k in keys]
         # Without Redis the windows are this process's: each replica admits up to the limit on its own.
         result = await self.box.run(
-            lambda: self.store.call(lambda r: r.eval(_ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
+            lambda: self.store.call(lambda r: r.eval(ADMIT, len(names), *names, *argv, uuid.uuid4().hex),
                                     lambda: None), within_s)
         if result is None:
             return self._admit_local(limits, keys, costs)

@@ -1,8 +1,9 @@
 """Delivery to Slack with slack_sdk's AsyncWebClient (its base_url is SKILL_SLACK_API_BASE).
 
-Progress edits the status message the bot posted (chat.update), within a per-workspace budget: chat.update is
-Tier 3 (about 50 a minute per workspace), so a status edit is skipped once PROGRESS_EDITS_PER_MIN edits went to
-that workspace in the last minute; the rest of the minute is kept for final results, which are never skipped.
+Progress edits the status message the bot posted (chat.update), within a per-workspace budget shared by every
+delivery replica (bots/slack_budget.py): chat.update is Tier 3 (about 50 a minute per workspace), so a status edit
+is skipped once PROGRESS_EDITS_PER_MIN edits went to that workspace in the last minute; the rest of the minute is
+kept for final results, which are never skipped.
 
 A result is a new message that mentions the requester (an edit notifies nobody): the images are uploaded with
 files_upload_v2 into the channel and thread of the request, with that message as their comment, FIRST; then the
@@ -23,8 +24,7 @@ message), and in the requester's language, which the bot keeps by request id (bo
 from __future__ import annotations
 
 import json
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackRequestError
@@ -32,12 +32,12 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots import image_actions, locales, render
 from bots.errors import RetryAfter, Transient, Undeliverable
+from bots.slack_budget import PROGRESS_EDITS_PER_MIN, EditBudget
 from schemas.messages import EventKind, JobEvent, Origin, Platform
 from skillgen.runtime.redis import Store
 
 GONE = ("message_not_found", "cant_update_message", "cant_delete_message")
 NOT_MEMBER = ("not_in_channel", "channel_not_found")
-PROGRESS_EDITS_PER_MIN = 40  # of Slack's ~50 chat.update a minute per workspace; the rest is for final results
 RESULT_TTL_S = 7 * 86400  # how long a result's Delete button can find the result's files
 POSTED_REMEMBERED = 10_000  # request ids whose result message is up, so a retried result does not post it again
 
@@ -54,30 +54,19 @@ class SlackPoster:
                  store: Store | None = None):
         self.client = client
         self.store = store
-        self.progress_edits_per_min = progress_edits_per_min
-        self._updates: dict[str, deque[float]] = {}  # workspace -> when each chat.update of the last minute went
+        self.budget = EditBudget(store, progress_edits_per_min)
         self._posted: OrderedDict[str, None] = OrderedDict()
 
     def message_key(self, event: JobEvent) -> str | None:
         o = event.origin
         return f"slack:{o.channel_id}/{o.status_message_id}" if o.status_message_id else None
 
-    def _spend_update(self, team_id: str, progress: bool) -> bool:
-        """Count one chat.update against the workspace's minute; a progress edit is refused past its share."""
-        sent, now = self._updates.setdefault(team_id, deque()), time.monotonic()
-        while sent and now - sent[0] >= 60:
-            sent.popleft()
-        if progress and len(sent) >= self.progress_edits_per_min:
-            return False
-        sent.append(now)
-        return True
-
     async def status(self, event: JobEvent) -> None:
-        if not event.origin.status_message_id or not self._spend_update(event.origin.team_id, progress=True):
+        if not event.origin.status_message_id or not await self.budget.spend(event.origin.team_id, progress=True):
             return  # nothing to edit, or the workspace's edit budget is spent: the next status or the result shows
         text = render.status(event, await self._lang(event))
         blocks = render.slack_blocks(text, event.request_id, render.status_buttons(event))  # Cancel, until the result
-        await self._edit_or_post(event.origin, text, blocks, post_if_gone=False)
+        await self._edit_or_post(event.origin, text, blocks, post_if_gone=False, counted=True)
 
     async def _lang(self, event: JobEvent) -> str:
         """The requester's language (the bot keeps it by request id; English when none was kept)."""
@@ -144,9 +133,13 @@ class SlackPoster:
                 self._posted.popitem(last=False)
         return answer
 
-    async def _edit_or_post(self, o: Origin, text: str, blocks: list[dict], post_if_gone: bool = True) -> None:
+    async def _edit_or_post(self, o: Origin, text: str, blocks: list[dict], post_if_gone: bool = True,
+                            counted: bool = False) -> None:
+        """Edit the status message (a chat.update, counted in the workspace's budget unless `counted` already),
+        or post `text` as a new message when there is none or it is gone (`post_if_gone`)."""
         if o.status_message_id:
-            self._spend_update(o.team_id, progress=False)
+            if not counted:
+                await self.budget.spend(o.team_id, progress=False)
             answer = await self._call("chat_update", ignore=GONE + NOT_MEMBER, channel=o.channel_id,
                                       ts=o.status_message_id, text=text, blocks=blocks)
             if answer is not None or not post_if_gone:
