@@ -108,6 +108,13 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
 SKILLS = ("football", "guitar", "violin", "drum", "chess", "climbing", "swimming")
 
 
+# Where a request's latency goes, from its events' stamps: publish acknowledged -> queued event (read, routed,
+# leased, queued), queued -> started (waiting for the GPU: the batching window, the running batch's next step),
+# started -> terminal event made (the batch, then post-processing: image check, PNG, blob store),
+# terminal event made -> read by this client (Kafka).
+PHASES = ("admitted", "to_start", "run_and_post", "delivered")
+
+
 class ScenarioError(RuntimeError):
     """A scenario could not be run as planned (the consumer did not start); its block says why."""
 
@@ -291,6 +298,8 @@ class Session:
         self.producer = None
         self.count = 0
         self.sent_at: dict[str, float] = {}
+        self.sent_wall: dict[str, float] = {}  # the same moment on the wall clock, which events are stamped with
+        self.wall_offset = time.time() - time.monotonic()  # monotonic (when an event was read) -> wall clock
         self.team: dict[str, str] = {}
         self.requests: dict[str, GenerateRequest] = {}
         # the events, indexed as they are read
@@ -391,6 +400,7 @@ class Session:
         for rid, fut in futures:
             await fut
             self.sent_at[rid] = time.monotonic()
+            self.sent_wall[rid] = time.time()
 
     async def cancel(self, rid: str) -> float:
         """The owner's cancel (origin sealed for the request id, as the bot does); when it was acknowledged."""
@@ -452,6 +462,21 @@ class Session:
         if rid in self.terminal:
             return self.terminal[rid][0] - self.sent_at[rid], False
         return now - self.sent_at[rid], True
+
+    def phases(self, rids: Iterable[str]) -> dict[str, float | None]:
+        """Where answered requests' time went, p50 of each phase in seconds (see PHASES), from the events'
+        stamps (the consumer's clock, the same machine's as this client's)."""
+        spans: dict[str, list[float]] = {name: [] for name in PHASES}
+        for r in rids:
+            queued, started = self.first.get((r, EventKind.queued)), self.first.get((r, EventKind.started))
+            if queued is None or started is None or r not in self.terminal:
+                continue
+            read_at, end = self.terminal[r]
+            q, st, t = (e.created_at.timestamp() for e in (queued[1], started[1], end))
+            for name, value in zip(PHASES, (q - self.sent_wall[r], st - q, t - st,
+                                            read_at + self.wall_offset - t)):
+                spans[name].append(value)
+        return {name: _round(percentile(v, 0.5), 3) for name, v in spans.items()}
 
     def outcome(self, rids: Iterable[str]) -> dict[str, int]:
         """Terminal kinds of `rids` (and `none`: no terminal event yet)."""
@@ -534,6 +559,7 @@ async def calibration(ctx: Context) -> dict:
             "unloaded_p50_s": ctx.unloaded_p50_s and round(ctx.unloaded_p50_s, 4),
             "unloaded_latencies_s": [round(v, 4) for v, _ in samples],
             "unloaded_outcome": s.outcome(quiet),
+            "unloaded_phases_p50_s": s.phases(quiet),
             "batch_s_median_by_images": {str(n): round(v, 4) for n, v in ctx.batch_s.items()},
         })
 
@@ -578,6 +604,7 @@ async def flood(ctx: Context, scheduling: str, name: str) -> dict:
             "quiet_first_queue_positions": positions,
             "quiet_wait_to_start_p50_s": _round(percentile(wait, 0.5), 3),
             "quiet_start_to_terminal_p50_s": _round(percentile(ride, 0.5), 3),
+            "quiet_phases_p50_s": s.phases(quiet),
             "batch_s_median_by_images": {str(n): round(v, 3) for n, v in batch_s.items()},
             "ratio_floor_estimate": ratio_floor(batch_s.get(MAX_BATCH), ctx.batch_s.get(1), ctx.unloaded_p50_s),
             "flood_rate_per_s": round(rate, 1),

@@ -199,15 +199,22 @@ class Batcher(Generic[T]):
         tm = ln.teams.get(team) if ln else None
         return len(tm.entries) if tm else 0
 
-    def _light(self, lane: str, team: str) -> bool:
-        """A team with at most one batch's worth queued: someone asking, not a flood."""
-        tm = self._lanes[lane].teams.get(team)
-        return tm is not None and sum(e.size for e in tm.entries) <= self.max_batch
+    def light(self, lane: str, team: str) -> bool:
+        """A team with something queued, and at most one batch's worth: someone asking, not a flood."""
+        ln = self._lanes.get(lane)
+        tm = ln.teams.get(team) if ln else None
+        # (each request holds at least one image: more requests than a batch holds is never light)
+        return (tm is not None and 0 < len(tm.entries) <= self.max_batch
+                and sum(e.size for e in tm.entries) <= self.max_batch)
+
+    def any_light(self) -> bool:
+        """Whether a light team has something queued (a batch that may preempt, once ready)."""
+        return any(self.light(lane, team) for lane, ln in self._lanes.items() for team in ln.teams)
 
     def ready_light(self, exclude: set[tuple[str, str]], adapter=None) -> tuple[Hashable, list[T]] | None:
         """The batch that may preempt a running one (consumer/gpu.py): headed by the first ready request, in fair
-        order, of a light team not in `exclude` (the running batch's teams), with the running batch's adapter;
-        its riders are light teams' requests only. None when there is none."""
+        order, of a light team not in `exclude` (the running batch's flooding teams), with the running batch's
+        adapter; its riders are light teams' requests only. None when there is none."""
         ready = self._ready_keys(self._clock())
         if not ready or not self.policy.fair:
             return None
@@ -218,10 +225,10 @@ class Batcher(Generic[T]):
             for team, tm in sorted(((n, t) for n, t in ln.teams.items() if t.entries),
                                    key=lambda nt: (nt[1].start, nt[1].entries[0].seq)):
                 head = tm.entries[0]
-                if ((lane, team) in exclude or head.key not in ready or not self._light(lane, team)
+                if ((lane, team) in exclude or head.key not in ready or not self.light(lane, team)
                         or getattr(head.key, "adapter", None) != adapter):
                     continue
-                return self._form(head, riders=lambda e: (e.lane, e.team) not in exclude and self._light(e.lane,
+                return self._form(head, riders=lambda e: (e.lane, e.team) not in exclude and self.light(e.lane,
                                                                                                         e.team))
         return None
 

@@ -50,6 +50,7 @@ class Flight(Generic[J]):
     cancelled: bool = False
     cancel_step: int | None = None  # the running batch's step when the cancel arrived
     steps_done: int = 0  # denoising steps its running batch has finished
+    urgent: bool = False  # it preempted a running batch: its post-processing goes first (consumer/post.py)
     init_image: object | None = None  # img2img: the init image (PIL), read before the GPU (consumer/routing.py)
 
 

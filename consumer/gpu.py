@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +26,9 @@ from consumer.batcher import Batcher, Policy
 from consumer.flight import Flight
 from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
+from consumer.post import PostQueue
 from consumer.settings import ConsumerSettings
+from consumer.speed import Speed, warm_up
 from skillgen.inference.errors import PipelineError
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
@@ -36,7 +36,6 @@ from skillgen.runtime.logs import job as job_fields
 log = logging.getLogger("skillgen.consumer")
 
 RETRIES_SPENT = "generation failed after retries; the team has been notified"
-SPEED_WINDOW = 15  # batches the speed estimate looks back on
 
 
 @dataclass(frozen=True)
@@ -110,15 +109,15 @@ class GpuLoop:
                              lane_weights=dict(settings.lane_weights))
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
-        # Seconds of GPU time per work unit, a moving average over batches: the speed behind every ETA.
-        # The median over the last SPEED_WINDOW batches: one batch slowed by a noisy neighbour does not swing
-        # every ETA given after it.
-        self.s_per_unit: float | None = None
-        self._timed: deque[float] = deque(maxlen=SPEED_WINDOW)
-        # Full batches cost less per unit than small ones (a batch of 8 here: about half a lone image's per unit),
-        # so a deep queue, which is served in full batches, is timed by them.
-        self.s_per_unit_full: float | None = None
-        self._timed_full: deque[float] = deque(maxlen=SPEED_WINDOW)
+        # The cost model behind every ETA (consumer/speed.py): a batch takes a + b x units, fitted over recent
+        # batches of every size, and seeded by `warm_up` before the first request.
+        self.speed = Speed()
+        self.full_units: float | None = None  # the work of the last full batch timed: a deep queue's batches
+        # Post-processing (image check, PNG, blob store) on one thread, a preempting batch's first (consumer/post.py).
+        self.post = PostQueue()
+        # Set on the loop when a light team queues (one that may preempt): until then the inference thread does not
+        # ask the loop at each step whether a batch may preempt, so a busy loop does not slow every step.
+        self._light_hint = False
         self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
         self.flights_per_batch = 1.0  # moving average
         self.running_units = 0.0
@@ -130,32 +129,39 @@ class GpuLoop:
 
     def shutdown(self) -> None:
         self._gpu.shutdown(wait=False, cancel_futures=True)
+        self.post.shutdown()
 
     def running_left_s(self) -> float:
-        if not self.running or self.s_per_unit is None:
+        if not self.running or self.speed.fit is None:
             return 0.0
-        return max(0.0, self.running_units * self.s_per_unit - (time.monotonic() - self.running_since))
+        return max(0.0, self.speed.fit.batch_s(self.running_units) - (time.monotonic() - self.running_since))
 
-    def speed(self) -> float | None:
-        """Seconds per work unit for what is queued now: full batches' when a full batch is waiting."""
-        if self.s_per_unit_full is not None and self.batcher.images >= self.settings.max_batch:
-            return self.s_per_unit_full
-        return self.s_per_unit
+    def s_per_unit(self) -> float | None:
+        """Seconds per work unit of a deep queue (served in full batches): the speed the group view shows."""
+        fit = self.speed.fit
+        return None if fit is None else fit.s_per_unit(self.full_units or self.running_units or 1.0)
 
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
-        it is done (None before the first batch is timed)."""
+        it is done (None before the first batch is timed): the work before it, served in batches of
+        max_batch images like its own, each costing the cost model's a + b x units."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
         ahead_s = self.running_left_s() + self.post_s * (self.flights_per_batch + 1) / 2
-        speed = self.speed()
+        fit = self.speed.fit
+        timing = {"s_per_unit": fit and fit.b, "s_per_batch": fit.a if fit else 0.0, "running_s": ahead_s,
+                  "units_per_batch": flight.cost / max(1, len(flight.seeds)) * self.settings.max_batch}
         if self.policy.fair:
             return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
-                            team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights,
-                            s_per_unit=speed, running_s=ahead_s)
+                            team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights, **timing)
         work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
-        eta = None if speed is None else round(ahead_s + work * speed, 1)
-        return Estimate(position=len(self.batcher), units_ahead=work, eta_s=eta)
+        est = estimate({}, flight.lane, flight.team, work, **timing)  # first in, first out: all of it ahead
+        return Estimate(position=len(self.batcher), units_ahead=work, eta_s=est.eta_s)
+
+    async def warm_up(self, model: str) -> None:
+        """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""
+        self.full_units = await warm_up(self.engine, self.speed, model, self.settings.max_batch,
+                                        self.settings.max_pixels, self._gpu)
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
         """Queue the flight for the GPU; returns its estimate (position and ETA)."""
@@ -168,6 +174,7 @@ class GpuLoop:
             job.waiting = True
         self.batcher.add(flight.batch, flight, size=len(flight.seeds), team=flight.team, lane=flight.lane,
                          cost=flight.cost)
+        self._light_hint = self._light_hint or self.batcher.light(flight.lane, flight.team)
         return est
 
     def progressing(self) -> bool:
@@ -196,6 +203,7 @@ class GpuLoop:
             job.waiting = True
         self.batcher.add(flight.batch._replace(solo=flight.key), flight, size=len(flight.seeds), wait=False,
                          team=flight.team, lane=flight.lane, cost=flight.cost)
+        self._light_hint = self._light_hint or self.batcher.light(flight.lane, flight.team)
 
     def failed(self, flights: list[Flight], exc: BaseException) -> None:
         """A batch (or its post-processing) raised: split, retry or give up, as `after_failure` rules."""
@@ -271,13 +279,11 @@ class GpuLoop:
         self.metrics.batch_size.observe(len(batch.samples))
         self.flights_per_batch = 0.8 * self.flights_per_batch + 0.2 * len(flights)
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
-        if not any(f.cancelled for f in flights) and not batch.preempted:
-            per_unit = gen_s / max(1e-9, sum(f.cost for f in flights))
-            self._timed.append(per_unit)
-            self.s_per_unit = statistics.median(self._timed)
+        if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
+            work = sum(f.cost for f in flights)
+            self.speed.observe(work, gen_s)
             if len(batch.samples) >= self.settings.max_batch:
-                self._timed_full.append(per_unit)
-                self.s_per_unit_full = statistics.median(self._timed_full)
+                self.full_units = work
         log.info("batch of %d images (%d requests) in %.2fs", len(batch.samples), len(flights), gen_s)
         for f, span in zip(flights, batch.spans):
             if f.cancelled:
@@ -288,15 +294,20 @@ class GpuLoop:
     # -- preemption: a light team's batch runs between two denoising steps of a heavy team's --------------
     def _preempt(self, outer: _Batch, loop: asyncio.AbstractEventLoop) -> None:
         """On the inference thread, between two steps of `outer`: when the fair schedule's next batch belongs to
-        a team with nothing else queued (someone asking once, not a flood) while `outer` serves teams that have
-        more queued, that batch runs now, to the end, and `outer` resumes where it stopped (its state is its
+        a light team (a batch's worth queued at most: someone asking, not a flood) while `outer` serves a team
+        with more than that queued, that batch runs now, to the end, and `outer` resumes where it stopped (its state is its
         own: latents, scheduler, generators; nothing it holds changes). One level deep: a preempting batch is
-        never preempted. Dispatch order stays the fair schedule's; only who waits for the GPU in between moves."""
-        if self._nested or not self.policy.fair or not self.settings.preempt or not len(self.batcher):
+        never preempted. Dispatch order stays the fair schedule's; only who waits for the GPU in between moves.
+        The loop is asked only while a light team has something queued (`_light_hint`), and the preempting batch
+        runs with the post-processing thread held (consumer/post.py): its flights' post-processing goes first."""
+        if (self._nested or not self._light_hint or not self.policy.fair or not self.settings.preempt
+                or not len(self.batcher)):
             return
+        asking = asyncio.run_coroutine_threadsafe(self._take_light(outer), loop)
         try:
-            taken = asyncio.run_coroutine_threadsafe(self._take_light(outer), loop).result(timeout=5)
+            taken = asking.result(timeout=5)
         except Exception:  # noqa: BLE001 - the loop is shutting down, or slow: no preemption this step
+            asking.add_done_callback(lambda done: loop.call_soon_threadsafe(self._put_back, done))
             return
         if taken is None:
             return
@@ -307,14 +318,11 @@ class GpuLoop:
         outer.preempted = True
         self.metrics.preempted.inc()
         try:
-            try:
-                asyncio.run_coroutine_threadsafe(self.outlet.started(flights), loop).result(timeout=30)
-            except Exception:  # noqa: BLE001 - events are best effort; the batch runs anyway
-                pass
             inner = self._begin(key, flights, loop)
             self.running = outer.flights + flights
             try:
-                images = self._generate(inner)
+                with self.post.hold():
+                    images = self._generate(inner)
             except Exception as exc:  # noqa: BLE001 - judged by after_failure, on the loop
                 loop.call_soon_threadsafe(self.failed, flights, exc)
             else:
@@ -325,11 +333,32 @@ class GpuLoop:
             if saved_level is not None:
                 be.set_memory_savings(saved_level)
 
+    def _put_back(self, done) -> None:
+        """On the loop: a preempting batch taken after the inference thread stopped waiting goes back in the queue."""
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            return
+        for f in done.result()[1]:
+            self.batcher.add(f.batch, f, size=len(f.seeds), team=f.team, lane=f.lane, cost=f.cost)
+        self._light_hint = True
+
     async def _take_light(self, outer: _Batch):
-        busy = {(f.lane, f.team) for f in outer.flights}
-        if not any(self.batcher.queued(lane, team) for lane, team in busy):
-            return None  # the running batch's teams have nothing else waiting: it is not a flood
-        return self.batcher.ready_light(exclude=busy, adapter=outer.key.adapter)
+        """On the loop: the batch that preempts `outer` now, its started events sent; None when there is none."""
+        # The running batch must serve a flood: a team with more than a batch's worth still queued. A light team
+        # in it (the quiet team's last request, served at its turn with flood riders) may preempt it again.
+        heavy = {(f.lane, f.team) for f in outer.flights if self.batcher.queued(f.lane, f.team)
+                 and not self.batcher.light(f.lane, f.team)}
+        if not heavy:
+            return None
+        taken = self.batcher.ready_light(exclude=heavy, adapter=outer.key.adapter)
+        self._light_hint = self.batcher.any_light()  # e.g. one still in its batching window
+        if taken is not None:
+            for f in taken[1]:
+                f.urgent = True
+            try:
+                await self.outlet.started(taken[1])
+            except Exception:  # noqa: BLE001 - events are best effort; the batch runs anyway
+                log.warning("started events for a preempting batch could not be sent", exc_info=True)
+        return taken
 
     def cancel_running(self, flight: Flight) -> bool:
         """Everyone waiting for a running flight cancelled: its samples leave the batch at the next step."""
@@ -405,3 +434,4 @@ def load_engine_from(settings: ConsumerSettings):
         max_pixels=settings.max_pixels,
         trt_profile=trt_profile,
     )
+

@@ -99,7 +99,7 @@ class Scheduling:
         # Records of our partitions not fetched yet: work nobody has sized (the readers count it at an average).
         lag = sum(service.lag().values()) - len(service.offsets)
         return groupview.ConsumerView(
-            consumer=self.consumer_id, at=time.time(), s_per_unit=gpu.s_per_unit_full or gpu.s_per_unit,
+            consumer=self.consumer_id, at=time.time(), s_per_unit=gpu.s_per_unit(),
             running_s=gpu.running_left_s(),
             lag=max(0, lag), queued=gpu.batcher.backlog(), team_weights=dict(gpu.policy.team_weights),
             lane_weights=dict(gpu.policy.lane_weights))

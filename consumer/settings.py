@@ -39,6 +39,9 @@ class ConsumerSettings(CommonSettings):
     # With fair scheduling: a batch of a team that has nothing else queued (someone asking once) may run between
     # two denoising steps of a running batch of teams with more queued (a flood), instead of waiting for its end.
     preempt: bool = True
+    # At start, before joining the group: a full batch and a lone image at the model's size, timed, so the first
+    # ETAs (consumer/speed.py's cost model) come from both sizes instead of from whichever batch ran first.
+    warm_up: bool = True
     team_weights: dict[str, float] = Field(default_factory=dict)
     lane_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
     # A team's fast-lane budget per UTC day in work units (one 512x512 image, 20 steps, with guidance); past it

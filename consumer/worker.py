@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -98,8 +97,6 @@ class Worker:
         )
         self._flights: dict[str, Flight[Job]] = {}
         self.sched = Scheduling(self)  # lanes, deadlines, cancels and the group view (consumer/schedule.py)
-        # Safety checks and PNG encoding of one batch overlap the next batch on the GPU.
-        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
 
     @property
     def offsets(self):
@@ -172,8 +169,7 @@ class Worker:
             self.leases.close()
             for opened in {id(x): x for x in (link, l2_link) if x is not None}.values():
                 await opened.close()
-            self.gpu.shutdown()
-            self._post.shutdown(wait=False, cancel_futures=True)
+            self.gpu.shutdown()  # the inference and post-processing threads
 
     async def _watch_lag(self) -> None:
         while True:
@@ -294,11 +290,10 @@ class Worker:
 
     async def drawn(self, flight: Flight[Job], images) -> None:
         """The one post-processing step, then the answer: stored and cached, or withheld as a whole."""
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        try:
-            outcome = await loop.run_in_executor(self._post, release, images, flight.seeds, self.image_policy,
-                                                 self.blobs)
+        try:  # on the post-processing thread (consumer/post.py), overlapping the next batch on the GPU
+            outcome = await asyncio.wrap_future(self.gpu.post.submit(release, images, flight.seeds, self.image_policy,
+                                                                     self.blobs, urgent=flight.urgent))
         except Exception as exc:  # noqa: BLE001 - e.g. the blob store is unreachable: retried like a failed batch
             self.gpu.failed([flight], exc)
             return
@@ -431,6 +426,8 @@ async def serve(settings: ConsumerSettings, engine=None, ready: Callable[[], Non
         engine = await asyncio.to_thread(load_engine_from, settings)
     resolver = registry_resolver(settings.adapter_url) if settings.adapter_url else None
     worker = Worker(settings, engine, resolve_adapter=resolver)
+    if settings.warm_up:
+        await worker.gpu.warm_up(settings.model)
     stop_on_signals(worker.stop)
     await worker.run(ready)
     return worker

@@ -10,7 +10,7 @@ backlog is past SKILL_MAX_BACKLOG_S; the consumer uses the same arithmetic on it
 The fast-lane budget, the fair shares and the ETA all count in units, so a 4-image 1024x1024 request weighs what
 it costs the GPU (16 units), not what a 1-image thumbnail does.
 
-**The estimate** is the fluid (GPS) model of the hierarchical fair queue in consumer/scheduler.py: lanes share
+**The estimate** is the fluid (GPS) model of the hierarchical fair queue in consumer/batcher.py: lanes share
 the GPU by lane weight, teams share a lane by team weight. When a new request of cost c joins team T, which has
 B_T queued, the lane's work done before it finishes is W = (B_T + c) + sum over the lane's other teams f of
 min(B_f, (B_T + c) w_f / w_T) (a team with less queued than its share finishes first and its share goes to the
@@ -100,9 +100,12 @@ def _share(own: float, own_weight: float, others: Iterable[tuple[float, int, flo
 
 def estimate(queued: Mapping[str, Queued], lane: str, team: str, cost: float, *,
              team_weights: Mapping[str, float] | None = None, lane_weights: Mapping[str, float] | None = None,
-             s_per_unit: float | None = None, running_s: float = 0.0, already_queued: bool = False) -> Estimate:
+             s_per_unit: float | None = None, running_s: float = 0.0, already_queued: bool = False,
+             s_per_batch: float = 0.0, units_per_batch: float | None = None) -> Estimate:
     """Where a request of `cost` units from `team` in `lane` stands among `queued` (flow -> backlog).
-    `already_queued`: `queued` counts it already (its own backlog includes it)."""
+    `already_queued`: `queued` counts it already (its own backlog includes it). The time is `running_s`, then
+    `s_per_unit` per unit of the work done before it is finished, and, with `units_per_batch` (a full batch's
+    work), `s_per_batch` for each batch that work is served in (consumer/speed.py: a batch costs a + b x units)."""
     tw = team_weights or {}
     lw = {**DEFAULT_LANE_WEIGHTS, **(lane_weights or {})}
     lanes: dict[str, dict[str, Queued]] = {}
@@ -122,7 +125,10 @@ def estimate(queued: Mapping[str, Queued], lane: str, team: str, cost: float, *,
             lane_totals.append((sum(q.units for q in teams.values()), sum(q.requests for q in teams.values()),
                                 lw.get(ln, 1.0)))
     work, more = _share(lane_work, lw.get(lane, 1.0), lane_totals)
-    eta = None if s_per_unit is None else round(running_s + work * s_per_unit, 1)
+    eta = None
+    if s_per_unit is not None:
+        batches = math.ceil(work / units_per_batch - 1e-9) if units_per_batch else 0
+        eta = round(running_s + work * s_per_unit + batches * s_per_batch, 1)
     return Estimate(position=int(round(ahead + more)), units_ahead=round(work, 3), eta_s=eta)
 
 

@@ -236,3 +236,22 @@ def test_backlog_per_flow_and_removal_charges_nothing():
     b.add("k", "c1", team="c")
     # Had the removed request been charged (10 units), c1 would go before a2.
     assert [x for x in drain(b) if x != "r"] == ["a2", "c1"]
+
+
+def test_a_light_team_is_one_asking_once_and_only_it_may_preempt():
+    clock = Clock()
+    b = Batcher(2, 50, clock=clock, policy=Policy())
+    assert not b.any_light() and not b.light("fast", "nobody")
+    for i in range(3):
+        b.add("k", f"f{i}", team="flood")
+    assert not b.light("fast", "flood") and not b.any_light()  # more than a batch's worth: a flood
+    b.add("other", "q", team="quiet")
+    assert b.light("fast", "quiet") and b.any_light()
+    assert b.ready_light(exclude={("fast", "flood")}) is None  # still in its batching window
+    clock.now += 0.05
+    assert b.ready_light(exclude={("fast", "flood")}) == ("other", ["q"])
+    assert not b.any_light()
+    b.add("k", "q2", team="quiet")  # the flood's key is full: ready at once, and no flood rider taken along
+    assert b.ready_light(exclude={("fast", "flood")}) == ("k", ["q2"])
+    b.add("k", "big", size=3, team="big")  # one request, but more images than a batch: not light either
+    assert not b.light("fast", "big")

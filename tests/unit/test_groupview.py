@@ -43,6 +43,19 @@ def test_weights_and_lanes():
     assert relax.units_ahead == pytest.approx(100.0 + 20.0)  # behind all of fast's 20 units, at its lane's share
 
 
+def test_each_batch_the_work_ahead_is_served_in_adds_the_fixed_cost_per_batch():
+    flood = {"fast/flood": q(40, 40.0)}
+    # 10 units ahead (own share of the flood included: 5 + 5): 2.5 batches of 4 units -> 3 batches
+    est = estimate(flood, "fast", "quiet", 5.0, s_per_unit=0.1, s_per_batch=0.5, units_per_batch=4.0,
+                   running_s=2.0)
+    assert est.units_ahead == 10.0
+    assert est.eta_s == pytest.approx(2.0 + 10 * 0.1 + 3 * 0.5)
+    # exactly two full batches' worth is two batches, not three
+    assert estimate({}, "fast", "t", 8.0, s_per_unit=0.1, s_per_batch=0.5, units_per_batch=4.0).eta_s == 1.8
+    # without a batch size the fixed cost is not counted (the proportional model of before)
+    assert estimate(flood, "fast", "quiet", 5.0, s_per_unit=0.1, s_per_batch=0.5).eta_s == 1.0
+
+
 def test_no_eta_before_anything_was_timed():
     assert estimate({}, "fast", "t", 1.0).eta_s is None
 

@@ -1,0 +1,104 @@
+"""Step-level preemption in the GPU loop (consumer/gpu.py), with an engine that only counts steps: a light team's
+batch runs between two steps of a flood's batch, even when that batch carries the light team's previous request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from consumer.flight import Flight
+from consumer.gpu import GpuLoop
+from consumer.keys import BatchKey
+from consumer.metrics import ConsumerMetrics
+from consumer.settings import ConsumerSettings
+from schemas.messages import GenerateRequest, Origin
+
+pytestmark = pytest.mark.unit
+
+KEY = BatchKey(64, 64, 8, 2.5, "dpmpp")
+
+
+class StepEngine:
+    """Eight steps of `step_s` each, reporting progress; notes (images, start, end) of every call."""
+
+    class backend:  # noqa: N801 - what GpuLoop reads of a backend: nothing here
+        pass
+
+    def __init__(self, step_s: float = 0.02) -> None:
+        self.step_s = step_s
+        self.calls: list[tuple[int, float, float]] = []
+        self.stepping = threading.Event()
+
+    def generate(self, spec, samples, progress=None, cancelled=None):
+        start = time.monotonic()
+        for step in range(1, spec.steps + 1):
+            time.sleep(self.step_s)
+            self.stepping.set()
+            if progress:
+                progress(step, spec.steps)
+        self.calls.append((len(samples), start, time.monotonic()))
+        return [None] * len(samples)
+
+
+class Outlet:
+    def __init__(self) -> None:
+        self.began: list[list[str]] = []  # each batch's flights, as `started` was told
+        self.drawn: list[str] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        return task
+
+    async def started(self, flights) -> None:
+        self.began.append([f.key for f in flights])
+
+    async def progress(self, flights, step, total) -> None:
+        pass
+
+    async def drawn(self, flight, images) -> None:
+        self.drawn.append(flight.key)
+
+    async def give_up(self, flight, message, error) -> None:
+        pass
+
+    async def close(self, flight) -> None:
+        pass
+
+
+def flight(team: str, i: int) -> Flight:
+    req = GenerateRequest(origin=Origin(platform="console", team_id=team, channel_id="c", user_id="u"),
+                          prompt=f"{team} skill {i}", width=64, height=64, steps=8)
+    return Flight(f"{team}-{i}", KEY, req, None, [i], team=team, cost=1.0)
+
+
+async def test_a_quiet_request_preempts_a_flood_batch_that_carries_its_previous_one():
+    engine, outlet = StepEngine(), Outlet()
+    gpu = GpuLoop(engine, ConsumerSettings(_env_file=None, model="unused", max_batch=8), ConsumerMetrics(), outlet)
+    started = outlet.began
+    gpu.queue(flight("quiet", 0))
+    for i in range(20):
+        gpu.queue(flight("flood", i))
+    running = asyncio.create_task(gpu.run())
+    try:
+        await asyncio.wait_for(asyncio.to_thread(engine.stepping.wait, 5), 6)
+        assert "quiet-0" in started[0] and len(started[0]) == 8  # its turn came: it rides with 7 of the flood's
+        quiet = flight("quiet", 1)
+        gpu.queue(quiet)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(engine.calls) >= 2:
+                break
+        (n_inner, inner_start, inner_end), (n_outer, outer_start, outer_end) = engine.calls[:2]
+        assert (n_inner, n_outer) == (1, 8)
+        assert outer_start < inner_start and inner_end < outer_end  # between two of the flood batch's steps
+        assert started[1] == ["quiet-1"]
+        assert gpu.metrics.preempted._value.get() == 1
+        assert quiet.urgent  # its post-processing goes first (consumer/post.py)
+    finally:
+        running.cancel()
+        gpu.shutdown()
