@@ -261,7 +261,7 @@ class SkillBot(discord.Client):
         lang = lang_of(interaction)
         text = render.queued(req, self.intake.estimate(req.request_id), lang)
         original = await interaction.edit_original_response(content=text, allowed_mentions=only_author,
-                                                            view=status_view(req.request_id))
+                                                            view=status_view(req.request_id, lang))
         try:
             await remember_token(self.intake, interaction, req.request_id, original)
             await locales.remember(self.intake.store, req.request_id, lang, self.settings.remember_s)
@@ -274,12 +274,13 @@ class SkillBot(discord.Client):
         metrics.COMMANDS.labels("discord", "queued").inc()
 
 
-def status_view(request_id: str) -> discord.ui.View:
-    """The Cancel button of a status, as delivery keeps it (render.discord_buttons with STATUS_ACTIONS). Stopped:
-    its clicks reach on_interaction like every other button's, never discord.py's view store."""
+def status_view(request_id: str, lang: str = "en") -> discord.ui.View:
+    """The Cancel button of a status, as delivery keeps it (render.discord_buttons with STATUS_ACTIONS), labelled
+    in the requester's language. Stopped: its clicks reach on_interaction like every other button's, never
+    discord.py's view store."""
     view = discord.ui.View(timeout=None)
     for action in render.STATUS_ACTIONS:
-        view.add_item(discord.ui.Button(style=discord.ButtonStyle.danger, label=render.label(action),
+        view.add_item(discord.ui.Button(style=discord.ButtonStyle.danger, label=render.label(action, lang),
                                         custom_id=render.custom_id(action, request_id)))
     view.stop()
     return view

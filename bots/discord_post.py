@@ -99,9 +99,10 @@ class DiscordPoster:
 
     # -- what delivery calls ---------------------------------------------------------------------------
     async def status(self, event: JobEvent) -> None:
-        payload: dict = {"content": render.status(event, await self._lang(event)), "allowed_mentions": _only(event)}
+        lang = await self._lang(event)
+        payload: dict = {"content": render.status(event, lang), "allowed_mentions": _only(event)}
         if buttons := render.status_buttons(event):  # Cancel stays on every status until the result
-            payload["components"] = render.discord_buttons(event.request_id, buttons)
+            payload["components"] = render.discord_buttons(event.request_id, buttons, lang=lang)
         if await self._edit_original(event, payload) is not None:
             return
         origin, key = event.origin, _status_key(event.request_id)
@@ -125,12 +126,12 @@ class DiscordPoster:
         if event.kind == EventKind.cancelled:
             await self._cancelled(event)
             return
-        succeeded = event.kind == EventKind.succeeded
+        succeeded, lang = event.kind == EventKind.succeeded, await self._lang(event)
         payload: dict = {
-            "content": (render.done if succeeded else render.failed)(event, await self._lang(event)),
+            "content": (render.done if succeeded else render.failed)(event, lang),
             "allowed_mentions": _only(event),
-            "components": render.discord_buttons(event.request_id, seed=render.result_seed(event))
-            + image_actions.discord_rows(event) if succeeded and event.job == "generate" else [],
+            "components": render.discord_buttons(event.request_id, seed=render.result_seed(event), lang=lang)
+            + image_actions.discord_rows(event, lang) if succeeded and event.job == "generate" else [],
             "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(images)],
         }
         hook = await self._edit_original(event, payload, images)

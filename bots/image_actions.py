@@ -28,6 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from bots import render
 from bots.errors import Refusal
+from bots.locales import t
 from schemas.codec import describe
 from schemas.messages import (
     MAX_IMAGES,
@@ -70,28 +71,30 @@ def _offers_upscale(ref: BlobRef) -> bool:
     return ref.width is not None and ref.height is not None and upscalable(ref.width, ref.height)
 
 
-def offered(event: JobEvent) -> list[list[tuple[str, int, str]]]:
-    """The per-image buttons of a result, a row each: (action, index from 1, label)."""
+def offered(event: JobEvent, lang: str = "en") -> list[list[tuple[str, int, str]]]:
+    """The per-image buttons of a result, a row each: (action, index from 1, label). A single image's `Upscale 2x`
+    and `Vary` are in `lang`, the requester's (render.label says why); U1-U4 and V1-V4 are Midjourney's
+    convention, the same in every language."""
     refs = pictures(event)
     if len(refs) == 1:
-        row = [(render.UPSCALE, 1, "Upscale 2x")] if _offers_upscale(refs[0]) else []
-        return [row + [(render.VARY, 1, "Vary")]]
+        row = [(render.UPSCALE, 1, t("button_upscale_one", lang))] if _offers_upscale(refs[0]) else []
+        return [row + [(render.VARY, 1, t("button_vary_one", lang))]]
     ups = [(render.UPSCALE, i, f"U{i}") for i, ref in enumerate(refs, 1) if _offers_upscale(ref)]
     return [row for row in (ups, [(render.VARY, i, f"V{i}") for i in range(1, len(refs) + 1)]) if row]
 
 
-def discord_rows(event: JobEvent) -> list[dict]:
+def discord_rows(event: JobEvent, lang: str = "en") -> list[dict]:
     """The action rows (grey buttons) under a result's Re-roll row."""
     return [{"type": 1, "components": [{"type": 2, "style": 2, "label": label,
                                         "custom_id": render.custom_id(action, event.request_id, index=i)}
-                                       for action, i, label in row]} for row in offered(event)]
+                                       for action, i, label in row]} for row in offered(event, lang)]
 
 
-def slack_blocks(event: JobEvent) -> list[dict]:
+def slack_blocks(event: JobEvent, lang: str = "en") -> list[dict]:
     """One actions block with every per-image button of a result (none when it has no picture)."""
     elements = [{"type": "button", "action_id": f"skill_{action}{i}", "text": {"type": "plain_text", "text": label},
                  "value": render.slack_value(action, event.request_id, index=i)}
-                for row in offered(event) for action, i, label in row]
+                for row in offered(event, lang) for action, i, label in row]
     return [{"type": "actions", "elements": elements}] if elements else []
 
 

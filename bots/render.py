@@ -54,8 +54,6 @@ IMAGE_ACTIONS = (UPSCALE, VARY)
 REPEATS = (REROLL, VARIATIONS)  # the same request again, new seeds: no questions asked
 ACTIONS = (*REPEATS, REMIX, PARAMS, DELETE)  # on a result (Discord: five a row at most)
 STATUS_ACTIONS = (CANCEL,)  # on a status that is not final (queued, drawing)
-_LABELS = {REROLL: "Re-roll", VARIATIONS: "Variations", REMIX: "Remix", PARAMS: "Parameters", DELETE: "Delete",
-           CANCEL: "Cancel"}
 _ALL = ACTIONS + STATUS_ACTIONS + IMAGE_ACTIONS
 _CUSTOM_ID = re.compile(rf"^skill:({'|'.join(_ALL)}):([A-Za-z0-9_-]{{1,64}})(?::([0-9]{{1,10}}))?$")
 # Slack action ids must be unique within a message; the value carries the request id (and Remix's the seed).
@@ -75,8 +73,13 @@ class Button(NamedTuple):
     index: int | None = None
 
 
-def label(action: str) -> str:
-    return _LABELS[action]
+def label(action: str, lang: str = "en") -> str:
+    """A button's label in `lang` (the catalogues' `button_<action>`: "Re-roll", "重新生成", ...).
+
+    A button is seen by everyone in the channel, but one message has one set of labels: they are in the language
+    of the person who asked (delivery reads it by request id, bots/locales), whose request it is, as the status
+    and result lines around them are. Whoever clicks is answered in their own language."""
+    return t(f"button_{action}", lang)
 
 
 def custom_id(action: str, request_id: str, seed: int | None = None, index: int | None = None) -> str:
@@ -357,14 +360,15 @@ def discord_missing_permission(channel_id: str, access: bool) -> str:
             "there (and Send Messages in Threads for threads). Here is your result:")
 
 
-def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None) -> list[dict]:
-    """One action row: a result's Re-roll, Variations, Remix and Parameters (their custom ids carrying `seed`) and Delete, or
-    (STATUS_ACTIONS) a status's Cancel."""
+def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None,
+                    lang: str = "en") -> list[dict]:
+    """One action row: a result's Re-roll, Variations, Remix and Parameters (their custom ids carrying `seed`) and
+    Delete, or (STATUS_ACTIONS) a status's Cancel; labelled in `lang`, the requester's (`label`)."""
     return [
         {
             "type": 1,
             "components": [
-                {"type": 2, "style": _DISCORD_STYLES[a], "label": _LABELS[a],
+                {"type": 2, "style": _DISCORD_STYLES[a], "label": label(a, lang),
                  "custom_id": custom_id(a, request_id, seed)}
                 for a in actions
             ],
@@ -387,9 +391,10 @@ def clip(text: str, max_chars: int) -> str:
 
 
 def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, ...] = ACTIONS,
-                 seed: int | None = None) -> list[dict]:
-    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations, Remix and Parameters (their
-    values carrying `seed`) and Delete, or (STATUS_ACTIONS) a status's Cancel."""
+                 seed: int | None = None, lang: str = "en") -> list[dict]:
+    """A section with `text`, and with `request_id` an actions block: a result's Re-roll, Variations, Remix and
+    Parameters (their values carrying `seed`) and Delete, or (STATUS_ACTIONS) a status's Cancel; labelled in
+    `lang`, the requester's (`label`)."""
     # verbatim: Slack links nothing by itself (a bare URL or channel name); our own <@user> mentions still work.
     text = clip(text, SLACK_SECTION_MAX)
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}]
@@ -401,7 +406,7 @@ def slack_blocks(text: str, request_id: str | None = None, actions: tuple[str, .
                     {
                         "type": "button",
                         "action_id": SLACK_ACTION_IDS[a],
-                        "text": {"type": "plain_text", "text": _LABELS[a]},
+                        "text": {"type": "plain_text", "text": label(a, lang)},
                         "value": slack_value(a, request_id, seed),
                         **({"style": "primary"} if a == REROLL else {"style": "danger"} if a in (CANCEL, DELETE) else {}),
                     }

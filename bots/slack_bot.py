@@ -337,7 +337,7 @@ class SlackFrontEnd:
         origin = req.origin
         lang = await self.locales.lang(client, origin)
         text = render.queued(req, self.intake.estimate(req.request_id), lang)
-        blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS)
+        blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS, lang=lang)
         try:
             posted = await client.chat_postMessage(
                 channel=origin.channel_id, thread_ts=origin.thread_id, text=text, blocks=blocks

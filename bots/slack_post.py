@@ -64,8 +64,9 @@ class SlackPoster:
     async def status(self, event: JobEvent) -> None:
         if not event.origin.status_message_id or not await self.budget.spend(event.origin.team_id, progress=True):
             return  # nothing to edit, or the workspace's edit budget is spent: the next status or the result shows
-        text = render.status(event, await self._lang(event))
-        blocks = render.slack_blocks(text, event.request_id, render.status_buttons(event))  # Cancel, until the result
+        lang = await self._lang(event)
+        text = render.status(event, lang)
+        blocks = render.slack_blocks(text, event.request_id, render.status_buttons(event), lang=lang)  # Cancel
         await self._edit_or_post(event.origin, text, blocks, post_if_gone=False, counted=True)
 
     async def _lang(self, event: JobEvent) -> str:
@@ -110,8 +111,8 @@ class SlackPoster:
         if o.status_message_id:
             text = render.slack_result_posted(event, lang)
             buttons_for = event.request_id if event.job == "generate" else None
-            blocks = render.slack_blocks(text, buttons_for, seed=render.result_seed(event))
-            await self._edit_or_post(o, text, blocks + image_actions.slack_blocks(event), post_if_gone=False)
+            blocks = render.slack_blocks(text, buttons_for, seed=render.result_seed(event), lang=lang)
+            await self._edit_or_post(o, text, blocks + image_actions.slack_blocks(event, lang), post_if_gone=False)
 
     async def _remember_result(self, event: JobEvent, posted) -> None:
         """Where the result went (its files, or its message's ts), for the Delete button (bots/slack_bot.py)."""

@@ -319,8 +319,8 @@ class Walk:
             return [discord_shown(
                 f"{how} Discord shows “thinking…” (the response is deferred), then the bot edits that response, "
                 "in the channel, for everyone (`SkillBot.start_job`: `render.queued`, `status_view`):",
-                text, status_view(req.request_id).to_components(), notes)]
-        blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS)
+                text, status_view(req.request_id, self.lang).to_components(), notes)]
+        blocks = render.slack_blocks(text, req.request_id, render.STATUS_ACTIONS, lang=self.lang)
         shown = []
         if command:
             shown.append(Shown("Slack's answer to the command, seen by Alice alone (`SlackFrontEnd.on_command`'s "
@@ -336,17 +336,19 @@ class Walk:
         if self.p == Platform.discord:
             return discord_shown(f"`{event.kind.value}` event at {event.created_at:%H:%M:%S}: delivery edits the "
                                  "same response (`DiscordPoster.status`):", text,
-                                 render.discord_buttons(event.request_id, render.status_buttons(event)), notes)
+                                 render.discord_buttons(event.request_id, render.status_buttons(event), lang=self.lang), notes)
         return slack_shown(f"`{event.kind.value}` event at {event.created_at:%H:%M:%S}: delivery edits the status "
                            "message (`SlackPoster.status`, chat.update):",
-                           render.slack_blocks(text, event.request_id, render.status_buttons(event)), notes)
+                           render.slack_blocks(text, event.request_id, render.status_buttons(event), lang=self.lang),
+                           notes)
 
     def final(self, event: JobEvent) -> list[Shown]:
         images = len(image_actions.pictures(event))
         attached = f", with {images} image{'s' if images > 1 else ''} attached"
         seed = render.result_seed(event)
         if self.p == Platform.discord:
-            components = render.discord_buttons(event.request_id, seed=seed) + image_actions.discord_rows(event)
+            components = (render.discord_buttons(event.request_id, seed=seed, lang=self.lang)
+                          + image_actions.discord_rows(event, self.lang))
             return [
                 discord_shown(f"`succeeded` event: delivery edits the response into the result{attached} "
                               "(`DiscordPoster.final`: `render.done`, `render.discord_buttons`, "
@@ -357,7 +359,8 @@ class Walk:
                       "replying to the result):", render.discord_ping(event, self.lang)),
             ]
         text = render.slack_result_posted(event, self.lang)
-        blocks = (render.slack_blocks(text, event.request_id, seed=seed) + image_actions.slack_blocks(event))
+        blocks = (render.slack_blocks(text, event.request_id, seed=seed, lang=self.lang)
+                  + image_actions.slack_blocks(event, self.lang))
         return [
             Shown(f"`succeeded` event: a new message in the channel{attached}, mentioning (so notifying) Alice "
                   "(`SlackPoster.final`: files_upload_v2, its comment `render.done`):", render.done(event, self.lang)),
@@ -574,8 +577,10 @@ sent, markup included (`<@id>` is a mention, `*...*` italics on Discord and `_..
 `<!date^...>` are timestamps each reader's client shows in their own time); its buttons follow, a row a line, as
 `[Label]`.
 
-Button labels, Remix's modal, the prompt policy's reasons and the consumer's own messages (`cancelled by the person
-who asked`) are English in every language; everything else comes from the catalogues (bots/locales/en.py, zh.py).
+Button labels are in the requester's language (a message has one set of labels for the whole channel), except
+U1-U4 and V1-V4, the same in every language. Remix's modal, the prompt policy's reasons and the consumer's own
+messages (`cancelled by the person who asked`) are English in every language; everything else comes from the
+catalogues (bots/locales/en.py, zh.py).
 """
 
 

@@ -48,4 +48,13 @@ MESSAGES = {
         "This image is {width}x{height}: twice that is more than {max_px} pixels a side, so it cannot be upscaled."
     ),
     "parameters": "Copy this line to ask for the same picture again:\n{line}",
+    # Button labels: a result's and a status's, shown to the whole channel in the requester's language.
+    "button_reroll": "Re-roll",
+    "button_vary": "Variations",
+    "button_remix": "Remix",
+    "button_params": "Parameters",
+    "button_delete": "Delete",
+    "button_cancel": "Cancel",
+    "button_upscale_one": "Upscale 2x",
+    "button_vary_one": "Vary",
 }

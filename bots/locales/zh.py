@@ -40,4 +40,12 @@ MESSAGES = {
     "no_such_image": "这个结果没有第 {index} 张图片。",
     "too_large_to_upscale": "这张图片是 {width}x{height}：放大两倍会超过每边 {max_px} 像素，因此无法放大。",
     "parameters": "复制这一行即可再次生成同一张图：\n{line}",
+    "button_reroll": "重新生成",
+    "button_vary": "变体",
+    "button_remix": "改写重绘",
+    "button_params": "参数",
+    "button_delete": "删除",
+    "button_cancel": "取消",
+    "button_upscale_one": "放大 2 倍",
+    "button_vary_one": "变化",
 }

@@ -594,6 +594,7 @@ async def test_a_chinese_interaction_gets_chinese_status_lines_through_delivery(
     it = await bot.invoke("skill", {"prompt": "a cellist's vibrato", "n": 2}, locale="zh-CN")
     [req] = await bot.requests.wait(1)
     assert it.original.content == f"⏳ <@{USER_ID}> 已排队（2 张）：*a cellist's vibrato*"
+    assert labels(it.original.components) == [["取消"]]  # the status's Cancel, in the requester's language
     # A refusal from the catalogue is said in their language (the cap of 1 is reached); zh-TW reads as zh too.
     said = (await answered(bot, "a second", locale="zh-TW"))["data"]
     assert said["flags"] & 64 and said["content"] == "你已有 1 个请求在等待；请等其中一个完成（或取消一个）"
@@ -602,18 +603,28 @@ async def test_a_chinese_interaction_gets_chinese_status_lines_through_delivery(
     async with world.running():
         await world.send(event(req.origin, EventKind.progress, req.request_id, prompt=req.prompt, step=10,
                                total_steps=20))
-        await bot.wait_for(lambda c: c.method == "PATCH" and "第 10/20 步" in c.body.get("content", ""))
+        [edit] = await bot.wait_for(lambda c: c.method == "PATCH" and "第 10/20 步" in c.body.get("content", ""))
+        assert labels(edit.body["components"]) == [["取消"]]
         await world.send(event(req.origin, EventKind.succeeded, req.request_id, prompt=req.prompt,
                                blobs=[world.image(7)]))
         [ping] = await bot.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{it.token}"))
     assert it.original.content == f"✅ <@{USER_ID}> *a cellist's vibrato*（种子 7）" and it.original.pngs
     assert ping.body["content"] == f"🔔 <@{USER_ID}> 你的图片已完成（见上方）。"
+    # The result's buttons too (a 16x16 image is too small to upscale: Vary alone); their ids are the same.
+    assert labels(it.original.components) == [["重新生成", "变体", "改写重绘", "参数", "删除"], ["变化"]]
+    assert [b["custom_id"] for b in it.original.components[1]["components"]] == [f"skill:v:{req.request_id}:1"]
     # Someone on an English client is still answered in English.
     said = (await answered(bot, "a third", user_id="777"))
     assert said["type"] == 5
     [other] = [r for r in await bot.requests.wait(2) if r.origin.user_id == "777"]
     [edit] = await bot.wait_for(lambda c: c.method == "PATCH" and "a third" in c.body.get("content", ""))
     assert edit.body["content"] == "⏳ <@777> queued: *a third*"
+    assert labels(edit.body["components"]) == [["Cancel"]]
+
+
+def labels(components: list[dict]) -> list[list[str]]:
+    """A message's button labels, a row a list."""
+    return [[b["label"] for b in row["components"]] for row in components]
 
 
 async def test_a_result_the_clicks_token_cannot_delete_is_deleted_with_the_bot_token(bot):

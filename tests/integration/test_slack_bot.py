@@ -599,11 +599,14 @@ async def test_parameters_of_a_forgotten_request_or_with_redis_too_slow_is_said_
     ("zh-CN", {"status": "⏳ <@U0FAKE> 已排队（2 张）：_a cellist's vibrato_",
                "progress": "🎨 <@U0FAKE> ▰▰▱▱▱▱▱▱▱▱ 第 5/20 步：_a cellist's vibrato_",
                "result": "✅ <@U0FAKE> _a cellist's vibrato_（种子 1, 2）",
-               "done": " · 已完成：见下方", "next": "⏳ <@U0FAKE> 已排队：_a second_"}),
+               "done": " · 已完成：见下方", "next": "⏳ <@U0FAKE> 已排队：_a second_",
+               "cancel": [["取消"]], "buttons": [["重新生成", "变体", "改写重绘", "参数", "删除"], ["V1", "V2"]]}),
     ("en-US", {"status": "⏳ <@U0FAKE> queued (2 images): _a cellist's vibrato_",
                "progress": "🎨 <@U0FAKE> ▰▰▱▱▱▱▱▱▱▱ step 5/20: _a cellist's vibrato_",
                "result": "✅ <@U0FAKE> _a cellist's vibrato_ (seed 1, 2)",
-               "done": " · done: see below", "next": "⏳ <@U0FAKE> queued: _a second_"}),
+               "done": " · done: see below", "next": "⏳ <@U0FAKE> queued: _a second_",
+               "cancel": [["Cancel"]], "buttons": [["Re-roll", "Variations", "Remix", "Parameters", "Delete"],
+                                                   ["V1", "V2"]]}),
 ])
 async def test_the_users_locale_gives_the_status_result_and_answers_language_asked_once(bot, skill_env, locale,
                                                                                        says):
@@ -613,7 +616,7 @@ async def test_the_users_locale_gives_the_status_result_and_answers_language_ask
     assert answer["text"] == f"⏳ <@{USER_ID}> queued (2 images): _a cellist's vibrato_" and took_s < 3
     [req] = await bot.requests.wait(1)
     status_msg = bot.fake.messages[req.origin.status_message_id]
-    assert status_msg.text == says["status"]
+    assert status_msg.text == says["status"] and labels(status_msg.blocks) == says["cancel"]
     [asked] = bot.fake.matching(lambda c: c.path == "users.info")
     assert (asked.body["user"], asked.body["include_locale"]) == (USER_ID, "1")
     world = World(skill_env, slack=bot.fake)
@@ -627,6 +630,7 @@ async def test_the_users_locale_gives_the_status_result_and_answers_language_ask
     [result] = bot.fake.matching(lambda c: c.path == "files.completeUploadExternal")
     assert result.body["initial_comment"] == says["result"]
     assert status_msg.text == says["result"] + says["done"]
+    assert labels(status_msg.blocks) == says["buttons"]  # the requester's language; U1/V1 are the same in each
     # Known now (in this process, and in Redis for a day): the next command is acked in that language, unasked.
     _, answer, _ = await bot.command("a second")
     assert answer["text"] == says["next"]
@@ -637,6 +641,11 @@ async def test_the_users_locale_gives_the_status_result_and_answers_language_ask
         assert 86400 - 120 < await store.ttl_s(f"slack:locale:{TEAM_ID}:{USER_ID}") <= 86400
     finally:
         await store.close()
+
+
+def labels(blocks: list[dict]) -> list[list[str]]:
+    """A message's button labels, an actions block a list."""
+    return [[e["text"]["text"] for e in b["elements"]] for b in blocks if b["type"] == "actions"]
 
 
 @pytest.mark.parametrize("how", ["without users:read", "users.info failing"])

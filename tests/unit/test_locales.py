@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bots import locales, render
+from bots import image_actions, locales, render
 from bots.errors import Refusal
 from bots.locales import CATALOGUES, en
 from schemas.messages import (
@@ -76,3 +76,18 @@ def test_slack_locales_are_read_as_ours():
     """users.info's `user.locale` (absent without include_locale, or when the lookup failed: English)."""
     assert [locales.from_slack(x) for x in ("zh-CN", "zh-TW", "en-US", "en-GB", "ja-JP", None, "")] == [
         "zh", "zh", "en", "en", "en", "en", "en"]
+
+
+def test_button_labels_are_the_requesters_and_per_image_numbers_stay_as_they_are():
+    assert [render.label(a, "zh") for a in render.ACTIONS] == ["重新生成", "变体", "改写重绘", "参数", "删除"]
+    assert [render.label(a) for a in render.ACTIONS] == ["Re-roll", "Variations", "Remix", "Parameters", "Delete"]
+    [row] = render.discord_buttons("r1", render.STATUS_ACTIONS, lang="zh")
+    assert [b["label"] for b in row["components"]] == ["取消"]
+    [_, actions] = render.slack_blocks("⏳", "r1", render.STATUS_ACTIONS, lang="zh")
+    assert [e["text"]["text"] for e in actions["elements"]] == ["取消"]
+    one = event(EventKind.succeeded, blobs=[BlobRef(url="file:///x.png", sha256="a" * 64, bytes=1, width=256,
+                                                    height=256, seed=7)])
+    assert image_actions.offered(one, "zh") == [[(render.UPSCALE, 1, "放大 2 倍"), (render.VARY, 1, "变化")]]
+    assert image_actions.offered(one) == [[(render.UPSCALE, 1, "Upscale 2x"), (render.VARY, 1, "Vary")]]
+    two = event(EventKind.succeeded, blobs=one.blobs * 2)
+    assert image_actions.offered(two, "zh") == image_actions.offered(two)  # U1, U2 / V1, V2 in every language

@@ -63,8 +63,13 @@ def test_each_language_speaks_its_own_and_each_platform_its_markup(walkthrough):
         assert ("你已有 5 个请求在等待" if chinese else "you already have 5 requests waiting") in body
         assert ("只有发起请求的人可以取消。" if chinese else "Only the person who asked can cancel this.") in body
         assert ("繁忙：约有 40 分钟" if chinese else "busy: about 40 min") in body
-        assert "`[Re-roll] [Variations] [Remix] [Parameters] [Delete]`" in body
-        assert "`[Cancel]`" in body and "`[Upscale 2x] [Vary]`" in body
+        # Buttons in the requester's language; U1-U4 and V1-V4 the same in every language.
+        if chinese:
+            assert "`[重新生成] [变体] [改写重绘] [参数] [删除]`" in body
+            assert "`[取消]`" in body and "`[放大 2 倍] [变化]`" in body and "`[Cancel]`" not in body
+        else:
+            assert "`[Re-roll] [Variations] [Remix] [Parameters] [Delete]`" in body
+            assert "`[Cancel]`" in body and "`[Upscale 2x] [Vary]`" in body
         if heading.startswith("Discord"):
             assert "<t:1796547600:R>" in body and "`[U1] [U2]`" in body and "`[V1] [V2]`" in body
             assert "<!date^" not in body
