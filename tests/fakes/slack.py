@@ -24,6 +24,9 @@ section block's text over 3,000 `invalid_blocks`, and so is an actions block of 
 with one action_id, or a button value over 2,000 characters). Slash commands carry no thread_ts (Slack never runs
 one in a thread); `mention_event(text, thread_ts=...)` is an `app_mention` Events API envelope.
 
+Response URLs: every command and click carries a response_url that takes at most 5 posts within 30 minutes
+(`used_url`, `expired_url`: 404, as Slack answers); `fake.advance(seconds)` ages them.
+
 Modals: every command and click carries a trigger_id that views.open accepts once, within 3 seconds
 (`invalid_trigger_id`, `expired_trigger_id` otherwise); the view opened is kept in `fake.views`, and
 `view_submission(view_id, {block_id: value})` is its submission's payload, to post to the app.
@@ -145,6 +148,7 @@ class Channel:
                 "is_archived": False, "is_member": BOT_USER_ID in self.members}
 
 
+RESPONSE_URL_TTL_S, RESPONSE_URL_USES = 30 * 60, 5  # a response_url: 5 posts within 30 minutes
 WRITES = ("chat.postMessage", "chat.update", "chat.delete", "chat.postEphemeral", "files.completeUploadExternal")
 
 
@@ -198,6 +202,8 @@ class FakeSlack(FakePlatform):
         self.delays: dict[str, float] = {}  # Web API method -> seconds it takes to answer
         self.triggers: dict[str, float] = {}  # trigger_id -> when it was issued (monotonic), until exchanged
         self.views: dict[str, dict] = {}  # view id -> the view views.open showed, with its `id`
+        self.response_urls: dict[str, list[float]] = {}  # id -> [issued (fake clock), posts so far]
+        self.skew_s = 0.0  # how far the fake's clock is ahead of the monotonic one (advance)
 
     def channel(self, channel_id: str, *, private: bool = False, bot_member: bool = True) -> Channel:
         """Declare a channel: public or private, with the bot in it or not (the requester is always in it)."""
@@ -246,7 +252,7 @@ class FakeSlack(FakePlatform):
             "token": "deprecated-verification-token", "team_id": team_id, "team_domain": "fake",
             "channel_id": channel_id, "channel_name": "general", "user_id": user_id, "user_name": "player",
             "command": command, "text": text, "api_app_id": "A0FAKE", "is_enterprise_install": "false",
-            "response_url": f"{self.server.base}/respond/{uuid.uuid4().hex}",
+            "response_url": self._response_url(),
             "trigger_id": self._trigger(trigger_id),
         }
         return urlencode(fields)  # no thread_ts: Slack never says a slash command came from a thread
@@ -264,7 +270,7 @@ class FakeSlack(FakePlatform):
             "channel": {"id": message.channel, "name": "general"},
             "message": {"type": "message", "ts": message.ts, "text": message.text, "blocks": message.blocks,
                         **({"thread_ts": message.thread_ts} if message.thread_ts else {})},
-            "response_url": f"{self.server.base}/respond/{uuid.uuid4().hex}",
+            "response_url": self._response_url(),
             "actions": [{"action_id": action_id, "block_id": "b", "type": "button", "value": element["value"],
                          "text": element["text"], "action_ts": str(time.time())}],
         }
@@ -541,10 +547,26 @@ class FakeSlack(FakePlatform):
         await self.record(Call("GET", path, now(), status, dict(request.headers), {}, []))
         return answer
 
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock on: response URLs age."""
+        self.skew_s += seconds
+
+    def _response_url(self) -> str:
+        url_id = uuid.uuid4().hex
+        self.response_urls[url_id] = [time.monotonic() + self.skew_s, 0]
+        return f"{self.server.base}/respond/{url_id}"
+
     async def _respond(self, request: web.Request) -> web.Response:
         body, _ = await read_body(request)
+        issued = self.response_urls.get(request.match_info["id"])
+        error = ("no_such_url" if issued is None
+                 else "expired_url" if time.monotonic() + self.skew_s - issued[0] > RESPONSE_URL_TTL_S
+                 else "used_url" if issued[1] >= RESPONSE_URL_USES else None)
+        await self.record(Call("POST", request.path, now(), 404 if error else 200, dict(request.headers), body, []))
+        if error:
+            return web.Response(status=404, text=error)
+        issued[1] += 1
         self.ephemerals.append(Ephemeral(None, None, body.get("text", ""), "response_url"))
-        await self.record(Call("POST", request.path, now(), 200, dict(request.headers), body, []))
         return web.Response(text="ok")
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
