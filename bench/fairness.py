@@ -573,14 +573,21 @@ async def flood(ctx: Context, scheduling: str, name: str) -> dict:
     async with Session(ctx.stack, name, scheduling) as s:
         await s.warm_up()
         t0 = time.monotonic()
-        flooding = asyncio.create_task(s.paced([FLOOD], rate, flood_s))
+        async def flood_until_published() -> tuple[int, float]:
+            return await s.paced([FLOOD], rate, flood_s), time.monotonic()
+
+        flooding = asyncio.create_task(flood_until_published())
         quiet = await s.every(QUIET, p.quiet_interval_s, quiet_n, after_s=min(1.0, flood_s / 2))
-        flooded = await flooding
+        flooded, published_at = await flooding
         await s.answered(quiet, max(0.0, p.flood_measure_s + p.grace_s - (time.monotonic() - t0)))
         now = time.monotonic()
         samples = [s.latency(r, now) for r in quiet]
         p50, lower = censored_p50(samples)
         ratio = p50 / ctx.unloaded_p50_s if p50 is not None and ctx.unloaded_p50_s else None
+        # while the flood is still being published the consumer also reads (routes, leases, queues) hundreds of
+        # records a second; after that, only the backlog is served
+        after = [s.latency(r, now) for r in quiet if s.sent_at[r] >= published_at]
+        after_p50, _ = censored_p50(after)
         flood_rids = [r for r, t in s.team.items() if t == FLOOD]
         served = s.outcome(flood_rids)
         positions = [s.first[(r, EventKind.queued)][1].queue_position for r in quiet
@@ -605,6 +612,10 @@ async def flood(ctx: Context, scheduling: str, name: str) -> dict:
             "quiet_wait_to_start_p50_s": _round(percentile(wait, 0.5), 3),
             "quiet_start_to_terminal_p50_s": _round(percentile(ride, 0.5), 3),
             "quiet_phases_p50_s": s.phases(quiet),
+            "quiet_sent_after_flood_published": len(after),
+            "quiet_p50_after_flood_published_s": _round(after_p50, 4),
+            "ratio_after_flood_published": _round(after_p50 and ctx.unloaded_p50_s and after_p50 / ctx.unloaded_p50_s,
+                                                  3),
             "batch_s_median_by_images": {str(n): round(v, 3) for n, v in batch_s.items()},
             "ratio_floor_estimate": ratio_floor(batch_s.get(MAX_BATCH), ctx.batch_s.get(1), ctx.unloaded_p50_s),
             "flood_rate_per_s": round(rate, 1),
@@ -680,6 +691,7 @@ async def eta(ctx: Context) -> dict:
         backlog_s = published / ctx.throughput - p.eta_publish_s
         await s.answered(rids, max(20.0, 3 * backlog_s + 20))
         errors, signed, missing, rows, long_waits = [], [], 0, [], []
+        head_ids, head_errors, steady_errors = {r.request_id for r in head}, [], []
         for r in rids:
             if (r, EventKind.queued) not in s.first or r not in s.terminal:
                 continue
@@ -688,6 +700,7 @@ async def eta(ctx: Context) -> dict:
             e = eta_error(q.eta_s, actual)
             missing += q.eta_s is None
             errors.append(e)
+            (head_errors if r in head_ids else steady_errors).append(e)
             if actual >= LONG_WAIT_S:
                 long_waits.append(e)
             if q.eta_s is not None and actual > 0:
@@ -706,6 +719,9 @@ async def eta(ctx: Context) -> dict:
             f"error_p90_waits_over_{LONG_WAIT_S:g}s": _finite(percentile(long_waits, 0.9)),
             f"waits_over_{LONG_WAIT_S:g}s": len(long_waits),
             "head_start_requests": len(head),
+            # queued before any batch of theirs was timed (the cold start), and the steady arrivals after them
+            "head_start_error_p50_p90": [_round(_finite(percentile(head_errors, q)), 3) for q in (0.5, 0.9)],
+            "steady_error_p50_p90": [_round(_finite(percentile(steady_errors, q)), 3) for q in (0.5, 0.9)],
             # below 0: the ETA promised sooner than it happened
             "signed_error_p10_p50_p90": [_round(percentile(signed, q), 3) for q in (0.1, 0.5, 0.9)],
             "requests": published,

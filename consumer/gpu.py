@@ -109,10 +109,10 @@ class GpuLoop:
                              lane_weights=dict(settings.lane_weights))
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
-        # The cost model behind every ETA (consumer/speed.py): a batch takes a + b x units, fitted over recent
-        # batches of every size, and seeded by `warm_up` before the first request.
+        # The cost model behind every ETA (consumer/speed.py): a batch takes a x steps / 20 + b x units, fitted
+        # over recent batches of every size, and seeded by `warm_up` before the first request.
         self.speed = Speed()
-        self.full_units: float | None = None  # the work of the last full batch timed: a deep queue's batches
+        self.full_batch: tuple[float, int] | None = None  # (units, steps) of the last full batch timed
         # Post-processing (image check, PNG, blob store) on one thread, a preempting batch's first (consumer/post.py).
         self.post = PostQueue()
         # Set on the loop when a light team queues (one that may preempt): until then the inference thread does not
@@ -120,7 +120,7 @@ class GpuLoop:
         self._light_hint = False
         self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
         self.flights_per_batch = 1.0  # moving average
-        self.running_units = 0.0
+        self.running_units, self.running_steps = 0.0, 0
         self.running_since = 0.0
         self._nested = False  # a preempting batch is running inside another's step (on the inference thread)
         self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
@@ -134,22 +134,25 @@ class GpuLoop:
     def running_left_s(self) -> float:
         if not self.running or self.speed.fit is None:
             return 0.0
-        return max(0.0, self.speed.fit.batch_s(self.running_units) - (time.monotonic() - self.running_since))
+        return max(0.0, self.speed.fit.batch_s(self.running_units, self.running_steps)
+                   - (time.monotonic() - self.running_since))
 
     def s_per_unit(self) -> float | None:
         """Seconds per work unit of a deep queue (served in full batches): the speed the group view shows."""
-        fit = self.speed.fit
-        return None if fit is None else fit.s_per_unit(self.full_units or self.running_units or 1.0)
+        if self.speed.fit is None:
+            return None
+        return self.speed.fit.s_per_unit(*(self.full_batch or (1.0, 20)))
 
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
         it is done (None before the first batch is timed): the work before it, served in batches of
-        max_batch images like its own, each costing the cost model's a + b x units."""
+        max_batch images like its own, each costing the cost model's a x steps / 20 + b x units."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
         ahead_s = self.running_left_s() + self.post_s * (self.flights_per_batch + 1) / 2
         fit = self.speed.fit
-        timing = {"s_per_unit": fit and fit.b, "s_per_batch": fit.a if fit else 0.0, "running_s": ahead_s,
+        timing = {"s_per_unit": fit and fit.b, "running_s": ahead_s,
+                  "s_per_batch": fit.batch_s(0.0, steps_run(flight.batch)) if fit else 0.0,
                   "units_per_batch": flight.cost / max(1, len(flight.seeds)) * self.settings.max_batch}
         if self.policy.fair:
             return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
@@ -160,8 +163,8 @@ class GpuLoop:
 
     async def warm_up(self, model: str) -> None:
         """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""
-        self.full_units = await warm_up(self.engine, self.speed, model, self.settings.max_batch,
-                                        self.settings.max_pixels, self._gpu)
+        self.full_batch = (await warm_up(self.engine, self.speed, model, self.settings.max_batch,
+                                         self.settings.max_pixels, self._gpu), 20)
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
         """Queue the flight for the GPU; returns its estimate (position and ETA)."""
@@ -267,7 +270,7 @@ class GpuLoop:
             self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
         spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
                          strength=key.strength)
-        self.running_units = sum(f.cost for f in flights)
+        self.running_units, self.running_steps = sum(f.cost for f in flights), steps_run(key)
         self.running_since = self.progressed = time.monotonic()
         return _Batch(key, flights, spec, samples, spans, self._progress_fn(key, flights, loop),
                       self._cancelled_fn(flights, spans))
@@ -281,9 +284,9 @@ class GpuLoop:
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
         if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
             work = sum(f.cost for f in flights)
-            self.speed.observe(work, gen_s)
+            self.speed.observe(work, steps_run(batch.key), gen_s)
             if len(batch.samples) >= self.settings.max_batch:
-                self.full_units = work
+                self.full_batch = (work, steps_run(batch.key))
         log.info("batch of %d images (%d requests) in %.2fs", len(batch.samples), len(flights), gen_s)
         for f, span in zip(flights, batch.spans):
             if f.cancelled:
@@ -409,6 +412,11 @@ class GpuLoop:
 
         progress.holder = holder  # type: ignore[attr-defined] - set once the batch exists (_Batch.__post_init__)
         return progress
+
+
+def steps_run(key) -> int:
+    """The denoising steps a batch runs (img2img runs the last steps x strength of them)."""
+    return key.steps if key.strength is None else max(1, int(key.steps * key.strength))
 
 
 def load_engine_from(settings: ConsumerSettings):

@@ -105,7 +105,7 @@ def estimate(queued: Mapping[str, Queued], lane: str, team: str, cost: float, *,
     """Where a request of `cost` units from `team` in `lane` stands among `queued` (flow -> backlog).
     `already_queued`: `queued` counts it already (its own backlog includes it). The time is `running_s`, then
     `s_per_unit` per unit of the work done before it is finished, and, with `units_per_batch` (a full batch's
-    work), `s_per_batch` for each batch that work is served in (consumer/speed.py: a batch costs a + b x units)."""
+    work), `s_per_batch` for each batch that work is served in (consumer/speed.py: a batch's fixed cost)."""
     tw = team_weights or {}
     lw = {**DEFAULT_LANE_WEIGHTS, **(lane_weights or {})}
     lanes: dict[str, dict[str, Queued]] = {}

@@ -108,3 +108,24 @@ def test_the_ratio_floor_is_half_a_full_batch_to_wait_and_a_full_one_to_ride() -
     assert bench.ratio_floor(1.2, 0.2, 0.4) == 5.0
     assert bench.ratio_floor(None, 0.2, 0.4) is None
     assert bench.ratio_floor(1.2, 0.2, None) is None
+
+
+def test_phases_split_each_answered_requests_latency_by_its_events_stamps() -> None:
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from schemas.messages import EventKind
+
+    def stamped(at: float):
+        return SimpleNamespace(created_at=datetime.fromtimestamp(at, timezone.utc))
+
+    session = SimpleNamespace(
+        sent_wall={"a": 100.0, "b": 200.0, "c": 300.0}, wall_offset=1000.0,
+        first={("a", EventKind.queued): (0, stamped(100.01)), ("a", EventKind.started): (0, stamped(100.06)),
+               ("b", EventKind.queued): (0, stamped(200.03)), ("b", EventKind.started): (0, stamped(200.1)),
+               ("c", EventKind.queued): (0, stamped(300.0))},  # c never started: left out
+        terminal={"a": (-899.7, stamped(100.26)), "b": (-799.5, stamped(200.45))})
+    phases = bench.Session.phases(session, ["a", "b", "c"])
+    assert list(phases) == list(bench.PHASES)
+    # nearest-rank p50 of two values is the smaller one
+    assert phases == {"admitted": 0.01, "to_start": 0.05, "run_and_post": 0.2, "delivered": 0.04}

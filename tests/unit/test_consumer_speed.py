@@ -14,21 +14,32 @@ pytestmark = pytest.mark.unit
 
 def test_partial_and_full_batches_predict_each_other():
     speed = Speed()
-    assert speed.fit is None and speed.batch_s(1.0) is None
-    for _ in range(3):  # the bench's thumbnails: a lone one 0.17 s, a batch of 8 0.52 s
-        speed.observe(0.00625, 0.17)
-        speed.observe(0.05, 0.52)
-    assert speed.fit.a == pytest.approx(0.12, abs=1e-9)
-    assert speed.fit.b == pytest.approx(0.35 / 0.04375)
-    assert speed.batch_s(0.025) == pytest.approx(0.12 + 0.025 * 8.0)  # a batch of 4, never timed
-    # a deep queue is served in full batches: 0.52 s per 0.05 units, not a lone image's 0.17 s per 0.00625
-    assert speed.fit.s_per_unit(0.05) == pytest.approx(0.52 / 0.05)
+    assert speed.fit is None and speed.batch_s(1.0, 20) is None
+    for _ in range(3):  # 20 steps: a lone image 0.3 s, a batch of 8 1.0 s
+        speed.observe(1.0, 20, 0.3)
+        speed.observe(8.0, 20, 1.0)
+    assert speed.fit.a == pytest.approx(0.2)
+    assert speed.fit.b == pytest.approx(0.1)
+    assert speed.batch_s(4.0, 20) == pytest.approx(0.6)  # a batch of 4, never timed
+    # a deep queue is served in full batches: 1.0 s per 8 units, not a lone image's 0.3 s per unit
+    assert speed.fit.s_per_unit(8.0, 20) == pytest.approx(1.0 / 8)
+
+
+def test_the_fixed_cost_is_per_step_so_other_step_counts_are_predicted_too():
+    speed = Speed()
+    speed.observe(1.0, 20, 0.3)
+    speed.observe(8.0, 20, 1.0)
+    # 8 steps: the units count the steps already (0.4 x), and the fixed part is 0.4 x too
+    assert speed.batch_s(0.4, 8) == pytest.approx(0.4 * 0.3)
+    assert speed.batch_s(3.2, 8) == pytest.approx(0.4 * 1.0)
+    speed.observe(0.4, 8, 0.12)  # a lone 8-step image as predicted: the same width class, the fit unchanged
+    assert speed.fit.a == pytest.approx(0.2) and speed.fit.b == pytest.approx(0.1)
 
 
 def test_one_size_only_is_proportional():
     speed = Speed()
-    speed.observe(2.0, 1.0)
-    speed.observe(2.1, 1.1)  # the same size class (within a quarter octave)
+    speed.observe(2.0, 20, 1.0)
+    speed.observe(2.1, 20, 1.1)  # the same width class (within a quarter octave)
     assert speed.fit.a == 0.0
     assert speed.fit.b == pytest.approx(1.05 / 2.05)  # the class's median batch
 
@@ -36,23 +47,23 @@ def test_one_size_only_is_proportional():
 def test_a_batch_slowed_by_a_neighbour_moves_the_fit_little():
     speed = Speed()
     for seconds in (1.0, 1.0, 1.0, 1.0, 9.0):
-        speed.observe(8.0, seconds)
+        speed.observe(8.0, 20, seconds)
     for _ in range(3):
-        speed.observe(1.0, 0.3)
-    assert speed.batch_s(8.0) == pytest.approx(1.0)
-    assert speed.batch_s(1.0) == pytest.approx(0.3)
+        speed.observe(1.0, 20, 0.3)
+    assert speed.batch_s(8.0, 20) == pytest.approx(1.0)
+    assert speed.batch_s(1.0, 20) == pytest.approx(0.3)
 
 
 def test_a_long_flood_of_full_batches_keeps_what_a_lone_image_costs_until_it_is_stale():
     speed = Speed(forget_after=50)
-    speed.observe(1.0, 0.3)
+    speed.observe(1.0, 20, 0.3)
     for _ in range(40):
-        speed.observe(8.0, 1.0)
-    assert speed.batch_s(1.0) == pytest.approx(0.3)  # remembered though 40 full batches came after it
+        speed.observe(8.0, 20, 1.0)
+    assert speed.batch_s(1.0, 20) == pytest.approx(0.3)  # remembered though 40 full batches came after it
     for _ in range(20):
-        speed.observe(8.0, 1.0)
+        speed.observe(8.0, 20, 1.0)
     assert speed.fit.a == 0.0  # 60 batches on: the lone image's class was dropped, only full batches are known
-    assert speed.batch_s(8.0) == pytest.approx(1.0)
+    assert speed.batch_s(8.0, 20) == pytest.approx(1.0)
 
 
 def test_noise_that_makes_a_negative_fixed_cost_or_slope_falls_back_to_proportional():
@@ -63,9 +74,11 @@ def test_noise_that_makes_a_negative_fixed_cost_or_slope_falls_back_to_proportio
 
 def test_bad_timings_are_refused():
     with pytest.raises(ValueError, match="positive and finite"):
-        Speed().observe(0.0, 1.0)
+        Speed().observe(0.0, 20, 1.0)
     with pytest.raises(ValueError, match="positive and finite"):
-        Speed().observe(1.0, float("nan"))
+        Speed().observe(1.0, 20, float("nan"))
+    with pytest.raises(ValueError, match="positive and finite"):
+        Speed().observe(1.0, 0, 1.0)
 
 
 def test_the_warm_up_size_is_the_models_own(tmp_path):
