@@ -4,7 +4,8 @@ The model is a mid-size Stable Diffusion built offline with random weights (UNet
 (64, 128, 256, 256), cross-attention 256, SD's layout and 8x VAE): latency does not depend on weight values.
 
 Rows: diffusers' own StableDiffusionPipeline (the reference, DPMSolverMultistepScheduler like the engine), the
-torch engine fp32, ONNX Runtime fp32, and ONNX Runtime fp32 with a random LoRA, all at batch 1 and the same seeds.
+torch engine fp32, ONNX Runtime fp32, ONNX Runtime fp32 with a random LoRA, and ONNX Runtime fp32 with plain
+(unfused) attention, the graphs before issue 18, all at batch 1 and the same seeds.
 Every model is loaded up front in one process with the same thread count (torch.set_num_threads and ORT's
 intra_op_num_threads = --threads). The timed runs are interleaved: round r runs every row once, in an order
 rotated by r, so a slow minute of the machine lands on every row instead of on one. A contention check times a
@@ -45,6 +46,7 @@ class BenchRow(BaseModel):
     precision: str
     provider: str
     adapter: str | None
+    attention: str | None = None  # onnx rows: "fused" (one MultiHeadAttention node) or "plain"
     batch: int
     width: int
     height: int
@@ -218,13 +220,18 @@ def _ort_threads(engine) -> set[int]:
 class _Row:
     """One row: how to run it once, and what it measured."""
 
-    def __init__(self, backend, precision, provider, adapter, fn):
+    def __init__(self, backend, precision, provider, adapter, fn, attention=None):
         self.backend, self.precision, self.provider, self.adapter, self.fn = backend, precision, provider, adapter, fn
+        self.attention = attention
         self.latencies: list[float] = []
         self.reruns = 0
         self.contended = False
         self.max_drift = 0.0
         self.images = None
+
+
+def _label(row: _Row) -> str:
+    return f"{row.backend}/{row.adapter or 'base'}" + (f"/{row.attention}" if row.attention else "")
 
 
 def _plain_diffusers(model: Path):
@@ -275,9 +282,12 @@ def run_bench(
     torch_engine = load_engine(model, "torch", "cpu", "fp32")
     with _PinnedOrtThreads(threads):
         onnx_engine = load_engine(model, "onnx", "cpu", "fp32", cache_dir=workdir / "onnx")
-    pinned = _ort_threads(onnx_engine)
-    if pinned and pinned != {threads}:
-        raise RuntimeError(f"ONNX Runtime sessions run {pinned} intra-op threads, not {threads}")
+        plain_engine = load_engine(model, "onnx", "cpu", "fp32", cache_dir=workdir / "onnx", fused_attention=False)
+    for engine in (onnx_engine, plain_engine):
+        pinned = _ort_threads(engine)
+        if pinned and pinned != {threads}:
+            raise RuntimeError(f"ONNX Runtime sessions run {pinned} intra-op threads, not {threads}")
+    attention = "fused" if onnx_engine.backend.manifest.options.fused_attention else "plain"
     onnx_engine.backend.load_adapter(LORA_NAME, lora)
     onnx_provider = onnx_engine.backend.provider
 
@@ -293,10 +303,12 @@ def run_bench(
         _Row("torch", "fp32", "torch eager (SDPA)", None,
              lambda s=steps: torch_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample])),
         _Row("onnx", "fp32", onnx_provider, None,
-             lambda s=steps: onnx_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample])),
+             lambda s=steps: onnx_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample]), attention),
         _Row("onnx", "fp32", onnx_provider, LORA_NAME,
              lambda s=steps: onnx_engine.generate(
-                 BatchSpec(width=size, height=size, steps=s, adapter=LORA_NAME), [sample])),
+                 BatchSpec(width=size, height=size, steps=s, adapter=LORA_NAME), [sample]), attention),
+        _Row("onnx", "fp32", plain_engine.backend.provider, None,
+             lambda s=steps: plain_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample]), "plain"),
     ]
     # Warm-up: every row once, untimed (first-call allocations, the adapter's fuse), a calibration after each.
     # The run's first calibration is the best of those, so that one busy moment does not become the yardstick.
@@ -323,14 +335,14 @@ def run_bench(
             ms, drift, images = measure(row)
             if drift > drift_limit:
                 row.reruns += 1
-                log(f"  round {r}: {row.backend}/{row.adapter or 'base'} calibration drifted {drift:+.0%}; again")
+                log(f"  round {r}: {_label(row)} calibration drifted {drift:+.0%}; again")
                 ms, drift, images = measure(row)
                 if drift > drift_limit:
                     row.contended = True
             row.max_drift = max(row.max_drift, drift)
             row.latencies.append(ms)
             row.images = images
-        log(f"  round {r}: " + ", ".join(f"{x.backend}/{x.adapter or 'base'} {x.latencies[-1]:.0f} ms" for x in rows))
+        log(f"  round {r}: " + ", ".join(f"{_label(x)} {x.latencies[-1]:.0f} ms" for x in rows))
 
     # References for PSNR, untimed: the torch engine's images, base and with the same adapter.
     torch_ref = rows[1].images
@@ -347,7 +359,8 @@ def run_bench(
             psnr = mean_psnr(row.images, torch_lora_ref if row.adapter else torch_ref)
         out.append(
             BenchRow(
-                backend=row.backend, precision=row.precision, provider=row.provider, adapter=row.adapter, batch=1,
+                backend=row.backend, precision=row.precision, provider=row.provider, adapter=row.adapter,
+                attention=row.attention, batch=1,
                 width=size, height=size, steps=steps, latency_ms_median=round(median, 1),
                 latency_ms_min=round(min(row.latencies), 1), latencies_ms=[round(x, 1) for x in row.latencies],
                 ratio_vs_diffusers=round(diffusers_median / median, 2),
@@ -386,12 +399,16 @@ def run_bench(
                 "PSNR 100.0 stands for identical images; the adapter row is compared with the torch engine on the "
                 "same adapter."
             ),
+            (
+                "attn: fused = attention as one com.microsoft MultiHeadAttention node after the Q/K/V projections "
+                "(the CPU default since issue 18); plain = the MatMul-Softmax-MatMul graph from before."
+            ),
         ],
     )
 
 
 _HEADER = (
-    f"{'backend':9s} {'prec':5s} {'adapter':11s} {'size':>7s} {'ms median':>10s} {'ms min':>9s} "
+    f"{'backend':9s} {'prec':5s} {'adapter':11s} {'attn':5s} {'size':>7s} {'ms median':>10s} {'ms min':>9s} "
     f"{'x diff med':>10s} {'x diff min':>10s} "
     f"{'PSNR/torch':>10s} {'threads':>7s} {'runs':>4s} {'reruns':>6s} {'contended':>9s}"
 )
@@ -403,7 +420,7 @@ def _fmt(v, spec: str) -> str:
 
 def _format_row(r: BenchRow) -> str:
     return (
-        f"{r.backend:9s} {r.precision:5s} {r.adapter or '-':11s} {f'{r.width}x{r.height}':>7s} "
+        f"{r.backend:9s} {r.precision:5s} {r.adapter or '-':11s} {r.attention or '-':5s} {f'{r.width}x{r.height}':>7s} "
         f"{r.latency_ms_median:10.1f} {r.latency_ms_min:9.1f} {_fmt(r.ratio_vs_diffusers, '10.2f'):>10s} "
         f"{_fmt(r.ratio_vs_diffusers_min, '10.2f'):>10s} "
         f"{_fmt(r.psnr_db_vs_torch, '10.1f'):>10s} {r.threads:7d} {r.runs:4d} {r.reruns:6d} "

@@ -30,6 +30,7 @@ def load_engine(
     max_loaded_adapters: int = 8,
     max_pixels: int = 1024 * 1024,
     trt_profile=None,
+    fused_attention: bool | None = None,
 ):
     """An Engine for `model` (diffusers directory or hub id).
 
@@ -39,6 +40,8 @@ def load_engine(
     max_cached_adapters: onnx only, fused adapter weight sets kept in memory. max_loaded_adapters: adapters kept
     loaded (the least recently used one that is not active goes first). max_pixels: width*height cap.
     trt_profile: onnx on TensorRT only, an onnx_backend.TrtProfile (image sides and batch the engines cover).
+    fused_attention: onnx only, None (default: fused where measured, the CPU at fp32 and int8; see
+    export.ExportOptions), True or False to choose; TensorRT graphs are always plain.
     """
     from skillgen.inference.engine import Engine
     from skillgen.inference.memory import MemoryPolicy
@@ -63,6 +66,7 @@ def load_engine(
             max_cached_adapters=max_cached_adapters,
             max_loaded_adapters=max_loaded_adapters,
             trt_profile=trt_profile,
+            fused_attention=fused_attention,
         )
         return Engine(onnx, memory=memory)
     raise PipelineError(f"unknown backend {backend!r}; choose torch or onnx")

@@ -14,8 +14,20 @@ What is hand-written and why:
   target Linear reads its weight from a forward argument instead;
 - the UNet is traced at a latent size that is not a multiple of its upsampling factor, which makes diffusers
   pass explicit upsample sizes: the graph then serves every size, not only multiples of 64 pixels.
+- fused attention (attention.py, CPU fp32 and int8 exports): each attention after its Q/K/V projections becomes
+  one com.microsoft MultiHeadAttention node, so the weights stay inputs and LoRA switching is unchanged.
 FP16 uses ONNX Runtime's transformer optimizer (`optimize_model(...).convert_float_to_float16`), INT8 uses
-`onnxruntime.quantization.quantize_dynamic`.
+`onnxruntime.quantization.quantize_dynamic` (precision.py).
+
+Measured for issue 18 (bench model of `skillgen bench pipeline`, UNet at 256x256, CFG batch 2, one thread, CPU
+time of the calling thread, variants interleaved in one process on a 2-core AMD EPYC shared with other work):
+projection weights as constants instead of inputs: 1.00x (no gain: fed weights cost nothing here); ONNX Runtime's
+transformer optimizer on the constant graph: 0.96-0.97x, and it fused 0 of 32 attentions (its UNet patterns do not
+match our torch 2.13 export, at opt_level 0 or 1, even with its numpy>=2.4 int() bug patched); its LoRA-aware
+fusion emits packed QKV/KV MultiHeadAttention, which the CPU provider refuses ("not implemented for CPU");
+low-rank branches x*A*B beside constant weights (rank 16, zero): 0.96x unfused, 1.06x with our attention fusion;
+our attention fusion with the weights still inputs: 1.07-1.15x (the VAE decoder: 1.0x, one attention). Hence this
+design: fused attention, weights as inputs, adapters as fed merged weights (any rank).
 """
 
 from __future__ import annotations
@@ -29,29 +41,19 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from skillgen.inference.errors import ExportError, ModelLoadError
+from skillgen.inference.precision import convert_fp16, quantize_int8
 
 # Bump when the graphs written here change meaning, so older exports become stale. 2: the VAE encoder (img2img).
-EXPORT_FORMAT = 2
+# 3: fused attention (MultiHeadAttention) in CPU fp32/int8 graphs.
+EXPORT_FORMAT = 3
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 LORA_COMPONENTS = ("text_encoder", "unet")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 MODEL_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "unet", "vae")
 MANIFEST = "manifest.json"
-OPTIMIZER_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
-GPU_ONLY_FUSIONS = (
-    "enable_nhwc_conv",
-    "enable_group_norm",
-    "enable_skip_group_norm",
-    "enable_bias_splitgelu",
-    "enable_packed_qkv",
-    "enable_packed_kv",
-    "enable_bias_add",
-)
-
-
 class ExportOptions(BaseModel):
     """What an export is for; every field is part of the cache key."""
 
@@ -62,6 +64,24 @@ class ExportOptions(BaseModel):
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     opset: int = 17
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # Attention as one MultiHeadAttention node (attention.py). None: on where measured, the CPU provider at fp32
+    # and int8; off for fp16 (ORT's optimizer and fp16 converter run there) and the GPU providers (not measured;
+    # TensorRT cannot run com.microsoft operators at all).
+    fused_attention: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_fused_attention(cls, data):
+        if isinstance(data, dict) and data.get("fused_attention") is None:
+            precision, target = data.get("precision", "fp32"), data.get("target", "cpu")
+            data = {**data, "fused_attention": target == "cpu" and precision in ("fp32", "int8")}
+        return data
+
+    @model_validator(mode="after")
+    def _check_fused_attention(self):
+        if self.fused_attention and self.target == "tensorrt":
+            raise ValueError("TensorRT cannot run fused attention (a com.microsoft operator); export it plain")
+        return self
 
 
 class Manifest(BaseModel):
@@ -72,6 +92,7 @@ class Manifest(BaseModel):
     options: ExportOptions
     files: dict[str, str]  # file name -> sha256
     weight_inputs: dict[str, list[str]]  # component -> modules whose weight is a graph input
+    fused_attention: dict[str, int] = {}  # component -> MultiHeadAttention nodes made by attention.py
     seconds: float
 
 
@@ -187,12 +208,13 @@ def build_export(model_dir: Path, out: Path, options: ExportOptions, key: str, p
     elif options.precision == "int8":
         steps.append(("unet", "int8"))
     weight_inputs: dict[str, list[str]] = {}
+    fused: dict[str, int] = {}
     with tqdm(total=len(steps), desc="onnx export", unit="step", disable=not progress) as bar:
         for component, stage in steps:
             bar.set_postfix_str(f"{stage} {component}")
             path = out / f"{component}.onnx"
             if stage == "export":
-                weight_inputs[component] = export_component(model_dir, component, path, options)
+                weight_inputs[component], fused[component] = export_component(model_dir, component, path, options)
             elif stage == "fp16":
                 convert_fp16(path, component, options.target)
             else:
@@ -205,14 +227,16 @@ def build_export(model_dir: Path, out: Path, options: ExportOptions, key: str, p
         options=options,
         files=files,
         weight_inputs=weight_inputs,
+        fused_attention=fused,
         seconds=round(time.perf_counter() - started, 2),
     )
     (out / MANIFEST).write_text(manifest.model_dump_json(indent=2))
     return manifest
 
 
-def export_component(model_dir: Path, component: str, path: Path, options: ExportOptions) -> list[str]:
-    """Trace one network to `path` in fp32; returns the modules whose weight became a graph input."""
+def export_component(model_dir: Path, component: str, path: Path, options: ExportOptions) -> tuple[list[str], int]:
+    """Trace one network to `path` in fp32; returns the modules whose weight became a graph input and how many
+    attentions were fused."""
     import torch
 
     module, call, example, names, dynamic_axes = _traceable(model_dir, component)
@@ -247,14 +271,20 @@ def export_component(model_dir: Path, component: str, path: Path, options: Expor
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-        save_onnx(_load(raw / "model.onnx"), path)
+        model = load_onnx(raw / "model.onnx")
+        fused = 0
+        if options.fused_attention:
+            from skillgen.inference.attention import fuse_attention
+
+            fused = fuse_attention(model)
+        save_onnx(model, path)
     finally:
         shutil.rmtree(raw, ignore_errors=True)
     if linears:
         from safetensors.torch import save_file
 
         save_file({n: w.contiguous() for n, w in zip(linears, weights)}, base_weights_path(path.parent, component))
-    return list(linears)
+    return list(linears), fused
 
 
 def base_weights_path(root: Path, component: str) -> Path:
@@ -348,7 +378,7 @@ def _weights_as_inputs(module, call, linears: dict):
     return WeightsAsInputs()
 
 
-def _load(path: Path):
+def load_onnx(path: Path):
     import onnx
 
     return onnx.load(str(path), load_external_data=True)
@@ -364,48 +394,6 @@ def save_onnx(model, path: Path) -> None:
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
         size_threshold=1024,
     )
-
-
-def convert_fp16(path: Path, component: str, target: str) -> None:
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    model_type = OPTIMIZER_MODEL_TYPES[component]
-    options = FusionOptions(model_type)
-    # ORT's attention fusions call int() on a one-element array, which numpy >= 2.4 rejects; the graph keeps
-    # MatMul-Softmax-MatMul attention instead. (Working around that changes nothing for our UNet: tried, its
-    # attention still does not fuse, because the projection weights are graph inputs for LoRA, which the
-    # fusion's patterns do not take.)
-    options.enable_attention = False
-    if target == "cpu":
-        for name in GPU_ONLY_FUSIONS:
-            setattr(options, name, False)
-    optimized = optimize_model(
-        str(path), model_type=model_type, opt_level=0, use_gpu=target != "cpu", optimization_options=options
-    )
-    # keep_io_types: callers feed and read fp32, and fp32 LoRA weights are cast inside the graph.
-    optimized.convert_float_to_float16(keep_io_types=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
-    save_onnx(optimized.model, path)
-
-
-def quantize_int8(path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = path.with_name("int8-" + path.name)
-    quantize_dynamic(
-        str(path),
-        str(tmp),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        # Only products with a constant weight: attention scores and the LoRA-fed projections stay fp32.
-        extra_options={"MatMulConstBOnly": True},
-        use_external_data_format=True,
-    )
-    model = _load(tmp)
-    for p in (tmp, tmp.with_name(tmp.name + ".data"), path, path.with_name(path.name + ".data")):
-        p.unlink(missing_ok=True)
-    save_onnx(model, path)
 
 
 # -- CLI: skillgen export onnx -----------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ profiles for the sizes in use) > CUDA EP (IO binding on torch's own stream, so l
 > CPU EP. A provider whose session cannot be created (TensorRT listed but its libraries missing) is skipped
 with a warning, never silently replaced by eager PyTorch.
 
-LoRA: the attention projections are graph inputs (see export.py). An adapter's fused weights are made on first
-use and kept in a bounded LRU; switching adapters rebinds inputs and never rebuilds a session or an engine.
+LoRA: the attention projections are graph inputs (see export.py), also where attention is fused into one
+MultiHeadAttention node (it starts after the projections). An adapter's fused weights are made on first use and
+kept in a bounded LRU; switching adapters rebinds inputs and never rebuilds a session or an engine.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class OnnxBackend:
         max_cached_adapters: int = 4,
         max_loaded_adapters: int = 8,
         trt_profile: TrtProfile | None = None,
+        fused_attention: bool | None = None,
     ):
         import onnxruntime as ort
 
@@ -180,6 +182,7 @@ class OnnxBackend:
         self._ort = ort
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.trt_profile = trt_profile or TrtProfile()
+        self._fused_attention = fused_attention  # None: export.ExportOptions decides; TensorRT is always plain
 
         cfg = {p: json.loads((self.model_dir / p / n).read_text()) for p, n in _CONFIGS}
         self.scheduler_config = cfg["scheduler"]
@@ -206,7 +209,9 @@ class OnnxBackend:
             attention_heads=max(heads) if isinstance(heads, list) else heads,
             vae_channels=cfg["vae"]["block_out_channels"][0],
             dtype_bytes=2 if precision == "fp16" and self.device.type == "cuda" else 4,
-            materializes_attention=True,  # no fused attention kernels in our graphs (see export.convert_fp16)
+            # Counted as materialised even where attention is fused (CPU fp32/int8): ORT's CPU MultiHeadAttention
+            # may still hold a score matrix, and the GPU graphs keep plain attention (see export.ExportOptions).
+            materializes_attention=True,
         )
         from transformers import CLIPTokenizer
 
@@ -227,8 +232,11 @@ class OnnxBackend:
             raise ModelLoadError("int8 graphs run on the CPU provider only")
         # TensorRT builds its own fp16 engines from plain fp32 graphs.
         graph_precision = "fp32" if choice == "tensorrt" and self.precision == "fp16" else self.precision
-        options = ExportOptions(precision=graph_precision, target=choice)
-        out_dir = cache_dir / f"{options.target}-{options.precision}-{_short_model_name(self.model_dir)}"
+        fused = False if choice == "tensorrt" else self._fused_attention
+        options = ExportOptions(precision=graph_precision, target=choice, fused_attention=fused)
+        usual = ExportOptions(precision=graph_precision, target=choice).fused_attention
+        attention = "" if options.fused_attention == usual else "-attn-fused" if fused else "-attn-plain"
+        out_dir = cache_dir / f"{options.target}-{options.precision}{attention}-{_short_model_name(self.model_dir)}"
         manifest, built = ensure_export(self.model_dir, out_dir, options)
         if built:
             log.info("onnx backend: exported %s to %s in %.1fs", self.model_dir, out_dir, manifest.seconds)

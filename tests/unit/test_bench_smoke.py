@@ -35,8 +35,9 @@ def _run(tiny_model, tmp_path, capsys, *extra: str) -> dict:
 def test_pipeline_bench_rows_schema_and_parity(tiny_model, tmp_path, capsys):
     report = _run(tiny_model, tmp_path, capsys)
     rows = report["rows"]
-    assert [(r["backend"], r["adapter"]) for r in rows] == [
-        ("diffusers", None), ("torch", None), ("onnx", None), ("onnx", bench_pipeline.LORA_NAME),
+    assert [(r["backend"], r["adapter"], r["attention"]) for r in rows] == [
+        ("diffusers", None, None), ("torch", None, None), ("onnx", None, "fused"),
+        ("onnx", bench_pipeline.LORA_NAME, "fused"), ("onnx", None, "plain"),
     ]
     for row in rows:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
@@ -48,6 +49,7 @@ def test_pipeline_bench_rows_schema_and_parity(tiny_model, tmp_path, capsys):
     assert onnx_base["precision"] == "fp32" and onnx_base["provider"] == "CPUExecutionProvider"
     assert onnx_base["psnr_db_vs_torch"] > 30
     assert rows[3]["psnr_db_vs_torch"] > 30  # the adapter row against the torch engine on the same adapter
+    assert rows[4]["psnr_db_vs_torch"] > 30  # plain attention: the same picture
     assert rows[0]["psnr_db_vs_torch"] > 30  # plain diffusers draws the same picture as the torch engine
     assert report["threads"] == 1 and report["rounds"] == 3
 

@@ -90,6 +90,30 @@ def test_lora_on_onnx_matches_torch_and_switching_back_is_exact(onnx, torch_ref,
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, base_again))
 
 
+def test_cpu_graphs_fuse_every_unet_and_vae_attention_and_keep_lora_weights_as_inputs(onnx, tiny, cache):
+    import onnx as onnx_lib
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    be = onnx.backend
+    assert be.manifest.options.fused_attention is True
+    unet = UNet2DConditionModel.from_pretrained(tiny / "unet")
+    attentions = sum(isinstance(m, Attention) for m in unet.modules())
+    assert attentions > 0 and be.manifest.fused_attention["unet"] == attentions
+    assert be.manifest.fused_attention["text_encoder"] == 0  # CLIP's causal mask: left plain
+    assert be.manifest.fused_attention["vae_decoder"] == be.manifest.fused_attention["vae_encoder"] == 1
+    graph = onnx_lib.load(str(be.export_dir / "unet.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MultiHeadAttention") == attentions and "Softmax" not in ops
+    inputs = {i.name for i in graph.input}
+    assert {f"{m}.weight" for m in be.manifest.weight_inputs["unet"]} <= inputs
+    assert any(m.endswith("attn1.to_q") for m in be.manifest.weight_inputs["unet"])
+    # Plain attention on request, in its own directory: the same pictures.
+    plain = load_engine(tiny, "onnx", "cpu", "fp32", cache_dir=cache, fused_attention=False)
+    assert plain.backend.export_dir != be.export_dir and plain.backend.manifest.fused_attention["unet"] == 0
+    assert min(psnr_db(a, b) for a, b in zip(plain.generate(SPEC, samples(2)), onnx.generate(SPEC, samples(2)))) >= 60
+
+
 @pytest.mark.security
 def test_onnx_adapters_past_capacity_are_dropped_never_the_active_one(tiny, cache, lora, tmp_path):
     engine = load_engine(tiny, "onnx", "cpu", "fp32", cache_dir=cache, max_cached_adapters=2, max_loaded_adapters=2)
