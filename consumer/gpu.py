@@ -161,10 +161,10 @@ class GpuLoop:
         est = estimate({}, flight.lane, flight.team, work, **timing)  # first in, first out: all of it ahead
         return Estimate(position=len(self.batcher), units_ahead=work, eta_s=est.eta_s)
 
-    async def warm_up(self, model: str) -> None:
+    async def warm_up(self, model: str, image_policy=None) -> None:
         """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""
         self.full_batch = (await warm_up(self.engine, self.speed, model, self.settings.max_batch,
-                                         self.settings.max_pixels, self._gpu), 20)
+                                         self.settings.max_pixels, self._gpu, self.post, image_policy), 20)
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
         """Queue the flight for the GPU; returns its estimate (position and ETA)."""

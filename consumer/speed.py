@@ -29,7 +29,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from consumer.post import PostQueue
 from skillgen.runtime.groupview import BASE_STEPS, units
+from skillgen.safety.postprocess import png_bytes, screen
 
 log = logging.getLogger("skillgen.consumer")
 
@@ -111,11 +113,14 @@ def native_px(model: str, vae_scale_factor: int) -> int:
     return size if 8 <= size <= 4096 else 512
 
 
-async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: int, executor) -> float:
-    """Before a consumer takes requests, on its inference thread (`executor`): a lone image (the runtime's first
-    call, not timed), then a full batch and a lone image, timed into `speed`, at the model's own size with the
-    request defaults (20 steps, guidance on). So the first deep queue is not timed by a lone image (about 2x too
-    slow per unit) nor a lone request by a full batch. Returns the full batch's width (work units per 20 steps)."""
+async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: int, executor,
+                  post: PostQueue | None = None, image_policy=None) -> float:
+    """Before a consumer takes requests, on its inference thread (`executor`), at the model's own size with the
+    request defaults (20 steps, guidance on): a lone image and a full batch (the runtime's first calls, not
+    timed), then a full batch timed while the first one's images are checked and encoded on the post-processing
+    thread (`post`, with `image_policy`), as a served batch overlaps its predecessor's post-processing, then a lone
+    image timed alone. So the first deep queue is timed neither by a lone image (about 2x too slow per unit) nor
+    by a batch that had the CPU to itself. Returns the full batch's work units."""
     from skillgen.inference.engine import (  # torch: only once the loop runs
         BatchSpec,
         Sample,
@@ -127,15 +132,25 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
     spec = BatchSpec(px, px)
     per_image = units(1, px, px, spec.steps, spec.guidance)
 
-    def timed(n: int) -> float:
+    def timed(n: int) -> tuple[float, list]:
         t0 = time.perf_counter()
-        engine.generate(spec, [Sample("warm-up", seed=i) for i in range(n)])
-        return time.perf_counter() - t0
+        images = engine.generate(spec, [Sample("warm-up", seed=i) for i in range(n)])
+        return time.perf_counter() - t0, images
+
+    def check_and_encode(images) -> None:
+        if screen(images, image_policy) is None:
+            for image in images:
+                png_bytes(image)
 
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, timed, 1)
+    _, images = await loop.run_in_executor(executor, timed, max_batch)
+    beside = post.submit(check_and_encode, images) if post is not None and image_policy is not None else None
     for n in (max_batch, 1):
-        seconds = await loop.run_in_executor(executor, timed, n)
+        seconds, _ = await loop.run_in_executor(executor, timed, n)
+        if beside is not None:
+            await asyncio.wrap_future(beside)
+            beside = None
         speed.observe(n * per_image, spec.steps, seconds)
         log.info("warm-up: a batch of %d %dx%d images in %.2fs", n, px, px, seconds)
     return max_batch * per_image

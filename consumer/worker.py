@@ -76,6 +76,7 @@ class Worker:
         resolve_adapter: AdapterResolver | None = None,
         metrics: ConsumerMetrics | None = None,
         model_id: str | None = None,
+        warm_up: bool = False,
     ):
         self.settings = settings
         self.blobs = blobs or BlobStore(settings.blob_url)
@@ -85,6 +86,7 @@ class Worker:
         self.resolve_adapter = resolve_adapter or no_registry
         self.metrics = metrics or ConsumerMetrics()
         self.model_id = model_id
+        self.warm_up = warm_up  # time the cost model's first batches before joining (consumer/speed.py)
         self.gpu = GpuLoop(engine, settings, self.metrics, self)
         self.service = KafkaService(
             settings, name="consumer", topic=self.topics.generate, group=self.topics.group(CONSUMER_GROUP),
@@ -130,6 +132,8 @@ class Worker:
         if self.model_id is None:
             self.model_id = await asyncio.to_thread(model_identity, s.model, s.backend, s.precision)
         self.policy_id = await asyncio.to_thread(policy_fingerprint, SafetySettings())
+        if self.warm_up:
+            await self.gpu.warm_up(s.model, self.image_policy)
         # Leases are correctness keys (the noeviction Redis); the cache has its own (allkeys-lru) when set.
         link = RedisLink(s.redis_url, s.redis_timeout_s, s.redis_retry_s) if s.redis_url else None
         self.sched.link = link
@@ -425,9 +429,7 @@ async def serve(settings: ConsumerSettings, engine=None, ready: Callable[[], Non
     if engine is None:
         engine = await asyncio.to_thread(load_engine_from, settings)
     resolver = registry_resolver(settings.adapter_url) if settings.adapter_url else None
-    worker = Worker(settings, engine, resolve_adapter=resolver)
-    if settings.warm_up:
-        await worker.gpu.warm_up(settings.model)
+    worker = Worker(settings, engine, resolve_adapter=resolver, warm_up=settings.warm_up)
     stop_on_signals(worker.stop)
     await worker.run(ready)
     return worker

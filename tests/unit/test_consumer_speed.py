@@ -88,3 +88,41 @@ def test_the_warm_up_size_is_the_models_own(tmp_path):
     assert native_px("runwayml/stable-diffusion-v1-5", 8) == 512  # a hub id: the common size
     (tmp_path / "unet" / "config.json").write_text("not json")
     assert native_px(str(tmp_path), 8) == 512
+
+
+async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_image(tmp_path):
+    from PIL import Image
+
+    from consumer.post import PostQueue
+    from consumer.speed import warm_up
+    from skillgen.safety.decision import Decision
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": 8}))
+    calls, checked = [], []
+
+    class Engine:
+        class backend:  # noqa: N801
+            vae_scale_factor = 8
+
+        def generate(self, spec, samples):
+            calls.append((spec.width, spec.steps, len(samples)))
+            return [Image.new("RGB", (spec.width, spec.height)) for _ in samples]
+
+    class Policy:
+        def check(self, images):
+            checked.append(len(images))
+            return [Decision(allowed=True) for _ in images]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    speed, post = Speed(), PostQueue()
+    with ThreadPoolExecutor(1) as inference:
+        try:
+            full = await warm_up(Engine(), speed, str(tmp_path), 8, 1024 * 1024, inference, post, Policy())
+        finally:
+            post.shutdown()
+    assert calls == [(64, 20, 1), (64, 20, 8), (64, 20, 8), (64, 20, 1)]  # the first two are not timed
+    assert checked == [8]  # the first full batch's images, post-processed beside the timed one
+    assert full == pytest.approx(8 * (64 * 64 / (512 * 512)))
+    assert speed.fit is not None
