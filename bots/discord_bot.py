@@ -208,7 +208,8 @@ class SkillBot(discord.Client):
         except Refusal as exc:
             await refuse(interaction, exc)
             return
-        await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt))
+        await interaction.response.send_modal(remix_modal(interaction.data["custom_id"], old.prompt,
+                                                          lang_of(interaction)))
 
     async def on_params(self, interaction: discord.Interaction, button: render.Button) -> None:
         """Parameters, by anyone who can see the result: the remembered request as the `/skill ...` line that asks
@@ -289,13 +290,14 @@ def status_view(request_id: str, lang: str = "en") -> discord.ui.View:
 REMIX_INPUT = "prompt"  # the modal's one text input
 
 
-def remix_modal(custom_id: str, prompt: str) -> discord.ui.Modal:
-    """Remix's modal: the prompt, prefilled, to edit. Stopped, as status_view is: the submission reaches
-    on_interaction (even after a restart), never discord.py's modal store."""
-    modal = discord.ui.Modal(title="Remix: same seed and options", custom_id=custom_id, timeout=None)
+def remix_modal(custom_id: str, prompt: str, lang: str = "en") -> discord.ui.Modal:
+    """Remix's modal: the prompt, prefilled, to edit, its texts in `lang` (the clicker's: the modal is theirs
+    alone). Stopped, as status_view is: the submission reaches on_interaction (even after a restart), never
+    discord.py's modal store."""
+    modal = discord.ui.Modal(title=locales.t("remix_title", lang), custom_id=custom_id, timeout=None)
     modal.add_item(discord.ui.TextInput(
-        label="Prompt", custom_id=REMIX_INPUT, style=discord.TextStyle.paragraph, default=prompt,
-        min_length=1, max_length=MAX_PROMPT_CHARS, placeholder="add --ar 16:9, --n 2, ... to change an option"))
+        label=locales.t("remix_label", lang), custom_id=REMIX_INPUT, style=discord.TextStyle.paragraph,
+        default=prompt, min_length=1, max_length=MAX_PROMPT_CHARS, placeholder=locales.t("remix_placeholder", lang)))
     modal.stop()
     return modal
 

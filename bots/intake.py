@@ -68,7 +68,7 @@ FORGOTTEN = t("forgotten")
 NOT_OWNER = t("not_owner_cancel")
 CANCELLING = t("cancelling")
 NOT_OWNER_DELETE = t("not_owner_delete")
-REMIX_EMPTY = "Write the prompt to draw (the seed and options stay as they were unless you add --options)."
+REMIX_EMPTY = t("remix_empty")
 # What an option typed into Remix's edit replaces; every other field is the original's.
 _REMIX_OPTIONS = {"no": ("negative_prompt",), "ar": ("width", "height"), "size": ("width", "height"),
                   "steps": ("steps",), "seed": ("seed",), "n": ("num_images",), "adapter": ("adapter",),
@@ -208,7 +208,7 @@ class Intake:
         deadline = time.monotonic() + PRE_ACK_S
         parsed = grammar.split(text, command=False)
         if parsed.help:
-            raise Refusal(REMIX_EMPTY)
+            raise Refusal.of("remix_empty")
         typed = grammar.to_request(parsed, origin, self.settings.defaults)  # the grammar's checks and limits
         old = await self.remembered(request_id, deadline - time.monotonic())
         given = set(parsed.options)

@@ -54,7 +54,7 @@ from bots.intake import Intake
 from bots.settings import SlackSettings
 from bots.slack_locale import SlackLocales
 from bots.slack_post import GONE, result_key
-from bots.slack_remix import REMIX_INPUT, REMIX_TOO_SLOW, REMIX_VIEW, remix_view
+from bots.slack_remix import REMIX_INPUT, REMIX_VIEW, remix_view
 from schemas.messages import GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
 from skillgen.runtime.observability import metrics_server, stop_on_signals
@@ -256,18 +256,21 @@ class SlackFrontEnd:
         await ack()
         request_id, seed = render.parse_slack_value(action["value"])
         clicker = self.clicker(body)
+        held = asyncio.ensure_future(self.locales.held(clicker))  # no users.info: the trigger lives 3 seconds
         try:
             self.intake.check_team(clicker)
             old = await self.intake.remembered(request_id)
         except Refusal as exc:
+            held.cancel()
             await self.refuse(respond, client, clicker, exc)
             return
         where = {"request_id": request_id, "seed": seed, "channel": clicker.channel_id, "thread": clicker.thread_id}
+        lang = await held
         try:
-            await client.views_open(trigger_id=body["trigger_id"], view=remix_view(old.prompt, json.dumps(where)))
+            await client.views_open(trigger_id=body["trigger_id"], view=remix_view(old.prompt, json.dumps(where), lang))
         except SlackApiError as exc:
             log.warning("cannot open the remix modal: %s", exc.response.get("error", ""))
-            await respond(text=REMIX_TOO_SLOW, response_type="ephemeral", replace_original=False)
+            await respond(text=locales.t("remix_too_slow", lang), response_type="ephemeral", replace_original=False)
 
     async def on_remix_submit(self, ack, body: dict, view: dict, client: AsyncWebClient) -> None:
         """The edited prompt: a new request of whoever submitted it, with the original's seed and options, in the

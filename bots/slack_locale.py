@@ -51,6 +51,22 @@ class SlackLocales:
         """The language held in this process for `who`, English when none: free, for answers before an ack."""
         return self._get((who.team_id, who.user_id)) or locales.DEFAULT
 
+    async def held(self, who: Origin) -> str:
+        """`who`'s language as far as it is known without asking Slack: held in this process, else in Redis (within
+        REDIS_S), else English. For an answer that cannot wait for users.info (Remix's modal: views.open within
+        the trigger's 3 seconds)."""
+        key = (who.team_id, who.user_id)
+        if (held := self._get(key)) is not None:
+            return held
+        try:
+            shared = await asyncio.wait_for(self.store.get(redis_key(*key)), REDIS_S)
+        except TimeoutError:
+            return locales.DEFAULT
+        if shared not in locales.CATALOGUES:
+            return locales.DEFAULT
+        self._put(key, shared, self.ttl_s)
+        return shared
+
     async def lang(self, client: AsyncWebClient, who: Origin) -> str:
         """`who`'s language: held, or in Redis, or asked of users.info (once at a time per person); English when
         it cannot be known. Never raises; for after the acknowledgement."""

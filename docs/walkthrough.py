@@ -15,7 +15,7 @@ the functions the bots and delivery call, composed as they compose them:
   render.slack_result_posted with render.slack_blocks and image_actions.slack_blocks);
 - clicks: bots/intake.py `Intake.from_image` (Upscale, Vary), `Intake.remix`, `Intake.cancel`, run for real on an
   in-memory store (bots/image_actions.py builds the img2img requests); Remix's modals are the bots' own builders,
-  bots/discord_bot.py `remix_modal` and bots/slack_bot.py `remix_view`;
+  bots/discord_bot.py `remix_modal` and bots/slack_remix.py `remix_view`;
 - Parameters: render.parameters(grammar.command_line(...));
 - refusals: `Intake.admit` (the prompt policy, backpressure against a consumer-group view), `Intake.cancel` (not
   the owner), bots/queued.py's `at_cap` (a Refusal from the catalogue; counting needs Redis), each said as the bots
@@ -48,7 +48,7 @@ from bots.errors import Refusal
 from bots.intake import Intake
 from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
-from bots.slack_bot import remix_view
+from bots.slack_remix import remix_view
 from consumer.schedule import CANCELLED
 from schemas.messages import (
     BlobRef,
@@ -480,16 +480,17 @@ class Walk:
 
     def remix_form(self, old: GenerateRequest, seed: int | None) -> Shown:
         if self.p == Platform.discord:
-            modal = remix_modal(render.custom_id(render.REMIX, old.request_id, seed), old.prompt).to_dict()
+            modal = remix_modal(render.custom_id(render.REMIX, old.request_id, seed), old.prompt,
+                                self.lang).to_dict()
             box = modal["components"][0]["components"][0]
             text = (f"- Title: `{modal['title']}`\n"
                     f"- `{box['label']}`: a paragraph, {box['min_length']}-{box['max_length']} characters, "
                     f"prefilled with `{box['value']}`; when emptied it shows `{box['placeholder']}`\n"
                     "- Buttons: `[Cancel] [Submit]` (Discord's own, in the reader's Discord language)")
-            caption = ("A modal opens, for whoever clicked (bots/discord_bot.py `remix_modal`; its texts are English "
-                       "in every language):")
+            caption = ("A modal opens, for whoever clicked (bots/discord_bot.py `remix_modal`), in their language "
+                       "(the click's locale):")
         else:
-            view = remix_view(old.prompt, "{}")
+            view = remix_view(old.prompt, "{}", self.lang)
             box = view["blocks"][0]
             element = box["element"]
             text = (f"- Title: `{view['title']['text']}`\n"
@@ -497,9 +498,10 @@ class Walk:
                     f"{element['min_length']}-{element['max_length']} characters, prefilled with "
                     f"`{element['initial_value']}`; hint below it: `{box['hint']['text']}`\n"
                     f"- Buttons: `[{view['close']['text']}] [{view['submit']['text']}]`")
-            caption = ("A modal opens, for whoever clicked (bots/slack_bot.py `remix_view`, views.open; its texts "
-                       "are English in every language; a refusal is shown under the prompt field and the modal "
-                       "stays open):")
+            caption = ("A modal opens, for whoever clicked (bots/slack_remix.py `remix_view`, views.open), in their "
+                       "language as far as it is known without asking Slack (held, or in Redis: views.open cannot "
+                       "wait for users.info), else English; a refusal is shown under the prompt field and the modal "
+                       "stays open:")
         return Shown(caption, text, fenced=False)
 
     async def remixed(self, old: GenerateRequest, seed: int | None) -> list[Shown]:
@@ -571,16 +573,16 @@ change to what the bots say, run `.venv/bin/python docs/walkthrough.py` and comm
 
 Every message below is what the bots and delivery send, rendered by the functions they call (bots/render.py,
 bots/image_actions.py, bots/grammar.py, bots/locales, bots/intake.py; Remix's modals from bots/discord_bot.py and
-bots/slack_bot.py) from fixed requests and events: Alice asks for `a drummer's paradiddle, top view` with two
+bots/slack_remix.py) from fixed requests and events: Alice asks for `a drummer's paradiddle, top view` with two
 images at 08:57 UTC on 6 December 2026, and follows it through. Each message's text is in a fenced block as it is
 sent, markup included (`<@id>` is a mention, `*...*` italics on Discord and `_..._` on Slack, `<t:...:R>` and
 `<!date^...>` are timestamps each reader's client shows in their own time); its buttons follow, a row a line, as
 `[Label]`.
 
 Button labels are in the requester's language (a message has one set of labels for the whole channel), except
-U1-U4 and V1-V4, the same in every language. Remix's modal, the prompt policy's reasons and the consumer's own
-messages (`cancelled by the person who asked`) are English in every language; everything else comes from the
-catalogues (bots/locales/en.py, zh.py).
+U1-U4 and V1-V4, the same in every language; Remix's modal is in the clicker's. The prompt policy's reasons and the
+consumer's own messages (`cancelled by the person who asked`) are English in every language; everything else
+comes from the catalogues (bots/locales/en.py, zh.py).
 """
 
 

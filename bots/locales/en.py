@@ -57,4 +57,16 @@ MESSAGES = {
     "button_cancel": "Cancel",
     "button_upscale_one": "Upscale 2x",
     "button_vary_one": "Vary",
+    # Remix's modal (Discord: title and label at most 45 characters, placeholder 100; Slack: title, submit and
+    # close 24, label and hint 2000): tests/unit/test_locales.py checks every language.
+    "remix_title": "Remix: same seed and options",
+    "remix_label": "Prompt",
+    "remix_placeholder": "add --ar 16:9, --n 2, ... to change an option",
+    "remix_slack_title": "Remix",
+    "remix_submit": "Draw",
+    "remix_close": "Cancel",
+    "remix_slack_label": "Prompt (same seed and options)",
+    "remix_hint": "Add --ar 16:9, --n 2, ... to change an option.",
+    "remix_too_slow": "I could not open the Remix form in time; click Remix again.",
+    "remix_empty": "Write the prompt to draw (the seed and options stay as they were unless you add --options).",
 }

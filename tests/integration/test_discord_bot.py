@@ -468,6 +468,27 @@ async def test_remix_opens_a_modal_with_the_prompt_and_reruns_the_edit_with_the_
     assert (changed.num_images, changed.steps, changed.seed, changed.width) == (1, 12, 11, original.width)
 
 
+async def test_remix_s_modal_is_in_the_clickers_language(bot):
+    first = await bot.invoke("skill", {"prompt": "a juggler's cascade"})
+    [original] = await bot.requests.wait(1)
+    custom_id = render.custom_id(render.REMIX, original.request_id, 5)
+    for locale, title, label in (("zh-CN", "改写重绘：种子和选项不变", "提示词"),
+                                 ("en-US", "Remix: same seed and options", "Prompt")):
+        click = await bot.click(custom_id, first.original, user_id="777", locale=locale)
+        [callback] = await bot.wait_for(callback_of(bot, click))
+        assert callback.status == 200 and callback.body["type"] == 9  # within Discord's limits (the fake checks)
+        [[field]] = [row["components"] for row in click.modal["components"]]
+        assert (click.modal["title"], field["label"]) == (title, label)
+        assert field["placeholder"] == locales.t("remix_placeholder", locales.from_discord(locale))
+        assert field["value"] == "a juggler's cascade"
+    # An empty edit is refused in the submitter's language.
+    click = await bot.click(custom_id, first.original, user_id="777", locale="zh-CN")
+    await bot.wait_for(callback_of(bot, click))
+    refused = await bot.submit_modal(click, {"prompt": "help"}, locale="zh-CN")
+    [callback] = await bot.wait_for(callback_of(bot, refused))
+    assert callback.body["data"]["content"] == locales.t("remix_empty", "zh")
+
+
 @pytest.mark.parametrize("bot", [{"rate_user_per_min": 10}], indirect=True)
 async def test_a_remix_of_a_request_without_a_seed_uses_the_results_and_a_blocked_edit_is_refused(bot):
     first = await bot.invoke("skill", {"prompt": "a juggler's cascade"})

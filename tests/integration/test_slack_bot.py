@@ -452,7 +452,29 @@ async def test_a_remix_of_a_request_without_a_seed_uses_the_results_and_a_late_m
     payload = bot.fake.button_payload(status_msg, "skill_remix")
     await bot.post("payload=" + quote(json.dumps(payload)))
     [said] = await bot.fake.wait_for(lambda c: c.path.startswith("/respond/"), timeout_s=10)
-    assert said.body["text"] == slack_bot.REMIX_TOO_SLOW and said.body["response_type"] == "ephemeral"
+    assert said.body["text"] == locales.t("remix_too_slow") and said.body["response_type"] == "ephemeral"
+
+
+async def test_remix_s_modal_is_in_the_clickers_language_as_far_as_it_is_known(bot):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    await bot.command("a juggler's cascade")  # after the ack the bot asks users.info: zh, held and kept in Redis
+    [original] = await bot.requests.wait(1)
+    status_msg = bot.fake.messages[original.origin.status_message_id]
+    status_msg.blocks = render.slack_blocks("✅ done", original.request_id, seed=5, lang="zh")
+    view = await open_remix(bot, status_msg)
+    [block] = view["blocks"]
+    assert (view["title"]["text"], view["submit"]["text"], view["close"]["text"]) == ("改写重绘", "绘制", "取消")
+    assert (block["label"]["text"], block["hint"]["text"]) == ("提示词（种子和选项不变）", "加上 --ar 16:9、--n 2 等即可更改选项。")
+    assert block["element"]["initial_value"] == "a juggler's cascade"
+    # Someone whose language nobody looked up yet gets English: views.open cannot wait for users.info.
+    bot.fake.locales["U0OTHER"] = "zh-CN"
+    other = await open_remix(bot, status_msg, user_id="U0OTHER")
+    assert (other["title"]["text"], other["blocks"][0]["label"]["text"]) == ("Remix", "Prompt (same seed and options)")
+    assert [c.body["user"] for c in bot.fake.matching(lambda c: c.path == "users.info")] == [USER_ID]
+    # A refused edit is said on the prompt field in the language known for the submitter.
+    refused = bot.fake.view_submission(view["id"], {"prompt": "help"})
+    status, answer, _ = await bot.post("payload=" + quote(json.dumps(refused)))
+    assert status == 200 and answer["errors"]["prompt"] == locales.t("remix_empty", "zh")
 
 
 @pytest.mark.security
@@ -686,6 +708,8 @@ async def test_a_locale_is_asked_once_per_person_even_at_once_replicas_share_it_
     assert first.known(who) == "zh" and len(asked()) == 1
     second = SlackLocales(store, ttl_s=1.0)  # another replica: nothing in its process, but Redis has it
     assert second.known(who) == "en" and await second.lang(client, who) == "zh" and len(asked()) == 1
+    assert await SlackLocales(store).held(who) == "zh" and len(asked()) == 1  # Redis's, users.info unasked
+    assert await SlackLocales(Store(None)).held(who) == "en" and len(asked()) == 1  # unknown: English, unasked
     fake_slack.locales[USER_ID] = "en-US"  # the person changes their language: it shows once the day is over
     await asyncio.sleep(1.1)
     assert await first.lang(client, who) == "en" and len(asked()) == 2

@@ -91,3 +91,19 @@ def test_button_labels_are_the_requesters_and_per_image_numbers_stay_as_they_are
     assert image_actions.offered(one) == [[(render.UPSCALE, 1, "Upscale 2x"), (render.VARY, 1, "Vary")]]
     two = event(EventKind.succeeded, blobs=one.blobs * 2)
     assert image_actions.offered(two, "zh") == image_actions.offered(two)  # U1, U2 / V1, V2 in every language
+
+
+@pytest.mark.parametrize("lang", sorted(CATALOGUES))
+def test_remix_s_modals_are_within_discords_and_slacks_limits_in_every_language(lang):
+    from bots.discord_bot import remix_modal
+    from bots.slack_remix import remix_view
+
+    modal = remix_modal("skill:remix:" + "r" * 32 + ":4294967295", "a prompt", lang).to_dict()
+    [[box]] = [row["components"] for row in modal["components"]]
+    assert 1 <= len(modal["title"]) <= 45 and 1 <= len(box["label"]) <= 45 and 1 <= len(box["placeholder"]) <= 100
+    assert modal["title"] == locales.t("remix_title", lang)
+    view = remix_view("a prompt", "{}", lang)
+    assert all(1 <= len(view[k]["text"]) <= 24 for k in ("title", "submit", "close"))
+    [block] = view["blocks"]
+    assert 1 <= len(block["label"]["text"]) <= 2000 and 1 <= len(block["hint"]["text"]) <= 2000
+    assert view["title"]["text"] == locales.t("remix_slack_title", lang)
