@@ -118,7 +118,6 @@ class GpuLoop:
         # Set on the loop when a light team queues (one that may preempt): until then the inference thread does not
         # ask the loop at each step whether a batch may preempt, so a busy loop does not slow every step.
         self._light_hint = False
-        self.post_s = 0.0  # moving average of one flight's post-processing (safety checks, PNG, blob store)
         self.flights_per_batch = 1.0  # moving average
         self.running_units, self.running_steps = 0.0, 0
         self.running_since = 0.0
@@ -149,7 +148,7 @@ class GpuLoop:
         max_batch images like its own, each costing the cost model's a x steps / 20 + b x units."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
-        ahead_s = self.running_left_s() + self.post_s * (self.flights_per_batch + 1) / 2
+        ahead_s = self.running_left_s() + self.post.run_s * (self.flights_per_batch + 1) / 2
         fit = self.speed.fit
         timing = {"s_per_unit": fit and fit.b, "running_s": ahead_s,
                   "s_per_batch": fit.batch_s(0.0, steps_run(flight.batch)) if fit else 0.0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -28,6 +29,9 @@ class PostQueue:
         self._seq = itertools.count()
         self._held = 0
         self._closed = False
+        # Seconds one piece of work takes once started (a moving average; the wait before it is not counted):
+        # part of every ETA (consumer/gpu.py).
+        self.run_s = 0.0
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -82,9 +86,11 @@ class PostQueue:
             fut, fn, args = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            t0 = time.perf_counter()
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
+            self.run_s = 0.7 * self.run_s + 0.3 * (time.perf_counter() - t0)

@@ -137,20 +137,19 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
         images = engine.generate(spec, [Sample("warm-up", seed=i) for i in range(n)])
         return time.perf_counter() - t0, images
 
-    def check_and_encode(images) -> None:
-        if screen(images, image_policy) is None:
-            for image in images:
-                png_bytes(image)
+    def check_and_encode(image) -> None:  # what post-processing does to one served image, but storing it
+        if screen([image], image_policy) is None:
+            png_bytes(image)
 
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, timed, 1)
     _, images = await loop.run_in_executor(executor, timed, max_batch)
-    beside = post.submit(check_and_encode, images) if post is not None and image_policy is not None else None
+    beside = [post.submit(check_and_encode, image) for image in images] if post is not None and image_policy else []
     for n in (max_batch, 1):
         seconds, _ = await loop.run_in_executor(executor, timed, n)
-        if beside is not None:
-            await asyncio.wrap_future(beside)
-            beside = None
+        for fut in beside:
+            await asyncio.wrap_future(fut)
+        beside = []
         speed.observe(n * per_image, spec.steps, seconds)
         log.info("warm-up: a batch of %d %dx%d images in %.2fs", n, px, px, seconds)
     return max_batch * per_image

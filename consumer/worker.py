@@ -294,14 +294,12 @@ class Worker:
 
     async def drawn(self, flight: Flight[Job], images) -> None:
         """The one post-processing step, then the answer: stored and cached, or withheld as a whole."""
-        t0 = time.monotonic()
         try:  # on the post-processing thread (consumer/post.py), overlapping the next batch on the GPU
             outcome = await asyncio.wrap_future(self.gpu.post.submit(release, images, flight.seeds, self.image_policy,
                                                                      self.blobs, urgent=flight.urgent))
         except Exception as exc:  # noqa: BLE001 - e.g. the blob store is unreachable: retried like a failed batch
             self.gpu.failed([flight], exc)
             return
-        self.gpu.post_s = 0.7 * self.gpu.post_s + 0.3 * (time.monotonic() - t0)  # part of every ETA
         if isinstance(outcome, Decision):
             await self._withhold(flight, outcome)
             return

@@ -123,6 +123,7 @@ async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_
         finally:
             post.shutdown()
     assert calls == [(64, 20, 1), (64, 20, 8), (64, 20, 8), (64, 20, 1)]  # the first two are not timed
-    assert checked == [8]  # the first full batch's images, post-processed beside the timed one
+    assert checked == [1] * 8  # the first full batch's images, post-processed (one at a time) beside the timed one
+    assert post.run_s > 0
     assert full == pytest.approx(8 * (64 * 64 / (512 * 512)))
     assert speed.fit is not None

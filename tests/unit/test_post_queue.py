@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -65,3 +66,18 @@ def test_shutdown_cancels_what_is_queued_and_refuses_more():
     assert queued.cancelled()
     with pytest.raises(RuntimeError, match="shut down"):
         post.submit(lambda: None)
+
+
+def test_the_run_time_average_counts_the_work_not_the_wait_before_it():
+    post = PostQueue()
+    gate = threading.Event()
+    try:
+        held = busy(post, gate)
+        quick = post.submit(lambda: None)  # waits behind `held`, runs in no time
+        time.sleep(0.2)
+        gate.set()
+        held.result(5), quick.result(5)
+        # held ran 0.2 s (0.3 x 0.2 = 0.06 after one), quick ~0 s (0.7 x 0.06): nothing of quick's 0.2 s wait
+        assert 0.03 < post.run_s < 0.05
+    finally:
+        post.shutdown()
