@@ -33,7 +33,7 @@ from bots import extensions, grammar, locales, metrics, render
 from bots.credentials import Interactions
 from bots.errors import BotError, Refusal
 from bots.intake import Intake
-from bots.locales.commands import CommandTranslator
+from bots.locales.commands import CommandTranslator, shown_as
 from bots.settings import DiscordSettings
 from schemas.messages import (
     MAX_IMAGES,
@@ -134,7 +134,9 @@ class SkillBot(discord.Client):
             return
         if req is None:
             metrics.COMMANDS.labels("discord", "help").inc()
-            await interaction.response.send_message(grammar.help_text(Platform.discord), ephemeral=True)
+            lang = lang_of(interaction)  # the command named as their client shows it (/技能图 in Chinese)
+            await interaction.response.send_message(grammar.help_text(Platform.discord, lang, shown_as("skill", lang)),
+                                                    ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         await self.start_job(interaction, req)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from bots.errors import Refusal
+from bots.locales import t
 from schemas.codec import describe
 from schemas.messages import (
     MAX_SIDE_PX,
@@ -31,15 +32,7 @@ from schemas.messages import (
     Scheduler,
 )
 
-HELP = """\
-**/skill** draws a skill image and posts it here.
-`/skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] [--adapter name[@vN]] [--relax]`
-• `--no` things to keep out of the picture  • `--ar` aspect ratio, or `--size` exact WxH (multiples of 8, 64-1024)
-• `--steps` 1-50  • `--seed` 0-4294967295 for a repeatable image  • `--n` images, 1-4
-• `--adapter` one of your team's LoRA adapters, latest version or `name@v2`
-• `--relax` relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)
-• **Cancel** on the status stops your request while it is queued or drawing
-Example: `/skill a drummer's paradiddle, top view --ar 16:9 --n 2`"""
+HELP_WORDS = ("help", "--help", "-h", "?", "帮助")
 
 OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler", "relax")
 FLAGS = ("relax",)  # options without a value
@@ -51,9 +44,16 @@ class CommandError(Refusal, ValueError):
     """A message for the person who typed the command (shown only to them)."""
 
 
-def help_text(platform: Platform) -> str:
-    """HELP in the platform's markup: Slack's mrkdwn bolds with one asterisk, Discord's Markdown with two."""
-    return HELP.replace("**", "*") if platform == Platform.slack else HELP
+def help_text(platform: Platform, lang: str = "en", command: str = "/skill") -> str:
+    """`/skill help` in `lang` (the catalogues' `help`), naming the command as the person's client shows it
+    (`command`: Discord shows people whose client is in Chinese `/技能图`, bots/locales/commands.py; a Slack app may
+    name it otherwise, SKILL_SLACK_COMMAND), in the platform's markup: Slack's mrkdwn bolds with one asterisk,
+    Discord's Markdown with two. The options keep their English names in every language: the grammar reads those."""
+    text = t("help", lang, command=command)
+    return text.replace("**", "*") if platform == Platform.slack else text
+
+
+HELP = help_text(Platform.discord)  # in English, as Discord shows it
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def split(text: str, *, command: bool = True) -> Parsed:
     `command=False` for text that never carries the command word (Slack's `text`, Discord's prompt field), so
     a prompt that starts with the word "skill" keeps it."""
     body = (_COMMAND_RE.sub("", text, count=1) if command else text).strip()
-    if body.lower() in ("help", "--help", "-h", "?"):
+    if body.lower() in HELP_WORDS:
         return Parsed(prompt="", help=True)
     matches = list(_OPT_RE.finditer(body))
     prompt = body[: matches[0].start()].strip() if matches else body

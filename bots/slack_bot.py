@@ -119,7 +119,7 @@ class SlackFrontEnd:
         if req is None:
             metrics.COMMANDS.labels("slack", "help").inc()
             # `<prompt>` in it is text: `<` is a control character in mrkdwn
-            await self._ack(ack, claim, render.slack_text(grammar.help_text(Platform.slack)))
+            await self._ack(ack, claim, render.slack_text(self.help(lang)))
             return
         try:
             cannot = await asyncio.wait_for(self.can_post(client, origin.channel_id), MEMBERSHIP_CHECK_S)
@@ -184,9 +184,13 @@ class SlackFrontEnd:
             return
         if req is None:
             metrics.COMMANDS.labels("slack", "help").inc()
-            await tell(render.slack_text(grammar.help_text(Platform.slack)))
+            await tell(render.slack_text(self.help(await self.locales.lang(client, origin))))
             return
         await self.start_job(client, tell, req)
+
+    def help(self, lang: str) -> str:
+        """`/skill help` in `lang`, naming the command as this app does (SKILL_SLACK_COMMAND)."""
+        return grammar.help_text(Platform.slack, lang, self.settings.slack_command)
 
     async def _ack(self, ack, claim: str, text: str) -> None:
         await ack(text=text, response_type="ephemeral")

@@ -17,6 +17,8 @@ the functions the bots and delivery call, composed as they compose them:
   in-memory store (bots/image_actions.py builds the img2img requests); Remix's modals are the bots' own builders,
   bots/discord_bot.py `remix_modal` and bots/slack_remix.py `remix_view`;
 - Parameters: render.parameters(grammar.command_line(...));
+- help: grammar.help_text, the command named as the person's client shows it (bots/locales/commands.py `shown_as`
+  on Discord, SKILL_SLACK_COMMAND on Slack);
 - refusals: `Intake.admit` (the prompt policy, backpressure against a consumer-group view), `Intake.cancel` (not
   the owner), bots/queued.py's `at_cap` (a Refusal from the catalogue; counting needs Redis), each said as the bots
   say it (Discord `refuse`: Refusal.say(lang); Slack: render.defuse of it).
@@ -46,6 +48,7 @@ from bots import grammar, image_actions, locales, render
 from bots.discord_bot import remix_modal, status_view
 from bots.errors import Refusal
 from bots.intake import Intake
+from bots.locales.commands import COMMANDS, shown_as
 from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
 from bots.slack_remix import remix_view
@@ -79,6 +82,7 @@ STEPS = (
     "Refusal: per-person cap",
     "Refusal: busy (backpressure)",
     "Refusal: cancel by someone else",
+    "Help",
 )
 
 PROMPT = "a drummer's paradiddle, top view"
@@ -476,7 +480,24 @@ class Walk:
                           "minutes).", [self.refusal(busy, "Refused before any allowance is spent")]))
         steps.append(Step(STEPS[11], "Bob clicks Cancel on Alice's status (before she does).",
                           [self.private("Bob alone sees (`Intake.cancel`):", bob.say(self.lang))]))
+        steps.append(Step(STEPS[12], f"Alice types `{self.typed_help()}`.", [self.help()]))
         return steps
+
+    def typed_help(self) -> str:
+        if self.p == Platform.slack:
+            return "/skill help"
+        prompt = getattr(COMMANDS["skill"].options["prompt"].name, self.lang)  # the field, named as her client does
+        return f"{shown_as('skill', self.lang)} {prompt}:help"
+
+    def help(self) -> Shown:
+        """`/skill help`, as the bots answer it: naming the command as the person's client shows it."""
+        if self.p == Platform.discord:
+            return Shown("Alice alone sees (`SkillBot.on_skill`: `grammar.help_text`, the command named as her "
+                         "Discord shows it, `commands.shown_as`):",
+                         grammar.help_text(self.p, self.lang, shown_as("skill", self.lang)))
+        return Shown("Alice alone sees, in the command's ephemeral answer (`SlackFrontEnd.help`: `grammar.help_text` "
+                     "with SKILL_SLACK_COMMAND, `render.slack_text` of it):",
+                     render.slack_text(grammar.help_text(self.p, self.lang, "/skill")))
 
     def remix_form(self, old: GenerateRequest, seed: int | None) -> Shown:
         if self.p == Platform.discord:

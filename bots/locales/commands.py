@@ -120,6 +120,13 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def shown_as(command: str, lang: str) -> str:
+    """`/command` as Discord shows it to someone whose client reads as `lang` (`/技能图` for `skill` in Chinese):
+    what the help names. A command the catalogue does not know keeps its name."""
+    entry = COMMANDS.get(command)
+    return "/" + (getattr(entry.name, lang) if entry is not None and lang != DEFAULT else command)
+
+
 def lookup(location: Where, data: object) -> Text | None:
     """The catalogue's entry for a string discord.py asks about (`data`: the command, or the parameter)."""
     if location in (Where.command_name, Where.command_description):

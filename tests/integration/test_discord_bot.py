@@ -167,6 +167,16 @@ async def test_refusals_and_help_are_ephemeral_and_publish_nothing(bot, options,
     assert await bot.requests.settle(0.5) == []
 
 
+async def test_help_names_the_command_as_the_persons_client_shows_it(bot):
+    for locale, first_line in (("zh-CN", "**/技能图** 画一张技能图并发在这里。"), ("zh-TW", "**/技能图** 画一张技能图并发在这里。"),
+                               ("en-US", "**/skill** draws a skill image and posts it here.")):
+        for word in ("help", "帮助"):
+            said = (await answered(bot, word, locale=locale))["data"]
+            assert said["flags"] & 64 and said["content"].splitlines()[0] == first_line, (locale, word)
+    assert "示例：`/技能图 a drummer's paradiddle" in said["content"] or "Example: `/skill a drummer's" in said["content"]
+    assert await bot.requests.settle(0.5) == []
+
+
 async def answered(bot: FakeDiscord, prompt: str, **kw) -> dict:
     """Run /skill and wait for the bot's answer to it (one at a time: discord.py handles interactions at once)."""
     it = await bot.invoke("skill", {"prompt": prompt}, **kw)

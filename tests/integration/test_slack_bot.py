@@ -193,6 +193,20 @@ async def test_refusals_and_help_answer_only_the_sender(bot, text, says):
     assert await bot.requests.settle(0.5) == [] and bot.fake.visible(CHANNEL_ID) == []
 
 
+async def test_help_is_in_the_persons_language_once_it_is_known(bot):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    _, answer, _ = await bot.command("help")  # nothing known yet (users.info is asked only after a job's ack)
+    assert answer["text"].startswith("*/skill* draws a skill image")
+    await bot.command("a juggler's cascade")
+    await bot.requests.wait(1)  # its status was posted in Chinese: the language is held now
+    _, answer, _ = await bot.command("帮助")
+    assert answer["response_type"] == "ephemeral" and answer["text"].startswith("*/skill* 画一张技能图并发在这里。")
+    assert "`/skill &lt;提示词&gt; [--no &lt;不要的内容&gt;]" in answer["text"]  # `<` escaped for mrkdwn
+    await bot.fake.post_event(bot.url, bot.fake.mention_event("help"))  # a mention's help, in the thread
+    [told] = await bot.fake.wait_for(lambda c: c.path == "chat.postEphemeral")
+    assert told.body["text"].startswith("*/skill* 画一张技能图")
+
+
 async def test_over_the_rate_limit_the_person_is_told_when_to_retry(bot):
     for i in range(3):
         await bot.command(f"study {i}")

@@ -5,7 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bots.errors import Refusal
-from bots.grammar import CommandError, Defaults, command_line, from_options, help_text, parse, split
+from bots.grammar import (
+    OPTIONS,
+    CommandError,
+    Defaults,
+    command_line,
+    from_options,
+    help_text,
+    parse,
+    split,
+)
 from schemas.messages import MAX_PROMPT_CHARS, Origin, Platform
 
 pytestmark = pytest.mark.unit
@@ -114,6 +123,15 @@ def test_typed_values_are_validated_like_typed_text():
 def test_help_uses_each_platforms_bold():
     assert "**/skill**" in help_text(Platform.discord)
     assert "*/skill*" in help_text(Platform.slack) and "**" not in help_text(Platform.slack)
+
+
+def test_help_in_chinese_names_the_command_as_given_and_keeps_the_option_names():
+    zh = help_text(Platform.discord, "zh", "/技能图")
+    assert zh.startswith("**/技能图** 画一张技能图") and "/skill" not in zh
+    assert all(f"`--{o}`" in zh for o in OPTIONS if o != "scheduler")  # the grammar reads the English names
+    assert help_text(Platform.slack, "zh").startswith("*/skill* 画一张技能图") and "**" not in help_text(Platform.slack, "zh")
+    assert help_text(Platform.slack, command="/draw").startswith("*/draw* draws")
+    assert split("帮助").help and split("/skill 帮助").help
 
 
 _words = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="-"), min_size=1, max_size=40)

@@ -107,3 +107,10 @@ def test_remix_s_modals_are_within_discords_and_slacks_limits_in_every_language(
     [block] = view["blocks"]
     assert 1 <= len(block["label"]["text"]) <= 2000 and 1 <= len(block["hint"]["text"]) <= 2000
     assert view["title"]["text"] == locales.t("remix_slack_title", lang)
+
+
+def test_the_help_names_discords_command_as_a_chinese_client_shows_it():
+    from bots.locales.commands import shown_as
+
+    assert [shown_as("skill", lang) for lang in ("en", "zh")] == ["/skill", "/技能图"]
+    assert shown_as("skill-adapters", "zh") == "/技能适配器" and shown_as("an-extensions", "zh") == "/an-extensions"
