@@ -34,6 +34,11 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.rank = {
+            v.name: len(v.type.tensor_type.shape.dim)
+            for v in (*graph.value_info, *graph.input, *graph.output)
+            if v.type.tensor_type.HasField("shape")
+        }
         for n in graph.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -107,12 +112,17 @@ def _match(g: _Graph, softmax):
     out = g.only_child(ot.output[0], "Reshape") if ot is not None else None
     if vr is None or out is None or _perm(vt) != [0, 2, 1, 3] or _perm(ot) != [0, 2, 1, 3]:
         return None
+    # MultiHeadAttention reads and writes (batch, tokens, hidden): each split is [batch, -1, heads, d] of a tensor
+    # of rank 3 (where the exporter recorded ranks), and the merge gives rank 3 back.
     heads = set()
     for r in (qr, kr, vr):
         shape = g.parent(r.input[1], "Concat")
-        h = g.scalar(shape.input[2]) if shape is not None and len(shape.input) == 4 else None
-        heads.add(h)
-    if len(heads) != 1 or None in heads or min(heads) < 1:
+        ok = shape is not None and len(shape.input) == 4 and g.scalar(shape.input[1]) == -1
+        heads.add(g.scalar(shape.input[2]) if ok and g.rank.get(r.input[0], 3) == 3 else None)
+    merged = g.parent(out.input[1], "Concat")
+    merged_shape = g.constants.get(out.input[1])
+    merged_rank = len(merged.input) if merged is not None else merged_shape.size if merged_shape is not None else 0
+    if len(heads) != 1 or None in heads or min(heads) < 1 or merged_rank != 3:
         return None
     head_tensors = {qr.output[0], qt.output[0], kr.output[0], vr.output[0], vt.output[0]}
     sq, sk = _symbolic(g, qmul.input[1], head_tensors), _symbolic(g, kmul.input[1], head_tensors)
