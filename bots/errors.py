@@ -34,9 +34,15 @@ class Refusal(BotError):
 class RateLimited(Refusal):
     """Over a rate limit or quota; `retry_at_s` (epoch seconds) is when the person can try again."""
 
-    def __init__(self, message: str, retry_at_s: float):
-        super().__init__(message)
+    def __init__(self, message: str, retry_at_s: float, key: str | None = None, **params: object):
+        super().__init__(message, key, **params)
         self.retry_at_s = retry_at_s
+
+    @classmethod
+    def of(cls, key: str, retry_at_s: float, **params: object) -> RateLimited:
+        from bots.locales import t
+
+        return cls(t(key, **params), retry_at_s, key, **params)
 
 
 class DeliveryError(BotError):

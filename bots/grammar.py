@@ -6,7 +6,8 @@
 
 Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
 ` --name` and its value runs to the next option. A flag (`--relax`: the relax lane) takes no value. Discord's typed fields come in through `from_options` and
-meet the same checks. Every error says exactly what to change.
+meet the same checks. Every error says exactly what to change, in the sender's language (the catalogues' keys,
+bots/locales; the request contract's own validation messages, and the option names, stay English).
 """
 
 from __future__ import annotations
@@ -88,21 +89,21 @@ def split(text: str, *, command: bool = True) -> Parsed:
     for i, m in enumerate(matches):
         name = m.group(1).lower()
         if name not in OPTIONS:
-            raise CommandError(f"unknown option --{name}; options are " + ", ".join(f"--{o}" for o in OPTIONS))
+            raise CommandError.of("unknown_option", name=name, options=", ".join(f"--{o}" for o in OPTIONS))
         if name in options:
-            raise CommandError(f"--{name} is given twice; keep one")
+            raise CommandError.of("given_twice", name=name)
         end = matches[i + 1].start() if i + 1 < len(matches) else len(body)
         value = body[m.end() : end].strip()
         if name in FLAGS:
             if value:
-                raise CommandError(f"--{name} takes no value; put it after the prompt, e.g. {_EXAMPLES[name]}")
+                raise CommandError.of("takes_no_value", name=name, example=_EXAMPLES[name])
             options[name] = ""
             continue
         if not value:
-            raise CommandError(f"--{name} needs a value, e.g. " + _EXAMPLES[name])
+            raise CommandError.of("needs_value", name=name, example=_EXAMPLES[name])
         options[name] = value
     if "ar" in options and "size" in options:
-        raise CommandError("use either --ar or --size, not both")
+        raise CommandError.of("ar_or_size")
     return Parsed(prompt=prompt, options=options)
 
 
@@ -114,14 +115,14 @@ def from_options(prompt: str, options: Mapping[str, object | None]) -> Parsed:
         if value is None or value == "" or value is False:
             continue
         if name not in OPTIONS:
-            raise CommandError(f"unknown option {name!r}; options are " + ", ".join(OPTIONS))
+            raise CommandError.of("unknown_field", name=repr(name), options=", ".join(OPTIONS))
         if name in parsed.options:
-            raise CommandError(f"{name} is given twice, as a field and as --{name} in the prompt; keep one")
+            raise CommandError.of("field_given_twice", name=name)
         parsed.options[name] = "" if name in FLAGS else str(value).strip()
     if "ar" in parsed.options and "size" in parsed.options:
-        raise CommandError("use either ar or size, not both")
+        raise CommandError.of("ar_or_size_fields")
     if parsed.help and parsed.options:
-        raise CommandError("`help` takes no options; write a prompt to draw, or just `help`")
+        raise CommandError.of("help_takes_no_options")
     return parsed
 
 
@@ -140,7 +141,7 @@ _EXAMPLES = {
 
 def _int(name: str, value: str) -> int:
     if not re.fullmatch(r"[0-9]+", value):
-        raise CommandError(f"--{name} must be a whole number, got {value!r}; e.g. {_EXAMPLES[name]}")
+        raise CommandError.of("whole_number", name=name, value=repr(value), example=_EXAMPLES[name])
     # Digits past 12 only make the number larger than any limit; the request's own check names the limit.
     return int(value) if len(value) <= 12 else 10**12
 
@@ -153,15 +154,15 @@ def size_for(options: dict[str, str], defaults: Defaults) -> tuple[int, int]:
     if "size" in options:
         m = re.fullmatch(r"([0-9]{1,5})\s*[xX×]\s*([0-9]{1,5})", options["size"])
         if not m:
-            raise CommandError(f"--size must look like 512x768, got {options['size']!r}")
+            raise CommandError.of("size_format", value=repr(options["size"]))
         return int(m.group(1)), int(m.group(2))
     if "ar" in options:
         m = re.fullmatch(r"([0-9]{1,3})\s*:\s*([0-9]{1,3})", options["ar"])
         if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
-            raise CommandError(f"--ar must look like 16:9, got {options['ar']!r}")
+            raise CommandError.of("ar_format", value=repr(options["ar"]))
         ratio = int(m.group(1)) / int(m.group(2))
         if not 1 / 4 <= ratio <= 4:
-            raise CommandError(f"--ar {options['ar']} is too extreme; use a ratio between 1:4 and 4:1")
+            raise CommandError.of("ar_extreme", value=options["ar"])
         area = defaults.width * defaults.height  # keep the model's native pixel count
         return _round8(math.sqrt(area * ratio)), _round8(math.sqrt(area / ratio))
     return defaults.width, defaults.height

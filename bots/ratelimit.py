@@ -2,7 +2,8 @@
 
 Each limit is a sliding window: at most `count` units in any `window_s`. A request is admitted only if every
 limit has room, and then counts against all of them at once (one Lua script, so two replicas cannot both take
-the last slot). When one is full the person is told when the oldest use that blocks them leaves the window.
+the last slot). When one is full the person is told when the oldest use that blocks them leaves the window (in their language:
+the refusal carries its catalogue key, bots/locales).
 Without Redis, or while it is down, the same windows are kept in this process.
 
 A person's limits count across every team they use the bot from (`rl:user:<platform>:<user id>:...`): someone in
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from bots.errors import RateLimited, Refusal
+from bots.locales import Msg, msg
 from bots.timebox import BREAKER_S, TIME_BOX_S, TimeBox
 from schemas.messages import Origin
 from skillgen.runtime.redis import Store
@@ -66,10 +68,14 @@ class Limit:
     window_s: int
     unit: Literal["requests", "images"]
 
-    def describe(self) -> str:
-        per = {60: "minute", 3600: "hour", 86400: "day"}.get(self.window_s, f"{self.window_s} seconds")
-        whose = "your" if self.scope == "user" else "your team's"
-        return f"{whose} limit of {self.count} {self.unit} per {per}"
+    def said(self) -> Msg:
+        """"your limit of 3 requests per minute", in whichever language it is said in (bots/locales)."""
+        per = {60: msg("per_minute"), 3600: msg("per_hour"), 86400: msg("per_day")}.get(
+            self.window_s, msg("per_seconds", seconds=self.window_s))
+        return msg(f"limit_{self.scope}", count=self.count, unit=msg(f"unit_{self.unit}"), per=per)
+
+    def describe(self, lang: str = "en") -> str:
+        return self.said().say(lang)
 
 
 def limits_from(settings) -> list[Limit]:
@@ -113,18 +119,14 @@ class RateLimiter:
             return
         for limit in limits:
             if limit.unit == "images" and images > limit.count:
-                raise Refusal(f"--n {images} is more than {limit.describe()}; ask for at most {limit.count}")
+                raise Refusal.of("n_over_limit", images=images, limit=limit.said(), count=limit.count)
         keys = [self._key(limit, origin) for limit in limits]
         costs = [images if limit.unit == "images" else 1 for limit in limits]
         wait_s, which = await self._admit(limits, keys, costs, within_s)
         if wait_s > 0:
             retry_at = time.time() + wait_s
             at = datetime.fromtimestamp(retry_at, timezone.utc).strftime("%H:%M:%S UTC")
-            raise RateLimited(
-                f"You have reached {limits[which].describe()}. "
-                f"Try again in {_duration(wait_s)} (at {at}).",
-                retry_at,
-            )
+            raise RateLimited.of("rate_limited", retry_at, limit=limits[which].said(), wait=_duration(wait_s), at=at)
 
     @staticmethod
     def _key(limit: Limit, origin: Origin) -> str:
@@ -166,10 +168,10 @@ class RateLimiter:
         return 0.0, 0
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float) -> Msg:
     seconds = max(1, int(seconds + 0.999))
     if seconds < 120:
-        return f"{seconds} seconds"
+        return msg("seconds", n=seconds)
     if seconds < 7200:
-        return f"{round(seconds / 60)} minutes"
-    return f"{seconds / 3600:.1f} hours"
+        return msg("minutes", n=round(seconds / 60))
+    return msg("hours", n=f"{seconds / 3600:.1f}")

@@ -10,11 +10,16 @@ by request id (`lang:<request id>`, only when it is not English, for as long as 
 delivery reads it there, so the status lines, the result and the ping come in the requester's language. Without
 Redis they come in English.
 
-What the catalogues leave out stays English: the grammar's messages (they name options), the rate-limit lines,
-the consumer's and the trainer's own messages (quoted as they come), the help text.
+Refusals are made before it is known who reads them (the grammar, the rate limiter, intake): one made with
+`Refusal.of(key, ...)` keeps its key and params and is said in the reader's language (`Refusal.say`); a param
+that is itself a `Msg` is said in that language too. What the catalogues leave out stays English: the request
+contract's own validation messages (`--steps: Input should be less than or equal to 50`), the prompt policy's
+reasons, the consumer's and the trainer's messages (quoted as they come), and the training commands' lines.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from bots.locales import en, zh
 from skillgen.runtime.redis import Store
@@ -23,9 +28,28 @@ DEFAULT = "en"
 CATALOGUES: dict[str, dict[str, str]] = {"en": en.MESSAGES, "zh": zh.MESSAGES}
 
 
+class Msg(NamedTuple):
+    """A piece of a message said in the reader's language when the message is: a catalogue key and its params
+    (themselves Msgs or values). A refusal built before anyone knows who reads it (the grammar's, the rate
+    limiter's) carries these, so `limit` in "You have reached {limit}." becomes "your limit of 3 requests per
+    minute" or "你的上限（每分钟 3 个请求）" with the rest of it."""
+
+    key: str
+    params: dict[str, object] = {}
+
+    def say(self, lang: str = DEFAULT) -> str:
+        return t(self.key, lang, **self.params)
+
+
+def msg(key: str, **params: object) -> Msg:
+    return Msg(key, params)
+
+
 def t(key: str, lang: str = DEFAULT, **params: object) -> str:
-    """The message `key` in `lang` (English for a language without a catalogue), its placeholders filled."""
-    return CATALOGUES.get(lang, en.MESSAGES)[key].format(**params)
+    """The message `key` in `lang` (English for a language without a catalogue), its placeholders filled (a Msg
+    said in `lang` too)."""
+    said = {name: value.say(lang) if isinstance(value, Msg) else value for name, value in params.items()}
+    return CATALOGUES.get(lang, en.MESSAGES)[key].format(**said)
 
 
 def from_discord(locale: object) -> str:

@@ -82,4 +82,32 @@ MESSAGES = {
         "• **Cancel** on the status stops your request while it is queued or drawing\n"
         "Example: `{command} a drummer's paradiddle, top view --ar 16:9 --n 2`"
     ),
+    # The grammar's refusals (bots/grammar.py): the option names stay as typed, in every language.
+    "unknown_option": "unknown option --{name}; options are {options}",
+    "given_twice": "--{name} is given twice; keep one",
+    "takes_no_value": "--{name} takes no value; put it after the prompt, e.g. {example}",
+    "needs_value": "--{name} needs a value, e.g. {example}",
+    "ar_or_size": "use either --ar or --size, not both",
+    "unknown_field": "unknown option {name}; options are {options}",
+    "field_given_twice": "{name} is given twice, as a field and as --{name} in the prompt; keep one",
+    "ar_or_size_fields": "use either ar or size, not both",
+    "help_takes_no_options": "`help` takes no options; write a prompt to draw, or just `help`",
+    "whole_number": "--{name} must be a whole number, got {value}; e.g. {example}",
+    "size_format": "--size must look like 512x768, got {value}",
+    "ar_format": "--ar must look like 16:9, got {value}",
+    "ar_extreme": "--ar {value} is too extreme; use a ratio between 1:4 and 4:1",
+    # The rate limits (bots/ratelimit.py).
+    "rate_limited": "You have reached {limit}. Try again in {wait} (at {at}).",
+    "n_over_limit": "--n {images} is more than {limit}; ask for at most {count}",
+    "limit_user": "your limit of {count} {unit} per {per}",
+    "limit_team": "your team's limit of {count} {unit} per {per}",
+    "unit_requests": "requests",
+    "unit_images": "images",
+    "per_minute": "minute",
+    "per_hour": "hour",
+    "per_day": "day",
+    "per_seconds": "{seconds} seconds",
+    "seconds": "{n} seconds",
+    "minutes": "{n} minutes",
+    "hours": "{n} hours",
 }

@@ -202,6 +202,20 @@ async def test_over_the_rate_limit_is_told_when_to_retry_and_only_skill_admins_s
     assert len(await bot.requests.settle(0.5)) == 5
 
 
+@pytest.mark.parametrize("bot", [{"rate_user_per_min": 1}], indirect=True)
+async def test_a_chinese_client_is_refused_in_chinese_by_the_grammar_and_the_rate_limit(bot):
+    said = (await answered(bot, "a cat --colour red", locale="zh-CN"))["data"]
+    assert said["flags"] & 64 and said["content"].startswith("未知选项 --colour；可用的选项有 --no, --ar")
+    said = (await answered(bot, "a cat --ar 9:1", locale="zh-CN"))["data"]
+    assert said["content"] == "--ar 9:1 太极端了；请用 1:4 到 4:1 之间的比例"
+    assert (await answered(bot, "a cat", locale="zh-CN"))["type"] == 5
+    said = (await answered(bot, "another cat", locale="zh-CN"))["data"]
+    assert said["flags"] & 64 and said["content"].startswith("你已达到你的上限（每分钟 1 个请求）。请 ")
+    said = (await answered(bot, "a third cat"))["data"]  # the same person on an English client
+    assert said["content"].startswith("You have reached your limit of 1 requests per minute. Try again in ")
+    assert len(await bot.requests.settle(0.5)) == 1
+
+
 @pytest.fixture
 def other_teams_only(skill_env, monkeypatch):
     """SKILL_ALLOWED_TEAMS without the fakes' server and workspace (set before the bot fixture reads it)."""

@@ -215,6 +215,19 @@ async def test_over_the_rate_limit_the_person_is_told_when_to_retry(bot):
     assert len(await bot.requests.settle()) == 3
 
 
+async def test_a_chinese_user_once_known_is_refused_in_chinese_by_the_grammar_and_the_rate_limit(bot):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    await bot.command("study 0")
+    await bot.requests.wait(1)  # after its ack the bot asked users.info: zh, held from now on
+    _, answer, _ = await bot.command("a cat --steps lots")
+    assert answer["text"] == "--steps 必须是整数，收到的是 'lots'；例如 --steps 20"
+    for i in (1, 2):
+        await bot.command(f"study {i}")
+    _, answer, _ = await bot.command("one too many")
+    assert answer["text"].startswith("你已达到你的上限（每分钟 3 个请求）。请 ")
+    assert len(await bot.requests.settle()) == 3
+
+
 async def test_reroll_and_variations_buttons_publish_new_seeds_in_the_same_thread(bot):
     await bot.fake.post_event(bot.url, bot.fake.mention_event("a juggler's cascade --seed 11",
                                                               thread_ts="1700000000.000200"))

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from bots import image_actions, locales, render
-from bots.errors import Refusal
+from bots.errors import RateLimited, Refusal
 from bots.locales import CATALOGUES, en
 from schemas.messages import (
     BlobRef,
@@ -114,3 +114,45 @@ def test_the_help_names_discords_command_as_a_chinese_client_shows_it():
 
     assert [shown_as("skill", lang) for lang in ("en", "zh")] == ["/skill", "/技能图"]
     assert shown_as("skill-adapters", "zh") == "/技能适配器" and shown_as("an-extensions", "zh") == "/an-extensions"
+
+
+def refusal(call) -> Refusal:
+    with pytest.raises(Refusal) as caught:
+        call()
+    return caught.value
+
+
+def test_the_grammars_refusals_are_said_in_the_senders_language_options_as_typed():
+    from bots import grammar
+
+    unknown = refusal(lambda: grammar.split("a cat --colour red"))
+    assert str(unknown) == unknown.say("en") == ("unknown option --colour; options are --no, --ar, --size, --steps, "
+                                                 "--seed, --n, --adapter, --scheduler, --relax")
+    assert unknown.say("zh").startswith("未知选项 --colour；可用的选项有 --no, --ar")
+    bad = refusal(lambda: grammar.parse("a cat --steps lots", DISCORD))
+    assert str(bad) == "--steps must be a whole number, got 'lots'; e.g. --steps 20"
+    assert bad.say("zh") == "--steps 必须是整数，收到的是 'lots'；例如 --steps 20"
+    assert refusal(lambda: grammar.parse("a cat --ar 9:1", DISCORD)).say("zh") == "--ar 9:1 太极端了；请用 1:4 到 4:1 之间的比例"
+    # The request contract's own words stay as it says them.
+    assert refusal(lambda: grammar.parse("a cat --steps 99", DISCORD)).say("zh") == (
+        "--steps: Input should be less than or equal to 50")
+
+
+async def test_rate_limits_are_said_in_the_senders_language():
+    from bots.ratelimit import Limit, RateLimiter
+    from skillgen.runtime.redis import Store
+
+    limiter = RateLimiter([Limit("user", 1, 60, "requests"), Limit("team", 3, 86400, "images")], Store(None))
+    with pytest.raises(Refusal) as caught:
+        await limiter.admit(DISCORD, 4)
+    over = caught.value
+    assert str(over) == "--n 4 is more than your team's limit of 3 images per day; ask for at most 3"
+    assert over.say("zh") == "--n 4 超过了团队的上限（每天 3 张图片）；最多只能要 3 张"
+    await limiter.admit(DISCORD, 1)
+    with pytest.raises(RateLimited) as caught:
+        await limiter.admit(DISCORD, 1)
+    limited = caught.value
+    assert str(limited).startswith("You have reached your limit of 1 requests per minute. Try again in 60 seconds (at ")
+    assert limited.say("zh").startswith("你已达到你的上限（每分钟 1 个请求）。请 60 秒后再试（")
+    assert limited.say("zh").endswith(" UTC）。") and limited.retry_at_s > 0
+    assert Limit("team", 5, 30, "images").describe("zh") == "团队的上限（每 30 秒 5 张图片）"
