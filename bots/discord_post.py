@@ -215,7 +215,8 @@ class DiscordPoster:
         metrics.MISSING_PERMISSION.labels("discord", str(code)).inc()
         log.warning("no permission to post in channel %s (Discord %s): told the requester", event.origin.channel_id,
                     code, extra=job(event.request_id))
-        notice = render.discord_missing_permission(event.origin.channel_id, code == MISSING_ACCESS)
+        notice = render.discord_missing_permission(event.origin.channel_id, code == MISSING_ACCESS,
+                                                   await self._lang(event))
         await self._direct_message(event, {"content": f"{notice}\n\n{payload['content']}",
                                            "allowed_mentions": payload["allowed_mentions"],
                                            "attachments": payload["attachments"]}, images)

@@ -352,12 +352,11 @@ def discord_ping(event: JobEvent, lang: str = "en") -> str:
     return t(f"ping_{job}_{what}", lang, who=mention(event.origin.user_id))
 
 
-def discord_missing_permission(channel_id: str, access: bool) -> str:
-    """Told privately when the bot may not post in the channel a request came from (403 50001 / 50013)."""
-    lacking = "cannot see" if access else "is not allowed to post in"
-    return (f"⚠️ I could not post your result in <#{channel_id}>: the bot {lacking} that channel. Ask a server "
-            "admin to give the bot View Channel, Send Messages, Attach Files, Embed Links and Read Message History "
-            "there (and Send Messages in Threads for threads). Here is your result:")
+def discord_missing_permission(channel_id: str, access: bool, lang: str = "en") -> str:
+    """Told privately, in the requester's language, when the bot may not post in the channel a request came from
+    (403 50001 / 50013)."""
+    lacking = t("cannot_see" if access else "not_allowed_in", lang)
+    return t("missing_permission", lang, channel=f"<#{channel_id}>", lacking=lacking)
 
 
 def discord_buttons(request_id: str, actions: tuple[str, ...] = ACTIONS, seed: int | None = None,

@@ -110,4 +110,12 @@ MESSAGES = {
     "seconds": "{n} seconds",
     "minutes": "{n} minutes",
     "hours": "{n} hours",
+    # Told privately when the bot may not post in the request's channel (Discord 403 50001 / 50013).
+    "missing_permission": (
+        "⚠️ I could not post your result in {channel}: the bot {lacking} that channel. Ask a server admin to give the "
+        "bot View Channel, Send Messages, Attach Files, Embed Links and Read Message History there (and Send "
+        "Messages in Threads for threads). Here is your result:"
+    ),
+    "cannot_see": "cannot see",
+    "not_allowed_in": "is not allowed to post in",
 }

@@ -95,4 +95,10 @@ MESSAGES = {
     "seconds": "{n} 秒",
     "minutes": "{n} 分钟",
     "hours": "{n} 小时",
+    "missing_permission": (
+        "⚠️ 我无法在 {channel} 发布你的结果：机器人{lacking}这个频道。请服务器管理员在那里给机器人“查看频道”“发送消息”"
+        "“附加文件”“嵌入链接”和“阅读消息历史”权限（在子区中还需要“在子区中发送消息”）。这是你的结果："
+    ),
+    "cannot_see": "看不到",
+    "not_allowed_in": "无权发消息到",
 }

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from aiokafka.errors import CommitFailedError
 
+from bots import locales
 from bots.markers import Claim, Markers
 from schemas.codec import header
 from schemas.messages import EventKind, JobEvent
@@ -512,6 +513,42 @@ async def test_a_channel_the_bot_may_not_post_in_gets_nothing_and_the_requester_
     [refused] = world.discord.matching(lambda c: c.path == f"/channels/{fd.CHANNEL_ID}/messages")
     assert refused.status == 403 and world.discord.channel(fd.CHANNEL_ID) == [it.original]
     assert await dead_letters(world) == []
+
+
+async def test_a_chinese_request_gets_chinese_buttons_and_notices_on_discord_and_slack(world):
+    """Delivery reads the request's language where the bot kept it (bots/locales, Redis by request id): its status
+    and result buttons (a message has one set of labels: the requester's) and the missing-permission notice."""
+    status, result, forbidden = world.discord.deferred(), world.discord.deferred(), world.discord.deferred()
+    s, r, f, slack = rid(), rid(), rid(), rid()
+    store = Store.from_settings(world.settings())
+    try:
+        for request_id in (s, r, f, slack):
+            await locales.remember(store, request_id, "zh", 600)
+    finally:
+        await store.close()
+    o = world.slack_origin()
+    async with world.running():
+        await world.send(event(world.discord_origin(status), EventKind.queued, s, queue_position=2),
+                         event(world.discord_origin(result), OK, r, blobs=[world.image()]),
+                         event(o, EventKind.progress, slack, step=1, total_steps=20))
+        for it in (result, status):
+            await world.discord.wait_for(lambda c, it=it: c.method == "PATCH"
+                                         and c.path.endswith(f"/{it.token}/messages/@original"))
+        await world.slack.wait_for(lambda c: c.path == "chat.update")
+        await world.send(event(o, OK, slack, blobs=[world.image()]))
+        await world.slack.wait_for(lambda c: c.path == "chat.update", count=2)
+        world.discord.forbid(fd.CHANNEL_ID, 50001)
+        await world.send(event(world.discord_origin(forbidden, age_s=16 * 60), OK, f, blobs=[world.image()]))
+        [dm] = await world.discord.wait_for(lambda c: c.path == f"/channels/dm-{fd.USER_ID}/messages")
+    assert [[b["label"] for b in row["components"]] for row in status.original.components] == [["取消"]]
+    assert [[b["label"] for b in row["components"]] for row in result.original.components] == [
+        ["重新生成", "变体", "改写重绘", "参数", "删除"], ["变化"]]
+    status_msg = world.slack.messages[o.status_message_id]
+    assert [[e["text"]["text"] for e in b["elements"]] for b in status_msg.blocks if b["type"] == "actions"] == [
+        ["重新生成", "变体", "改写重绘", "参数", "删除"], ["变化"]]
+    [progress] = [c for c in world.slack.matching(lambda c: c.path == "chat.update") if "第 1/20 步" in str(c.body)]
+    assert "取消" in str(progress.body["blocks"])
+    assert dm.body["content"].startswith(f"⚠️ 我无法在 <#{fd.CHANNEL_ID}> 发布你的结果：机器人看不到这个频道。")
 
 
 async def test_closed_dms_are_dropped_with_a_metric_and_never_dead_lettered(world):
