@@ -1,12 +1,14 @@
-"""GPU benchmark: SD 1.5 architecture (random weights) at 512x512, 20 steps, batch 1/4/8, fp16:
-torch eager (SDPA) vs ONNX Runtime CUDA EP vs ONNX Runtime TensorRT EP, all through the same Engine loop.
+"""GPU benchmark: SD 1.5 architecture (random weights) at 512x512, 20 steps with guidance, batch 1/4/8/16, fp16:
+torch eager (SDPA) vs torch.compile (the UNet, inductor) vs ONNX Runtime CUDA EP vs ONNX Runtime TensorRT EP, all
+through the same Engine loop.
 
     python -m bench.gpu_pipeline --json bench/results/gpu_pipeline.json          # on a GPU machine, < 8 minutes
     python -m bench.gpu_pipeline --smoke                                         # CPU-sized path, tiny model
 
-Prints latency, images/s, peak GPU memory and the share of the GPU's peak fp16 FLOP/s that the UNet work reached.
-One SD 1.5 UNet forward at 64x64 latents is about 803 GFLOP; guidance doubles it; the count leaves out the text
-encoder and the VAE, so the share is a lower bound. Setup (model build, ONNX export, TensorRT engine build) is
+Prints latency, images/s, peak GPU memory and the share of the GPU's peak fp16 FLOP/s the work reached. The FLOPs
+are counted, not assumed: torch's FlopCounterMode over one UNet forward and one VAE decode of the model under test
+(SD 1.5 at 64x64 latents: about 0.8 TFLOP a UNet forward); an image costs 2 x steps UNet forwards (guidance) and one
+decode. The text encoder is left out (under 1%), so the share is a slight lower bound. Setup (model build, ONNX export, TensorRT engine build) is
 timed apart from the runs. A `--budget-s` guard skips the backends that would start after the budget is spent.
 Needs torch with CUDA and onnxruntime-gpu (with TensorRT libraries for the TensorRT rows).
 """
@@ -23,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-UNET_GFLOP_64x64 = 803.0
 # Dense fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; --peak-tflops overrides.
 PEAK_FP16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 
@@ -83,7 +84,37 @@ def peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_FP16_TFLOPS.items() if k in name), None)
 
 
-def run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, sd15: bool):
+def count_gflop(engine, size: int) -> tuple[float, float]:
+    """GFLOP of one UNet forward (one sample) and of one VAE decode (one image), counted by torch's
+    FlopCounterMode on a torch engine's own modules at `size` pixels."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend = engine.backend
+    side = size // backend.vae_scale_factor
+    dtype = next(backend.pipe.unet.parameters()).dtype
+    latents = torch.randn(1, backend.latent_channels, side, side, device=backend.device, dtype=dtype)
+    text = torch.randn(1, 77, backend.pipe.unet.config.cross_attention_dim, device=backend.device, dtype=dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as unet:
+            backend.unet(latents, torch.tensor([500], device=backend.device), text)
+        with FlopCounterMode(display=False) as vae:
+            backend.decode(latents)
+    return unet.get_total_flops() / 1e9, vae.get_total_flops() / 1e9
+
+
+def compile_unet(engine, smoke: bool):
+    """The torch engine with its UNet through torch.compile: inductor on the GPU; on the CPU (--smoke) the "eager"
+    backend, which traces the same graph with TorchDynamo but skips code generation, so the smoke run checks that
+    the UNet compiles without minutes of C++ builds."""
+    import torch
+
+    pipe = engine.backend.pipe
+    pipe.unet = torch.compile(pipe.unet, backend="eager" if smoke else "inductor", dynamic=False)
+    return engine
+
+
+def run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, gflop: tuple[float, float]):
     import torch
 
     from bench.pipeline import mean_psnr
@@ -106,17 +137,17 @@ def run_rows(engine, label, size, batches, steps, runs, device, peak, reference,
                 images = engine.generate(BatchSpec(width=size, height=size, steps=steps), samples)
                 latencies.append(time.perf_counter() - start)
         median = statistics.median(latencies)
-        # The FLOP count is SD 1.5's; the smoke model's would be meaningless.
-        unet_gflop = UNET_GFLOP_64x64 * (size / 512) ** 2 * 2 * batch * steps if sd15 else None
-        tflops = None if unet_gflop is None else unet_gflop / median / 1000
-        share = None if peak is None or tflops is None else tflops / peak
+        unet_gflop, vae_gflop = gflop
+        per_image = 2 * steps * unet_gflop + vae_gflop  # guidance: two UNet forwards a step
+        tflops = per_image * batch / median / 1000
+        share = None if peak is None else tflops / peak
         ref = reference.setdefault(batch, images)
         rows.append(
             {
                 "backend": label, "width": size, "height": size, "steps": steps, "batch": batch,
                 "latency_ms_median": round(median * 1000, 1), "images_per_s": round(batch / median, 3),
-                "peak_mem_mb": round(mem.peak / 2**20, 1), "unet_tflops": None if tflops is None else round(tflops, 2),
-                "share_of_peak": None if share is None else round(share, 4),
+                "peak_mem_mb": round(mem.peak / 2**20, 1), "gflop_per_image": round(per_image, 3),
+                "tflops": round(tflops, 4), "share_of_peak": None if share is None else round(share, 4),
                 "psnr_db_vs_torch": mean_psnr(images, ref),
             }
         )
@@ -125,7 +156,7 @@ def run_rows(engine, label, size, batches, steps, runs, device, peak, reference,
 
 def format_row(r: dict) -> str:
     share = "-" if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}%"
-    tflops = "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.2f}"
+    tflops = f"{r['tflops']:.3g}"
     return (
         f"{r['backend']:14s} {r['batch']:5d} {r['latency_ms_median']:10.1f} {r['images_per_s']:8.2f} "
         f"{r['peak_mem_mb']:9.0f} {tflops:>8s} {share:>7s} {r['psnr_db_vs_torch']:7.1f}"
@@ -155,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.smoke:
         device, precision, size, steps, batches, runs = torch.device("cpu"), "fp32", 64, 2, (1, 2), 1
-        backends = [("torch", {}), ("onnx-cpu", {"provider": "cpu"})]
+        backends = [("torch", {}), ("torch-compile", {}), ("onnx-cpu", {"provider": "cpu"})]
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke for the CPU-sized path", file=sys.stderr)
             return 2
-        device, precision, size, steps, batches, runs = torch.device("cuda", 0), "fp16", 512, 20, (1, 4, 8), 2
-        backends = [("torch", {}), ("onnx-cuda", {"provider": "cuda"}), ("onnx-tensorrt", {"provider": "tensorrt"})]
+        device, precision, size, steps, batches, runs = torch.device("cuda", 0), "fp16", 512, 20, (1, 4, 8, 16), 2
+        backends = [("torch", {}), ("onnx-cuda", {"provider": "cuda"}), ("onnx-tensorrt", {"provider": "tensorrt"}),
+                    ("torch-compile", {})]  # last: inductor's compile per batch size is the slowest setup
     peak = None if args.smoke else peak_tflops(args.peak_tflops)
 
     with tempfile.TemporaryDirectory(prefix="skillgen-gpu-bench-") as tmp:
@@ -184,14 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[label] = "--smoke runs on the CPU; this row needs a CUDA GPU and onnxruntime-gpu"
                 print(f"{label}: skipped ({skipped[label]})", flush=True)
         reference: dict = {}
+        gflop: tuple[float, float] | None = None
         for label, kwargs in backends:
             if time.perf_counter() - started > args.budget_s:
                 skipped[label] = f"budget of {args.budget_s:.0f}s spent"
                 continue
             t0 = time.perf_counter()
             try:
-                if label == "torch":
+                if label.startswith("torch"):
                     engine = load_engine(model, "torch", device.type, precision)
+                    if gflop is None:
+                        gflop = count_gflop(engine, size)
+                        setup["gflop_unet_forward"], setup["gflop_vae_decode"] = (round(g, 3) for g in gflop)
+                    if label == "torch-compile":
+                        engine = compile_unet(engine, args.smoke)
                 else:
                     profile = TrtProfile(min_side_px=size, opt_side_px=size, max_side_px=size, max_batch=max(batches))
                     engine = load_engine(
@@ -202,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: skipped ({skipped[label][:200]})", flush=True)
                 continue
             setup[f"{label}_load_s"] = round(time.perf_counter() - t0, 1)
-            run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, sd15=not args.smoke)
+            run_rows(engine, label, size, batches, steps, runs, device, peak, reference, rows, gflop)
             del engine
             gc.collect()
             if device.type == "cuda":

@@ -69,7 +69,11 @@ def test_gpu_pipeline_smoke_runs_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert gpu_pipeline.main(["--smoke", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {r["backend"] for r in result["rows"]} == {"torch", "onnx-cpu"}
+    assert {r["backend"] for r in result["rows"]} == {"torch", "torch-compile", "onnx-cpu"}
+    assert result["setup_s"]["gflop_unet_forward"] > 0 and result["setup_s"]["gflop_vae_decode"] > 0
+    assert all(r["gflop_per_image"] > 2 * r["steps"] * result["setup_s"]["gflop_unet_forward"] for r in result["rows"])
+    compiled = [r for r in result["rows"] if r["backend"] == "torch-compile"]
+    assert compiled and all(r["psnr_db_vs_torch"] > 60 for r in compiled)  # the same graph, traced
     assert set(result["skipped"]) == {"onnx-cuda", "onnx-tensorrt"}
     assert all("GPU" in reason for reason in result["skipped"].values())
     onnx_rows = [r for r in result["rows"] if r["backend"] == "onnx-cpu"]
