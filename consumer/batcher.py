@@ -15,7 +15,9 @@ units (skillgen/runtime/groupview.py `units`), so a 4-image 1024x1024 request we
 
 A batch is formed from the scheduled head's key: the head first, then compatible requests of the same lane in
 the order their teams' tags say (each charged to its own team), up to `max_batch` images. Riders from other
-lanes are not taken, so a replay never lengthens a live batch.
+lanes are not taken, so a replay never lengthens a live batch. When the head is a light team's (a batch's worth
+queued at most: someone asking) while a team of its lane floods, only light teams ride: the quiet request does not
+wait for a full batch of the flood's to be drawn with it (the same batch preemption would run: consumer/gpu.py).
 
 `Policy(fair=False)` is the old first-in-first-out choice (the oldest request among the ready batches goes
 first), kept for `SKILL_SCHEDULING=fifo` and as the benchmark's reference row.
@@ -191,7 +193,17 @@ class Batcher(Generic[T]):
         ready = self._ready_keys(self._clock())
         if not ready:
             return None
-        return self._form(self._head(ready))
+        head = self._head(ready)
+        if self.policy.fair and self.light(head.lane, head.team) and self._flooded(head.lane):
+            # A light team's turn while a flood waits: its batch takes light teams only, as a preempting one does
+            # (consumer/gpu.py), rather than a full batch's worth of the flood's requests riding along.
+            return self._form(head, riders=lambda e: self.light(e.lane, e.team))
+        return self._form(head)
+
+    def _flooded(self, lane: str) -> bool:
+        """Whether a team of `lane` has more than a batch's worth queued."""
+        ln = self._lanes.get(lane)
+        return ln is not None and any(t.entries and not self.light(lane, name) for name, t in ln.teams.items())
 
     def queued(self, lane: str, team: str) -> int:
         """Requests queued for `team` in `lane`."""

@@ -28,7 +28,7 @@ from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
 from consumer.settings import ConsumerSettings
-from consumer.speed import Speed, warm_up
+from consumer.speed import Speed, steps_run, warm_up
 from skillgen.inference.errors import PipelineError
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
@@ -109,9 +109,7 @@ class GpuLoop:
                              lane_weights=dict(settings.lane_weights))
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
-        # The cost model behind every ETA (consumer/speed.py): a batch takes a x steps / 20 + b x units, fitted
-        # over recent batches of every size, and seeded by `warm_up` before the first request.
-        self.speed = Speed()
+        self.speed = Speed()  # the cost model behind every ETA (consumer/speed.py), seeded by `warm_up`
         self.full_batch: tuple[float, int] | None = None  # (units, steps) of the last full batch timed
         # Post-processing (image check, PNG, blob store) on one thread, a preempting batch's first (consumer/post.py).
         self.post = PostQueue()
@@ -119,8 +117,7 @@ class GpuLoop:
         # ask the loop at each step whether a batch may preempt, so a busy loop does not slow every step.
         self._light_hint = False
         self.flights_per_batch = 1.0  # moving average
-        self.running_units, self.running_steps = 0.0, 0
-        self.running_since = 0.0
+        self.running_units, self.running_steps, self.running_since = 0.0, 0, 0.0
         self._nested = False  # a preempting batch is running inside another's step (on the inference thread)
         self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
         self.dispatched = time.monotonic()  # when the last batch left the queue (or the queue was empty)
@@ -319,21 +316,33 @@ class GpuLoop:
         self._nested = True
         outer.preempted = True
         self.metrics.preempted.inc()
+        self.post.pause()
+        paused = True
         try:
             inner = self._begin(key, flights, loop)
             self.running = outer.flights + flights
             try:
-                with self.post.hold():
-                    images = self._generate(inner)
+                images = self._generate(inner)
             except Exception as exc:  # noqa: BLE001 - judged by after_failure, on the loop
                 loop.call_soon_threadsafe(self.failed, flights, exc)
             else:
-                loop.call_soon_threadsafe(self._end, inner, images)
+                loop.call_soon_threadsafe(self._end_nested, inner, images)
+                paused = False  # _end_nested resumes it
         finally:
+            if paused:
+                self.post.resume()
             self.running = outer.flights
             self._nested = False
             if saved_level is not None:
                 be.set_memory_savings(saved_level)
+
+    def _end_nested(self, batch: _Batch, images) -> None:
+        """On the loop: a preempting batch's end; the post-processing thread resumes once its flights' work is
+        queued (the drawn tasks' first steps run before this callback), so that work goes next."""
+        try:
+            self._end(batch, images)
+        finally:
+            asyncio.get_running_loop().call_soon(self.post.resume)
 
     def _put_back(self, done) -> None:
         """On the loop: a preempting batch taken after the inference thread stopped waiting goes back in the queue."""
@@ -411,11 +420,6 @@ class GpuLoop:
 
         progress.holder = holder  # type: ignore[attr-defined] - set once the batch exists (_Batch.__post_init__)
         return progress
-
-
-def steps_run(key) -> int:
-    """The denoising steps a batch runs (img2img runs the last steps x strength of them)."""
-    return key.steps if key.strength is None else max(1, int(key.steps * key.strength))
 
 
 def load_engine_from(settings: ConsumerSettings):

@@ -7,9 +7,9 @@ batch), and a quiet team's batch that preempts the flood (consumer/gpu.py `_pree
 CPU and the GIL with it while it runs, then wait behind it. So:
 
 - urgent work (a preempting batch's flights) goes before everything queued, first in first out among itself;
-- while a preempting batch runs (`hold()`), no other work starts: what is in progress finishes, the rest waits
-  until the hold ends. The flood's results are late by one small batch; the quiet team's batch runs on a CPU
-  nobody else is filling.
+- while a preempting batch runs, and until its own post-processing is queued (`pause()` .. `resume()`), no
+  other work starts: what is in progress finishes, the rest waits. The flood's results are late by one small
+  batch; the quiet team's batch runs on a CPU nobody else is filling, and its images are next.
 """
 
 from __future__ import annotations
@@ -46,17 +46,24 @@ class PostQueue:
             self._cv.notify()
         return fut
 
+    def pause(self) -> None:
+        """From now until as many `resume()`s, only urgent work starts."""
+        with self._cv:
+            self._held += 1
+
+    def resume(self) -> None:
+        with self._cv:
+            self._held -= 1
+            self._cv.notify()
+
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """While inside, only urgent work starts."""
-        with self._cv:
-            self._held += 1
+        self.pause()
         try:
             yield
         finally:
-            with self._cv:
-                self._held -= 1
-                self._cv.notify()
+            self.resume()
 
     def __len__(self) -> int:
         with self._cv:

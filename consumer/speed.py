@@ -102,6 +102,11 @@ def fit(points: list[tuple[float, float]]) -> Fit | None:
     return Fit(0.0, statistics.median(s / u for u, s in points))
 
 
+def steps_run(key) -> int:
+    """The denoising steps a batch of `key` (consumer/keys.py BatchKey) runs: img2img runs steps x strength."""
+    return key.steps if key.strength is None else max(1, int(key.steps * key.strength))
+
+
 def native_px(model: str, vae_scale_factor: int) -> int:
     """The side, in pixels, of the images the model was trained at (its UNet's sample size), where the consumer's
     warm-up times its first batches; 512 when the model is not a local diffusers directory that says."""

@@ -325,3 +325,19 @@ async def test_a_light_teams_batch_preempts_a_flood_batch_between_steps_which_re
         got = Image.open(io.BytesIO(w.blobs.get(kafka.final(r.request_id).blobs[0]))).convert("RGB")
         alone = engine.generate(BatchSpec(64, 64, 25), [Sample(r.prompt, "", image_seeds(r)[0])])[0]
         assert psnr(got, alone) >= 60
+
+
+async def test_after_the_warm_up_even_the_first_requests_queued_events_carry_an_eta(  # noqa: F811
+        skill_env, tiny_model, engine, image_policy):  # noqa: F811
+    """The warm-up (serve() turns it on) times a full batch and a lone image before the consumer joins the group,
+    so a burst that arrives first is told an ETA from the cost model (consumer/speed.py), not none (nothing timed
+    yet) nor a lone image's speed per unit."""
+    settings = consumer_settings(tiny_model, max_batch=4, max_wait_ms=20)
+    async with Kafka(settings) as kafka, running(settings, engine, image_policy=image_policy, warm_up=True) as w:
+        assert w.gpu.speed.fit is not None and w.gpu.full_batch is not None  # timed before the first request
+        reqs = [await kafka.publish(req("t1", i), partition=i % 4) for i in range(8)]
+        rids = [r.request_id for r in reqs]
+        await kafka.wait_for(lambda k: k.all_final(rids), timeout_s=120)
+    etas = [next(e.eta_s for e in kafka.of(r) if e.kind == EventKind.queued) for r in rids]
+    assert all(eta is not None and eta >= 0 for eta in etas), etas
+    assert all(kafka.final(r).kind == EventKind.succeeded for r in rids)

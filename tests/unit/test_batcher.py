@@ -255,3 +255,18 @@ def test_a_light_team_is_one_asking_once_and_only_it_may_preempt():
     assert b.ready_light(exclude={("fast", "flood")}) == ("k", ["q2"])
     b.add("k", "big", size=3, team="big")  # one request, but more images than a batch: not light either
     assert not b.light("fast", "big")
+
+
+def test_a_light_teams_turn_under_a_flood_takes_light_riders_only():
+    b, _ = fair(max_batch=4)
+    for i in range(10):
+        b.add("k", f"f{i}", team="flood")
+    assert b.ready() == ("k", ["f0", "f1", "f2", "f3"])
+    b.add("k", "q", team="quiet")
+    b.add("k", "r", team="other")
+    assert b.ready() == ("k", ["q", "r"])  # no flood riders: the quiet batch runs as a preempting one would
+    assert b.ready() == ("k", ["f4", "f5", "f6", "f7"])
+    calm, _ = fair(max_batch=4)  # no flood: a light head takes every compatible request along
+    for item, team in (("a1", "a"), ("a2", "a"), ("c1", "c")):
+        calm.add("k", item, team=team)
+    assert calm.ready() == ("k", ["a1", "a2", "c1"])

@@ -1,5 +1,6 @@
 """Step-level preemption in the GPU loop (consumer/gpu.py), with an engine that only counts steps: a light team's
-batch runs between two steps of a flood's batch, even when that batch carries the light team's previous request."""
+batch runs between two steps of a flood's batch, even when that batch carries the light team's previous request
+(it went first when the other team had not yet queued more than a batch's worth)."""
 
 from __future__ import annotations
 
@@ -81,12 +82,14 @@ async def test_a_quiet_request_preempts_a_flood_batch_that_carries_its_previous_
     gpu = GpuLoop(engine, ConsumerSettings(_env_file=None, model="unused", max_batch=8), ConsumerMetrics(), outlet)
     started = outlet.began
     gpu.queue(flight("quiet", 0))
-    for i in range(20):
+    for i in range(7):  # not a flood yet (no more than a batch's worth): quiet-0 goes first, and they ride along
         gpu.queue(flight("flood", i))
     running = asyncio.create_task(gpu.run())
     try:
         await asyncio.wait_for(asyncio.to_thread(engine.stepping.wait, 5), 6)
-        assert "quiet-0" in started[0] and len(started[0]) == 8  # its turn came: it rides with 7 of the flood's
+        assert "quiet-0" in started[0] and len(started[0]) == 8
+        for i in range(7, 30):  # now it floods
+            gpu.queue(flight("flood", i))
         quiet = flight("quiet", 1)
         gpu.queue(quiet)
         for _ in range(200):

@@ -81,3 +81,18 @@ def test_the_run_time_average_counts_the_work_not_the_wait_before_it():
         assert 0.03 < post.run_s < 0.05
     finally:
         post.shutdown()
+
+
+def test_pause_and_resume_hold_normal_work_like_a_hold():
+    post = PostQueue()
+    try:
+        post.pause()
+        normal = post.submit(lambda: "n")
+        urgent = post.submit(lambda: "u", urgent=True)
+        assert urgent.result(5) == "u"
+        time.sleep(0.05)
+        assert not normal.done()
+        post.resume()
+        assert normal.result(5) == "n"
+    finally:
+        post.shutdown()
