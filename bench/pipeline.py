@@ -56,6 +56,10 @@ class BenchRow(BaseModel):
     latencies_ms: list[float]  # the kept run of each round, in round order
     ratio_vs_diffusers: float | None  # diffusers' median / this row's median (> 1: faster than plain diffusers)
     ratio_vs_diffusers_min: float | None  # the same with minima (less sensitive to a busy machine)
+    # CPU time of this process per call (every thread): on a shared machine far steadier than wall time, since a
+    # run that waits for a core is not charged for the wait. The same work, not the same as latency.
+    cpu_ms_median: float = 0.0
+    ratio_vs_diffusers_cpu: float | None = None  # diffusers' median CPU time / this row's
     psnr_db_vs_torch: float | None  # vs the torch engine's images (with the same adapter); null on the torch row
     threads: int
     runs: int
@@ -75,6 +79,9 @@ class BenchReport(BaseModel):
     calibration_ms: list[float]
     contended: bool  # any row contended
     rows: list[BenchRow]
+    # onnx: median ms of use_adapter between the base and the (already fused) random LoRA, and its first fuse
+    adapter_switch_ms: float | None = None
+    adapter_first_fuse_ms: float | None = None
     optimum: str
     notes: list[str]
 
@@ -224,10 +231,27 @@ class _Row:
         self.backend, self.precision, self.provider, self.adapter, self.fn = backend, precision, provider, adapter, fn
         self.attention = attention
         self.latencies: list[float] = []
+        self.cpu: list[float] = []
+        self.cpu_last = 0.0
         self.reruns = 0
         self.contended = False
         self.max_drift = 0.0
         self.images = None
+
+
+def _adapter_switch_ms(backend, switches: int = 10) -> tuple[float, float]:
+    """(median ms of one cached switch base <-> adapter, ms of the adapter's first use, which fuses its weights)."""
+    backend.use_adapter(None)
+    start = time.perf_counter()
+    backend.use_adapter(LORA_NAME)
+    first = (time.perf_counter() - start) * 1000
+    times = []
+    for i in range(switches):
+        start = time.perf_counter()
+        backend.use_adapter(None if i % 2 == 0 else LORA_NAME)
+        times.append((time.perf_counter() - start) * 1000)
+    backend.use_adapter(None)
+    return round(statistics.median(times), 2), round(first, 1)
 
 
 def _label(row: _Row) -> str:
@@ -310,6 +334,7 @@ def run_bench(
         _Row("onnx", "fp32", plain_engine.backend.provider, None,
              lambda s=steps: plain_engine.generate(BatchSpec(width=size, height=size, steps=s), [sample]), "plain"),
     ]
+    switch_ms, first_fuse_ms = _adapter_switch_ms(onnx_engine.backend)
     # Warm-up: every row once, untimed (first-call allocations, the adapter's fuse), a calibration after each.
     # The run's first calibration is the best of those, so that one busy moment does not become the yardstick.
     warmup = []
@@ -322,9 +347,10 @@ def run_bench(
 
     def measure(row: _Row) -> tuple[float, float, list]:
         before = calibrate()
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         images = row.fn()
         ms = (time.perf_counter() - start) * 1000
+        row.cpu_last = (time.process_time() - cpu_start) * 1000
         after = calibrate()
         calibrations.extend((round(before, 2), round(after, 2)))
         return ms, max(abs(before / first - 1), abs(after / first - 1)), images
@@ -341,6 +367,7 @@ def run_bench(
                     row.contended = True
             row.max_drift = max(row.max_drift, drift)
             row.latencies.append(ms)
+            row.cpu.append(row.cpu_last)
             row.images = images
         log(f"  round {r}: " + ", ".join(f"{_label(x)} {x.latencies[-1]:.0f} ms" for x in rows))
 
@@ -349,6 +376,7 @@ def run_bench(
     torch_engine.backend.load_adapter(LORA_NAME, lora)
     torch_lora_ref = torch_engine.generate(lora_spec, [sample])
     diffusers_median = statistics.median(rows[0].latencies)
+    diffusers_cpu = statistics.median(rows[0].cpu)
     diffusers_min = min(rows[0].latencies)
     out = []
     for row in rows:
@@ -365,6 +393,8 @@ def run_bench(
                 latency_ms_min=round(min(row.latencies), 1), latencies_ms=[round(x, 1) for x in row.latencies],
                 ratio_vs_diffusers=round(diffusers_median / median, 2),
                 ratio_vs_diffusers_min=round(diffusers_min / min(row.latencies), 2), psnr_db_vs_torch=psnr,
+                cpu_ms_median=round(statistics.median(row.cpu), 1),
+                ratio_vs_diffusers_cpu=round(diffusers_cpu / statistics.median(row.cpu), 2),
                 threads=threads,
                 runs=len(row.latencies), reruns=row.reruns, contended=row.contended,
                 max_drift=round(row.max_drift, 3),
@@ -381,6 +411,8 @@ def run_bench(
         calibration_ms=calibrations,
         contended=any(r.contended for r in out),
         rows=out,
+        adapter_switch_ms=switch_ms,
+        adapter_first_fuse_ms=first_fuse_ms,
         optimum=OPTIMUM_NOTE,
         notes=[
             "CPU, guidance 7.5 (the UNet runs at twice the batch), DPM-Solver++ (2nd order), batch 1, one seed.",
@@ -389,6 +421,10 @@ def run_bench(
                 "latency is one whole call (text encoder, UNet steps, VAE decode)."
             ),
             "torch.set_num_threads and ONNX Runtime's intra_op_num_threads are both pinned to `threads`.",
+            (
+                "x diff cpu: the ratio of process CPU time (every thread) per call, steadier than wall time on a "
+                "shared machine; it counts work, not waiting."
+            ),
             (
                 "Contention check: a fixed torch matmul loop timed before and after every run; a run whose loop "
                 "drifted more than drift_limit from calibration_ms_first (the best of one calibration after each "
@@ -409,7 +445,7 @@ def run_bench(
 
 _HEADER = (
     f"{'backend':9s} {'prec':5s} {'adapter':11s} {'attn':5s} {'size':>7s} {'ms median':>10s} {'ms min':>9s} "
-    f"{'x diff med':>10s} {'x diff min':>10s} "
+    f"{'x diff med':>10s} {'x diff min':>10s} {'x diff cpu':>10s} "
     f"{'PSNR/torch':>10s} {'threads':>7s} {'runs':>4s} {'reruns':>6s} {'contended':>9s}"
 )
 
@@ -422,7 +458,7 @@ def _format_row(r: BenchRow) -> str:
     return (
         f"{r.backend:9s} {r.precision:5s} {r.adapter or '-':11s} {r.attention or '-':5s} {f'{r.width}x{r.height}':>7s} "
         f"{r.latency_ms_median:10.1f} {r.latency_ms_min:9.1f} {_fmt(r.ratio_vs_diffusers, '10.2f'):>10s} "
-        f"{_fmt(r.ratio_vs_diffusers_min, '10.2f'):>10s} "
+        f"{_fmt(r.ratio_vs_diffusers_min, '10.2f'):>10s} {_fmt(r.ratio_vs_diffusers_cpu, '10.2f'):>10s} "
         f"{_fmt(r.psnr_db_vs_torch, '10.1f'):>10s} {r.threads:7d} {r.runs:4d} {r.reruns:6d} "
         f"{str(r.contended).lower():>9s}"
     )
@@ -439,6 +475,10 @@ def format_report(report: BenchReport) -> str:
         _HEADER,
         *(_format_row(r) for r in report.rows),
         "",
+        (
+            f"onnx adapter switch (cached fused weights): {_fmt(report.adapter_switch_ms, '.2f')} ms median; "
+            f"first use (fuse): {_fmt(report.adapter_first_fuse_ms, '.1f')} ms"
+        ),
         (
             f"calibration: first {report.calibration_ms_first:.1f} ms, range "
             f"{min(report.calibration_ms):.1f}-{max(report.calibration_ms):.1f} ms, drift limit "

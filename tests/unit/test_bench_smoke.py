@@ -43,6 +43,7 @@ def test_pipeline_bench_rows_schema_and_parity(tiny_model, tmp_path, capsys):
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
         assert row["threads"] == 1 and row["batch"] == 1 and row["runs"] == 3
         assert 0 < row["latency_ms_min"] <= row["latency_ms_median"]
+        assert row["cpu_ms_median"] > 0 and row["ratio_vs_diffusers_cpu"] > 0
         assert isinstance(row["contended"], bool)
     assert rows[0]["ratio_vs_diffusers"] == rows[0]["ratio_vs_diffusers_min"] == 1.0
     onnx_base = rows[2]
@@ -52,6 +53,7 @@ def test_pipeline_bench_rows_schema_and_parity(tiny_model, tmp_path, capsys):
     assert rows[4]["psnr_db_vs_torch"] > 30  # plain attention: the same picture
     assert rows[0]["psnr_db_vs_torch"] > 30  # plain diffusers draws the same picture as the torch engine
     assert report["threads"] == 1 and report["rounds"] == 3
+    assert 0 <= report["adapter_switch_ms"] < 1000 and report["adapter_first_fuse_ms"] > 0
 
 
 def test_contention_check_reruns_and_marks_rows(tiny_model, tmp_path, capsys, monkeypatch):
