@@ -197,7 +197,8 @@ class SkillBot(discord.Client):
                 await interaction.message.delete()
             except discord.HTTPException:
                 log.warning("cannot delete a result: %s", exc, extra=job(request_id))
-                await interaction.followup.send(f"I could not delete it ({exc.text or exc.status}).", ephemeral=True)
+                await interaction.followup.send(locales.t("cannot_delete", lang_of(interaction),
+                                                          error=exc.text or exc.status), ephemeral=True)
                 return
         metrics.COMMANDS.labels("discord", "delete").inc()
 

@@ -53,7 +53,7 @@ from bots.errors import BotError, Refusal
 from bots.intake import Intake
 from bots.settings import SlackSettings
 from bots.slack_locale import SlackLocales
-from bots.slack_post import GONE, result_key
+from bots.slack_post import CANNOT_POST, GONE, cannot_post, result_key
 from bots.slack_remix import REMIX_INPUT, REMIX_VIEW, remix_view
 from schemas.messages import GenerateRequest, Origin, Platform
 from skillgen.runtime.logs import job
@@ -64,14 +64,8 @@ log = logging.getLogger("skillgen.slack")
 CLAIM_TTL_S = 3600  # Slack retries within minutes; an hour is plenty
 MEMBERSHIP_CHECK_S = 1.5  # of the 3 s Slack gives the ack
 MEMBER_CACHE_S = 300.0  # a channel the bot is known to be in is not asked about again for this long
-INVITE = "I am not in this channel: add me with `/invite @skillgen`, then run the command again."
-NOT_IN_DM = "I cannot post in this conversation: run the command in a channel I am in, or in a DM with me."
 LEADING_MENTION = re.compile(r"^\s*(<@[A-Z0-9]+(\|[^>]*)?>\s*)+")
-CANNOT_POST = {
-    "not_in_channel": INVITE,
-    "channel_not_found": "I cannot see this channel: add me with `/invite @skillgen`, then run the command again.",
-    "is_archived": "This channel is archived, so I cannot post the result here.",
-}
+INVITE, NOT_IN_DM = CANNOT_POST["not_in_channel"], locales.t("slack_not_in_dm")
 
 
 class SlackFrontEnd:
@@ -122,7 +116,7 @@ class SlackFrontEnd:
             await self._ack(ack, claim, render.slack_text(self.help(lang)))
             return
         try:
-            cannot = await asyncio.wait_for(self.can_post(client, origin.channel_id), MEMBERSHIP_CHECK_S)
+            cannot = await asyncio.wait_for(self.can_post(client, origin.channel_id, lang), MEMBERSHIP_CHECK_S)
         except TimeoutError:  # the ack cannot wait: start_job reports a channel it cannot post in
             log.warning("membership check of %s took over %.1f s", origin.channel_id, MEMBERSHIP_CHECK_S)
             cannot = None
@@ -133,24 +127,25 @@ class SlackFrontEnd:
         await self._ack(ack, claim, render.queued(req, self.intake.estimate(req.request_id), lang))
         await self.start_job(client, respond, req)
 
-    async def can_post(self, client: AsyncWebClient, channel_id: str) -> str | None:
+    async def can_post(self, client: AsyncWebClient, channel_id: str, lang: str = "en") -> str | None:
         """None when the bot is (or has just become) a member of the channel, so that the status, the result and
-        its images can all be posted; else what the person should do."""
+        its images can all be posted; else what the person should do, in `lang`."""
         if time.monotonic() - self._member_of.get(channel_id, -MEMBER_CACHE_S) < MEMBER_CACHE_S:
             return None
         try:
             channel = (await client.conversations_info(channel=channel_id))["channel"]
             if not channel.get("is_member") and not channel.get("is_im"):
                 if channel.get("is_private") or channel.get("is_mpim"):
-                    return INVITE
+                    return cannot_post("not_in_channel", lang)
                 await client.conversations_join(channel=channel_id)  # a public channel: scope channels:join
         except SlackApiError as exc:
             error = exc.response.get("error", "")
             log.info("cannot make sure I can post in %s: %s", channel_id, error)
             if error in ("channel_not_found", "not_in_channel", "missing_scope",
                          "method_not_supported_for_channel_type"):
-                return NOT_IN_DM if channel_id.startswith("D") else INVITE  # nobody can /invite into a DM  # a private channel or DM the bot is not in, or it may not join by itself
-            return CANNOT_POST.get(error, f"I cannot post here ({error}).")
+                # a private channel or DM it is not in, or may not join by itself (nobody can /invite into a DM)
+                return cannot_post("not_in_dm" if channel_id.startswith("D") else "not_in_channel", lang)
+            return cannot_post(error, lang)
         self._member_of[channel_id] = time.monotonic()
         return None
 
@@ -319,7 +314,8 @@ class SlackFrontEnd:
         except SlackApiError as exc:
             error = exc.response.get("error", "")
             log.warning("cannot delete a result: %s", error, extra=job(request_id))
-            await respond(text=f"I could not delete it ({error}).", response_type="ephemeral", replace_original=False)
+            await respond(text=locales.t("cannot_delete", await self.locales.lang(client, clicker), error=error),
+                          response_type="ephemeral", replace_original=False)
             return
         metrics.COMMANDS.labels("slack", "delete").inc()
 
@@ -352,7 +348,7 @@ class SlackFrontEnd:
         except SlackApiError as exc:
             error = exc.response.get("error", "")
             log.warning("cannot post the status message: %s", error, extra=job(req.request_id))
-            await respond(text=CANNOT_POST.get(error, f"I cannot post here ({error})."), response_type="ephemeral")
+            await respond(text=cannot_post(error, lang), response_type="ephemeral")
             return
         req = req.model_copy(update={"origin": origin.model_copy(update={"status_message_id": posted["ts"]})})
         try:

@@ -42,6 +42,16 @@ RESULT_TTL_S = 7 * 86400  # how long a result's Delete button can find the resul
 POSTED_REMEMBERED = 10_000  # request ids whose result message is up, so a retried result does not post it again
 
 
+CANNOT_POST = {error: locales.t(f"slack_{error}") for error in ("not_in_channel", "channel_not_found", "is_archived")}
+
+
+def cannot_post(error: str, lang: str = "en") -> str:
+    """What the person is told, in their language, when Slack answers `error` to a post in their channel (or
+    `not_in_dm`: a DM the bot is not in); the bots say it (bots/slack_bot.py, bots/training_slack.py)."""
+    known = error in CANNOT_POST or error == "not_in_dm"
+    return locales.t(f"slack_{error}" if known else "slack_cannot_post", lang, error=error)
+
+
 def result_key(request_id: str) -> str:
     """Where delivery keeps a posted result's place (channel, file ids or message ts) in Redis."""
     return f"slack:result:{request_id}"

@@ -118,4 +118,12 @@ MESSAGES = {
     ),
     "cannot_see": "cannot see",
     "not_allowed_in": "is not allowed to post in",
+    # Slack: a channel the bot cannot post in (bots/slack_bot.py `cannot_post`), and a Delete that failed.
+    "slack_not_in_channel": "I am not in this channel: add me with `/invite @skillgen`, then run the command again.",
+    "slack_channel_not_found": (
+        "I cannot see this channel: add me with `/invite @skillgen`, then run the command again."),
+    "slack_is_archived": "This channel is archived, so I cannot post the result here.",
+    "slack_not_in_dm": "I cannot post in this conversation: run the command in a channel I am in, or in a DM with me.",
+    "slack_cannot_post": "I cannot post here ({error}).",
+    "cannot_delete": "I could not delete it ({error}).",
 }

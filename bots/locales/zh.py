@@ -101,4 +101,10 @@ MESSAGES = {
     ),
     "cannot_see": "看不到",
     "not_allowed_in": "无权发消息到",
+    "slack_not_in_channel": "我不在这个频道里：请用 `/invite @skillgen` 添加我，然后再运行一次命令。",
+    "slack_channel_not_found": "我看不到这个频道：请用 `/invite @skillgen` 添加我，然后再运行一次命令。",
+    "slack_is_archived": "这个频道已归档，我无法在这里发布结果。",
+    "slack_not_in_dm": "我无法在这个对话中发消息：请在我所在的频道里，或在与我的私信中运行命令。",
+    "slack_cannot_post": "我无法在这里发消息（{error}）。",
+    "cannot_delete": "我没能删除它（{error}）。",
 }

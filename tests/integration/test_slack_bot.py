@@ -257,6 +257,19 @@ async def test_a_channel_the_bot_cannot_post_in_gets_instructions_and_no_job(bot
     assert await bot.requests.settle(0.5) == []
 
 
+async def test_a_channel_it_cannot_post_in_is_said_in_the_persons_known_language(bot):
+    bot.fake.locales[USER_ID] = "zh-CN"
+    await bot.command("a drummer's paradiddle")
+    await bot.requests.wait(1)  # its ack was followed by users.info: zh, held from now on
+    bot.fake.channel("C0CLOSED", private=True, bot_member=False)
+    _, answer, _ = await bot.command("a second", channel_id="C0CLOSED")
+    assert answer["text"] == "我不在这个频道里：请用 `/invite @skillgen` 添加我，然后再运行一次命令。"
+    bot.fake.channel("D0OTHERS", private=True, bot_member=False)
+    _, answer, _ = await bot.command("a third", channel_id="D0OTHERS")
+    assert answer["text"].startswith("我无法在这个对话中发消息")
+    assert len(await bot.requests.settle(0.5)) == 1
+
+
 async def test_in_a_dm_it_is_not_in_it_says_where_to_run_the_command(bot):
     bot.fake.channel("D0OTHERS", private=True, bot_member=False)  # a DM between two people
     _, answer, _ = await bot.command("a drummer's paradiddle", channel_id="D0OTHERS")

@@ -156,3 +156,13 @@ async def test_rate_limits_are_said_in_the_senders_language():
     assert limited.say("zh").startswith("你已达到你的上限（每分钟 1 个请求）。请 60 秒后再试（")
     assert limited.say("zh").endswith(" UTC）。") and limited.retry_at_s > 0
     assert Limit("team", 5, 30, "images").describe("zh") == "团队的上限（每 30 秒 5 张图片）"
+
+
+def test_what_slack_refuses_a_post_with_is_said_in_the_persons_language():
+    from bots.slack_post import cannot_post
+
+    assert cannot_post("is_archived") == "This channel is archived, so I cannot post the result here."
+    assert cannot_post("is_archived", "zh") == "这个频道已归档，我无法在这里发布结果。"
+    assert cannot_post("ratelimited", "zh") == "我无法在这里发消息（ratelimited）。"
+    assert cannot_post("not_in_dm").startswith("I cannot post in this conversation")
+    assert render.discord_missing_permission("42", False, "zh").startswith("⚠️ 我无法在 <#42> 发布你的结果：机器人无权发消息到")
