@@ -601,9 +601,11 @@ sent, markup included (`<@id>` is a mention, `*...*` italics on Discord and `_..
 `[Label]`.
 
 Button labels are in the requester's language (a message has one set of labels for the whole channel), except
-U1-U4 and V1-V4, the same in every language; Remix's modal is in the clicker's. The prompt policy's reasons and the
-consumer's own messages (`cancelled by the person who asked`) are English in every language; everything else
-comes from the catalogues (bots/locales/en.py, zh.py).
+U1-U4 and V1-V4, the same in every language; Remix's modal is in the clicker's; the help names the command as the
+reader's client shows it (`/技能图` in a Chinese Discord). The prompt policy's reasons, the request contract's own
+validation messages (`--steps: Input should be less than or equal to 50`) and the consumer's own messages
+(`cancelled by the person who asked`) are English in every language, and so are the option names (`--ar`: the
+grammar reads them as typed); everything else comes from the catalogues (bots/locales/en.py, zh.py).
 """
 
 
