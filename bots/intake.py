@@ -37,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 from bots import grammar, image_actions, render
 from bots.errors import Refusal
 from bots.keys import partition_key
-from bots.locales import t
+from bots.locales import en, msg, t
 from bots.queued import QueuedJobs, finished
 from bots.ratelimit import RateLimiter
 from bots.settings import BotSettings
@@ -59,9 +59,7 @@ from skillgen.safety.prompt import PromptPolicy
 
 log = logging.getLogger("skillgen.intake")
 
-NOT_ALLOWED = (
-    "skillgen is not enabled for this {where}. Ask whoever runs it to add `{who}` to SKILL_ALLOWED_TEAMS."
-)
+NOT_ALLOWED = en.MESSAGES["not_allowed"]  # {where}: "Discord server", "Slack workspace"
 PRE_ACK_S = 1.5  # Redis's share of Discord's 3 seconds before the acknowledgement
 SLOW = t("slow")
 FORGOTTEN = t("forgotten")
@@ -263,8 +261,9 @@ class Intake:
     def check_team(self, origin: Origin) -> None:
         """Refuse a team (Discord server, Slack workspace) that SKILL_ALLOWED_TEAMS does not list."""
         if not self.settings.team_allowed(origin.platform.value, origin.team_id):
-            where = {"discord": "Discord server", "slack": "Slack workspace"}.get(origin.platform.value, "team")
-            raise Refusal(NOT_ALLOWED.format(where=where, who=f"{origin.platform.value}:{origin.team_id}"))
+            platform = origin.platform.value
+            where = msg(f"where_{platform}" if platform in ("discord", "slack") else "where_team")
+            raise Refusal.of("not_allowed", where=where, who=f"{platform}:{origin.team_id}")
 
     def check_prompt(self, prompt: str, negative: str = "") -> None:
         decision = self.policy.check(prompt, negative)

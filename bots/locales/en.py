@@ -126,4 +126,10 @@ MESSAGES = {
     "slack_not_in_dm": "I cannot post in this conversation: run the command in a channel I am in, or in a DM with me.",
     "slack_cannot_post": "I cannot post here ({error}).",
     "cannot_delete": "I could not delete it ({error}).",
+    # A team SKILL_ALLOWED_TEAMS does not list (bots/intake.py).
+    "not_allowed": (
+        "skillgen is not enabled for this {where}. Ask whoever runs it to add `{who}` to SKILL_ALLOWED_TEAMS."),
+    "where_discord": "Discord server",
+    "where_slack": "Slack workspace",
+    "where_team": "team",
 }

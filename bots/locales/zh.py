@@ -107,4 +107,8 @@ MESSAGES = {
     "slack_not_in_dm": "我无法在这个对话中发消息：请在我所在的频道里，或在与我的私信中运行命令。",
     "slack_cannot_post": "我无法在这里发消息（{error}）。",
     "cannot_delete": "我没能删除它（{error}）。",
+    "not_allowed": "skillgen 尚未在这个{where}启用。请让运行它的人把 `{who}` 加入 SKILL_ALLOWED_TEAMS。",
+    "where_discord": " Discord 服务器",
+    "where_slack": " Slack 工作区",
+    "where_team": "团队",
 }

@@ -227,6 +227,8 @@ async def test_a_server_outside_allowed_teams_is_refused_and_nothing_is_publishe
     said = (await answered(bot, "a violinist's bow hold"))["data"]
     expected = NOT_ALLOWED.format(where="Discord server", who=f"discord:{GUILD_ID}")
     assert said["flags"] & 64 and said["content"] == expected
+    said = (await answered(bot, "a violinist's bow hold", locale="zh-CN"))["data"]
+    assert said["content"] == f"skillgen 尚未在这个 Discord 服务器启用。请让运行它的人把 `discord:{GUILD_ID}` 加入 SKILL_ALLOWED_TEAMS。"
     assert await bot.requests.settle(0.5) == []
     assert bot.matching(lambda c: c.method == "PATCH") == []  # nothing shown in the channel
 
