@@ -13,7 +13,7 @@ What is hand-written and why:
 - the weights-as-inputs wrapper: the TorchScript exporter cannot trace `torch.func.functional_call`, so each
   target Linear reads its weight from a forward argument instead;
 - the UNet is traced at a latent size that is not a multiple of its upsampling factor, which makes diffusers
-  pass explicit upsample sizes: the graph then serves every size, not only multiples of 64 pixels.
+  pass explicit upsample sizes: the graph then serves every size, not only multiples of 64 pixels;
 - fused attention (attention.py, CPU fp32 and int8 exports): each attention after its Q/K/V projections becomes
   one com.microsoft MultiHeadAttention node, so the weights stay inputs and LoRA switching is unchanged.
 FP16 uses ONNX Runtime's transformer optimizer (`optimize_model(...).convert_float_to_float16`), INT8 uses
@@ -26,8 +26,10 @@ transformer optimizer on the constant graph: 0.96-0.97x, and it fused 0 of 32 at
 match our torch 2.13 export, at opt_level 0 or 1, even with its numpy>=2.4 int() bug patched); its LoRA-aware
 fusion emits packed QKV/KV MultiHeadAttention, which the CPU provider refuses ("not implemented for CPU");
 low-rank branches x*A*B beside constant weights (rank 16, zero): 0.96x unfused, 1.06x with our attention fusion;
-our attention fusion with the weights still inputs: 1.07-1.15x (the VAE decoder: 1.0x, one attention). Hence this
-design: fused attention, weights as inputs, adapters as fed merged weights (any rank).
+our attention fusion with the weights still inputs: 1.07-1.15x (the VAE decoder: 1.0x, one attention). Whole
+pipeline, 10 steps, process CPU time, 5 interleaved rounds: fused 1.57x plain diffusers, the same with a LoRA
+1.58x, plain attention 1.46x. Hence this design: fused attention, weights as inputs, adapters as fed merged
+weights (any rank, no per-step cost).
 """
 
 from __future__ import annotations

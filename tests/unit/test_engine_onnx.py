@@ -72,6 +72,7 @@ def test_onnx_image_is_the_same_alone_or_in_a_batch_of_8(onnx):
 
 
 def test_lora_on_onnx_matches_torch_and_switching_back_is_exact(onnx, torch_ref, lora, tiny, tmp_path):
+    assert onnx.backend.manifest.fused_attention["unet"] > 0  # LoRA through fed weights beside fused attention
     styled_spec = BatchSpec(width=64, height=64, steps=4, adapter="style")
     other = write_random_lora(tiny, tmp_path / "other", seed=1)
     for engine in (onnx, torch_ref):
