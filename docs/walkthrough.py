@@ -82,6 +82,7 @@ STEPS = (
     "Refusal: per-person cap",
     "Refusal: busy (backpressure)",
     "Refusal: cancel by someone else",
+    "Refusal: a mistyped option",
     "Help",
 )
 
@@ -309,9 +310,14 @@ class Walk:
         return notes
 
     def typed(self, command: str) -> str:
+        """The command as Alice types it: on Discord the command and its fields named as her client shows them
+        (`/技能图 提示词:...` in Chinese: bots/locales/commands.py), what the bot receives being the same."""
         if self.p == Platform.discord:
             prompt, fields = self.discord_fields(command)
-            return "/skill prompt:" + prompt + "".join(f" {k}:{v}" for k, v in fields.items())
+            options = COMMANDS["skill"].options
+            named = {name: getattr(options[name].name, self.lang) for name in ("prompt", *fields)}
+            return (f"{shown_as('skill', self.lang)} {named['prompt']}:{prompt}"
+                    + "".join(f" {named[k]}:{v}" for k, v in fields.items()))
         return "/skill " + command
 
     def queued(self, req: GenerateRequest, estimate: Estimate | None, how: str, sent: datetime,
@@ -480,14 +486,12 @@ class Walk:
                           "minutes).", [self.refusal(busy, "Refused before any allowance is spent")]))
         steps.append(Step(STEPS[11], "Bob clicks Cancel on Alice's status (before she does).",
                           [self.private("Bob alone sees (`Intake.cancel`):", bob.say(self.lang))]))
-        steps.append(Step(STEPS[12], f"Alice types `{self.typed_help()}`.", [self.help()]))
+        mistyped = f"{PROMPT} --colour red"
+        wrong = await self.refused(self.admitted(mistyped, "0" * 32, at(9, 13)))
+        steps.append(Step(STEPS[12], f"Alice types `{self.typed(mistyped)}`. The grammar's refusals name the options "
+                          "as they are typed, in every language.", [self.refusal(wrong, "Refused by the grammar")]))
+        steps.append(Step(STEPS[13], f"Alice types `{self.typed('help')}`.", [self.help()]))
         return steps
-
-    def typed_help(self) -> str:
-        if self.p == Platform.slack:
-            return "/skill help"
-        prompt = getattr(COMMANDS["skill"].options["prompt"].name, self.lang)  # the field, named as her client does
-        return f"{shown_as('skill', self.lang)} {prompt}:help"
 
     def help(self) -> Shown:
         """`/skill help`, as the bots answer it: naming the command as the person's client shows it."""

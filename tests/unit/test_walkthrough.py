@@ -70,7 +70,12 @@ def test_each_language_speaks_its_own_and_each_platform_its_markup(walkthrough):
         else:
             assert "`[Re-roll] [Variations] [Remix] [Parameters] [Delete]`" in body
             assert "`[Cancel]`" in body and "`[Upscale 2x] [Vary]`" in body
+        assert ("未知选项 --colour" if chinese else "unknown option --colour") in body  # the grammar's refusal
+        assert ("画一张技能图并发在这里" if chinese else "draws a skill image and posts it here") in body  # the help
         if heading.startswith("Discord"):
+            # The command as the reader's client names it: Discord shows a Chinese client its Chinese name.
+            assert ("`/技能图 提示词:help`" if chinese else "`/skill prompt:help`") in body
+            assert ("**/技能图** 画一张技能图" if chinese else "**/skill** draws") in body
             assert "<t:1796547600:R>" in body and "`[U1] [U2]`" in body and "`[V1] [V2]`" in body
             assert "<!date^" not in body
         else:
