@@ -7,8 +7,9 @@ after its acknowledgement and keeps the answer per person for a day (bots/slack_
 acknowledgement are in the person's language once it is known, in English before. Either way `zh-CN` and `zh-TW`
 read as zh, anything else (or nothing) as en. It travels beside the request, not in it: the bot keeps it in Redis
 by request id (`lang:<request id>`, only when it is not English, for as long as the request is remembered), and
-delivery reads it there, so the status lines, the result and the ping come in the requester's language. Without
-Redis they come in English.
+delivery reads it there, so the status lines, the result, the ping and the buttons under them come in the
+requester's language (a message has one set of labels for the whole channel: the requester's). Without Redis they
+come in English. What only the clicker sees (a refusal, Remix's modal, Parameters, the help) is in the clicker's.
 
 Refusals are made before it is known who reads them (the grammar, the rate limiter, intake): one made with
 `Refusal.of(key, ...)` keeps its key and params and is said in the reader's language (`Refusal.say`); a param
