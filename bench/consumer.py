@@ -4,7 +4,10 @@
   the first publish to the last succeeded event (batching, safety checks and PNG encoding included).
 - overhead: one request at a time (max_batch 1): publish -> succeeded event as a client reads it, minus the
   engine's own generate() time for that request. The image safety check is service work, so it counts as
-  overhead; its share is reported on its own line as well.
+  overhead; its share is reported on its own line as well, and the rest is split where the events' created_at
+  (the consumer's clock, the same host's) allows: pickup (publish -> the started event is made: Kafka to the
+  consumer, its fetch wait, admission), post-processing besides generate() and the check (started -> succeeded
+  made: PNG, blob store, cache) and delivery (succeeded made -> read: Kafka back, the reader's fetch wait).
 - cache hits: the same request again under a new request id: publish -> succeeded event, from L1, and from L2
   (Redis, L1 turned off) when a Redis is at hand (SKILL_REDIS_URL, or a private redis-server if installed).
 
@@ -41,6 +44,7 @@ DEFAULT_JSON = Path("bench/results/consumer.json")
 TARGET_OVERHEAD_P50_MS = 15.0
 TARGET_CACHE_HIT_P99_MS = 20.0
 BATCH_SIZES = (1, 2, 4, 8)
+PARTS = ("pickup", "post_processing", "delivery")  # overhead without the check, by the events' created_at
 ORIGIN = Origin(platform=Platform.console, team_id="bench", channel_id="bench", user_id="bench")
 # Tansu makes a new group's first join wait session_timeout_ms / 2.
 FAST_GROUP = {"kafka_session_timeout_ms": 2000, "kafka_heartbeat_interval_ms": 200, "kafka_rebalance_timeout_ms": 2000}
@@ -78,6 +82,8 @@ class ConsumerBench(BaseModel):
     throughput: list[ThroughputRow]
     overhead_ms: Stats
     overhead_without_safety_ms: Stats
+    # pickup / post-processing / delivery, as the module doc says; empty in results written before they were
+    overhead_parts_ms: dict[str, Stats] = {}
     safety_check_ms: Stats
     pipeline_ms: Stats
     cache_hit_l1_ms: Stats
@@ -117,6 +123,10 @@ class _Client:
     def __init__(self, settings: ConsumerSettings):
         self.settings = settings
         self._waiting: dict[str, asyncio.Future] = {}
+        # request id -> wall-clock seconds: when it was published, when each event was made (created_at)
+        self.published: dict[str, float] = {}
+        self.made: dict[str, dict[str, float]] = {}
+        self.read_at = 0.0  # wall clock: when the latest roundtrip's terminal event was read
 
     async def __aenter__(self) -> _Client:
         self.producer = make_producer(self.settings, linger_ms=0)
@@ -142,6 +152,7 @@ class _Client:
                 now = time.perf_counter()
                 for r in records:
                     event = decode(r.value, JobEvent, r.headers)
+                    self.made.setdefault(event.request_id, {}).setdefault(event.kind.value, event.created_at.timestamp())
                     fut = self._waiting.get(event.request_id)
                     if event.kind.terminal and fut is not None and not fut.done():
                         fut.set_result((event, now))
@@ -149,6 +160,7 @@ class _Client:
     async def submit(self, req: GenerateRequest) -> tuple[float, asyncio.Future]:
         fut = self._waiting[req.request_id] = asyncio.get_running_loop().create_future()
         value, headers = encode(req)
+        self.published[req.request_id] = time.time()
         t0 = time.perf_counter()
         await self.producer.send_and_wait(self.settings.topics.generate, value, key=req.request_id.encode(), headers=headers)
         return t0, fut
@@ -158,7 +170,17 @@ class _Client:
         event, t1 = await asyncio.wait_for(fut, 120)
         if event.kind.value != "succeeded":
             raise RuntimeError(f"bench request ended {event.kind.value}: {event.message}")
+        self.read_at = self.published[req.request_id] + (t1 - t0)  # wall clock, from the monotonic latency
         return t1 - t0
+
+    def timeline(self, request_id: str) -> tuple[float, float, float] | None:
+        """Seconds from publish to the started event's creation, from it to the succeeded event's creation, and
+        from that to the read (after the latest `roundtrip` of this request); None without a started event."""
+        made = self.made.get(request_id, {})
+        if "started" not in made or "succeeded" not in made:
+            return None
+        published = self.published[request_id]
+        return made["started"] - published, made["succeeded"] - made["started"], self.read_at - made["succeeded"]
 
 
 @asynccontextmanager
@@ -249,14 +271,18 @@ async def run_bench(quick: bool, model: str, device: str, size: int, steps: int,
                                           images_per_s=round(load / seconds, 3), batches=batches))
                 print(f"  max_batch {max_batch}: {rows[-1].images_per_s:.2f} images/s ({batches} batches)", flush=True)
 
-            latency, gen_s, check_s = [], [], []
+            latency, gen_s, check_s, parts = [], [], [], []
             async with _worker(settings("seq", max_batch=1), engine, policy) as (_, client):
                 for i in range(sequential):
                     engine.seconds.clear()
                     policy.seconds.clear()
-                    latency.append(await client.roundtrip(_request(i, size, steps, "seq")))
+                    req = _request(i, size, steps, "seq")
+                    latency.append(await client.roundtrip(req))
                     gen_s.append(sum(engine.seconds))
                     check_s.append(sum(policy.seconds))
+                    if (line := client.timeline(req.request_id)) is not None:
+                        pickup, between, delivery = line
+                        parts.append((pickup, between - gen_s[-1] - check_s[-1], delivery))
                 repeat = _request(0, size, steps, "seq")
                 l1 = [await client.roundtrip(repeat.model_copy(update={"request_id": uuid.uuid4().hex})) for _ in range(hits)]
             l2 = None
@@ -280,6 +306,7 @@ async def run_bench(quick: bool, model: str, device: str, size: int, steps: int,
         throughput=rows,
         overhead_ms=Stats.of(overhead),
         overhead_without_safety_ms=Stats.of([o - c for o, c in zip(overhead, check_s)]),
+        overhead_parts_ms={name: Stats.of([p[k] for p in parts]) for k, name in enumerate(PARTS)} if parts else {},
         safety_check_ms=Stats.of(check_s),
         pipeline_ms=Stats.of(gen_s),
         cache_hit_l1_ms=Stats.of(l1),
@@ -302,6 +329,7 @@ def format_report(r: ConsumerBench) -> str:
         line("overhead (latency - generate)", r.overhead_ms, f"   target p50 <= {r.target_overhead_p50_ms:.0f} ms"),
         line("  of which image safety check", r.safety_check_ms),
         line("  overhead without safety check", r.overhead_without_safety_ms),
+        *(line(f"    {name.replace('_', '-')}", r.overhead_parts_ms[name]) for name in PARTS if name in r.overhead_parts_ms),
         line("pipeline generate()", r.pipeline_ms),
         line("cache hit, L1", r.cache_hit_l1_ms, f"   target p99 <= {r.target_cache_hit_p99_ms:.0f} ms"),
         line("cache hit, L2 (Redis)", r.cache_hit_l2_ms),

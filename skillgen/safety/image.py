@@ -267,18 +267,18 @@ class ImagePolicy:
                 pixels = np.asarray(rgb)
                 # NudeDetector reads an ndarray as RGB (it swaps channels twice on the way in).
                 read.append((i, rgb, pixels, self._detector.prepare(pixels)))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
                 decisions[i] = _failed(exc)
         try:
             output = self._detector.infer([entry[3] for entry in read]) if read else None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
             output = None
             for i, *_ in read:
                 decisions[i] = _failed(exc)
         for row, (i, rgb, pixels, prepared) in enumerate(read if output is not None else []):
             try:
                 decisions[i] = self._decide(rgb, pixels, self._detector.detections(output, row, prepared))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
                 decisions[i] = _failed(exc)
         unchecked = RuntimeError("the image was not checked")  # none is: every branch above decides
         return [decision if decision is not None else _failed(unchecked) for decision in decisions]

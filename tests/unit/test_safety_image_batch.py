@@ -83,14 +83,18 @@ def test_batched_detections_equal_nudedetectors_own(detector: _NudeNet) -> None:
     assert len(scores) >= 7 and min(scores) < 0.3 and 0.59 < sorted(scores)[-3] < 0.6 < sorted(scores)[-2]
 
 
+def _verdict(decision: Decision) -> tuple:
+    """A decision without its ref, which is drawn anew for every refusal."""
+    return decision.allowed, decision.category, decision.detail, decision.layer
+
+
 @pytest.mark.parametrize("threshold", [0.3, 0.6])
 def test_checking_many_images_at_once_decides_as_one_at_a_time(threshold: float) -> None:
     policy = ImagePolicy(nsfw_threshold=threshold)
     pictures = _pictures()
     together = policy.check(pictures)
     alone = [policy.check([p])[0] for p in pictures]
-    verdict = lambda d: (d.allowed, d.category, d.detail, d.layer)  # noqa: E731 - the ref is drawn anew each time
-    assert [verdict(d) for d in together] == [verdict(d) for d in alone]
+    assert [_verdict(d) for d in together] == [_verdict(d) for d in alone]
     assert any(not d.allowed for d in together) and any(d.allowed for d in together)
 
 
