@@ -97,6 +97,7 @@ class Batcher(Generic[T]):
         self._changed = asyncio.Event()
         self._seq = 0
         self._hurry = False
+        self.light_first = False  # whether the last batch `ready` formed was a light team's while a flood waits
 
     def add(self, key: Hashable, item: T, size: int = 1, wait: bool = True, *, team: str = "",
             lane: str = "fast", cost: float | None = None) -> int:
@@ -194,9 +195,10 @@ class Batcher(Generic[T]):
         if not ready:
             return None
         head = self._head(ready)
-        if self.policy.fair and self.light(head.lane, head.team) and self._flooded(head.lane):
-            # A light team's turn while a flood waits: its batch takes light teams only, as a preempting one does
-            # (consumer/gpu.py), rather than a full batch's worth of the flood's requests riding along.
+        # A light team's turn while a flood waits: its batch takes light teams only, as a preempting one does
+        # (consumer/gpu.py), rather than a full batch's worth of the flood's requests riding along.
+        self.light_first = self.policy.fair and self.light(head.lane, head.team) and self._flooded(head.lane)
+        if self.light_first:
             return self._form(head, riders=lambda e: self.light(e.lane, e.team))
         return self._form(head)
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from consumer.batcher import Batcher, Policy
+from consumer.engine import warm_up
 from consumer.flight import Flight
 from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
 from consumer.settings import ConsumerSettings
-from consumer.speed import Speed, steps_run, warm_up
+from consumer.speed import Speed, steps_run
 from skillgen.inference.errors import PipelineError
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
@@ -231,6 +232,11 @@ class GpuLoop:
         loop = asyncio.get_running_loop()
         while True:
             key, flights = await self.batcher.next_batch()
+            light = self.batcher.light_first  # a light team's turn while a flood waits: treated as a preempting one
+            if light:
+                for f in flights:
+                    f.urgent = True
+                self.post.pause()
             await self.outlet.started(flights)
             batch = self._begin(key, flights, loop)
             self.running = flights
@@ -242,6 +248,8 @@ class GpuLoop:
             finally:
                 self.running = []
                 self.progressed = time.monotonic()
+                if light:  # after the drawn tasks (spawned by _end) have queued their urgent work
+                    loop.call_soon(self.post.resume)
             self._end(batch, images)
 
     def _begin(self, key, flights: list[Flight], loop: asyncio.AbstractEventLoop) -> _Batch:
@@ -420,29 +428,3 @@ class GpuLoop:
 
         progress.holder = holder  # type: ignore[attr-defined] - set once the batch exists (_Batch.__post_init__)
         return progress
-
-
-def load_engine_from(settings: ConsumerSettings):
-    """The engine these settings name (what replay and the demo load too; consumer.worker re-exports it)."""
-    from schemas.messages import MAX_IMAGES
-    from skillgen.inference import load_engine
-
-    trt_profile = None
-    if settings.backend == "onnx":
-        from skillgen.inference.onnx_backend import TrtProfile
-
-        # A batch holds max_batch images, or one request's images when that is more.
-        trt_profile = TrtProfile(max_batch=max(settings.max_batch, MAX_IMAGES))
-    return load_engine(
-        settings.model,
-        settings.backend,
-        settings.device,
-        settings.precision,
-        cache_dir=settings.onnx_cache_dir,
-        provider=settings.onnx_provider,
-        max_cached_adapters=settings.max_cached_adapters,
-        max_loaded_adapters=settings.max_loaded_adapters,
-        max_pixels=settings.max_pixels,
-        trt_profile=trt_profile,
-    )
-

@@ -19,21 +19,12 @@ class only the model is proportional (`a` = 0): what is known is seconds per uni
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import math
 import statistics
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from consumer.post import PostQueue
-from skillgen.runtime.groupview import BASE_STEPS, units
-from skillgen.safety.postprocess import png_bytes, screen
-
-log = logging.getLogger("skillgen.consumer")
+from skillgen.runtime.groupview import BASE_STEPS
 
 PER_CLASS = 5  # batches remembered per width class
 FORGET_AFTER = 200  # batches after which a width class not seen again is dropped
@@ -105,56 +96,3 @@ def fit(points: list[tuple[float, float]]) -> Fit | None:
 def steps_run(key) -> int:
     """The denoising steps a batch of `key` (consumer/keys.py BatchKey) runs: img2img runs steps x strength."""
     return key.steps if key.strength is None else max(1, int(key.steps * key.strength))
-
-
-def native_px(model: str, vae_scale_factor: int) -> int:
-    """The side, in pixels, of the images the model was trained at (its UNet's sample size), where the consumer's
-    warm-up times its first batches; 512 when the model is not a local diffusers directory that says."""
-    try:
-        config = json.loads((Path(model) / "unet" / "config.json").read_text())
-        size = int(config["sample_size"]) * vae_scale_factor
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512
-    return size if 8 <= size <= 4096 else 512
-
-
-async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: int, executor,
-                  post: PostQueue | None = None, image_policy=None) -> float:
-    """Before a consumer takes requests, on its inference thread (`executor`), at the model's own size with the
-    request defaults (20 steps, guidance on): a lone image and a full batch (the runtime's first calls, not
-    timed), then a full batch timed while the first one's images are checked and encoded on the post-processing
-    thread (`post`, with `image_policy`), as a served batch overlaps its predecessor's post-processing, then a lone
-    image timed alone. So the first deep queue is timed neither by a lone image (about 2x too slow per unit) nor
-    by a batch that had the CPU to itself. Returns the full batch's work units."""
-    from skillgen.inference.engine import (  # torch: only once the loop runs
-        BatchSpec,
-        Sample,
-    )
-
-    px = native_px(model, getattr(engine.backend, "vae_scale_factor", 8))
-    while px * px > max_pixels and px > 8:
-        px //= 2
-    spec = BatchSpec(px, px)
-    per_image = units(1, px, px, spec.steps, spec.guidance)
-
-    def timed(n: int) -> tuple[float, list]:
-        t0 = time.perf_counter()
-        images = engine.generate(spec, [Sample("warm-up", seed=i) for i in range(n)])
-        return time.perf_counter() - t0, images
-
-    def check_and_encode(image) -> None:  # what post-processing does to one served image, but storing it
-        if screen([image], image_policy) is None:
-            png_bytes(image)
-
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(executor, timed, 1)
-    _, images = await loop.run_in_executor(executor, timed, max_batch)
-    beside = [post.submit(check_and_encode, image) for image in images] if post is not None and image_policy else []
-    for n in (max_batch, 1):
-        seconds, _ = await loop.run_in_executor(executor, timed, n)
-        for fut in beside:
-            await asyncio.wrap_future(fut)
-        beside = []
-        speed.observe(n * per_image, spec.steps, seconds)
-        log.info("warm-up: a batch of %d %dx%d images in %.2fs", n, px, px, seconds)
-    return max_batch * per_image

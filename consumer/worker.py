@@ -21,8 +21,9 @@ from collections.abc import Callable
 from pydantic import TypeAdapter, ValidationError
 
 from consumer.cache import L1, L2, CacheEntry, RedisLink, TwoLevelCache, cache_link
+from consumer.engine import load_engine_from
 from consumer.flight import Flight, Leases
-from consumer.gpu import GpuLoop, load_engine_from
+from consumer.gpu import GpuLoop
 from consumer.keys import (
     AdapterResolver,
     model_identity,

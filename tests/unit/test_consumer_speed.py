@@ -1,5 +1,6 @@
-"""The consumer's cost model (consumer/speed.py): a batch takes a + b x units, fitted over batches of every size,
-so a lone image's timing predicts a full batch (and the reverse) instead of being taken per unit as it is."""
+"""The consumer's cost model (consumer/speed.py) and its warm-up (consumer/engine.py): a batch takes
+a x steps / 20 + b x units, fitted over batches of every size, so a lone image's timing predicts a full batch (and
+the reverse) instead of being taken per unit as it is."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 
 import pytest
 
-from consumer.speed import Fit, Speed, fit, native_px
+from consumer.engine import native_px
+from consumer.speed import Fit, Speed, fit
 
 pytestmark = pytest.mark.unit
 
@@ -93,8 +95,8 @@ def test_the_warm_up_size_is_the_models_own(tmp_path):
 async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_image(tmp_path):
     from PIL import Image
 
+    from consumer.engine import warm_up
     from consumer.post import PostQueue
-    from consumer.speed import warm_up
     from skillgen.safety.decision import Decision
 
     (tmp_path / "unet").mkdir()

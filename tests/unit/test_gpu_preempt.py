@@ -47,7 +47,7 @@ class StepEngine:
 class Outlet:
     def __init__(self) -> None:
         self.began: list[list[str]] = []  # each batch's flights, as `started` was told
-        self.drawn: list[str] = []
+        self.answered: list[str] = []  # flights handed to post-processing (`drawn`)
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -62,7 +62,7 @@ class Outlet:
         pass
 
     async def drawn(self, flight, images) -> None:
-        self.drawn.append(flight.key)
+        self.answered.append(flight.key)
 
     async def give_up(self, flight, message, error) -> None:
         pass
@@ -92,7 +92,7 @@ async def test_a_quiet_request_preempts_a_flood_batch_that_carries_its_previous_
             gpu.queue(flight("flood", i))
         quiet = flight("quiet", 1)
         gpu.queue(quiet)
-        for _ in range(200):
+        for _ in range(1000):
             await asyncio.sleep(0.01)
             if len(engine.calls) >= 2:
                 break
@@ -102,6 +102,28 @@ async def test_a_quiet_request_preempts_a_flood_batch_that_carries_its_previous_
         assert started[1] == ["quiet-1"]
         assert gpu.metrics.preempted._value.get() == 1
         assert quiet.urgent  # its post-processing goes first (consumer/post.py)
+    finally:
+        running.cancel()
+        gpu.shutdown()
+
+
+async def test_at_a_batch_boundary_a_light_teams_turn_runs_without_flood_riders_and_goes_first_after():
+    engine, outlet = StepEngine(step_s=0.005), Outlet()
+    settings = ConsumerSettings(_env_file=None, model="unused", max_batch=8, preempt=False)
+    gpu = GpuLoop(engine, settings, ConsumerMetrics(), outlet)
+    for i in range(20):
+        gpu.queue(flight("flood", i))
+    quiet = flight("quiet", 0)
+    gpu.queue(quiet)
+    running = asyncio.create_task(gpu.run())
+    try:
+        for _ in range(3000):  # (the first batch imports torch: seconds)
+            await asyncio.sleep(0.01)
+            if len(engine.calls) >= 3 and len(outlet.answered) >= 9:
+                break
+        assert [n for n, _, _ in engine.calls[:3]] == [8, 1, 8]  # the flood's first batch, then quiet's alone
+        assert outlet.began[1] == ["quiet-0"] and quiet.urgent
+        assert gpu.post._held == 0  # post-processing resumed after the light batch's work was queued
     finally:
         running.cancel()
         gpu.shutdown()
