@@ -142,8 +142,10 @@ class GpuLoop:
 
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
-        it is done (None before the first batch is timed): the work before it, served in batches of
-        max_batch images like its own, each costing the cost model's a x steps / 20 + b x units."""
+        it is done (None before the first batch is timed). Two stages, each a bound: the GPU (the work before it,
+        served in batches of max_batch images like its own, each costing the cost model's a x steps / 20 +
+        b x units) and the one post-processing thread, which every flight ahead of it passes through too (when
+        the CPU is short it is the slower stage, and its backlog is what the flight waits for)."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
         ahead_s = self.running_left_s() + self.post.run_s * (self.flights_per_batch + 1) / 2
@@ -152,11 +154,16 @@ class GpuLoop:
                   "s_per_batch": fit.batch_s(0.0, steps_run(flight.batch)) if fit else 0.0,
                   "units_per_batch": flight.cost / max(1, len(flight.seeds)) * self.settings.max_batch}
         if self.policy.fair:
-            return estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
-                            team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights, **timing)
-        work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
-        est = estimate({}, flight.lane, flight.team, work, **timing)  # first in, first out: all of it ahead
-        return Estimate(position=len(self.batcher), units_ahead=work, eta_s=est.eta_s)
+            est = estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
+                           team_weights=self.policy.team_weights, lane_weights=self.policy.lane_weights, **timing)
+        else:
+            work = sum(q.units for q in self.batcher.backlog().values()) + flight.cost
+            est = estimate({}, flight.lane, flight.team, work, **timing)  # first in, first out: all of it ahead
+            est = Estimate(position=len(self.batcher), units_ahead=work, eta_s=est.eta_s)
+        if est.eta_s is not None:
+            post_s = (len(self.post) + len(self.running) + est.position + 1) * self.post.run_s
+            est.eta_s = max(est.eta_s, round(post_s, 1))
+        return est
 
     async def warm_up(self, model: str, image_policy=None) -> None:
         """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""

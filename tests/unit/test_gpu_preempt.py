@@ -127,3 +127,24 @@ async def test_at_a_batch_boundary_a_light_teams_turn_runs_without_flood_riders_
     finally:
         running.cancel()
         gpu.shutdown()
+
+
+def test_the_eta_is_bounded_by_the_post_processing_thread_when_it_is_the_slower_stage():
+    gpu = GpuLoop(StepEngine(), ConsumerSettings(_env_file=None, model="unused", max_batch=8), ConsumerMetrics(),
+                  Outlet())
+    try:
+        for _ in range(3):  # 20 steps: a lone image 0.3 s, a batch of 8 1.0 s
+            gpu.speed.observe(1.0, 20, 0.3)
+            gpu.speed.observe(8.0, 20, 1.0)
+        for i in range(16):
+            gpu.queue(flight("flood", i))
+        quiet = gpu.estimate(flight("quiet", 0))  # (these flights weigh 1 unit each, and run 8 steps)
+        # its share: one flood request ahead, 2 units in one batch: 2 x 0.1 s + 0.2 s x 8 / 20
+        assert quiet.position == 1 and quiet.eta_s == pytest.approx(0.3)
+        heavy = gpu.estimate(flight("flood", 99))
+        assert heavy.position == 16
+        assert heavy.eta_s == pytest.approx(17 * 0.1 + 3 * 0.08, abs=0.06)  # 17 units in 3 batches
+        gpu.post.run_s = 0.5  # post-processing is the slower stage: every flight ahead passes there too
+        assert gpu.estimate(flight("flood", 99)).eta_s == pytest.approx(17 * 0.5)
+    finally:
+        gpu.shutdown()
