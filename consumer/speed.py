@@ -1,20 +1,22 @@
 """How long a batch takes: the cost model behind every ETA (consumer/gpu.py) and the speed the group view shows.
 
 A batch of `steps` denoising steps and `units` work units (skillgen/runtime/groupview.py `units`, which already
-count steps) is modelled as taking `a * steps / 20 + b * units` seconds: a cost per step whatever the batch holds
-(`a`, per 20 steps: launching the networks, the scheduler, Python) and a cost per unit of work (`b`). A batch of 8
-thumbnails here takes about 3x a lone one, not 8x, so seconds per unit measured on small batches over-estimate a
-deep queue (served in full batches) about 2x, and full batches' under-estimate a lone request; and a lone image of
-8 steps takes about 0.4x one of 20 steps, so the fixed part is per step, not per batch. Fitted over batches of
-every size, the model predicts one size and step count from the others.
+count steps) is modelled as taking `c + a * steps / 20 + b * units` seconds: a cost per batch (`c`: the call, text
+encoding, the decoder's set-up), a cost per step whatever the batch holds (`a`, per 20 steps: launching the
+networks, the scheduler, Python) and a cost per unit of work (`b`). A batch of 8 thumbnails here takes about 3x a
+lone one, not 8x, so seconds per unit measured on small batches over-estimate a deep queue (served in full
+batches) about 2x, and full batches' under-estimate a lone request; and a lone 8-step image takes about 0.6x a
+20-step one, neither 0.4x nor 1x. Fitted over batches of every size, the model predicts one size and step count
+from the others.
 
-Per step, the model is a line: seconds / (steps / 20) = a + b * width, where width = units / (steps / 20) is what
-one step holds (images x pixels x guidance). Batches are kept by width class (a quarter octave: a class holds
-batches within about 19 % of each other's width) with the last few of each, so a long flood of full batches does
-not forget what a lone image costs; a class not seen in the last `forget_after` batches is dropped (the machine's
-speed may have changed since). The fit is Theil-Sen over the classes' medians (the median of the slopes between
-every two classes, then the median intercept): one batch slowed by a noisy neighbour moves it little. With one
-class only the model is proportional (`a` = 0): what is known is seconds per unit at that width.
+Batches are kept by class (a quarter octave of width, units per 20 steps, and a half octave of steps) with the
+last few of each, so a long flood of full batches does not forget what a lone image costs; a class not seen in
+the last `forget_after` batches is dropped (the machine's speed may have changed since). With classes of two step
+counts or more, the three costs are a least-squares fit over the classes' medians (`fit_all`); otherwise, or when
+a cost comes out negative, the per-batch cost is taken as part of the per-step one, and the line per 20 steps is
+Theil-Sen over the medians (`fit`: the median of the slopes between every two classes, then the median
+intercept), so one batch slowed by a noisy neighbour moves it little. With one class only the model is
+proportional: what is known is seconds per unit at that size.
 """
 
 from __future__ import annotations
@@ -32,30 +34,31 @@ FORGET_AFTER = 200  # batches after which a width class not seen again is droppe
 
 @dataclass(frozen=True)
 class Fit:
-    a: float  # seconds per batch of BASE_STEPS steps, whatever it holds
+    a: float  # seconds per batch of BASE_STEPS steps, whatever it holds (a cost per step)
     b: float  # seconds per work unit
+    c: float = 0.0  # seconds per batch, whatever its steps (text encoding, decoding set-up, the call itself)
 
     def batch_s(self, units: float, steps: float) -> float:
-        return self.a * steps / BASE_STEPS + self.b * units
+        return self.c + self.a * steps / BASE_STEPS + self.b * units
 
     def s_per_unit(self, units_per_batch: float, steps: float) -> float:
         """Seconds per unit when the work is served in batches of `units_per_batch` units and `steps` steps."""
-        return self.b + self.a * steps / BASE_STEPS / max(units_per_batch, 1e-12)
+        return self.b + self.batch_s(0.0, steps) / max(units_per_batch, 1e-12)
 
 
 @dataclass
 class _Class:
     seen: int  # batch count when last observed
-    batches: deque = field(default_factory=lambda: deque(maxlen=PER_CLASS))  # (width, seconds per BASE_STEPS)
+    batches: deque = field(default_factory=lambda: deque(maxlen=PER_CLASS))  # (units, steps, seconds)
 
-    def median(self) -> tuple[float, float]:
-        return (statistics.median(w for w, _ in self.batches), statistics.median(s for _, s in self.batches))
+    def median(self) -> tuple[float, float, float]:
+        return tuple(statistics.median(b[i] for b in self.batches) for i in range(3))  # type: ignore[return-value]
 
 
 class Speed:
     def __init__(self, forget_after: int = FORGET_AFTER):
         self.forget_after = forget_after
-        self._classes: dict[int, _Class] = {}
+        self._classes: dict[tuple[int, int], _Class] = {}
         self._count = 0
         self.fit: Fit | None = None  # None before the first batch is timed
 
@@ -65,22 +68,38 @@ class Speed:
             raise ValueError(f"a batch's units, steps and seconds must be positive and finite, got {units}, "
                              f"{steps}, {seconds}")
         self._count += 1
-        per = steps / BASE_STEPS
-        width = units / per
-        cls = self._classes.setdefault(round(4 * math.log2(width)), _Class(self._count))
+        width = units / (steps / BASE_STEPS)
+        key = (round(4 * math.log2(width)), round(2 * math.log2(steps)))
+        cls = self._classes.setdefault(key, _Class(self._count))
         cls.seen = self._count
-        cls.batches.append((width, seconds / per))
+        cls.batches.append((units, steps, seconds))
         for k in [k for k, c in self._classes.items() if self._count - c.seen > self.forget_after]:
             del self._classes[k]
-        self.fit = fit([c.median() for c in self._classes.values()])
+        medians = [c.median() for c in self._classes.values()]
+        self.fit = fit_all(medians) or fit([(u / (st / BASE_STEPS), t / (st / BASE_STEPS)) for u, st, t in medians])
 
     def batch_s(self, units: float, steps: float) -> float | None:
         return None if self.fit is None else self.fit.batch_s(units, steps)
 
 
+def fit_all(points: list[tuple[float, float, float]]) -> Fit | None:
+    """`c + a * steps / 20 + b * units` through (units, steps, seconds) points by least squares, once batches of
+    two step counts or more are known (else a per-batch cost cannot be told from a per-step one); None when that
+    is not so, or a term comes out negative (noise: then `fit` over seconds per step)."""
+    if len(points) < 3 or len({round(2 * math.log2(st)) for _, st, _ in points}) < 2:
+        return None
+    import numpy as np
+
+    rows = np.array([[1.0, st / BASE_STEPS, u] for u, st, _ in points])
+    (c, a, b), *_ = np.linalg.lstsq(rows, np.array([t for _, _, t in points]), rcond=None)
+    if min(c, a) < 0 or b <= 0:
+        return None
+    return Fit(float(a), float(b), float(c))
+
+
 def fit(points: list[tuple[float, float]]) -> Fit | None:
-    """`a + b * width` through (width, seconds) points: Theil-Sen, kept to a >= 0 and b > 0 (a fixed cost that
-    came out negative is noise: then the line through the origin and the points' median is used)."""
+    """`a + b * width` through (width, seconds per 20 steps) points: Theil-Sen, kept to a >= 0 and b > 0 (a fixed
+    cost that came out negative is noise: then the line through the origin and the points' median is used)."""
     if not points:
         return None
     slopes = [(s2 - s1) / (u2 - u1) for i, (u1, s1) in enumerate(points) for u2, s2 in points[i + 1:] if u2 != u1]

@@ -38,6 +38,16 @@ def test_the_fixed_cost_is_per_step_so_other_step_counts_are_predicted_too():
     assert speed.fit.a == pytest.approx(0.2) and speed.fit.b == pytest.approx(0.1)
 
 
+def test_with_two_step_counts_a_cost_per_batch_is_told_from_a_cost_per_step():
+    speed = Speed()
+    c, a, b = 0.1, 0.15, 0.1  # per batch, per 20 steps, per unit
+    for units, steps in ((1.0, 20), (8.0, 20), (0.4, 8)):  # the warm-up's two batches, then a lone 8-step one
+        speed.observe(units, steps, c + a * steps / 20 + b * units)
+    assert (speed.fit.c, speed.fit.a, speed.fit.b) == pytest.approx((c, a, b))
+    assert speed.batch_s(3.2, 8) == pytest.approx(0.1 + 0.06 + 0.32)  # a full 8-step batch, never timed
+    assert speed.fit.s_per_unit(3.2, 8) == pytest.approx(0.48 / 3.2)
+
+
 def test_one_size_only_is_proportional():
     speed = Speed()
     speed.observe(2.0, 20, 1.0)
