@@ -29,7 +29,7 @@ from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
 from consumer.settings import ConsumerSettings
-from consumer.speed import Speed, steps_run
+from consumer.speed import Pace, Speed, steps_run
 from skillgen.inference.errors import PipelineError
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
@@ -117,6 +117,7 @@ class GpuLoop:
         # Set on the loop when a light team queues (one that may preempt): until then the inference thread does not
         # ask the loop at each step whether a batch may preempt, so a busy loop does not slow every step.
         self._light_hint = False
+        self.pace = Pace()  # the pace flights leave post-processing at while work waits
         self.flights_per_batch = 1.0  # moving average
         self.running_units, self.running_steps, self.running_since = 0.0, 0, 0.0
         self._nested = False  # a preempting batch is running inside another's step (on the inference thread)
@@ -162,8 +163,15 @@ class GpuLoop:
             est = Estimate(position=len(self.batcher), units_ahead=work, eta_s=est.eta_s)
         if est.eta_s is not None:
             post_s = (len(self.post) + len(self.running) + est.position + 1) * self.post.run_s
-            est.eta_s = max(est.eta_s, round(post_s, 1))
+            delivered = self.pace.s_per_unit()
+            done_s = 0.0 if delivered is None else (est.units_ahead + self.running_units) * delivered
+            est.eta_s = max(est.eta_s, round(post_s, 1), round(done_s, 1))
         return est
+
+    def completed(self, flight: Flight) -> None:
+        """A flight left post-processing: the pace the whole pipeline delivers at while work waits (the GPU,
+        post-processing and the event loop's own share of the CPU together) bounds every ETA too."""
+        self.pace.done(flight.cost, backlogged=bool(self.batcher))
 
     async def warm_up(self, model: str, image_policy=None) -> None:
         """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -110,6 +111,27 @@ def fit(points: list[tuple[float, float]]) -> Fit | None:
             if a >= 0:
                 return Fit(a, b)
     return Fit(0.0, statistics.median(s / u for u, s in points))
+
+
+class Pace:
+    """Seconds per work unit the consumer delivers at (flights leaving post-processing) over its last `window`
+    flights, all while work waited: the GPU, post-processing and the event loop's share of the CPU together, which
+    no model of one stage sees. None until half a window has been seen since the queue was last empty."""
+
+    def __init__(self, window: int = 48, clock=time.monotonic):
+        self._done: deque[tuple[float, float]] = deque(maxlen=window)  # (when, units)
+        self._clock = clock
+
+    def done(self, units: float, backlogged: bool) -> None:
+        if not backlogged:  # nothing waited: the pace says nothing about a queue
+            self._done.clear()
+        self._done.append((self._clock(), units))
+
+    def s_per_unit(self) -> float | None:
+        if len(self._done) < (self._done.maxlen or 2) // 2:
+            return None
+        units = sum(u for _, u in list(self._done)[1:])
+        return (self._done[-1][0] - self._done[0][0]) / units if units > 0 else None
 
 
 def steps_run(key) -> int:

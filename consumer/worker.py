@@ -301,6 +301,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - e.g. the blob store is unreachable: retried like a failed batch
             self.gpu.failed([flight], exc)
             return
+        self.gpu.completed(flight)  # the pace the consumer delivers at: part of every ETA
         if isinstance(outcome, Decision):
             await self._withhold(flight, outcome)
             return

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from consumer.engine import native_px
-from consumer.speed import Fit, Speed, fit
+from consumer.speed import Fit, Pace, Speed, fit
 
 pytestmark = pytest.mark.unit
 
@@ -139,3 +139,19 @@ async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_
     assert post.run_s > 0
     assert full == pytest.approx(8 * (64 * 64 / (512 * 512)))
     assert speed.fit is not None
+
+
+def test_the_delivered_pace_counts_only_while_work_waited():
+    now = [0.0]
+    pace = Pace(window=4, clock=lambda: now[0])
+    for _ in range(2):
+        now[0] += 1.0
+        pace.done(0.5, backlogged=True)
+    assert pace.s_per_unit() == pytest.approx(1.0 / 0.5)  # half a window: 1 s between two 0.5-unit flights
+    now[0] += 30.0
+    pace.done(0.5, backlogged=False)  # the queue had emptied: the 30 s idle gap says nothing of its pace
+    assert pace.s_per_unit() is None
+    for _ in range(3):
+        now[0] += 0.25
+        pace.done(0.5, backlogged=True)
+    assert pace.s_per_unit() == pytest.approx(0.25 / 0.5)
