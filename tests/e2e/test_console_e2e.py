@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -69,15 +70,27 @@ def test_console_tells_the_sender_what_is_wrong(skill_env):
     assert out.returncode == 1
 
 
-def _tansu_pids() -> set[int]:
+def _tansu_pids(marked: str | None = None) -> set[int]:
+    """Running Tansu brokers; with `marked`, only those whose environment carries that marker (the ones a run we
+    started left behind, never another test's or another engineer's)."""
     out = subprocess.run(["pgrep", "-f", "tansu broker"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    pids = {int(p) for p in out.stdout.split()}
+    if marked is None:
+        return pids
+
+    def carries(pid: int) -> bool:
+        try:
+            return f"SKILLGEN_TEST_MARK={marked}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            return False
+
+    return {p for p in pids if carries(p)}
 
 
 @pytest.mark.slow
 def test_demo_writes_a_png_and_leaves_nothing_running(tmp_path):
-    before = _tansu_pids()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILL_")}
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILL_")} | {"SKILLGEN_TEST_MARK": mark}
     out = subprocess.run(
         [sys.executable, "-m", "skillgen.cli", "demo", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).resolve().parents[2],
@@ -86,7 +99,7 @@ def test_demo_writes_a_png_and_leaves_nothing_running(tmp_path):
     written = [line.split("image written to ", 1)[1] for line in out.stdout.splitlines() if "image written to" in line]
     assert len(written) == 1 and Path(written[0]).exists()
     assert "stage timings:" in out.stdout
-    assert _tansu_pids() <= before
+    assert _tansu_pids(marked=mark) == set()  # the demo's broker went with it
 
 
 @pytest.mark.parametrize(
