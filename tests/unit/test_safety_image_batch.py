@@ -1,5 +1,5 @@
-"""The image policy reads the images of one check in one ONNX Runtime run, with spinning workers off (issue 18):
-neither may change a decision. Each image's network output in a batch must equal its output alone, bit for
+"""The image policy reads the images of one check in one ONNX Runtime run (issue 18), which may not change a
+decision. Each image's network output in a batch must equal its output alone, bit for
 bit, and equal what NudeNet's own NudeDetector (its own session, ONNX Runtime's default options) reports."""
 
 from __future__ import annotations
@@ -136,9 +136,3 @@ def test_an_unreadable_image_fails_alone_and_a_failed_run_fails_its_batch_only(
     assert [(d.category, d.detail) for d in decisions[_NudeNet.BATCH :]] == [
         ("check_failed", "RuntimeError: CUDA error: out of memory")
     ] * 2
-
-
-def test_onnx_runtime_workers_do_not_spin(detector: _NudeNet) -> None:
-    options = detector._session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
