@@ -69,24 +69,20 @@ def build(frontend: Frontend) -> gr.Blocks:
         async for view in frontend.draw(user_id, form):
             yield _outputs(view)
 
-    async def reroll(user_id):
-        async for view in frontend.remix(user_id, render.REROLL):
-            yield _outputs(view)
+    def clicked(follow_click, action: str):
+        """The handler of a button that makes a new request from the last one (`frontend.remix`) or from the chosen
+        image (`frontend.from_image`), streaming its views."""
+        async def handler(user_id):
+            async for view in follow_click(user_id, action):
+                yield _outputs(view)
 
-    async def vary(user_id):
-        async for view in frontend.remix(user_id, render.VARIATIONS):
-            yield _outputs(view)
+        return handler
+
+    reroll, vary = clicked(frontend.remix, render.REROLL), clicked(frontend.remix, render.VARIATIONS)
+    upscale, vary_image = clicked(frontend.from_image, render.UPSCALE), clicked(frontend.from_image, render.VARY)
 
     async def choose(user_id, evt: gr.SelectData):
         return frontend.choose(user_id, evt.index)
-
-    async def upscale(user_id):
-        async for view in frontend.from_image(user_id, render.UPSCALE):
-            yield _outputs(view)
-
-    async def vary_image(user_id):
-        async for view in frontend.from_image(user_id, render.VARY):
-            yield _outputs(view)
 
     async def cancel(user_id):
         return notice_html(await frontend.cancel(user_id))
