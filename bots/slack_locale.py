@@ -56,16 +56,7 @@ class SlackLocales:
         REDIS_S), else English. For an answer that cannot wait for users.info (Remix's modal: views.open within
         the trigger's 3 seconds)."""
         key = (who.team_id, who.user_id)
-        if (held := self._get(key)) is not None:
-            return held
-        try:
-            shared = await asyncio.wait_for(self.store.get(redis_key(*key)), REDIS_S)
-        except TimeoutError:
-            return locales.DEFAULT
-        if shared not in locales.CATALOGUES:
-            return locales.DEFAULT
-        self._put(key, shared, self.ttl_s)
-        return shared
+        return self._get(key) or await self._shared(key) or locales.DEFAULT
 
     async def lang(self, client: AsyncWebClient, who: Origin) -> str:
         """`who`'s language: held, or in Redis, or asked of users.info (once at a time per person); English when
@@ -79,13 +70,20 @@ class SlackLocales:
             asking.add_done_callback(lambda _: self._asking.pop(key, None))
         return await asyncio.shield(asking)
 
-    async def _look_up(self, client: AsyncWebClient, key: tuple[str, str]) -> str:
+    async def _shared(self, key: tuple[str, str]) -> str | None:
+        """The language another replica (or this one) kept in Redis, now held here too; None when Redis has none,
+        or none of ours, or does not answer within REDIS_S."""
         try:
             shared = await asyncio.wait_for(self.store.get(redis_key(*key)), REDIS_S)
         except TimeoutError:
-            shared = None
-        if shared in locales.CATALOGUES:
-            self._put(key, shared, self.ttl_s)
+            return None
+        if shared not in locales.CATALOGUES:
+            return None
+        self._put(key, shared, self.ttl_s)
+        return shared
+
+    async def _look_up(self, client: AsyncWebClient, key: tuple[str, str]) -> str:
+        if (shared := await self._shared(key)) is not None:
             return shared
         try:
             answer = await asyncio.wait_for(client.users_info(user=key[1], include_locale=True), LOOKUP_S)
