@@ -29,7 +29,7 @@ from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
 from consumer.settings import ConsumerSettings
-from consumer.speed import Pace, Speed, steps_run
+from consumer.speed import Pace, Speed, batch_steps
 from skillgen.inference.errors import PipelineError
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
@@ -152,7 +152,7 @@ class GpuLoop:
         ahead_s = self.running_left_s() + self.post.run_s * (self.flights_per_batch + 1) / 2
         fit = self.speed.fit
         timing = {"s_per_unit": fit and fit.b, "running_s": ahead_s,
-                  "s_per_batch": fit.batch_s(0.0, steps_run(flight.batch)) if fit else 0.0,
+                  "s_per_batch": fit.batch_s(0.0, batch_steps(flight.batch)) if fit else 0.0,
                   "units_per_batch": flight.cost / max(1, len(flight.seeds)) * self.settings.max_batch}
         if self.policy.fair:
             est = estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
@@ -289,7 +289,7 @@ class GpuLoop:
             self.metrics.sched_served.labels(f.team, f.lane).inc(f.cost)
         spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
                          strength=key.strength)
-        self.running_units, self.running_steps = sum(f.cost for f in flights), steps_run(key)
+        self.running_units, self.running_steps = sum(f.cost for f in flights), batch_steps(key)
         self.running_since = self.progressed = time.monotonic()
         return _Batch(key, flights, spec, samples, spans, self._progress_fn(key, flights, loop),
                       self._cancelled_fn(flights, spans))
@@ -303,9 +303,9 @@ class GpuLoop:
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
         if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
             work = sum(f.cost for f in flights)
-            self.speed.observe(work, steps_run(batch.key), gen_s)
+            self.speed.observe(work, batch_steps(batch.key), gen_s)
             if len(batch.samples) >= self.settings.max_batch:
-                self.full_batch = (work, steps_run(batch.key))
+                self.full_batch = (work, batch_steps(batch.key))
         log.info("batch of %d images (%d requests) in %.2fs", len(batch.samples), len(flights), gen_s)
         for f, span in zip(flights, batch.spans):
             if f.cancelled:

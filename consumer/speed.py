@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from schemas.messages import steps_run
 from skillgen.runtime.groupview import BASE_STEPS
 
 PER_CLASS = 5  # batches remembered per width class
@@ -134,6 +135,6 @@ class Pace:
         return (self._done[-1][0] - self._done[0][0]) / units if units > 0 else None
 
 
-def steps_run(key) -> int:
-    """The denoising steps a batch of `key` (consumer/keys.py BatchKey) runs: img2img runs steps x strength."""
-    return key.steps if key.strength is None else max(1, int(key.steps * key.strength))
+def batch_steps(key) -> int:
+    """The denoising steps a batch of `key` (consumer/keys.py BatchKey) runs (img2img: steps x strength)."""
+    return max(1, steps_run(key.steps, key.strength))

@@ -235,7 +235,7 @@ class Worker:
             return
         self.metrics.cache_misses.inc()
         req: GenerateRequest = job.message
-        steps = req.steps if req.init_image is None else int(req.steps * req.strength)  # img2img: the steps that run
+        steps = req.steps_to_run
         flight = Flight(draw.key, draw.batch, req, draw.adapter, draw.seeds, waiters=[job], team=req.origin.team_id,
                         cost=groupview.units(len(draw.seeds), req.width, req.height, steps, req.guidance),
                         init_image=draw.init_image)

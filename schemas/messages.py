@@ -179,6 +179,12 @@ class AdapterRef(_Message):
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
+def steps_run(steps: int, strength: float | None) -> int:
+    """The denoising steps a picture really runs: all `steps` from noise, or (img2img, `strength` given) the last
+    int(steps x strength) of the schedule's, as the engine runs them."""
+    return steps if strength is None else int(steps * strength)
+
+
 class GenerateRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: RequestId = Field(default_factory=new_request_id)
@@ -259,6 +265,11 @@ class GenerateRequest(_Message):
                              f"{w // f}x{h // f}: set width and height to match")
         return ref
 
+    @property
+    def steps_to_run(self) -> int:
+        """The denoising steps this request's pictures really run (img2img: steps x strength)."""
+        return steps_run(self.steps, self.strength if self.init_image is not None else None)
+
     @field_validator("strength")
     @classmethod
     def _strength(cls, v: float, info: ValidationInfo) -> float:
@@ -269,7 +280,7 @@ class GenerateRequest(_Message):
                 raise ValueError("strength applies to an init_image: give init_image, or leave strength out")
             return v
         steps = info.data.get("steps")
-        if steps is not None and int(steps * v) < 1:
+        if steps is not None and steps_run(steps, v) < 1:
             raise ValueError(f"strength {v:g} at {steps} steps redraws nothing (steps x strength must be at "
                              "least 1): raise strength or steps")
         return v
