@@ -31,7 +31,7 @@ def _digest(obj) -> bytes:
 def content(req: GenerateRequest) -> dict:
     """Every request field that decides the pixels, except the seed. An img2img request adds its init image (by
     sha256: the same bytes wherever they are stored), strength and upscale; a text-to-image request's content is
-    what it was before img2img existed, so its seeds and cache keys did not change."""
+    what it was before img2img existed, so its seeds and cache keys did not change; the same for turbo."""
     body = {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
@@ -44,6 +44,8 @@ def content(req: GenerateRequest) -> dict:
     }
     if req.init_image is not None:
         body.update(init_image=req.init_image.sha256, strength=req.strength, upscale=req.upscale)
+    if req.turbo:  # (only when asked for: the keys of every other request stay what they were)
+        body["turbo"] = True
     return body
 
 
@@ -86,6 +88,37 @@ AdapterResolver = Callable[[AdapterRef, str], ResolvedAdapter]
 
 def no_registry(ref: AdapterRef, team_id: str) -> ResolvedAdapter:
     raise AdapterError(f"adapter {ref} cannot be used: adapter registry not configured on this consumer")
+
+
+FAST_ADAPTER_NAME = "turbo"
+_MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def fast_adapter(path: Path) -> ResolvedAdapter:
+    """The adapter turbo requests resolve to: the fast LoRA at `path` (SKILL_FAST_LORA), checked to be a readable
+    safetensors file and hashed once at start, so its weights enter every turbo cache key and batch key. Raises
+    ValueError naming SKILL_FAST_LORA, so a consumer with a bad one does not start."""
+    where = f"SKILL_FAST_LORA={path}"
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{where}: the fast LoRA must be a .safetensors file (LoRA weights are never pickles)")
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = f.read(size) if 0 < size <= _MAX_SAFETENSORS_HEADER_BYTES else b""
+            try:
+                ok = isinstance(json.loads(header), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{where}: not a safetensors file (its header does not read)")
+            h.update(head + header)
+            while chunk := f.read(_CHUNK_BYTES):
+                h.update(chunk)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the fast LoRA: {exc.strerror or exc}") from None
+    return ResolvedAdapter(name=FAST_ADAPTER_NAME, version=1, path=str(path), sha256=h.hexdigest())
 
 
 # -- keys -------------------------------------------------------------------------------------------------

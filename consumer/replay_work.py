@@ -261,8 +261,8 @@ async def reprocess(
             if req is None:
                 report.note(p, UNDECODABLE)
                 continue
-            if req.adapter is not None:
-                report.note(p, ADAPTER)  # adapters resolve per team in the consumer; republish those
+            if req.adapter is not None or req.turbo:
+                report.note(p, ADAPTER)  # adapters (turbo's fast LoRA too) resolve in the consumer; republish those
                 continue
             if markers is not None and not await _may_run(markers, p, report.source == "dlq", report.replay_id,
                                                           force):

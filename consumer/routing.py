@@ -4,7 +4,8 @@
 
 The order is the rule: the team first (SKILL_ALLOWED_TEAMS, checked again here: whoever writes the topic is not
 trusted to have passed the bots), the prompt policy next (nothing is looked up for a prompt that may not be drawn), then
-the adapter (a name the team does not have is the requester's mistake, said plainly), then an img2img request's init
+the adapter (a name the team does not have is the requester's mistake, said plainly; a turbo request's is the
+service's fast LoRA, SKILL_FAST_LORA, or it is refused), then an img2img request's init
 image reference (one of the blob store's own names, or refused), then the cache under the key of everything that
 decides the pixels and of the safety policy's fingerprint; on a miss the init image is read and opened within bounds
 (in a thread: consumer/init_image.py), so a missing or bad one is refused before the GPU. What is left is a `Draw`:
@@ -44,7 +45,7 @@ class Refuse:
 
     kind: EventKind
     message: str
-    stage: str  # "team", "prompt", "adapter" or "init_image"
+    stage: str  # "team", "prompt", "adapter", "turbo" or "init_image"
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,14 @@ class Draw:
 
 Route = Refuse | Hit | Draw
 NOT_ALLOWED = "this team may not use skillgen (SKILL_ALLOWED_TEAMS); ask whoever runs it"
+NO_TURBO = "turbo is not available on this service: no fast LoRA is configured (SKILL_FAST_LORA)"
 
 
 class Router:
     def __init__(self, prompt_policy: PromptPolicy, resolve_adapter: AdapterResolver, cache: TwoLevelCache,
                  model_id: str, policy_id: str, team_allowed: Callable[[str, str], bool] = lambda _p, _t: True,
-                 blobs: BlobStore | None = None):
+                 blobs: BlobStore | None = None, fast_adapter: ResolvedAdapter | None = None):
+        self.fast_adapter = fast_adapter  # what turbo requests run with (keys.fast_adapter); None: refused
         self.blobs = blobs  # where init images are read; None: img2img requests are refused
         self.team_allowed = team_allowed  # (platform, team id) -> may it use the system
         self.prompt_policy = prompt_policy
@@ -91,7 +94,11 @@ class Router:
             log.info("prompt blocked (%s: %s)", decision.category, decision.detail, extra=job_fields(req.request_id))
             return Refuse(EventKind.blocked, decision.reason, "prompt")
         adapter = None
-        if req.adapter is not None:
+        if req.turbo:  # (the contract refuses turbo with a team adapter)
+            if self.fast_adapter is None:
+                return Refuse(EventKind.failed, NO_TURBO, "turbo")
+            adapter = self.fast_adapter
+        elif req.adapter is not None:
             try:
                 adapter = await asyncio.to_thread(self.resolve_adapter, req.adapter, req.origin.team_id)
             except PipelineError as exc:

@@ -7,7 +7,23 @@ from pydantic import Field, field_validator
 
 from schemas.messages import LANES
 from skillgen.runtime.groupview import DEFAULT_LANE_WEIGHTS
-from skillgen.runtime.settings import CommonSettings, default_model
+from skillgen.runtime.settings import (
+    EMBEDDED_MODEL_DIR,
+    REPO_ROOT,
+    CommonSettings,
+    default_model,
+)
+
+# The embedded model's LCM-LoRA, where it was distilled (models/skill-icons-lcm): turbo's default with that model.
+EMBEDDED_FAST_LORA = REPO_ROOT / "models" / "skill-icons-lcm" / "pytorch_lora_weights.safetensors"
+
+
+def _default_fast_lora(data: dict) -> Path | None:
+    try:
+        embedded = Path(data["model"]).resolve() == EMBEDDED_MODEL_DIR.resolve()
+    except (KeyError, OSError, TypeError, ValueError):  # a model refused on its own field, or not a path
+        return None
+    return EMBEDDED_FAST_LORA if embedded and EMBEDDED_FAST_LORA.is_file() else None
 
 
 class ConsumerSettings(CommonSettings):
@@ -20,6 +36,9 @@ class ConsumerSettings(CommonSettings):
     onnx_cache_dir: Path | None = None
     onnx_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = "auto"
     max_cached_adapters: int = Field(default=4, ge=1, le=64)
+    # Turbo requests (GenerateRequest.turbo) run with this LoRA (an LCM-LoRA for `model`, safetensors); unset, they
+    # fail saying so. Default: the embedded model's own (EMBEDDED_FAST_LORA) when `model` is the embedded one.
+    fast_lora: Path | None = Field(default_factory=_default_fast_lora)
     # Adapters kept loaded (on the GPU for torch); past this the least recently used one that is not active goes.
     max_loaded_adapters: int = Field(default=8, ge=1)
     # Resolution cap (width x height) a request may ask for on this deployment's GPU.

@@ -26,6 +26,7 @@ from consumer.flight import Flight, Leases
 from consumer.gpu import GpuLoop
 from consumer.keys import (
     AdapterResolver,
+    fast_adapter,
     model_identity,
     no_registry,
     registry_resolver,
@@ -133,6 +134,7 @@ class Worker:
         if self.model_id is None:
             self.model_id = await asyncio.to_thread(model_identity, s.model, s.backend, s.precision)
         self.policy_id = await asyncio.to_thread(policy_fingerprint, SafetySettings())
+        fast = await asyncio.to_thread(fast_adapter, s.fast_lora) if s.fast_lora else None  # turbo's LoRA
         if self.warm_up:
             await self.gpu.warm_up(s.model, self.image_policy)
         # Leases are correctness keys (the noeviction Redis); the cache has its own (allkeys-lru) when set.
@@ -144,7 +146,7 @@ class Worker:
         if link is not None:  # crash-loop counts are correctness keys too: on the same link
             self.service.attempts_store = Store(link, s.redis_prefix)
         self.router = Router(self.prompt_policy, self.resolve_adapter, self.cache, self.model_id, self.policy_id,
-                             s.team_allowed, blobs=self.blobs)
+                             s.team_allowed, blobs=self.blobs, fast_adapter=fast)
         if l2_link:
             log.info("cache: L1 in process (%d MiB) + L2 Redis at %s (ttl %ds, safety policy %s); single flight "
                      "%s", s.l1_max_bytes >> 20, l2_link.url, s.cache_ttl_s, self.policy_id,

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -49,6 +50,10 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 Lane = Literal["fast", "relax", "replay"]
 LANES: tuple[str, ...] = get_args(Lane)
 MAX_DEADLINE_S = 24 * 3600
+# Turbo (GenerateRequest.turbo): a few steps of the LCM scheduler at low guidance with this service's fast LoRA (an
+# LCM-LoRA, SKILL_FAST_LORA). What a turbo request leaves out defaults to these; more steps or guidance is refused.
+TURBO_STEPS, MAX_TURBO_STEPS = 4, 8
+TURBO_GUIDANCE, MAX_TURBO_GUIDANCE = 1.0, 2.0
 # img2img (the chat's Vary and Upscale actions): how much of the init image is redrawn, and the upscale factors.
 MIN_STRENGTH, MAX_STRENGTH, DEFAULT_STRENGTH = 0.05, 1.0, 0.6
 Upscale = Literal[1, 2]
@@ -204,6 +209,9 @@ class GenerateRequest(_Message):
     # A replay's copy under a fresh id: the request id it re-runs (the consumer copies it into its events).
     replay_of: RequestId | None = None
     lane: Lane = "fast"
+    # Turbo: the few-step path (scheduler lcm, TURBO_STEPS steps, guidance TURBO_GUIDANCE unless given, within the
+    # limits above) with the consumer's fast LoRA; no team adapter. After the fields its check reads.
+    turbo: StrictBool = False
     # Seconds after created_at by which the result must be ready, or the request is refused early ("busy, try
     # again in about N min"); None: the lane's default (ConsumerSettings.lane_deadline_s).
     deadline_s: int | None = Field(default=None, ge=10, le=MAX_DEADLINE_S)
@@ -215,6 +223,32 @@ class GenerateRequest(_Message):
     init_image: BlobRef | None = Field(default=None, validate_default=True)
     strength: float = Field(default=DEFAULT_STRENGTH, ge=MIN_STRENGTH, le=MAX_STRENGTH, validate_default=True)
     created_at: datetime = Field(default_factory=_now)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _turbo_defaults(cls, data):
+        """A turbo request's scheduler, steps and guidance, where its sender left them out."""
+        if isinstance(data, dict) and data.get("turbo") is True:
+            data = {"scheduler": "lcm", "steps": TURBO_STEPS, "guidance": TURBO_GUIDANCE, **data}
+        return data
+
+    @field_validator("turbo")
+    @classmethod
+    def _turbo(cls, on: bool, info: ValidationInfo) -> bool:
+        if not on:
+            return on
+        d = info.data  # a field refused on its own is missing here
+        if d.get("scheduler", "lcm") != "lcm":
+            raise ValueError("turbo runs the LCM scheduler: leave the scheduler out")
+        if d.get("steps", TURBO_STEPS) > MAX_TURBO_STEPS:
+            raise ValueError(f"turbo runs at most {MAX_TURBO_STEPS} steps (default {TURBO_STEPS}), got {d['steps']}: "
+                             "lower steps or leave them out")
+        if d.get("guidance", TURBO_GUIDANCE) > MAX_TURBO_GUIDANCE:
+            raise ValueError(f"turbo runs at guidance {MAX_TURBO_GUIDANCE:g} at most (default {TURBO_GUIDANCE:g}), "
+                             f"got {d['guidance']:g}: lower guidance or leave it out")
+        if d.get("adapter") is not None:
+            raise ValueError("turbo uses this service's fast LoRA; it cannot be combined with an adapter")
+        return on
 
     @field_validator("prompt")
     @classmethod

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from consumer.keys import (
     BatchKey,
@@ -12,6 +15,7 @@ from consumer.keys import (
     batch_key,
     cache_key,
     content,
+    fast_adapter,
     image_seeds,
     model_identity,
     no_registry,
@@ -148,3 +152,56 @@ def test_weights_hash_covers_the_components_files(tmp_path):
     assert weights_sha256(str(tmp_path / "missing")) is None
     identity = model_identity(str(tmp_path), "torch", "fp32")
     assert identity.endswith("|torch|fp32") and weights_sha256(str(tmp_path)) in identity
+
+
+# -- turbo: the fast LoRA as an adapter ---------------------------------------------------------------------
+
+TURBO = ResolvedAdapter(name="turbo", version=1, path="/models/lcm/pytorch_lora_weights.safetensors", sha256="7" * 64)
+
+
+def test_a_turbo_request_has_its_own_cache_key_seed_and_batch_key():
+    turbo, plain = req(turbo=True, steps=4, guidance=1.0), req(scheduler="lcm", steps=4, guidance=1.0)
+    assert content(turbo) == {**content(plain), "turbo": True} and "turbo" not in content(plain)
+    assert seed_of(turbo) != seed_of(plain)
+    assert cache_key(turbo, MODEL, TURBO, POLICY) != cache_key(plain, MODEL, None, POLICY)
+    # the fast LoRA enters by its weights' hash: another LoRA file, another picture
+    retrained = TURBO.model_copy(update={"sha256": "8" * 64})
+    assert cache_key(turbo, MODEL, retrained, POLICY) != cache_key(turbo, MODEL, TURBO, POLICY)
+    assert batch_key(turbo, TURBO) == BatchKey(64, 64, 4, 1.0, "lcm", TURBO.key)
+    assert batch_key(turbo, TURBO) != batch_key(plain, None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "adapter", "key"),
+    [  # computed before turbo existed: every other request keeps its cache key (and so its seed)
+        ({}, None, "1a8401d2947510cde55213327f2ab230d4819e44f7cb810e8af28e0261e08885"),
+        ({"adapter": AdapterRef(name="ink")}, V1, "f2baecf707ca0e6c90d54bea6be8808698c5d2536690c7bc62a1f4a3049e066e"),
+        ({"init_image": init()}, None, "d1e618ac7acd9d78caca22f54c4f45244edd642f434a8a006ab5cbb467e251e4"),
+        ({"num_images": 3}, None, "d3e9d3b779be16d958afca5f16078ac6a8b75a6af88c6eb9be44cc3c9c85d33d"),
+    ],
+)
+def test_requests_without_turbo_keep_the_cache_keys_they_had(changes, adapter, key):
+    assert cache_key(req(**changes), MODEL, adapter, POLICY) == key
+
+
+def test_the_fast_lora_becomes_the_turbo_adapter_hashed_once(tmp_path):
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.down.lora_A.weight": np.ones((4, 8), np.float32)}, str(path))
+    adapter = fast_adapter(path)
+    assert adapter == ResolvedAdapter(name="turbo", version=1, path=str(path),
+                                      sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    assert adapter.key.startswith("turbo-v1-")
+
+
+def test_a_fast_lora_that_is_not_a_readable_safetensors_file_stops_the_start(tmp_path):
+    with pytest.raises(ValueError, match=r"SKILL_FAST_LORA=.*lora\.bin: the fast LoRA must be a \.safetensors file"):
+        fast_adapter(tmp_path / "lora.bin")
+    with pytest.raises(ValueError, match="SKILL_FAST_LORA=.*: cannot read the fast LoRA: No such file"):
+        fast_adapter(tmp_path / "missing.safetensors")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ValueError, match="cannot read the fast LoRA"):
+        fast_adapter(tmp_path / "dir.safetensors")
+    pickle_in_disguise = tmp_path / "w.safetensors"
+    pickle_in_disguise.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        fast_adapter(pickle_in_disguise)

@@ -8,7 +8,7 @@ from consumer.cache import L1, CacheEntry, TwoLevelCache
 from consumer.flight import Flight
 from consumer.gpu import RETRIES_SPENT, GiveUp, Requeue, after_failure
 from consumer.keys import ResolvedAdapter, batch_key, cache_key, image_seeds
-from consumer.routing import Draw, Hit, Refuse, Router
+from consumer.routing import NO_TURBO, Draw, Hit, Refuse, Router
 from schemas.messages import AdapterRef, BlobRef, EventKind, GenerateRequest, Origin
 from skillgen.inference.errors import AdapterError, DoesNotFit
 from skillgen.safety import PromptPolicy
@@ -91,6 +91,31 @@ async def test_a_cached_picture_is_a_hit_and_names_its_level(policy):
     assert isinstance(route, Hit) and route.level == "l1" and route.entry.blobs == [BLOB]
     # another seed is another picture: a miss
     assert isinstance(await router(policy, cache=cache).route(request(seed=7)), Draw)
+
+
+FAST = ResolvedAdapter(name="turbo", version=1, path="/models/lcm/pytorch_lora_weights.safetensors", sha256="c" * 64)
+
+
+async def test_a_turbo_request_is_drawn_with_the_fast_lora_under_its_own_keys(policy):
+    resolver = Resolver()
+    rt = Router(policy, resolver, TwoLevelCache(L1(1 << 20)), "model|sha|torch|fp32", POLICY_ID, fast_adapter=FAST)
+    turbo = GenerateRequest(origin=ORIGIN, prompt="a rower's catch", width=64, height=64, turbo=True)
+    route = await rt.route(turbo)
+    assert route == Draw(cache_key(turbo, "model|sha|torch|fp32", FAST, POLICY_ID), batch_key(turbo, FAST), FAST,
+                         image_seeds(turbo))
+    assert (route.batch.adapter, route.batch.scheduler, route.batch.steps) == (FAST.key, "lcm", 4)
+    assert resolver.calls == []  # no registry look-up: the fast LoRA is the service's own
+    plain = await rt.route(request("a rower's catch"))  # the same router draws other requests as before
+    assert plain.adapter is None and plain.key != route.key and plain.batch != route.batch
+
+
+async def test_a_turbo_request_fails_clearly_where_no_fast_lora_is_configured(policy):
+    route = await router(policy).route(request(turbo=True))
+    assert route == Refuse(EventKind.failed, NO_TURBO, "turbo")
+    assert route.message == "turbo is not available on this service: no fast LoRA is configured (SKILL_FAST_LORA)"
+    # the prompt policy still comes first
+    blocked = await router(policy).route(request("a nude figure", turbo=True))
+    assert blocked.kind == EventKind.blocked
 
 
 def flight(attempts: int = 0, prompt: str = "a rower's catch") -> Flight:

@@ -25,6 +25,8 @@ from schemas.messages import (
     MAX_SEED,
     MAX_SIDE_PX,
     MAX_STEPS,
+    MAX_TURBO_GUIDANCE,
+    MAX_TURBO_STEPS,
     MIN_GUIDANCE,
     MIN_SIDE_PX,
     REQUEST_ID_PATTERN,
@@ -277,6 +279,12 @@ INVALID = [
      .map(lambda v: {"init_image": INIT, "strength": v})),
     (GenerateRequest, "strength", st.just({"init_image": INIT, "strength": 0.1, "steps": 9})),  # redraws no step
     (GenerateRequest, "upscale", st.integers().filter(lambda v: v not in (1, 2)).map(lambda v: {"upscale": v})),
+    (GenerateRequest, "turbo", st.integers(MAX_TURBO_STEPS + 1, MAX_STEPS).map(lambda v: {"turbo": True, "steps": v})),
+    (GenerateRequest, "turbo", st.floats(MAX_TURBO_GUIDANCE, MAX_GUIDANCE, exclude_min=True)
+     .map(lambda v: {"turbo": True, "guidance": v})),
+    (GenerateRequest, "turbo", st.sampled_from(["dpmpp", "euler"]).map(lambda v: {"turbo": True, "scheduler": v})),
+    (GenerateRequest, "turbo", adapter_names.map(lambda v: {"turbo": True, "adapter": {"name": v}})),
+    (GenerateRequest, "turbo", st.sampled_from(["true", "yes", 1, "1"]).map(lambda v: {"turbo": v})),  # a bool only
     (GenerateRequest, "upscale", st.sampled_from([(1016, 1024), (120, 128), (112, 112)])
      .map(lambda wh: {"init_image": INIT | {"width": None}, "upscale": 2, "width": wh[0], "height": wh[1]})),
 ]
@@ -357,6 +365,51 @@ def test_img2img_refusals_say_what_to_change(changes, reason):
     with pytest.raises(ValidationError) as refused:
         GenerateRequest.model_validate(BASE[GenerateRequest] | changes)
     assert describe(refused.value).startswith(reason), describe(refused.value)
+
+
+def test_a_turbo_request_defaults_to_a_few_lcm_steps_at_low_guidance():
+    req = GenerateRequest.model_validate(BASE[GenerateRequest] | {"turbo": True})
+    assert (req.turbo, req.scheduler, req.steps, req.guidance) == (True, "lcm", 4, 1.0)
+    assert decode(encode(req)[0], GenerateRequest) == req
+    assert GenerateRequest.model_validate(BASE[GenerateRequest]).turbo is False  # off unless asked for
+
+
+@modest
+@given(steps=st.integers(1, MAX_TURBO_STEPS), guidance=maybe(st.floats(MIN_GUIDANCE, MAX_TURBO_GUIDANCE)),
+       lcm=st.booleans())
+def test_turbo_takes_what_its_sender_gives_within_its_limits_and_round_trips(steps, guidance, lcm):
+    given = {"turbo": True, "steps": steps} | ({} if guidance is None else {"guidance": guidance}) | (
+        {"scheduler": "lcm"} if lcm else {})
+    req = GenerateRequest.model_validate(BASE[GenerateRequest] | given)
+    assert (req.steps, req.guidance, req.scheduler) == (steps, 1.0 if guidance is None else guidance, "lcm")
+    assert decode(encode(req)[0], GenerateRequest) == req
+
+
+def test_turbo_varies_and_upscales_a_previous_result():
+    req = GenerateRequest.model_validate(BASE[GenerateRequest] | {"turbo": True, "init_image": INIT, "strength": 0.5})
+    assert req.steps_to_run == 2 and req.init_image.sha256 == INIT["sha256"]
+    half = INIT | {"width": 256, "height": 256}
+    up = GenerateRequest.model_validate(BASE[GenerateRequest] | {"turbo": True, "init_image": half, "upscale": 2})
+    assert (up.width, up.height, up.steps) == (512, 512, 4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"scheduler": "euler"}, "turbo: turbo runs the LCM scheduler: leave the scheduler out"),
+        ({"steps": 9}, "turbo: turbo runs at most 8 steps (default 4), got 9: lower steps or leave them out"),
+        ({"steps": 20}, "turbo: turbo runs at most 8 steps (default 4), got 20"),
+        ({"guidance": 2.5}, "turbo: turbo runs at guidance 2 at most (default 1), got 2.5: lower guidance or leave it"),
+        ({"guidance": 7.5}, "turbo: turbo runs at guidance 2 at most (default 1), got 7.5"),
+        ({"adapter": {"name": "clay"}},
+         "turbo: turbo uses this service's fast LoRA; it cannot be combined with an adapter"),
+    ],
+)
+def test_turbo_refusals_say_what_to_change(changes, reason):
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate(BASE[GenerateRequest] | {"turbo": True} | changes)
+    assert describe(refused.value).startswith(reason), describe(refused.value)
+    GenerateRequest.model_validate(BASE[GenerateRequest] | changes)  # each is fine without turbo
 
 
 @pytest.mark.parametrize(("field", "value"), [("loss", math.nan), ("loss", math.inf), ("eta_s", math.inf)])
