@@ -3,7 +3,8 @@ hash.
 
 Batch and spatial axes are dynamic. The weights of the attention projections (`lora_targets`) are graph inputs
 rather than initializers, so a LoRA adapter is applied by feeding fused weights: switching adapters never
-rebuilds a session or a TensorRT engine, and the base weights are never modified.
+rebuilds a session or a TensorRT engine, and the base weights are never modified. A LoRA that changes other
+modules (an LCM-LoRA's convolutions) is fused into a copy of the model, exported here like any model (merged.py).
 
 An export directory holds one precision for one kind of execution provider and a `manifest.json` written last,
 with the hash key of the model and the options and a sha256 of every file. A directory whose key differs

@@ -3,7 +3,9 @@
 The file is read by diffusers and peft themselves (every format diffusers loads, alpha and rank patterns
 included): they inject the adapter into a weightless skeleton of the UNet and text encoder, and we read each
 LoRA layer's A, B and scaling back out. An adapter becomes fused weights `W + scaling * B @ A` for the modules it
-touches; the base weights are never modified, so the base model is always one dictionary away.
+touches; the base weights are never modified, so the base model is always one dictionary away. Modules that are
+not a plain LoRA on a Linear layer (convolutions, DoRA: an LCM-LoRA has both kinds) are reported, not read, so
+the backend can carry such an adapter another way (merged.py).
 """
 
 from __future__ import annotations
@@ -35,8 +37,20 @@ def weights_file(path: str | Path) -> Path:
     return weights
 
 
-def read_lora(path: str | Path, model_dir: Path) -> dict[str, dict[str, LoraFactors]]:
-    """{component: {module name: factors}} for the UNet ("unet") and text encoder ("text_encoder")."""
+@dataclass(frozen=True)
+class LoraContents:
+    """What a LoRA file changes, per component ("unet", "text_encoder")."""
+
+    factors: dict[str, dict[str, LoraFactors]]  # plain LoRAs on Linear layers: {component: {module: factors}}
+    other: dict[str, list[str]]  # {component: modules changed another way (a convolution, DoRA)}
+
+    @property
+    def components(self) -> set[str]:
+        return set(self.factors) | set(self.other)
+
+
+def read_lora(path: str | Path, model_dir: Path) -> LoraContents:
+    """Read the LoRA at `path` for the model in `model_dir`; AdapterError when it is no LoRA or does not fit."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft.tuners.lora import LoraLayer
@@ -65,20 +79,22 @@ def read_lora(path: str | Path, model_dir: Path) -> dict[str, dict[str, LoraFact
     except (ValueError, KeyError, RuntimeError) as exc:
         raise AdapterError(f"the LoRA at {weights} does not fit this model: {exc}") from exc
     found: dict[str, dict[str, LoraFactors]] = {}
+    other: dict[str, list[str]] = {}
     for component, module in (("unet", unet), ("text_encoder", text_encoder)):
         for mod_name, mod in module.named_modules():
             if not isinstance(mod, LoraLayer) or name not in mod.lora_A:
                 continue
             if mod.use_dora.get(name) or not isinstance(mod.get_base_layer(), torch.nn.Linear):
-                raise AdapterError(f"{weights.name}: {mod_name} is not a plain LoRA on a Linear layer")
+                other.setdefault(component, []).append(mod_name)
+                continue
             found.setdefault(component, {})[mod_name] = LoraFactors(
                 down=mod.lora_A[name].weight.detach().float().numpy().copy(),
                 up=mod.lora_B[name].weight.detach().float().numpy().copy(),
                 scaling=float(mod.scaling[name]),
             )
-    if not found:
+    if not found and not other:
         raise AdapterError(f"{weights.name} holds no LoRA weights for this model's UNet or text encoder")
-    return found
+    return LoraContents(found, other)
 
 
 class FusedWeights:

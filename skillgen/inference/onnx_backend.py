@@ -8,7 +8,9 @@ with a warning, never silently replaced by eager PyTorch.
 
 LoRA: the attention projections are graph inputs (see export.py), also where attention is fused into one
 MultiHeadAttention node (it starts after the projections). An adapter's fused weights are made on first use and
-kept in a bounded LRU; switching adapters rebinds inputs and never rebuilds a session or an engine.
+kept in a bounded LRU; switching adapters rebinds inputs and never rebuilds a session or an engine. An adapter
+that changes other modules (an LCM-LoRA's convolutions) runs on a merged export of its own (merged.py), whose UNet
+and text encoder sessions take over while it is active; the VAE stays shared.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 
 from skillgen.inference.errors import AdapterError, ModelLoadError, PipelineError
 from skillgen.inference.export import (
@@ -33,68 +33,16 @@ from skillgen.inference.export import (
     ensure_export,
     resolve_model_dir,
 )
-from skillgen.inference.lora import FusedWeights, LoraFactors, read_lora
+from skillgen.inference.lora import FusedWeights, LoraFactors, read_lora, weights_file
 from skillgen.inference.memory import SLICED, Geometry
+from skillgen.inference.merged import MergedAdapters, fixed_modules
+from skillgen.inference.providers import EP_NAMES, Provider, TrtProfile, provider_order
 
 log = logging.getLogger(__name__)
-
-Provider = Literal["auto", "tensorrt", "cuda", "cpu"]
-EP_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "skillgen" / "onnx"
-
-
-class TrtProfile(BaseModel):
-    """TensorRT shape profile: the image sides and batch sizes engines are built for."""
-
-    min_side_px: int = Field(default=256, ge=64)
-    opt_side_px: int = Field(default=512, ge=64)
-    max_side_px: int = Field(default=1024, ge=64)
-    max_batch: int = Field(default=4, ge=1, description="images per batch; the UNet sees twice this with guidance")
-
-    def shapes(self, component: str, latent_channels: int, text_dim: int, vae_factor: int) -> dict[str, str]:
-        def side(px: int) -> int:
-            return px // vae_factor
-
-        out = {}
-        for kind, px, batch in (
-            ("min", self.min_side_px, 1),
-            ("opt", self.opt_side_px, self.max_batch),
-            ("max", self.max_side_px, self.max_batch),
-        ):
-            if component == "text_encoder":
-                out[kind] = f"input_ids:{batch}x77"
-            elif component == "vae_encoder":
-                out[kind] = f"image:1x3x{px}x{px}"  # the engine encodes one init image at a time
-            elif component == "unet":
-                s = side(px)
-                n = batch if kind == "min" else 2 * batch  # without guidance the UNet sees the batch itself
-                out[kind] = f"sample:{n}x{latent_channels}x{s}x{s},encoder_hidden_states:{n}x77x{text_dim}"
-            else:
-                s = side(px)
-                out[kind] = f"latent:{batch}x{latent_channels}x{s}x{s}"
-        return out
-
-
-def provider_order(device: str, provider: Provider) -> list[str]:
-    """Providers to try, best first, among those this onnxruntime build has."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    if provider != "auto":
-        if EP_NAMES[provider] not in available:
-            raise ModelLoadError(f"this onnxruntime build has no {EP_NAMES[provider]} (it has {sorted(available)})")
-        return [provider]
-    if device == "cpu":
-        return ["cpu"]
-    order = [p for p in ("tensorrt", "cuda") if EP_NAMES[p] in available]
-    if device == "cuda":
-        if not order:
-            raise ModelLoadError("device cuda asked for, but this onnxruntime build has no CUDA or TensorRT provider")
-        return order
-    return order + ["cpu"]
 
 
 @dataclass
@@ -169,7 +117,10 @@ class OnnxBackend:
         max_loaded_adapters: int = 8,
         trt_profile: TrtProfile | None = None,
         fused_attention: bool | None = None,
+        max_merged_adapters: int = 1,
     ):
+        """max_merged_adapters: adapters on a merged export (merged.py) whose sessions stay open, each one more UNet
+        in memory; 0 refuses such adapters."""
         import onnxruntime as ort
 
         if max_loaded_adapters < 1:
@@ -224,6 +175,11 @@ class OnnxBackend:
         self._active: str | None = None
         self._savings = 0
         self._bind(self._base)
+        self._routes = dict(self.networks)  # the networks that run now: a merged adapter's UNet and text encoder
+        self._merged = MergedAdapters(
+            self.model_dir, cache_dir, self.export_dir.name, self.manifest.options, max_merged_adapters,
+            self._open_merged,
+        )
 
     def _open(self, choice: str, cache_dir: Path) -> None:
         ort = self._ort
@@ -247,14 +203,24 @@ class OnnxBackend:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        self.networks = {}
-        for component in manifest.weight_inputs:
-            providers = self._providers(choice, component, out_dir)
-            session = ort.InferenceSession(str(out_dir / f"{component}.onnx"), so, providers=providers)
-            if session.get_providers()[0] != self.provider:
-                raise ModelLoadError(f"{self.provider} refused {component}")
-            self.networks[component] = OrtNetwork(session, self.device, manifest.weight_inputs[component])
+        self._choice, self._session_options = choice, so
+        self.networks = {c: self._network(c, out_dir, manifest) for c in manifest.weight_inputs}
         self._base = self._load_base(manifest, out_dir)
+
+    def _network(self, component: str, out_dir: Path, manifest: Manifest) -> OrtNetwork:
+        providers = self._providers(self._choice, component, out_dir)
+        path = str(out_dir / f"{component}.onnx")
+        session = self._ort.InferenceSession(path, self._session_options, providers=providers)
+        if session.get_providers()[0] != self.provider:
+            raise ModelLoadError(f"{self.provider} refused {component}")
+        return OrtNetwork(session, self.device, manifest.weight_inputs[component])
+
+    def _open_merged(self, out_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, OrtNetwork]:
+        base = self._load_base(manifest, out_dir, components)
+        networks = {c: self._network(c, out_dir, manifest) for c in components}
+        for c, net in networks.items():
+            net.bind_weights(base[c]["values"])
+        return networks
 
     def _providers(self, choice: str, component: str, out_dir: Path) -> list:
         cpu = ("CPUExecutionProvider", {})
@@ -284,11 +250,12 @@ class OnnxBackend:
         }
         return [("TensorrtExecutionProvider", trt_opts), cuda, cpu]
 
-    def _load_base(self, manifest: Manifest, out_dir: Path) -> dict[str, dict[str, object]]:
+    def _load_base(self, manifest: Manifest, out_dir: Path, components=None) -> dict[str, dict[str, object]]:
         from safetensors.numpy import load_file
 
         base = {}
-        for component, names in manifest.weight_inputs.items():
+        for component in components or manifest.weight_inputs:
+            names = manifest.weight_inputs[component]
             arrays = load_file(base_weights_path(out_dir, component)) if names else {}
             base[component] = {"arrays": arrays, "values": self._to_ort(arrays)}
         return base
@@ -310,7 +277,7 @@ class OnnxBackend:
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device, torch.int64)
-        return self.networks["text_encoder"].run({"input_ids": ids}, (ids.shape[0], ids.shape[1], self.text_dim))
+        return self._routes["text_encoder"].run({"input_ids": ids}, (ids.shape[0], ids.shape[1], self.text_dim))
 
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         if self.provider == EP_NAMES["tensorrt"]:
@@ -321,7 +288,7 @@ class OnnxBackend:
             "timestep": torch.as_tensor(t, device=latents.device).float().reshape(()),
             "encoder_hidden_states": text_emb.float(),
         }
-        return self.networks["unet"].run(inputs, latents.shape)
+        return self._routes["unet"].run(inputs, latents.shape)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, _, h, w = latents.shape
@@ -357,21 +324,16 @@ class OnnxBackend:
     # -- LoRA --------------------------------------------------------------------------------------------------
     def load_adapter(self, key: str, path: str | Path) -> None:
         """Read a diffusers-format LoRA (safetensors) under `key`; loading a key that is loaded is a no-op that
-        marks it recently used. May drop the least recently used other adapter (see `loaded_adapters`)."""
+        marks it recently used. May drop the least recently used other adapter (see `loaded_adapters`). One that
+        changes modules the export keeps fixed gets a merged export, built here when not cached (slow)."""
         if key in self._adapters:
             self._adapters.move_to_end(key)
             return
-        factors = read_lora(path, self.model_dir)
-        for component, modules in factors.items():
-            exposed = set(self.manifest.weight_inputs.get(component, ()))
-            missing = sorted(set(modules) - exposed)
-            if missing:
-                raise AdapterError(
-                    f"adapter {key!r} changes {len(missing)} {component} modules the ONNX export keeps fixed "
-                    f"(e.g. {missing[0]}); train on {', '.join(self.manifest.options.lora_targets)} "
-                    "or use the torch backend"
-                )
-        self._adapters[key] = factors
+        contents = read_lora(path, self.model_dir)
+        fixed = fixed_modules(contents, self.manifest.weight_inputs)
+        if fixed:
+            self._merged.add(key, weights_file(path), contents.components, fixed)
+        self._adapters[key] = {} if fixed else contents.factors
         self._evict()
 
     @property
@@ -385,11 +347,12 @@ class OnnxBackend:
                 raise AdapterError(f"adapter {adapter!r} is not loaded")
             self._adapters.move_to_end(adapter)
         if adapter != self._active:
-            if adapter is None:
-                self._bind(self._base)
-            else:
-                self._bind(self._fused.get(adapter, self._fuse))
-            self._active = adapter
+            routes = dict(self.networks)
+            if adapter in self._merged:
+                routes.update(self._merged.networks(adapter))
+            plain = adapter is None or adapter in self._merged  # the base networks run with their own weights
+            self._bind(self._base if plain else self._fused.get(adapter, self._fuse))
+            self._routes, self._active = routes, adapter
         self._evict()  # the adapter active until now may be the one over capacity
 
     def unload_adapter(self, key: str) -> None:
@@ -399,9 +362,10 @@ class OnnxBackend:
             return
         if key == self._active:
             self._bind(self._base)
-            self._active = None
+            self._routes, self._active = dict(self.networks), None
         del self._adapters[key]
         self._fused.discard(key)
+        self._merged.discard(key)
 
     def _evict(self) -> None:
         """Drop least recently used adapters until at most max_loaded_adapters remain, never the active one nor

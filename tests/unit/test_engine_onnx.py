@@ -138,9 +138,18 @@ def test_onnx_adapters_past_capacity_are_dropped_never_the_active_one(tiny, cach
     assert np.array_equal(np.asarray(engine.generate(styled_spec, samples(1))[0]), np.asarray(first[0]))
 
 
-def test_adapter_on_a_module_the_export_keeps_fixed_is_refused(onnx, tiny, tmp_path):
+def test_adapter_on_a_module_the_export_keeps_fixed_takes_a_merged_export_and_loads_nothing_when_that_fails(
+    onnx, tiny, tmp_path, monkeypatch
+):
+    from skillgen.inference import merged
+
+    def merge_lora(model_dir, weights, components, out):
+        assert list(components) == ["unet"]
+        raise AdapterError(f"cannot merge the LoRA at {weights}")
+
+    monkeypatch.setattr(merged, "merge_lora", merge_lora)
     ff = write_random_lora(tiny, tmp_path / "ff", unet_targets=("ff.net.2",), text_targets=())
-    with pytest.raises(AdapterError, match="keeps fixed"):
+    with pytest.raises(AdapterError, match="cannot merge"):
         onnx.backend.load_adapter("ff", ff)
     with pytest.raises(AdapterError, match="not loaded"):
         onnx.backend.use_adapter("ff")
