@@ -326,6 +326,7 @@ def _skill_command(bot: SkillBot) -> app_commands.Command:
         n=f"how many images, 1-{MAX_IMAGES}",
         adapter="one of your team's LoRA adapters: name or name@v2",
         relax="relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)",
+        turbo="turbo: a quick draft in a few steps (4, at most 8 with steps); not with adapter",
     )
     async def skill(
         interaction: discord.Interaction,
@@ -338,9 +339,10 @@ def _skill_command(bot: SkillBot) -> app_commands.Command:
         n: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
         adapter: app_commands.Range[str, 1, MAX_ADAPTER_REF_CHARS] | None = None,
         relax: bool | None = None,
+        turbo: bool | None = None,
     ) -> None:
         options = {"no": no, "ar": ar, "size": size, "steps": steps, "seed": seed, "n": n, "adapter": adapter,
-                   "relax": relax}
+                   "relax": relax, "turbo": turbo}
         await bot.on_skill(interaction, prompt, options)
 
     return skill

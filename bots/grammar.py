@@ -1,11 +1,12 @@
 """The one `/skill` command grammar, shared by the Discord, Slack and console front-ends.
 
     /skill <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4]
-           [--adapter name[@vN]] [--scheduler <one of schemas.messages.SCHEDULERS>] [--relax]
+           [--adapter name[@vN]] [--scheduler <one of schemas.messages.SCHEDULERS>] [--relax] [--turbo]
     /skill help
 
 Prompts are free text (apostrophes, commas, quotes), so the line is not shell-split: an option starts at
-` --name` and its value runs to the next option. A flag (`--relax`: the relax lane) takes no value. Discord's typed fields come in through `from_options` and
+` --name` and its value runs to the next option. A flag (`--relax`: the relax lane; `--turbo`: a few LCM steps with the
+service's fast LoRA) takes no value. Discord's typed fields come in through `from_options` and
 meet the same checks. Every error says exactly what to change, in the sender's language (the catalogues' keys,
 bots/locales; the request contract's own validation messages, and the option names, stay English).
 """
@@ -26,6 +27,7 @@ from schemas.messages import (
     MAX_SIDE_PX,
     MIN_SIDE_PX,
     SCHEDULERS,
+    TURBO_STEPS,
     AdapterRef,
     GenerateRequest,
     Origin,
@@ -35,8 +37,8 @@ from schemas.messages import (
 
 HELP_WORDS = ("help", "--help", "-h", "?", "帮助")
 
-OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler", "relax")
-FLAGS = ("relax",)  # options without a value
+OPTIONS = ("no", "ar", "size", "steps", "seed", "n", "adapter", "scheduler", "relax", "turbo")
+FLAGS = ("relax", "turbo")  # options without a value
 _OPT_RE = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)(?=\s|=|$)=?")
 _COMMAND_RE = re.compile(r"^\s*/?skill\b\s*", re.IGNORECASE)
 
@@ -136,6 +138,7 @@ _EXAMPLES = {
     "adapter": "--adapter team-style@v2",
     "scheduler": "--scheduler euler",
     "relax": "a cellist's bow hold --relax",
+    "turbo": "a cellist's bow hold --turbo",
 }
 
 
@@ -169,9 +172,12 @@ def size_for(options: dict[str, str], defaults: Defaults) -> tuple[int, int]:
 
 
 def to_request(parsed: Parsed, origin: Origin, defaults: Defaults = Defaults(), **extra) -> GenerateRequest:
-    """Build the request; every validation error becomes one CommandError naming the option to change."""
+    """Build the request; every validation error becomes one CommandError naming the option to change. With
+    `--turbo` the deployment's steps, guidance and scheduler give way to the request contract's turbo defaults
+    (what the person typed still counts, and meets turbo's limits)."""
     o = parsed.options
     width, height = size_for(o, defaults)
+    turbo = "turbo" in o
     fields = {
         "origin": origin,
         "prompt": parsed.prompt,
@@ -186,6 +192,13 @@ def to_request(parsed: Parsed, origin: Origin, defaults: Defaults = Defaults(), 
         "lane": "relax" if "relax" in o else "fast",
         **extra,
     }
+    if turbo:
+        fields["turbo"] = True
+        del fields["guidance"]
+        if "steps" not in o:
+            del fields["steps"]
+        if "scheduler" not in o:
+            del fields["scheduler"]
     if "adapter" in o:
         try:
             fields["adapter"] = AdapterRef.parse(o["adapter"])
@@ -209,6 +222,7 @@ _FIELD_TO_OPTION = {
     "seed": "--seed",
     "adapter": "--adapter",
     "scheduler": "--scheduler",
+    "turbo": "--turbo",
 }
 
 
@@ -229,14 +243,14 @@ def command_line(req: GenerateRequest, seed: int | None = None, defaults: Defaul
     their deployment default are left out; `seed` (a result's, when the request named none) pins the pictures.
     An Upscale's or Vary's source image cannot be typed: the line is the request it was drawn from.
     `parse(command_line(req))` gives back the same prompt, negative, size, steps, seed, count, adapter,
-    scheduler and lane (tests/unit/test_grammar.py)."""
+    scheduler, lane and turbo (tests/unit/test_grammar.py); a turbo request's own defaults are left out too."""
     parts = ["/skill", req.prompt]
     if req.negative_prompt:
         parts += ["--no", req.negative_prompt]
     width, height = (req.width // req.upscale, req.height // req.upscale)
     if (width, height) != (defaults.width, defaults.height):
         parts += ["--size", f"{width}x{height}"]
-    if req.steps != defaults.steps:
+    if req.steps != (TURBO_STEPS if req.turbo else defaults.steps):
         parts += ["--steps", str(req.steps)]
     if (seed := req.seed if req.seed is not None else seed) is not None:
         parts += ["--seed", str(seed)]
@@ -244,10 +258,12 @@ def command_line(req: GenerateRequest, seed: int | None = None, defaults: Defaul
         parts += ["--n", str(req.num_images)]
     if req.adapter is not None:
         parts += ["--adapter", str(req.adapter)]
-    if req.scheduler != defaults.scheduler:
+    if req.scheduler != ("lcm" if req.turbo else defaults.scheduler):
         parts += ["--scheduler", req.scheduler]
     if req.lane == "relax":
         parts.append("--relax")
+    if req.turbo:
+        parts.append("--turbo")
     return " ".join(parts)
 
 

@@ -70,7 +70,7 @@ REMIX_EMPTY = t("remix_empty")
 # What an option typed into Remix's edit replaces; every other field is the original's.
 _REMIX_OPTIONS = {"no": ("negative_prompt",), "ar": ("width", "height"), "size": ("width", "height"),
                   "steps": ("steps",), "seed": ("seed",), "n": ("num_images",), "adapter": ("adapter",),
-                  "scheduler": ("scheduler",), "relax": ("lane",)}
+                  "scheduler": ("scheduler",), "relax": ("lane",), "turbo": ("turbo", "steps", "scheduler", "guidance")}
 ESTIMATES_KEPT = 1000  # estimates made at admission, kept for the acknowledgment that follows
 
 

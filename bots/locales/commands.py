@@ -87,6 +87,9 @@ COMMANDS: dict[str, Command] = {
             "relax": Option(Text("relax", "放松模式"), Text(
                 "relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)",
                 "放松模式：不赶时间，GPU 有空时再画（节省团队的快速额度）")),
+            "turbo": Option(Text("turbo", "极速模式"), Text(
+                "turbo: a quick draft in a few steps (4, at most 8 with steps); not with adapter",
+                "极速模式：几步就画出草图（默认 4 步，用步数最多 8 步）；不能与适配器同用")),
         },
     ),
     "skill-train": Command(

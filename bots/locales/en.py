@@ -73,12 +73,13 @@ MESSAGES = {
     "help": (
         "**{command}** draws a skill image and posts it here.\n"
         "`{command} <prompt> [--no <negative>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] "
-        "[--adapter name[@vN]] [--relax]`\n"
+        "[--adapter name[@vN]] [--relax] [--turbo]`\n"
         "• `--no` things to keep out of the picture  • `--ar` aspect ratio, or `--size` exact WxH (multiples of 8, "
         "64-1024)\n"
         "• `--steps` 1-50  • `--seed` 0-4294967295 for a repeatable image  • `--n` images, 1-4\n"
         "• `--adapter` one of your team's LoRA adapters, latest version or `name@v2`\n"
         "• `--relax` relax mode: no hurry, drawn when the GPUs have room (spares your team's fast share)\n"
+        "• `--turbo` turbo: a quick draft in a few steps (4, at most 8 with `--steps`); not with `--adapter`\n"
         "• **Cancel** on the status stops your request while it is queued or drawing\n"
         "Example: `{command} a drummer's paradiddle, top view --ar 16:9 --n 2`"
     ),

@@ -61,11 +61,12 @@ MESSAGES = {
     "help": (
         "**{command}** 画一张技能图并发在这里。\n"
         "`{command} <提示词> [--no <不要的内容>] [--ar 16:9 | --size 512x768] [--steps N] [--seed N] [--n 1-4] "
-        "[--adapter 名称[@vN]] [--relax]`\n"
+        "[--adapter 名称[@vN]] [--relax] [--turbo]`\n"
         "• `--no` 不要出现在画面里的东西  • `--ar` 宽高比，或 `--size` 精确的 宽x高（8 的倍数，64-1024）\n"
         "• `--steps` 1-50  • `--seed` 0-4294967295，同一个种子画出同一张图  • `--n` 张数，1-4\n"
         "• `--adapter` 你团队的一个 LoRA 适配器，最新版本或 `名称@v2`\n"
         "• `--relax` 放松模式：不赶时间，GPU 有空时再画（节省团队的快速额度）\n"
+        "• `--turbo` 极速模式：几步就画出草图（默认 4 步，用 `--steps` 最多 8 步）；不能与 `--adapter` 同用\n"
         "• 状态消息上的 **取消** 按钮可在排队或绘制时停止你的请求\n"
         "选项名（`--no`、`--ar` 等）照原样用英文写。示例：`{command} a drummer's paradiddle, top view --ar 16:9 --n 2`"
     ),

@@ -1,8 +1,8 @@
 """The page's pure parts: its form fields as the `/skill` grammar's options, and a request's events as page text.
 
 The fields are the options of Discord's `/skill` (bots/grammar.py's names: no, ar, size, steps, seed, n, adapter,
-relax), handed to `grammar.from_options` with the prompt, so the prompt box may also carry `--options` as in chat
-and every mistake gets the chat's own one-line reason. A blank field is an option not given.
+relax, turbo), handed to `grammar.from_options` with the prompt, so the prompt box may also carry `--options` as in
+chat and every mistake gets the chat's own one-line reason. A blank field is an option not given.
 
 Everything a person controls (a prompt, a consumer's message that may quote one) reaches the page HTML-escaped.
 """
@@ -43,11 +43,13 @@ class Form:
     seed: str = ""
     adapter: str = ""
     relax: bool = False
+    turbo: bool = False
 
     def parsed(self) -> grammar.Parsed:
         """The command these fields make; raises CommandError (the chat's message) for a bad one."""
         options = {"no": self.negative, "ar": self.aspect_ratio, "size": self.size, "n": self.count,
-                   "steps": self.steps, "seed": self.seed, "adapter": self.adapter, "relax": self.relax}
+                   "steps": self.steps, "seed": self.seed, "adapter": self.adapter, "relax": self.relax,
+                   "turbo": self.turbo}
         cleaned = {name: value.strip() if isinstance(value, str) else value for name, value in options.items()}
         if cleaned["n"] == "1":
             cleaned["n"] = ""  # the default: so `--n 2` typed in the prompt is not "given twice"

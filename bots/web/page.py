@@ -63,9 +63,9 @@ def _train_outputs(view: View):
 
 
 def build(frontend: Frontend) -> gr.Blocks:
-    async def draw(user_id, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax):
+    async def draw(user_id, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax, turbo):
         form = Form(prompt=prompt, negative=negative, aspect_ratio=aspect_ratio or "", size=size, count=count or "",
-                    steps=steps, seed=seed, adapter=adapter, relax=bool(relax))
+                    steps=steps, seed=seed, adapter=adapter, relax=bool(relax), turbo=bool(turbo))
         async for view in frontend.draw(user_id, form):
             yield _outputs(view)
 
@@ -122,6 +122,7 @@ def build(frontend: Frontend) -> gr.Blocks:
                                        elem_id="steps")
                     seed = gr.Textbox(label="Seed (--seed)", placeholder="random", elem_id="seed")
                     relax = gr.Checkbox(label="Relax mode (--relax): drawn when the GPUs have room", elem_id="relax")
+                    turbo = gr.Checkbox(label="Turbo (--turbo): a quick draft in a few steps", elem_id="turbo")
             notice = gr.HTML(notice_html(), elem_id="notice", elem_classes=QUIET)
             status = gr.HTML(status_html(), elem_id="status", elem_classes=QUIET)
             # A click on an image chooses it (the select event); no preview: the click is the choice.
@@ -158,7 +159,7 @@ def build(frontend: Frontend) -> gr.Blocks:
             sample_grid = gr.Image(label="Sample grid", type="pil", format="png", interactive=False,
                                    elem_id="sample-grid", elem_classes=QUIET)
 
-        fields = [user, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax]
+        fields = [user, prompt, negative, aspect_ratio, size, count, steps, seed, adapter, relax, turbo]
         shown = [notice, status, gallery, choice]
         follow = {"concurrency_limit": None, "show_progress": "hidden"}  # they only wait on events (or not at all)
         draw_button.click(draw, fields, shown, **follow)

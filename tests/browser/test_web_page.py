@@ -178,7 +178,7 @@ def test_a_blocked_prompt_gets_the_chats_refusal_and_nothing_is_drawn(embedded_p
     [
         ("a cat --size 1001x64", "--size/--ar width: must be a multiple of 8 between 64 and 1024 pixels, got 1001"),
         ("a cat --bogus 1", "unknown option --bogus; options are --no, --ar, --size, --steps, --seed, --n, --adapter, "
-                            "--scheduler, --relax"),
+                            "--scheduler, --relax, --turbo"),
     ],
 )
 def test_bad_input_gets_the_same_one_line_reason_as_in_chat(embedded_page, page, prompt, reason):

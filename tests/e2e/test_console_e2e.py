@@ -63,7 +63,7 @@ def test_console_tells_the_sender_what_is_wrong(skill_env):
     assert errors == [
         "error: --size/--ar width: must be a multiple of 8 between 64 and 1024 pixels, got 1001",
         "error: the prompt: prompt is empty: describe the skill to draw, e.g. 'a drummer's paradiddle, top view'",
-        "error: unknown option --bogus; options are --no, --ar, --size, --steps, --seed, --n, --adapter, --scheduler, --relax",
+        "error: unknown option --bogus; options are --no, --ar, --size, --steps, --seed, --n, --adapter, --scheduler, --relax, --turbo",
         "error: --n: Input should be less than or equal to 4",
     ]
     assert "/skill <prompt>" in out.stdout  # the help text

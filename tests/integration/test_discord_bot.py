@@ -109,7 +109,7 @@ async def test_the_command_is_registered_with_typed_options(bot):
     [skill] = [c for c in bot.commands if c["name"] == "skill"]  # with the training extension's commands
     options = {o["name"]: o for o in skill["options"]}
     assert skill["name"] == "skill" and options["prompt"]["required"]
-    assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter", "relax"}
+    assert set(options) == {"prompt", "no", "ar", "size", "steps", "seed", "n", "adapter", "relax", "turbo"}
     assert options["relax"]["type"] == 5 and not options["relax"].get("required")  # a boolean
     assert (options["n"]["min_value"], options["n"]["max_value"]) == (1, 4)
     # Discord's client enforces these as the person types: nothing longer than the request allows is sent.

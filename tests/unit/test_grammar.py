@@ -155,7 +155,8 @@ async def test_the_console_refuses_a_blocked_prompt_before_publishing(tmp_path):
         await bot.submit("/skill a nude figure study")
 
 
-_KEPT = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "num_images", "adapter", "scheduler", "lane")
+_KEPT = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "num_images", "adapter", "scheduler", "lane",
+         "turbo", "guidance")
 
 
 @pytest.mark.parametrize("line", [
@@ -163,6 +164,8 @@ _KEPT = ("prompt", "negative_prompt", "width", "height", "steps", "seed", "num_i
     "--scheduler euler --relax",
     "/skill a drummer's paradiddle, \"top\" view",
     "/skill a skater --ar 16:9 --seed 0",
+    "/skill a rower's catch --turbo",
+    "/skill a rower's catch --no blur --steps 6 --seed 9 --n 2 --relax --turbo",
 ])
 def test_the_parameters_line_asks_for_the_same_request_again(line):
     req = parse(line, ORIGIN)
@@ -181,3 +184,53 @@ def test_the_parameters_line_leaves_defaults_out_and_pins_the_results_seed():
 def test_an_upscales_parameters_are_those_of_the_image_it_enlarged():
     req = parse("/skill a cat --size 256x256 --seed 3", ORIGIN).model_copy(update={"width": 512, "height": 512, "upscale": 2})
     assert command_line(req) == "/skill a cat --size 256x256 --seed 3"
+
+
+# -- --turbo -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("defaults", [Defaults(), Defaults(width=64, height=64, steps=8, guidance=5.0, scheduler="euler")])
+def test_turbo_takes_a_few_lcm_steps_at_low_guidance_whatever_the_deployments_defaults(defaults):
+    req = parse("/skill a rower's catch --turbo", ORIGIN, defaults)
+    assert (req.prompt, req.turbo, req.scheduler, req.steps, req.guidance) == ("a rower's catch", True, "lcm", 4, 1.0)
+    assert (req.width, req.height, req.lane) == (defaults.width, defaults.height, "fast")
+    assert parse("/skill a rower's catch --turbo --steps 8 --scheduler lcm", ORIGIN, defaults).steps == 8
+    assert parse("/skill a rower's catch", ORIGIN, defaults).turbo is False
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("a cat --turbo --steps 12", "--turbo: turbo runs at most 8 steps (default 4), got 12: lower steps or leave them out"),
+        ("a cat --turbo --scheduler euler", "--turbo: turbo runs the LCM scheduler: leave the scheduler out"),
+        ("a cat --adapter clay --turbo",
+         "--turbo: turbo uses this service's fast LoRA; it cannot be combined with an adapter"),
+        ("a cat --turbo fast", "--turbo takes no value; put it after the prompt, e.g. a cellist's bow hold --turbo"),
+        ("a cat --turbo --turbo", "--turbo is given twice; keep one"),
+    ],
+)
+def test_turbo_refusals_name_what_to_change(line, reason):
+    assert error_of(line) == reason
+
+
+def test_turbo_as_a_typed_field_is_the_flag():
+    assert from_options("a cat", {"turbo": True}).options == {"turbo": ""}
+    assert from_options("a cat", {"turbo": False}).options == {}
+    assert parse(from_options("a cat --steps 2", {"turbo": True}), ORIGIN).steps == 2
+    with pytest.raises(CommandError, match="turbo is given twice"):
+        from_options("a cat --turbo", {"turbo": True})
+
+
+def test_the_parameters_line_of_a_turbo_request_leaves_turbos_defaults_out():
+    assert command_line(parse("/skill a cat --turbo", ORIGIN)) == "/skill a cat --turbo"
+    assert command_line(parse("/skill a cat --turbo --steps 6", ORIGIN)) == "/skill a cat --steps 6 --turbo"
+    small = Defaults(width=64, height=64, steps=4, scheduler="lcm")  # a deployment whose defaults look like turbo's
+    assert command_line(parse("/skill a cat", ORIGIN, small), defaults=small) == "/skill a cat"
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_help_says_what_turbo_is_in_each_language(lang):
+    text = help_text(Platform.discord, lang)
+    assert "[--turbo]" in text
+    line = next(x for x in text.splitlines() if x.startswith("• `--turbo`"))
+    assert ("quick draft in a few steps" if lang == "en" else "极速模式：几步就画出草图") in line and "--adapter" in line

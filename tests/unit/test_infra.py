@@ -47,6 +47,8 @@ SKILL_VARS = {
     "SKILL_MAX_PENDING", "SKILL_MAX_BACKLOG_S", "SKILL_PREEMPT",
     # faults (issue 14), safety (issue 15)
     "SKILL_DELIVERY_STATE_DIR", "SKILL_SAFETY_CHECKER_DIR",
+    # turbo's fast LoRA (issue 18)
+    "SKILL_FAST_LORA",
 }
 SECRETS = {v for v in SKILL_VARS if v.endswith(("_TOKEN", "_SECRET", "_APPLICATION_ID", "_PASSWORD", "_SIGNING_KEY"))}
 

@@ -127,7 +127,7 @@ def test_the_grammars_refusals_are_said_in_the_senders_language_options_as_typed
 
     unknown = refusal(lambda: grammar.split("a cat --colour red"))
     assert str(unknown) == unknown.say("en") == ("unknown option --colour; options are --no, --ar, --size, --steps, "
-                                                 "--seed, --n, --adapter, --scheduler, --relax")
+                                                 "--seed, --n, --adapter, --scheduler, --relax, --turbo")
     assert unknown.say("zh").startswith("未知选项 --colour；可用的选项有 --no, --ar")
     bad = refusal(lambda: grammar.parse("a cat --steps lots", DISCORD))
     assert str(bad) == "--steps must be a whole number, got 'lots'; e.g. --steps 20"

@@ -54,3 +54,14 @@ async def test_an_edit_meets_the_same_refusals_as_a_command(text, says):
     with pytest.raises(Refusal) as refused:
         await intake.remix(old.request_id, text, CLICKER)
     assert says in str(refused.value)
+
+
+async def test_turbo_in_the_edit_turns_the_original_into_a_turbo_request_and_a_turbo_original_stays_one():
+    intake, old = await remembered(steps=30, guidance=6.0, scheduler="euler", num_images=2)
+    new = await intake.remix(old.request_id, "a violist --turbo", CLICKER, seed=99)
+    assert (new.turbo, new.steps, new.guidance, new.scheduler, new.num_images) == (True, 4, 1.0, "lcm", 2)
+    intake, old = await remembered(turbo=True, steps=6)
+    new = await intake.remix(old.request_id, "a violist", CLICKER, seed=99)
+    assert (new.turbo, new.steps, new.scheduler) == (True, 6, "lcm")
+    with pytest.raises(Refusal, match="turbo: turbo runs at most 8 steps"):
+        await intake.remix(old.request_id, "a violist --steps 20", CLICKER)

@@ -73,6 +73,15 @@ def test_every_field_maps_to_its_option():
     assert request(Form(prompt="a violinist", aspect_ratio="16:9")).width > 64
 
 
+def test_the_turbo_box_is_the_turbo_flag():
+    req = request(Form(prompt="a rower's catch", count="1", turbo=True))
+    assert (req.turbo, req.scheduler, req.steps, req.guidance) == (True, "lcm", 4, 1.0)
+    assert request(Form(prompt="a rower's catch", steps="6", turbo=True)).steps == 6
+    with pytest.raises(CommandError, match="^--turbo: turbo uses this service's fast LoRA"):
+        request(Form(prompt="a rower's catch", adapter="team-style", turbo=True))
+    assert request(Form(prompt="a rower's catch")).turbo is False
+
+
 def test_options_typed_after_the_prompt_work_as_in_chat():
     req = request(Form(prompt="a violinist's bow hold --ar 16:9 --n 2", count="1"))
     assert req.prompt == "a violinist's bow hold" and req.num_images == 2 and req.width > req.height
