@@ -54,14 +54,21 @@ def native_px(model: str, vae_scale_factor: int) -> int:
     return size if 8 <= size <= 4096 else 512
 
 
+# The warm-up's second step count: the turbo lane's, and far enough from the default 20 for the cost model to tell a
+# cost per batch from a cost per step (consumer/speed.py `fit_all`).
+FEW_STEPS = 4
+
+
 async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: int, executor,
                   post: PostQueue | None = None, image_policy=None) -> float:
     """Before a consumer takes requests, on its inference thread (`executor`), at the model's own size with the
     request defaults (20 steps, guidance on): a lone image and a full batch (the runtime's first calls, not
     timed), then a full batch timed while the first one's images are checked and encoded on the post-processing
     thread (`post`, with `image_policy`), as a served batch overlaps its predecessor's post-processing, then a lone
-    image timed alone. So the first deep queue is timed neither by a lone image (about 2x too slow per unit) nor
-    by a batch that had the CPU to itself. Returns the full batch's work units."""
+    image timed alone, then both again at FEW_STEPS steps. So the first deep queue is timed neither by a lone image
+    (about 2x too slow per unit) nor by a batch that had the CPU to itself, and a request of another step count is
+    predicted with the batch's own fixed cost (text encoding, decoding: a full 8-step batch of the embedded model
+    takes 0.44x a 20-step one, not 0.4x). Returns the full 20-step batch's work units."""
     from skillgen.inference.engine import (  # torch: only once the loop runs
         BatchSpec,
         Sample,
@@ -71,11 +78,10 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
     while px * px > max_pixels and px > 8:
         px //= 2
     spec = BatchSpec(px, px)
-    per_image = units(1, px, px, spec.steps, spec.guidance)
 
-    def timed(n: int) -> tuple[float, list]:
+    def timed(n: int, steps: int = spec.steps) -> tuple[float, list]:
         t0 = time.perf_counter()
-        images = engine.generate(spec, [Sample("warm-up", seed=i) for i in range(n)])
+        images = engine.generate(BatchSpec(px, px, steps), [Sample("warm-up", seed=i) for i in range(n)])
         return time.perf_counter() - t0, images
 
     def check_and_encode(image) -> None:  # what post-processing does to one served image, but storing it
@@ -86,11 +92,11 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
     await loop.run_in_executor(executor, timed, 1)
     _, images = await loop.run_in_executor(executor, timed, max_batch)
     beside = [post.submit(check_and_encode, image) for image in images] if post is not None and image_policy else []
-    for n in (max_batch, 1):
-        seconds, _ = await loop.run_in_executor(executor, timed, n)
+    for n, steps in ((max_batch, spec.steps), (1, spec.steps), (max_batch, FEW_STEPS), (1, FEW_STEPS)):
+        seconds, _ = await loop.run_in_executor(executor, timed, n, steps)
         for fut in beside:
             await asyncio.wrap_future(fut)
         beside = []
-        speed.observe(n * per_image, spec.steps, seconds)
-        log.info("warm-up: a batch of %d %dx%d images in %.2fs", n, px, px, seconds)
-    return max_batch * per_image
+        speed.observe(units(n, px, px, steps, spec.guidance), steps, seconds)
+        log.info("warm-up: a batch of %d %dx%d images, %d steps, in %.2fs", n, px, px, steps, seconds)
+    return units(max_batch, px, px, spec.steps, spec.guidance)

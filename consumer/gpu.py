@@ -2,10 +2,7 @@
 
 One batch at a time: the engine runs in a single worker thread, so the event loop (heartbeats, fetches, events)
 never waits on the GPU. Each sample has its own seed and generator, so an image never depends on its batch-mates.
-When a batch raises, which request is to blame is unknown: `after_failure` decides (a pure function, unit-tested):
-a batch of several is split and each request retried alone at once; a request that fails alone is retried with
-doubling backoff up to `max_retries`, then given up; an error that names the request itself (PipelineError) is
-given up at once, since retrying changes nothing.
+When a batch raises, consumer/retry.py `after_failure` decides what happens to its requests.
 
 A stuck GPU call is noticed, not waited on forever: each denoising step and each finished batch marks progress,
 and a batch with none for SKILL_GPU_STALL_S is stalled (`stall`): the consumer's leases stop being renewed
@@ -28,48 +25,13 @@ from consumer.flight import Flight
 from consumer.keys import ResolvedAdapter
 from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
+from consumer.retry import RETRIES_SPENT, GiveUp, Requeue, after_failure  # noqa: F401 - re-exported
 from consumer.settings import ConsumerSettings
-from consumer.speed import Pace, Speed, batch_steps
-from skillgen.inference.errors import PipelineError
+from consumer.speed import Pace, Slowdown, Speed, batch_steps, live_ratio
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
 
 log = logging.getLogger("skillgen.consumer")
-
-RETRIES_SPENT = "generation failed after retries; the team has been notified"
-
-
-@dataclass(frozen=True)
-class Requeue:
-    """Run the flight again in a batch of its own after `delay_s`."""
-
-    flight: Flight
-    delay_s: float
-    attempts: int
-
-
-@dataclass(frozen=True)
-class GiveUp:
-    """Answer the flight's requesters with `message`; `error` goes to the DLQ with their records (None: the
-    request itself cannot be served, which is an answer, not an incident)."""
-
-    flight: Flight
-    message: str
-    error: BaseException | None
-
-
-def after_failure(flights: list[Flight], exc: BaseException, max_retries: int,
-                  retry_backoff_ms: int) -> list[Requeue | GiveUp]:
-    if len(flights) > 1:
-        return [Requeue(f, 0.0, f.attempts) for f in flights]
-    (f,) = flights
-    if isinstance(exc, PipelineError):
-        return [GiveUp(f, str(exc), None)]
-    attempts = f.attempts + 1
-    if attempts > max_retries:
-        return [GiveUp(f, RETRIES_SPENT, exc)]
-    return [Requeue(f, retry_backoff_ms / 1000 * 2 ** (attempts - 1), attempts)]
-
 
 @dataclass(eq=False)
 class _Batch:
@@ -84,6 +46,7 @@ class _Batch:
     cancelled: Callable[[], list[int]]
     gen_s: float = 0.0
     preempted: bool = False  # another batch ran between two of its steps
+    predicted_s: float | None = None  # the cost model's seconds for it when it started
 
     def __post_init__(self) -> None:
         self.progress.holder.append(self)  # type: ignore[attr-defined]
@@ -111,6 +74,7 @@ class GpuLoop:
         self.batcher: Batcher[Flight] = Batcher(settings.max_batch, settings.max_wait_ms, policy=self.policy)
         self.running: list[Flight] = []
         self.speed = Speed()  # the cost model behind every ETA (consumer/speed.py), seeded by `warm_up`
+        self.slowdown = Slowdown()  # how far from the model the GPU runs now (a CPU shared with a burst's intake)
         self.full_batch: tuple[float, int] | None = None  # (units, steps) of the last full batch timed
         # Post-processing (image check, PNG, blob store) on one thread, a preempting batch's first (consumer/post.py).
         self.post = PostQueue()
@@ -120,6 +84,7 @@ class GpuLoop:
         self.pace = Pace()  # the pace flights leave post-processing at while work waits
         self.flights_per_batch = 1.0  # moving average
         self.running_units, self.running_steps, self.running_since = 0.0, 0, 0.0
+        self.running_pred: float | None = None  # the model's seconds for the running batch, when it started
         self._nested = False  # a preempting batch is running inside another's step (on the inference thread)
         self.progressed = time.monotonic()  # the running batch's last sign of life (a step, its start or end)
         self.dispatched = time.monotonic()  # when the last batch left the queue (or the queue was empty)
@@ -129,17 +94,22 @@ class GpuLoop:
         self._gpu.shutdown(wait=False, cancel_futures=True)
         self.post.shutdown()
 
-    def running_left_s(self) -> float:
-        if not self.running or self.speed.fit is None:
+    def factor(self) -> float:
+        """consumer/speed.py Slowdown, with the running batch's own ratio."""
+        step = self.running[0].steps_done if self.running else 0
+        return self.slowdown.factor(live_ratio(time.monotonic() - self.running_since, self.running_pred, step,
+                                               self.running_steps))
+
+    def running_left_s(self, factor: float = 1.0) -> float:
+        if not self.running or self.running_pred is None:
             return 0.0
-        return max(0.0, self.speed.fit.batch_s(self.running_units, self.running_steps)
-                   - (time.monotonic() - self.running_since))
+        return max(0.0, self.running_pred * factor - (time.monotonic() - self.running_since))
 
     def s_per_unit(self) -> float | None:
         """Seconds per work unit of a deep queue (served in full batches): the speed the group view shows."""
         if self.speed.fit is None:
             return None
-        return self.speed.fit.s_per_unit(*(self.full_batch or (1.0, 20)))
+        return self.speed.fit.s_per_unit(*(self.full_batch or (1.0, 20))) * self.slowdown.factor()
 
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
@@ -149,10 +119,11 @@ class GpuLoop:
         the CPU is short it is the slower stage, and its backlog is what the flight waits for)."""
         # After its batch, a flight waits for the post-processing of its batch-mates ahead of it (one thread):
         # on average half the batch's.
-        ahead_s = self.running_left_s() + self.post.run_s * (self.flights_per_batch + 1) / 2
+        k = self.factor()  # the model's seconds, as fast as the GPU runs now
+        ahead_s = self.running_left_s(k) + self.post.run_s * (self.flights_per_batch + 1) / 2
         fit = self.speed.fit
-        timing = {"s_per_unit": fit and fit.b, "running_s": ahead_s,
-                  "s_per_batch": fit.batch_s(0.0, batch_steps(flight.batch)) if fit else 0.0,
+        timing = {"s_per_unit": fit and fit.b * k, "running_s": ahead_s,
+                  "s_per_batch": k * fit.batch_s(0.0, batch_steps(flight.batch)) if fit else 0.0,
                   "units_per_batch": flight.cost / max(1, len(flight.seeds)) * self.settings.max_batch}
         if self.policy.fair:
             est = estimate(self.batcher.backlog(), flight.lane, flight.team, flight.cost,
@@ -290,9 +261,10 @@ class GpuLoop:
         spec = BatchSpec(key.width, key.height, key.steps, key.guidance, key.scheduler, adapter=key.adapter,
                          strength=key.strength)
         self.running_units, self.running_steps = sum(f.cost for f in flights), batch_steps(key)
+        self.running_pred = self.speed.batch_s(self.running_units, self.running_steps)
         self.running_since = self.progressed = time.monotonic()
         return _Batch(key, flights, spec, samples, spans, self._progress_fn(key, flights, loop),
-                      self._cancelled_fn(flights, spans))
+                      self._cancelled_fn(flights, spans), predicted_s=self.running_pred)
 
     def _end(self, batch: _Batch, images) -> None:
         """On the event loop: the batch's timing, then each flight to post-processing (or closed, if cancelled)."""
@@ -303,6 +275,7 @@ class GpuLoop:
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
         if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
             work = sum(f.cost for f in flights)
+            self.slowdown.observe(gen_s, batch.predicted_s)
             self.speed.observe(work, batch_steps(batch.key), gen_s)
             if len(batch.samples) >= self.settings.max_batch:
                 self.full_batch = (work, batch_steps(batch.key))

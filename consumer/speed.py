@@ -138,3 +138,36 @@ class Pace:
 def batch_steps(key) -> int:
     """The denoising steps a batch of `key` (consumer/keys.py BatchKey) runs (img2img: steps x strength)."""
     return max(1, steps_run(key.steps, key.strength))
+
+
+class Slowdown:
+    """How much slower (or faster) than the cost model the GPU runs right now: the median of the last `keep`
+    finished batches' seconds over what the model predicted for them when they started, and of the running
+    batch's own (its time so far over the model's share of it for the steps done). On a CPU the consumer's own
+    work (reading a burst of requests, events, post-processing) takes cores the warm-up had to itself: a fresh
+    consumer's first batches under a burst ran about 1.4x the warm-up's prediction here, before any of them was
+    finished. The running batch says so within a step; the model itself catches up over a few batches, and the
+    ratios (taken against the model of their time) go back to 1 as it does."""
+
+    def __init__(self, keep: int = 3, bounds: tuple[float, float] = (1 / 3, 3.0)):
+        self._ratios: deque[float] = deque(maxlen=keep)
+        self.bounds = bounds
+
+    def observe(self, seconds: float, predicted: float | None) -> None:
+        if predicted and predicted > 0 and seconds > 0:
+            self._ratios.append(seconds / predicted)
+
+    def factor(self, live: float | None = None) -> float:
+        ratios = list(self._ratios) + ([live] if live is not None else [])
+        if not ratios:
+            return 1.0
+        lo, hi = self.bounds
+        return min(hi, max(lo, statistics.median(ratios)))
+
+
+def live_ratio(elapsed_s: float, predicted_s: float | None, step: int, steps: int) -> float | None:
+    """The running batch's seconds so far over the model's prediction for the `step` of `steps` steps done; None
+    before its first step (text encoding and the first step's launch would read as a slowdown)."""
+    if not predicted_s or predicted_s <= 0 or steps <= 0 or step < 1:
+        return None
+    return elapsed_s / (predicted_s * min(step, steps) / steps)

@@ -5,11 +5,12 @@ the reverse) instead of being taken per unit as it is."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from consumer.engine import native_px
-from consumer.speed import Fit, Pace, Speed, fit
+from consumer.speed import Fit, Pace, Slowdown, Speed, fit, live_ratio
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +103,7 @@ def test_the_warm_up_size_is_the_models_own(tmp_path):
     assert native_px(str(tmp_path), 8) == 512
 
 
-async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_image(tmp_path):
+async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_image_at_two_step_counts(tmp_path):
     from PIL import Image
 
     from consumer.engine import warm_up
@@ -119,6 +120,8 @@ async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_
 
         def generate(self, spec, samples):
             calls.append((spec.width, spec.steps, len(samples)))
+            # a real batch's shape: 20 ms per batch, 30 ms per 20 steps, 10 ms per 20-step image
+            time.sleep(0.02 + 0.03 * spec.steps / 20 + 0.01 * len(samples) * spec.steps / 20)
             return [Image.new("RGB", (spec.width, spec.height)) for _ in samples]
 
     class Policy:
@@ -134,11 +137,15 @@ async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_
             full = await warm_up(Engine(), speed, str(tmp_path), 8, 1024 * 1024, inference, post, Policy())
         finally:
             post.shutdown()
-    assert calls == [(64, 20, 1), (64, 20, 8), (64, 20, 8), (64, 20, 1)]  # the first two are not timed
+    # the first two are not timed; then a full batch and a lone image at 20 steps and at FEW_STEPS
+    assert calls == [(64, 20, 1), (64, 20, 8), (64, 20, 8), (64, 20, 1), (64, 4, 8), (64, 4, 1)]
     assert checked == [1] * 8  # the first full batch's images, post-processed (one at a time) beside the timed one
     assert post.run_s > 0
     assert full == pytest.approx(8 * (64 * 64 / (512 * 512)))
-    assert speed.fit is not None
+    # two step counts: the cost per batch is told from the cost per step (sleep's overshoot aside)
+    assert speed.fit.c == pytest.approx(0.02, abs=0.01)
+    unit = 64 * 64 / (512 * 512)
+    assert speed.batch_s(8 * unit * 8 / 20, 8) == pytest.approx(0.02 + 0.03 * 0.4 + 0.01 * 8 * 0.4, rel=0.25)
 
 
 def test_the_delivered_pace_counts_only_while_work_waited():
@@ -155,3 +162,30 @@ def test_the_delivered_pace_counts_only_while_work_waited():
         now[0] += 0.25
         pace.done(0.5, backlogged=True)
     assert pace.s_per_unit() == pytest.approx(0.25 / 0.5)
+
+
+def test_the_slowdown_is_the_median_of_the_last_batches_and_the_running_one():
+    slow = Slowdown(keep=3)
+    assert slow.factor() == 1.0  # nothing timed yet: the model as it is
+    slow.observe(1.4, 1.0)
+    assert slow.factor() == pytest.approx(1.4)
+    slow.observe(1.5, 1.0)
+    slow.observe(0.3, 0.2)
+    assert slow.factor() == pytest.approx(1.5)  # median of 1.4, 1.5, 1.5
+    for _ in range(3):  # the model caught up: its ratios come back to 1
+        slow.observe(1.0, 1.0)
+    assert slow.factor() == pytest.approx(1.0)
+    assert slow.factor(live=2.0) == pytest.approx(1.0)  # one slow running batch among three is the median's outlier
+    slow.observe(1.0, None)  # nothing was predicted (before the warm-up): no ratio
+    slow.observe(0.0, 1.0)
+    assert slow.factor() == pytest.approx(1.0)
+    assert Slowdown(bounds=(0.5, 2.0)).factor(live=10.0) == 2.0  # bounded both ways
+    assert Slowdown(bounds=(0.5, 2.0)).factor(live=0.01) == 0.5
+
+
+def test_a_fresh_consumer_learns_the_slowdown_from_its_first_running_batch():
+    # a batch predicted at 0.4 s, 3 of 8 steps done after 0.21 s: running 1.4x the model
+    assert live_ratio(0.21, 0.4, 3, 8) == pytest.approx(1.4)
+    assert Slowdown().factor(live=live_ratio(0.21, 0.4, 3, 8)) == pytest.approx(1.4)
+    assert live_ratio(0.05, 0.4, 0, 8) is None  # before the first step: text encoding is no measure
+    assert live_ratio(0.05, None, 2, 8) is None
