@@ -4,6 +4,10 @@ For every colour and background word of the icon captions, over several seeds, i
 engine the service uses (`skillgen.inference.load_engine`) and judges each picture from its pixels: the dominant
 hue of its saturated pixels names a colour, the luminance of its border says light or dark.
 `dominant_color` and `background_is_light` are the judges; the end-to-end tests call them too.
+
+`--scheduler` and `--adapter` (a diffusers LoRA file, loaded through the engine's backend) measure other sampling
+paths; `--turbo-table` measures the few-step "turbo" path against the 20-step reference (`TURBO_ROWS`): each row's
+accuracies once, and its per-image latency over `--repeats` rounds that interleave the rows (min and median).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import colorsys
 import itertools
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel
 
+from schemas.messages import SCHEDULERS
 from skillgen.tools.icons import BACKGROUNDS, COLORS, SKILLS, caption
 
 # Pixels under these are greys or near-blacks: background, shading, or noise, never an icon's colour.
@@ -66,6 +72,8 @@ class Judged(BaseModel):
 class QualityReport(BaseModel):
     model: str
     size_px: int
+    scheduler: str
+    adapter: str | None  # the LoRA file the images were drawn with; None is the base model
     steps: int
     guidance: float
     seeds: int
@@ -76,6 +84,8 @@ class QualityReport(BaseModel):
     color_accuracy_by_color: dict[str, float]
     background_accuracy_by_background: dict[str, float]
     seconds: float
+    seconds_per_image: float  # the whole batch's wall time over its images (one generate call, one batch)
+    threads: int  # torch CPU threads
     misses: list[Judged]
 
 
@@ -95,6 +105,36 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.5
 
 
+def _path_name(path: str | Path) -> str:
+    # A local file is named relative to where the bench ran, so a committed report names no one's home.
+    return os.path.relpath(path) if Path(path).exists() else str(path)
+
+
+def _engine(model: str | Path):
+    from skillgen.inference import load_engine
+
+    return load_engine(model, backend="torch", device="cpu")
+
+
+ADAPTER_KEY = "measured-adapter"
+
+
+def _cases(seeds: int) -> list[tuple[str, int, str, str]]:
+    return [
+        (caption(color, SKILLS[i % len(SKILLS)], background), seed, color, background)
+        for i, (color, background, seed) in enumerate(itertools.product(COLORS, BACKGROUNDS, range(seeds)))
+    ]
+
+
+def _generate(engine, spec, seeds: int):
+    from skillgen.inference.engine import Sample
+
+    cases = _cases(seeds)
+    start = time.perf_counter()
+    images = engine.generate(spec, [Sample(prompt=p, seed=s) for p, s, _, _ in cases])
+    return cases, images, time.perf_counter() - start
+
+
 def measure(
     model: str | Path,
     seeds: int = 8,
@@ -102,20 +142,24 @@ def measure(
     guidance: float = DEFAULT_GUIDANCE,
     size_px: int = 64,
     grid: Path | None = None,
+    scheduler: str = "dpmpp",
+    adapter: Path | None = None,
+    engine=None,
 ) -> QualityReport:
-    """Generate every colour x background over `seeds` seeds (skills taken in turn) and judge each picture."""
-    from skillgen.inference import load_engine
-    from skillgen.inference.engine import BatchSpec, Sample
+    """Generate every colour x background over `seeds` seeds (skills taken in turn) and judge each picture.
 
-    engine = load_engine(model, backend="torch", device="cpu")
-    spec = BatchSpec(width=size_px, height=size_px, steps=steps, guidance=guidance, scheduler="dpmpp")
-    cases = [
-        (caption(color, SKILLS[i % len(SKILLS)], background), seed, color, background)
-        for i, (color, background, seed) in enumerate(itertools.product(COLORS, BACKGROUNDS, range(seeds)))
-    ]
-    start = time.perf_counter()
-    images = engine.generate(spec, [Sample(prompt=p, seed=s) for p, s, _, _ in cases])
-    seconds = time.perf_counter() - start
+    `adapter`: a diffusers LoRA file the images are drawn with. `engine`: one already loaded for `model` (the
+    turbo table reuses one); by default a torch engine on the CPU is loaded."""
+    from skillgen.inference.engine import BatchSpec
+
+    engine = engine or _engine(model)
+    if adapter is not None:
+        engine.backend.load_adapter(ADAPTER_KEY, adapter)
+    spec = BatchSpec(
+        width=size_px, height=size_px, steps=steps, guidance=guidance, scheduler=scheduler,
+        adapter=ADAPTER_KEY if adapter is not None else None,
+    )
+    cases, images, seconds = _generate(engine, spec, seeds)
     judged = [judge(image, *case) for image, case in zip(images, cases)]
     if grid is not None:
         save_grid(images, columns=seeds * len(BACKGROUNDS), path=grid)
@@ -123,10 +167,13 @@ def measure(
     def accuracy(hits: list[bool]) -> float:
         return round(sum(hits) / len(hits), 4)
 
+    import torch
+
     return QualityReport(
-        # A local model is named relative to where the bench ran, so a committed report names no one's home.
-        model=os.path.relpath(model) if Path(model).exists() else str(model),
+        model=_path_name(model),
         size_px=size_px,
+        scheduler=scheduler,
+        adapter=_path_name(adapter) if adapter is not None else None,
         steps=steps,
         guidance=guidance,
         seeds=seeds,
@@ -141,8 +188,105 @@ def measure(
             b: accuracy([j.seen_background == b for j in judged if j.background == b]) for b in BACKGROUNDS
         },
         seconds=round(seconds, 2),
+        seconds_per_image=round(seconds / len(judged), 4),
+        threads=torch.get_num_threads(),
         misses=[j for j in judged if j.seen_color != j.color or j.seen_background != j.background],
     )
+
+
+class TurboRow(BaseModel):
+    name: str
+    scheduler: str
+    steps: int
+    guidance: float
+    lora: bool  # drawn with the LCM-LoRA
+
+
+# The 20-step reference, the same few steps without distillation, and the LCM-LoRA at 2, 4 and 8 steps.
+TURBO_ROWS = (
+    TurboRow(name="dpmpp-20 (reference)", scheduler="dpmpp", steps=20, guidance=2.5, lora=False),
+    TurboRow(name="dpmpp-4", scheduler="dpmpp", steps=4, guidance=2.5, lora=False),
+    TurboRow(name="lcm-4, no LoRA", scheduler="lcm", steps=4, guidance=1.0, lora=False),
+    TurboRow(name="lcm-4 + LCM-LoRA", scheduler="lcm", steps=4, guidance=1.0, lora=True),
+    TurboRow(name="lcm-2 + LCM-LoRA", scheduler="lcm", steps=2, guidance=1.0, lora=True),
+    TurboRow(name="lcm-8 + LCM-LoRA", scheduler="lcm", steps=8, guidance=1.0, lora=True),
+)
+
+
+class TurboResult(TurboRow):
+    color_accuracy: float
+    background_accuracy: float
+    both_accuracy: float
+    color_accuracy_by_color: dict[str, float]
+    seconds_per_image_min: float
+    seconds_per_image_median: float
+
+
+class TurboReport(BaseModel):
+    model: str
+    adapter: str
+    size_px: int
+    seeds: int
+    images_per_row: int
+    threads: int
+    repeats: int
+    rows: list[TurboResult]
+
+
+def default_lcm_adapter() -> Path:
+    from skillgen.runtime.settings import REPO_ROOT
+
+    return REPO_ROOT / "models" / "skill-icons-lcm" / "pytorch_lora_weights.safetensors"
+
+
+def measure_turbo(model: str | Path, adapter: Path, seeds: int = 8, size_px: int = 64, repeats: int = 3,
+                  rows: tuple[TurboRow, ...] = TURBO_ROWS) -> TurboReport:
+    """Every row's accuracies (the images are seed-exact, so once is enough) and its seconds per image over
+    `repeats` rounds; each round runs every row once, so a neighbour's load lands on all rows alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not Path(adapter).is_file():
+        raise FileNotFoundError(f"no LCM-LoRA at {adapter}; train one with `skillgen model train-lcm` or pass --adapter")
+    engine = _engine(model)
+    reports: dict[str, QualityReport] = {}
+    per_image: dict[str, list[float]] = {row.name: [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            report = measure(model, seeds, row.steps, row.guidance, size_px, scheduler=row.scheduler,
+                             adapter=adapter if row.lora else None, engine=engine)
+            reports.setdefault(row.name, report)
+            per_image[row.name].append(report.seconds_per_image)
+    import torch
+
+    return TurboReport(
+        model=_path_name(model), adapter=_path_name(adapter), size_px=size_px, seeds=seeds,
+        images_per_row=reports[rows[0].name].images, threads=torch.get_num_threads(), repeats=repeats,
+        rows=[
+            TurboResult(
+                **row.model_dump(),
+                **reports[row.name].model_dump(
+                    include={"color_accuracy", "background_accuracy", "both_accuracy", "color_accuracy_by_color"}
+                ),
+                seconds_per_image_min=min(per_image[row.name]),
+                seconds_per_image_median=round(statistics.median(per_image[row.name]), 4),
+            )
+            for row in rows
+        ],
+    )
+
+
+def turbo_table(report: TurboReport) -> str:
+    lines = [
+        "| row | scheduler | steps | guidance | LCM-LoRA | colour | background | s/image min | s/image median |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r.name} | {r.scheduler} | {r.steps} | {r.guidance:g} | {'yes' if r.lora else 'no'} | "
+            f"{r.color_accuracy:.3f} | {r.background_accuracy:.3f} | {r.seconds_per_image_min:.4f} | "
+            f"{r.seconds_per_image_median:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def save_grid(images: list[Image.Image], columns: int, path: Path) -> None:
@@ -167,10 +311,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--grid", type=Path, help="also save every image on one PNG contact sheet here")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp", help="sampler (default dpmpp)")
+    parser.add_argument("--adapter", type=Path, help="a diffusers LoRA file (safetensors) to draw with; for "
+                        "--turbo-table, the LCM-LoRA (default models/skill-icons-lcm/pytorch_lora_weights.safetensors)")
+    parser.add_argument("--turbo-table", action="store_true",
+                        help="measure the few-step path (dpmpp 20 and 4 steps, lcm 4 steps without and 2/4/8 with the "
+                        "LCM-LoRA) instead of one setting; --steps, --guidance, --scheduler and --grid do not apply")
+    parser.add_argument("--repeats", type=int, default=3, help="--turbo-table: timed rounds per row (default 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads, pinned for the run and reported (default 1)")
 
 
 def run(args) -> int:
-    report = measure(args.model, args.seeds, args.steps, args.guidance, args.size, args.grid)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.turbo_table:
+        turbo = measure_turbo(args.model, args.adapter or default_lcm_adapter(), args.seeds, args.size, args.repeats)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(turbo.model_dump_json(indent=2) + "\n")
+        print(f"{turbo.images_per_row} images per row at {turbo.size_px}px, {turbo.threads} torch thread(s), "
+              f"{turbo.repeats} interleaved rounds")
+        print(turbo_table(turbo))
+        return 0
+    if args.adapter is not None and not args.adapter.is_file():
+        raise FileNotFoundError(f"--adapter {args.adapter} is not a file")
+    report = measure(args.model, args.seeds, args.steps, args.guidance, args.size, args.grid,
+                     scheduler=args.scheduler, adapter=args.adapter)
     text = report.model_dump_json(indent=2)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("trainer",): ("trainer.worker", "LoRA fine-tune worker: skill.finetune -> adapter registry"),
     ("export", "onnx"): ("skillgen.inference.export", "export a diffusers model to ONNX (fp32/fp16/int8)"),
     ("model", "train-icons"): ("skillgen.tools.icon_model", "train the embedded skill-icon model from scratch"),
+    ("model", "train-lcm"): ("skillgen.tools.lcm_model", "distill an LCM-LoRA (few-step sampling) for the embedded model"),
     ("bench", "pipeline"): ("bench.pipeline", "benchmark the inference backends side by side"),
     ("bench", "consumer"): ("bench.consumer", "benchmark the consumer service (batching, cache hits)"),
     ("bench", "fairness"): ("bench.fairness", "benchmark fair scheduling, ETA and cancel across teams (issue 17)"),
