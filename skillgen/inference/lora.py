@@ -64,6 +64,8 @@ def read_lora(path: str | Path, model_dir: Path) -> LoraContents:
         )
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise AdapterError(f"cannot read the LoRA at {weights}: {exc}") from exc
+    if not any("lora" in k for k in state_dict):  # diffusers would fail on it with an IndexError
+        raise AdapterError(f"{weights.name} holds no LoRA weights (no lora_A/lora_B or lora.down/lora.up tensors)")
     # Skeletons without initialised weights: their storage is never touched, so even SD 1.5 costs no real memory.
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
