@@ -157,6 +157,8 @@ async def test_a_command_in_a_thread_is_answered_in_the_thread(bot):
         ({"prompt": "a cat --n 2", "n": 3}, "n is given twice"),
         ({"prompt": "a gory beheading"}, "Your prompt was blocked: it asks for graphic violence or gore."),
         ({"prompt": "help"}, "**/skill** draws a skill image"),
+        ({"prompt": "a cat", "turbo": True, "adapter": "clay"},
+         "--turbo: turbo uses this service's fast LoRA; it cannot be combined with an adapter"),
     ],
 )
 async def test_refusals_and_help_are_ephemeral_and_publish_nothing(bot, options, says):
@@ -374,6 +376,12 @@ async def test_relax_publishes_in_the_relax_lane_and_says_so(bot):
     [req] = await bot.requests.wait(1)
     assert req.lane == "relax"
     assert it.original.content == f"⏳ <@{USER_ID}> queued · relax mode: *a cellist's bow hold*"
+
+
+async def test_the_turbo_option_publishes_a_turbo_request(bot):
+    await bot.invoke("skill", {"prompt": "a cellist's bow hold", "turbo": True, "steps": 6})
+    [req] = await bot.requests.wait(1)
+    assert (req.turbo, req.steps, req.scheduler, req.guidance) == (True, 6, "lcm", 1.0)
 
 
 async def publish_view(queued_units: float, s_per_unit: float = 2.0) -> None:
