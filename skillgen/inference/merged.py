@@ -148,8 +148,6 @@ class MergedAdapters:
         capacity: int,
         open_networks: Callable[[Path, Manifest, tuple[str, ...]], dict[str, object]],
     ):
-        if capacity < 0:
-            raise ValueError("max_merged_adapters must be 0 (none) or more")
         self.model_dir, self.cache_dir, self.export_name = model_dir, cache_dir, export_name
         self.options, self.capacity, self._open = options, capacity, open_networks
         self._base_digest: str | None = None

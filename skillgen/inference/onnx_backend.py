@@ -125,6 +125,8 @@ class OnnxBackend:
 
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
+        if max_merged_adapters < 0:
+            raise ValueError("max_merged_adapters must be 0 (none) or more")
         if precision not in ("fp32", "fp16", "int8"):
             raise PipelineError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
         self.model_dir = resolve_model_dir(model)
