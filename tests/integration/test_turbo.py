@@ -13,6 +13,8 @@ from PIL import Image
 
 from bench.pipeline import psnr_db, write_random_lora
 from bots import grammar
+from consumer.replay import Selection, select
+from consumer.replay_work import ADAPTER, Report, reprocess
 from consumer.routing import NO_TURBO
 from consumer.worker import Worker
 from schemas.messages import EventKind, GenerateRequest
@@ -105,3 +107,21 @@ async def test_a_consumer_with_a_fast_lora_that_is_not_safetensors_does_not_star
     worker = Worker(consumer_settings(tiny_model, fast_lora=pickled), engine, image_policy=image_policy)
     with pytest.raises(ValueError, match=r"SKILL_FAST_LORA=.*lcm\.safetensors: not a safetensors file"):
         await worker.run()
+
+
+async def test_reprocess_sets_a_turbo_request_aside_like_one_naming_an_adapter(
+    skill_env, tiny_model, engine, image_policy  # noqa: F811
+):
+    """Replay draws without the consumer's adapters: a turbo request is left for --republish, not drawn bare."""
+    settings = consumer_settings(tiny_model)
+    async with Kafka(settings) as kafka:
+        turbo = await kafka.publish(GenerateRequest(origin=ORIGIN, prompt="a rower's catch", width=64, height=64,
+                                                    turbo=True))
+        plain = await kafka.publish(request("a rower's finish"))
+    spy = SpyEngine(engine)
+    report = Report("test", "reprocess", "generate")
+    await reprocess(settings, await select(settings, Selection()), spy, None, None, False,
+                    image_policy=image_policy, report=report)
+    assert [prompts for _, prompts in spy.batches] == [[plain.prompt]]
+    assert {r["request_id"]: r["outcome"] for r in report.records}[turbo.request_id] == ADAPTER
+    assert report.counts["skipped_other"] == 1 and report.counts["succeeded"] == 1
