@@ -144,8 +144,13 @@ class GpuLoop:
         post-processing and the event loop's own share of the CPU together) bounds every ETA too."""
         self.pace.done(flight.cost, backlogged=bool(self.batcher))
 
-    async def warm_up(self, model: str, image_policy=None) -> None:
-        """Before the consumer takes requests: the cost model's first batches, timed (consumer/speed.py)."""
+    async def warm_up(self, model: str, image_policy=None, fast: ResolvedAdapter | None = None) -> None:
+        """Before the consumer takes requests: turbo's LoRA loaded (`fast`: on ONNX an LCM-LoRA is a merged export,
+        minutes for SD 1.5, never to be built under a first turbo request), then the cost model's first batches,
+        timed (consumer/speed.py)."""
+        if fast is not None:
+            await asyncio.get_running_loop().run_in_executor(self._gpu, self.engine.backend.load_adapter, fast.key,
+                                                             fast.path)
         self.full_batch = (await warm_up(self.engine, self.speed, model, self.settings.max_batch,
                                          self.settings.max_pixels, self._gpu, self.post, image_policy), 20)
 

@@ -136,7 +136,7 @@ class Worker:
         self.policy_id = await asyncio.to_thread(policy_fingerprint, SafetySettings())
         fast = await asyncio.to_thread(fast_adapter, s.fast_lora) if s.fast_lora else None  # turbo's LoRA
         if self.warm_up:
-            await self.gpu.warm_up(s.model, self.image_policy)
+            await self.gpu.warm_up(s.model, self.image_policy, fast)
         # Leases are correctness keys (the noeviction Redis); the cache has its own (allkeys-lru) when set.
         link = RedisLink(s.redis_url, s.redis_timeout_s, s.redis_retry_s) if s.redis_url else None
         self.sched.link = link

@@ -99,6 +99,21 @@ async def test_a_turbo_request_is_drawn_with_the_fast_lora_and_refused_where_non
     assert "SKILL_FAST_LORA" in failed.message and len(spy.batches) == 2  # nothing drawn for it
 
 
+async def test_the_warm_up_loads_the_fast_lora_before_the_first_request(
+    skill_env, tiny_model, engine, image_policy, tmp_path  # noqa: F811
+):
+    """On ONNX an LCM-LoRA is a merged export (minutes for SD 1.5): the warm-up builds it, never a first turbo
+    request on the inference thread."""
+    lora = write_random_lora(tiny_model, tmp_path / "lcm")
+    settings = consumer_settings(tiny_model, max_batch=4, fast_lora=lora)
+    spy = SpyEngine(engine)
+    async with Kafka(settings):
+        async with running(settings, spy, image_policy=image_policy, warm_up=True):
+            key = f"turbo-v1-{hashlib.sha256(lora.read_bytes()).hexdigest()[:12]}"
+            assert spy.backend.loaded[:1] == [(key, str(lora))]
+            assert spy.batches and all(spec.adapter is None for spec, _ in spy.batches)  # the warm-up's own
+
+
 async def test_a_consumer_with_a_fast_lora_that_is_not_safetensors_does_not_start(
     skill_env, tiny_model, engine, image_policy, tmp_path  # noqa: F811
 ):
