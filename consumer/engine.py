@@ -63,9 +63,9 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
                   post: PostQueue | None = None, image_policy=None) -> float:
     """Before a consumer takes requests, on its inference thread (`executor`), at the model's own size with the
     request defaults (20 steps, guidance on): a lone image and a full batch (the runtime's first calls, not
-    timed), then a full batch timed while the first one's images are checked and encoded on the post-processing
-    thread (`post`, with `image_policy`), as a served batch overlaps its predecessor's post-processing, then a lone
-    image timed alone, then both again at FEW_STEPS steps. So the first deep queue is timed neither by a lone image
+    timed), then a full batch and a lone image, then both again at FEW_STEPS steps; each full batch is timed while the
+    previous full batch's images are checked and encoded on the post-processing thread (`post`, with
+    `image_policy`), as a batch in a deep queue overlaps its predecessor's post-processing. So the first deep queue is timed neither by a lone image
     (about 2x too slow per unit) nor by a batch that had the CPU to itself, and a request of another step count is
     predicted with the batch's own fixed cost (text encoding, decoding: a full 8-step batch of the embedded model
     takes 0.44x a 20-step one, not 0.4x). Returns the full 20-step batch's work units."""
@@ -90,13 +90,15 @@ async def warm_up(engine, speed: Speed, model: str, max_batch: int, max_pixels: 
 
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, timed, 1)
-    _, images = await loop.run_in_executor(executor, timed, max_batch)
-    beside = [post.submit(check_and_encode, image) for image in images] if post is not None and image_policy else []
+    _, full = await loop.run_in_executor(executor, timed, max_batch)
     for n, steps in ((max_batch, spec.steps), (1, spec.steps), (max_batch, FEW_STEPS), (1, FEW_STEPS)):
-        seconds, _ = await loop.run_in_executor(executor, timed, n, steps)
+        # As in a deep queue, the previous full batch's images are checked and encoded while a full batch runs.
+        busy = n > 1 and post is not None and image_policy is not None
+        beside = [post.submit(check_and_encode, im) for im in full] if busy else []
+        seconds, images = await loop.run_in_executor(executor, timed, n, steps)
+        full = images if n > 1 else full
         for fut in beside:
             await asyncio.wrap_future(fut)
-        beside = []
         speed.observe(units(n, px, px, steps, spec.guidance), steps, seconds)
         log.info("warm-up: a batch of %d %dx%d images, %d steps, in %.2fs", n, px, px, steps, seconds)
     return units(max_batch, px, px, spec.steps, spec.guidance)

@@ -139,7 +139,8 @@ async def test_the_warm_up_times_a_full_batch_beside_post_processing_and_a_lone_
             post.shutdown()
     # the first two are not timed; then a full batch and a lone image at 20 steps and at FEW_STEPS
     assert calls == [(64, 20, 1), (64, 20, 8), (64, 20, 8), (64, 20, 1), (64, 4, 8), (64, 4, 1)]
-    assert checked == [1] * 8  # the first full batch's images, post-processed (one at a time) beside the timed one
+    # each timed full batch beside the previous full batch's images, post-processed one at a time
+    assert checked == [1] * 16
     assert post.run_s > 0
     assert full == pytest.approx(8 * (64 * 64 / (512 * 512)))
     # two step counts: the cost per batch is told from the cost per step (sleep's overshoot aside)
