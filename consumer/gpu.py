@@ -46,7 +46,6 @@ class _Batch:
     cancelled: Callable[[], list[int]]
     gen_s: float = 0.0
     preempted: bool = False  # another batch ran between two of its steps
-    predicted_s: float | None = None  # the cost model's seconds for it when it started
 
     def __post_init__(self) -> None:
         self.progress.holder.append(self)  # type: ignore[attr-defined]
@@ -97,8 +96,8 @@ class GpuLoop:
     def factor(self) -> float:
         """consumer/speed.py Slowdown, with the running batch's own ratio."""
         step = self.running[0].steps_done if self.running else 0
-        return self.slowdown.factor(live_ratio(time.monotonic() - self.running_since, self.running_pred, step,
-                                               self.running_steps))
+        return self.slowdown.factor(self.speed.fit, live_ratio(time.monotonic() - self.running_since,
+                                                               self.running_pred, step, self.running_steps))
 
     def running_left_s(self, factor: float = 1.0) -> float:
         if not self.running or self.running_pred is None:
@@ -109,7 +108,7 @@ class GpuLoop:
         """Seconds per work unit of a deep queue (served in full batches): the speed the group view shows."""
         if self.speed.fit is None:
             return None
-        return self.speed.fit.s_per_unit(*(self.full_batch or (1.0, 20))) * self.slowdown.factor()
+        return self.speed.fit.s_per_unit(*(self.full_batch or (1.0, 20))) * self.slowdown.factor(self.speed.fit)
 
     def estimate(self, flight: Flight) -> Estimate:
         """Where the flight would stand if queued now: requests ahead under the schedule, and the seconds until
@@ -269,7 +268,7 @@ class GpuLoop:
         self.running_pred = self.speed.batch_s(self.running_units, self.running_steps)
         self.running_since = self.progressed = time.monotonic()
         return _Batch(key, flights, spec, samples, spans, self._progress_fn(key, flights, loop),
-                      self._cancelled_fn(flights, spans), predicted_s=self.running_pred)
+                      self._cancelled_fn(flights, spans))
 
     def _end(self, batch: _Batch, images) -> None:
         """On the event loop: the batch's timing, then each flight to post-processing (or closed, if cancelled)."""
@@ -280,7 +279,7 @@ class GpuLoop:
         # A batch cut short by a cancel, or stretched by a batch that preempted it, says nothing about speed.
         if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
             work = sum(f.cost for f in flights)
-            self.slowdown.observe(gen_s, batch.predicted_s)
+            self.slowdown.observe(work, batch_steps(batch.key), gen_s)
             self.speed.observe(work, batch_steps(batch.key), gen_s)
             if len(batch.samples) >= self.settings.max_batch:
                 self.full_batch = (work, batch_steps(batch.key))

@@ -141,24 +141,26 @@ def batch_steps(key) -> int:
 
 
 class Slowdown:
-    """How much slower (or faster) than the cost model the GPU runs right now: the median of the last `keep`
-    finished batches' seconds over what the model predicted for them when they started, and of the running
-    batch's own (its time so far over the model's share of it for the steps done). On a CPU the consumer's own
-    work (reading a burst of requests, events, post-processing) takes cores the warm-up had to itself: a fresh
-    consumer's first batches under a burst ran about 1.4x the warm-up's prediction here, before any of them was
-    finished. The running batch says so within a step; the model itself catches up over a few batches, and the
-    ratios (taken against the model of their time) go back to 1 as it does."""
+    """How much slower (or faster) than the cost model the GPU runs right now: the median, over the last `keep`
+    finished batches and the running one, of their seconds over what the model predicts for them. On a CPU the
+    consumer's own work (reading a burst of requests, events, post-processing) takes cores the warm-up had to
+    itself: a fresh consumer's first batches under a burst ran about 1.3x the warm-up's prediction here, before the
+    model had seen any of them. The finished batches are judged against the model of now, not of when they ran:
+    once the model has taken them in, their ratios are back near 1 and nothing is counted twice. The running
+    batch's ratio (`live_ratio`) says so within a step."""
 
     def __init__(self, keep: int = 3, bounds: tuple[float, float] = (1 / 3, 3.0)):
-        self._ratios: deque[float] = deque(maxlen=keep)
+        self._batches: deque[tuple[float, float, float]] = deque(maxlen=keep)  # (units, steps, seconds)
         self.bounds = bounds
 
-    def observe(self, seconds: float, predicted: float | None) -> None:
-        if predicted and predicted > 0 and seconds > 0:
-            self._ratios.append(seconds / predicted)
+    def observe(self, units: float, steps: float, seconds: float) -> None:
+        if units > 0 and steps > 0 and seconds > 0:
+            self._batches.append((units, steps, seconds))
 
-    def factor(self, live: float | None = None) -> float:
-        ratios = list(self._ratios) + ([live] if live is not None else [])
+    def factor(self, fit: Fit | None, live: float | None = None) -> float:
+        ratios = [] if fit is None else [t / p for u, st, t in self._batches if (p := fit.batch_s(u, st)) > 0]
+        if live is not None:
+            ratios.append(live)
         if not ratios:
             return 1.0
         lo, hi = self.bounds

@@ -165,28 +165,29 @@ def test_the_delivered_pace_counts_only_while_work_waited():
     assert pace.s_per_unit() == pytest.approx(0.25 / 0.5)
 
 
-def test_the_slowdown_is_the_median_of_the_last_batches_and_the_running_one():
+def test_the_slowdown_is_the_median_of_the_last_batches_and_the_running_one_against_the_model_of_now():
+    model = Fit(a=0.2, b=0.1)  # a batch of 1 unit at 20 steps: 0.3 s
     slow = Slowdown(keep=3)
-    assert slow.factor() == 1.0  # nothing timed yet: the model as it is
-    slow.observe(1.4, 1.0)
-    assert slow.factor() == pytest.approx(1.4)
-    slow.observe(1.5, 1.0)
-    slow.observe(0.3, 0.2)
-    assert slow.factor() == pytest.approx(1.5)  # median of 1.4, 1.5, 1.5
-    for _ in range(3):  # the model caught up: its ratios come back to 1
-        slow.observe(1.0, 1.0)
-    assert slow.factor() == pytest.approx(1.0)
-    assert slow.factor(live=2.0) == pytest.approx(1.0)  # one slow running batch among three is the median's outlier
-    slow.observe(1.0, None)  # nothing was predicted (before the warm-up): no ratio
-    slow.observe(0.0, 1.0)
-    assert slow.factor() == pytest.approx(1.0)
-    assert Slowdown(bounds=(0.5, 2.0)).factor(live=10.0) == 2.0  # bounded both ways
-    assert Slowdown(bounds=(0.5, 2.0)).factor(live=0.01) == 0.5
+    assert slow.factor(model) == 1.0 and slow.factor(None) == 1.0  # nothing timed yet: the model as it is
+    slow.observe(1.0, 20, 0.42)
+    assert slow.factor(model) == pytest.approx(1.4)
+    slow.observe(1.0, 20, 0.45)
+    slow.observe(2.0, 20, 0.6)  # 0.4 s predicted
+    assert slow.factor(model) == pytest.approx(1.5)  # median of 1.4, 1.5, 1.5
+    # the model took those batches in: judged against it, they are no slowdown any more (nothing counted twice)
+    caught_up = Fit(a=0.3, b=0.15)
+    assert slow.factor(caught_up) == pytest.approx(1.0)
+    assert slow.factor(caught_up, live=2.0) == pytest.approx(1.0)  # one slow running batch among three: an outlier
+    slow.observe(0.0, 20, 1.0)  # nothing to judge
+    slow.observe(1.0, 20, 0.0)
+    assert slow.factor(caught_up) == pytest.approx(1.0)
+    assert Slowdown(bounds=(0.5, 2.0)).factor(model, live=10.0) == 2.0  # bounded both ways
+    assert Slowdown(bounds=(0.5, 2.0)).factor(model, live=0.01) == 0.5
 
 
 def test_a_fresh_consumer_learns_the_slowdown_from_its_first_running_batch():
     # a batch predicted at 0.4 s, 3 of 8 steps done after 0.21 s: running 1.4x the model
     assert live_ratio(0.21, 0.4, 3, 8) == pytest.approx(1.4)
-    assert Slowdown().factor(live=live_ratio(0.21, 0.4, 3, 8)) == pytest.approx(1.4)
+    assert Slowdown().factor(None, live=live_ratio(0.21, 0.4, 3, 8)) == pytest.approx(1.4)
     assert live_ratio(0.05, 0.4, 0, 8) is None  # before the first step: text encoding is no measure
     assert live_ratio(0.05, None, 2, 8) is None
