@@ -53,7 +53,7 @@ class LcmRecipe(BaseModel):
     guidance_max: float = Field(2.5, ge=1.0)
     ddim_timesteps: int = Field(50, gt=1, description="the solver's skipping schedule (LCMScheduler's 50)")
     timestep_scaling: float = Field(10.0, gt=0.0, description="boundary-condition scaling (LCMScheduler's 10)")
-    loss: Literal["huber", "l2"] = "huber"
+    loss: Literal["huber", "l2"] = "l2"
     huber_c: float = Field(0.001, gt=0.0)
 
     @model_validator(mode="after")
@@ -233,6 +233,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch, help=f"latents per step (default {d.batch})")
     parser.add_argument("--lr", type=float, default=d.schedule.lr, help=f"AdamW learning rate (default {d.schedule.lr})")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    parser.add_argument("--loss", choices=("huber", "l2"), default=d.loss, help=f"consistency loss (default {d.loss})")
     parser.add_argument("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"),
                         default=(d.guidance_min, d.guidance_max),
                         help=f"teacher CFG scale range (default {d.guidance_min} {d.guidance_max})")
@@ -243,7 +244,7 @@ def run(args) -> int:
     d = LcmRecipe()
     warmup = min(d.schedule.warmup_steps, args.steps // 10)
     recipe = LcmRecipe(
-        seed=args.seed, images=args.images, batch=args.batch, rank=args.rank,
+        seed=args.seed, images=args.images, batch=args.batch, rank=args.rank, loss=args.loss,
         guidance_min=args.guidance[0], guidance_max=args.guidance[1],
         schedule=d.schedule.model_copy(update={"steps": args.steps, "lr": args.lr, "warmup_steps": warmup}),
     )
