@@ -165,8 +165,7 @@ def save_lora(unet, out: Path) -> Path:
 
 
 @torch.no_grad()
-def _data(pipe, recipe: LcmRecipe, gen: torch.Generator, log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                         torch.Tensor, torch.Tensor]:
+def _data(pipe, recipe: LcmRecipe, log) -> tuple[torch.Tensor, ...]:
     """Posterior means and stds of every icon, the index of its caption, the unique captions' embeddings, and ""'s."""
     dataset = IconDataset(recipe.images, seed=recipe.seed, size_px=recipe.size_px)
     pixels = np.stack([np.asarray(image) for image, _ in tqdm(dataset, desc="icons", unit="img")])
@@ -197,7 +196,7 @@ def distill_lcm_lora(model: str | Path, recipe: LcmRecipe, out: Path, log: Calla
     pipe = StableDiffusionPipeline.from_pretrained(
         model, dtype=torch.float32, safety_checker=None, requires_safety_checker=False, use_safetensors=True
     )
-    mean, std, which, embeddings, uncond = _data(pipe, recipe, gen, log)
+    mean, std, which, embeddings, uncond = _data(pipe, recipe, log)
     scaling = pipe.vae.config.scaling_factor
     distiller = Distiller(pipe.unet, dict(pipe.scheduler.config), recipe, uncond)
     n_lora = sum(p.numel() for p in distiller.parameters)
@@ -218,11 +217,11 @@ def distill_lcm_lora(model: str | Path, recipe: LcmRecipe, out: Path, log: Calla
 
 
 def add_arguments(parser) -> None:
-    from skillgen.runtime.settings import default_model
+    from skillgen.runtime.settings import REPO_ROOT, default_model
 
     d = LcmRecipe()
     parser.add_argument("--model", default=default_model(), help="the base diffusers model (default: the embedded one)")
-    parser.add_argument("--out", type=Path, default=Path("models/skill-icons-lcm"),
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "skill-icons-lcm",
                         help="directory for pytorch_lora_weights.safetensors and the log (default models/skill-icons-lcm)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine two threads that lose a core to "
