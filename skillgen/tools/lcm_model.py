@@ -157,8 +157,12 @@ def save_lora(unet, out: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     layers = {k: v.detach().to(torch.float16).contiguous() for k, v in lora_layers(unet).items()}
+    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    # peft keeps the targets as a set, whose order follows the process's string hash seed: sorted, a rerun of the
+    # same recipe writes the same bytes.
+    metadata["target_modules"] = sorted(metadata["target_modules"])
     StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+        out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
         weight_name=WEIGHTS_NAME, safe_serialization=True,
     )
     return out / WEIGHTS_NAME

@@ -76,6 +76,8 @@ def test_distillation_runs_and_saves_a_lora_the_pipeline_loads(tiny_model, tmp_p
 
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.target_modules"] == sorted(recipe.targets)  # same bytes whatever the hash seed
     assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     assert any(".attn1.to_q." in k for k in keys) and any(".conv1." in k for k in keys)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
