@@ -269,6 +269,7 @@ class Run:
             "SKILL_REDIS_URL": stack.redis.url,
             "SKILL_REDIS_PREFIX": self.ns.redis_prefix,
             "SKILL_BLOB_URL": self.blob_url,
+            "SKILL_SPEED_MEMORY": str(self.dir / "speed.json"),
             "SKILL_SIGNING_KEY": SIGNING_KEY,
             "SKILL_ALLOWED_TEAMS": "*",
             "SKILL_LOG_FORMAT": "text",

@@ -321,6 +321,8 @@ class Session:
             "SKILL_REDIS_URL": self.stack.redis.url,
             "SKILL_REDIS_PREFIX": self.ns.redis_prefix,
             "SKILL_BLOB_URL": (self.dir / "blobs").as_uri(),
+            # one per run, shared by its scenarios' consumers: each later one starts as a restarted consumer would
+            "SKILL_SPEED_MEMORY": str(self.stack.workdir / "speed.json"),
             "SKILL_SIGNING_KEY": SIGNING_KEY,
             "SKILL_ALLOWED_TEAMS": "*",
             "SKILL_LOG_FORMAT": "text",

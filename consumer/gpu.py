@@ -27,7 +27,15 @@ from consumer.metrics import ConsumerMetrics
 from consumer.post import PostQueue
 from consumer.retry import RETRIES_SPENT, GiveUp, Requeue, after_failure  # noqa: F401 - re-exported
 from consumer.settings import ConsumerSettings
-from consumer.speed import Pace, Slowdown, Speed, batch_steps, live_ratio
+from consumer.speed import (
+    Pace,
+    ServiceRatio,
+    Slowdown,
+    Speed,
+    SpeedMemory,
+    batch_steps,
+    live_ratio,
+)
 from skillgen.runtime.groupview import Estimate, estimate
 from skillgen.runtime.logs import job as job_fields
 
@@ -74,6 +82,10 @@ class GpuLoop:
         self.running: list[Flight] = []
         self.speed = Speed()  # the cost model behind every ETA (consumer/speed.py), seeded by `warm_up`
         self.slowdown = Slowdown()  # how far from the model the GPU runs now (a CPU shared with a burst's intake)
+        self.service_ratio: ServiceRatio | None = None  # in service against the warm-up's model, kept in `memory`
+        self.memory = SpeedMemory(settings.speed_memory)
+        s = settings
+        self.memory_key = f"{s.model}|{s.backend}|{s.device}|{s.precision}|max_batch={s.max_batch}"
         self.full_batch: tuple[float, int] | None = None  # (units, steps) of the last full batch timed
         # Post-processing (image check, PNG, blob store) on one thread, a preempting batch's first (consumer/post.py).
         self.post = PostQueue()
@@ -92,6 +104,11 @@ class GpuLoop:
     def shutdown(self) -> None:
         self._gpu.shutdown(wait=False, cancel_futures=True)
         self.post.shutdown()
+        self.remember()
+
+    def remember(self) -> None:
+        if self.service_ratio is not None and (ratio := self.service_ratio.value()) is not None:
+            self.memory.save(self.memory_key, ratio)
 
     def factor(self) -> float:
         """consumer/speed.py Slowdown, with the running batch's own ratio."""
@@ -152,6 +169,10 @@ class GpuLoop:
                                                              fast.path)
         self.full_batch = (await warm_up(self.engine, self.speed, model, self.settings.max_batch,
                                          self.settings.max_pixels, self._gpu, self.post, image_policy), 20)
+        self.service_ratio = ServiceRatio(self.speed.fit) if self.speed.fit else None
+        self.slowdown.prior = await asyncio.to_thread(self.memory.load, self.memory_key)
+        log.info("warm-up done; in service this host last ran %s its warm-up's speed",
+                 "at an unknown ratio to" if self.slowdown.prior is None else f"{self.slowdown.prior:.2f}x slower than")
 
     def queue(self, flight: Flight, est: Estimate | None = None) -> Estimate:
         """Queue the flight for the GPU; returns its estimate (position and ETA)."""
@@ -280,6 +301,10 @@ class GpuLoop:
         if not any(f.cancelled for f in flights) and not batch.preempted and gen_s > 0:
             work = sum(f.cost for f in flights)
             self.slowdown.observe(work, batch_steps(batch.key), gen_s)
+            if self.service_ratio is not None:
+                self.service_ratio.observe(work, batch_steps(batch.key), gen_s)
+                if self.service_ratio.seen % 20 == 0:
+                    self.remember()
             self.speed.observe(work, batch_steps(batch.key), gen_s)
             if len(batch.samples) >= self.settings.max_batch:
                 self.full_batch = (work, batch_steps(batch.key))

@@ -61,6 +61,14 @@ class ConsumerSettings(CommonSettings):
     # At start, before joining the group: a full batch and a lone image at the model's size, timed, so the first
     # ETAs (consumer/speed.py's cost model) come from both sizes instead of from whichever batch ran first.
     warm_up: bool = True
+    # Where a consumer keeps, across restarts, how much slower than its warm-up it ran in service (consumer/speed.py
+    # SpeedMemory): a restarted consumer's first ETAs start from it. Used only with the warm-up.
+    speed_memory: Path = Field(default_factory=lambda: Path.home() / ".cache" / "skillgen" / "speed.json")
+
+    @field_validator("speed_memory")
+    @classmethod
+    def _expand_user(cls, v: Path) -> Path:
+        return v.expanduser()
     team_weights: dict[str, float] = Field(default_factory=dict)
     lane_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
     # A team's fast-lane budget per UTC day in work units (one 512x512 image, 20 steps, with guidance); past it

@@ -26,6 +26,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from schemas.messages import steps_run
 from skillgen.runtime.groupview import BASE_STEPS
@@ -152,6 +153,9 @@ class Slowdown:
     def __init__(self, keep: int = 3, bounds: tuple[float, float] = (1 / 3, 3.0)):
         self._batches: deque[tuple[float, float, float]] = deque(maxlen=keep)  # (units, steps, seconds)
         self.bounds = bounds
+        # What this host's last run saw in service (SpeedMemory): it fills the places of batches not yet timed, so
+        # it speaks for a restarted consumer's first burst and is gone after `keep` batches.
+        self.prior: float | None = None
 
     def observe(self, units: float, steps: float, seconds: float) -> None:
         if units > 0 and steps > 0 and seconds > 0:
@@ -161,6 +165,8 @@ class Slowdown:
         ratios = [] if fit is None else [t / p for u, st, t in self._batches if (p := fit.batch_s(u, st)) > 0]
         if live is not None:
             ratios.append(live)
+        if self.prior is not None:
+            ratios += [self.prior] * (self._batches.maxlen - len(self._batches))  # type: ignore[operator]
         if not ratios:
             return 1.0
         lo, hi = self.bounds
@@ -173,3 +179,74 @@ def live_ratio(elapsed_s: float, predicted_s: float | None, step: int, steps: in
     if not predicted_s or predicted_s <= 0 or steps <= 0 or step < 1:
         return None
     return elapsed_s / (predicted_s * min(step, steps) / steps)
+
+
+class ServiceRatio:
+    """How much slower than its warm-up's model this consumer runs in service: the median, over its last `keep`
+    timed batches, of their seconds over what the model fitted at the warm-up (`reference`, kept as it was)
+    predicted. On a CPU the warm-up had the cores to itself; in service the consumer's own intake, events and
+    post-processing share them (about 1.3-1.5x on this 2-core machine); on a GPU it stays near 1."""
+
+    def __init__(self, reference: Fit, keep: int = 50, least: int = 8):
+        self.reference, self.least = reference, least
+        self._ratios: deque[float] = deque(maxlen=keep)
+        self.seen = 0  # batches observed
+
+    def observe(self, units: float, steps: float, seconds: float) -> None:
+        predicted = self.reference.batch_s(units, steps)
+        if predicted > 0 and seconds > 0:
+            self._ratios.append(seconds / predicted)
+            self.seen += 1
+
+    def value(self) -> float | None:
+        return statistics.median(self._ratios) if len(self._ratios) >= self.least else None
+
+
+class SpeedMemory:
+    """ServiceRatio across restarts, per host: a small JSON file (`path`) of key -> ratio, where a key names what
+    the ratio is true of (model, backend, device, precision, batch size). A restarted consumer, whose first work is
+    often the backlog that grew while it was down, takes it as the Slowdown's prior instead of assuming the warm-up's
+    quiet speed. The file is this process's own state: one that cannot be read or parsed is ignored (and rewritten),
+    entries older than `max_age_s` or outside (1/3, 3) are ignored, writes are atomic (a temporary file renamed)."""
+
+    def __init__(self, path, max_age_s: float = 7 * 86400, clock=time.time):
+        self.path, self.max_age_s, self._clock = Path(path), max_age_s, clock
+
+    def _read(self) -> dict:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def load(self, key: str) -> float | None:
+        entry = self._read().get(key)
+        if not isinstance(entry, dict):
+            return None
+        ratio, at = entry.get("ratio"), entry.get("at")
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (ratio, at)):
+            return None
+        if self._clock() - at > self.max_age_s or not 1 / 3 < ratio < 3:
+            return None
+        return float(ratio)
+
+    def save(self, key: str, ratio: float) -> None:
+        import json
+        import os
+        import tempfile
+
+        data = self._read()
+        data[key] = {"ratio": round(ratio, 4), "at": round(self._clock(), 1)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".speed-")
+        except OSError:  # state, not a duty: a read-only disk costs a cold start's ETAs, nothing else
+            return
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)

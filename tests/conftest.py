@@ -134,6 +134,7 @@ def skill_env(
             "SKILL_REDIS_URL": redis_server.url,
             "SKILL_REDIS_PREFIX": namespace.redis_prefix,
             "SKILL_BLOB_URL": blob_dir.as_uri(),
+            "SKILL_SPEED_MEMORY": str(tmp_path / "speed.json"),  # never the user's own (consumer/speed.py)
             "SKILL_SIGNING_KEY": SIGNING_KEY,
             "SKILL_ALLOWED_TEAMS": "*",
         },

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from consumer.engine import native_px
-from consumer.speed import Fit, Pace, Slowdown, Speed, fit, live_ratio
+from consumer.speed import Fit, Pace, ServiceRatio, Slowdown, Speed, SpeedMemory, fit, live_ratio
 
 pytestmark = pytest.mark.unit
 
@@ -191,3 +191,87 @@ def test_a_fresh_consumer_learns_the_slowdown_from_its_first_running_batch():
     assert Slowdown().factor(None, live=live_ratio(0.21, 0.4, 3, 8)) == pytest.approx(1.4)
     assert live_ratio(0.05, 0.4, 0, 8) is None  # before the first step: text encoding is no measure
     assert live_ratio(0.05, None, 2, 8) is None
+
+
+def test_the_slowdowns_prior_speaks_until_batches_are_timed():
+    model = Fit(a=0.2, b=0.1)
+    slow = Slowdown(keep=3)
+    slow.prior = 1.4
+    assert slow.factor(model) == pytest.approx(1.4)
+    assert slow.factor(model, live=1.0) == pytest.approx(1.4)  # three places of the prior against one running batch
+    slow.observe(1.0, 20, 0.3)  # as the model says
+    slow.observe(1.0, 20, 0.3)
+    assert slow.factor(model) == pytest.approx(1.0)  # two timed batches against one place left to the prior
+    slow.observe(1.0, 20, 0.3)
+    assert slow.factor(model, live=1.3) == pytest.approx(1.0)  # the prior is gone after `keep` batches
+
+
+def test_the_service_ratio_is_against_the_warm_ups_model_and_needs_a_few_batches():
+    ratio = ServiceRatio(Fit(a=0.2, b=0.1), least=3)
+    ratio.observe(1.0, 20, 0.42)
+    ratio.observe(1.0, 20, 0.45)
+    assert ratio.value() is None
+    ratio.observe(2.0, 20, 0.52)
+    assert ratio.value() == pytest.approx(1.4) and ratio.seen == 3
+
+
+def test_speed_memory_round_trip_and_what_it_ignores(tmp_path):
+    now = [1_000_000.0]
+    path = tmp_path / "state" / "speed.json"
+    memory = SpeedMemory(path, max_age_s=100, clock=lambda: now[0])
+    assert memory.load("m|torch") is None  # no file yet
+    memory.save("m|torch", 1.37)
+    memory.save("m|onnx", 1.1)
+    assert memory.load("m|torch") == pytest.approx(1.37) and memory.load("m|onnx") == pytest.approx(1.1)
+    assert [p.name for p in path.parent.iterdir()] == ["speed.json"]  # written by rename, nothing left behind
+    now[0] += 101
+    assert memory.load("m|torch") is None  # too old to speak for this host now
+    memory.save("m|torch", 5.0)
+    assert memory.load("m|torch") is None  # outside (1/3, 3): not a slowdown to trust
+    path.write_text("{not json")
+    assert memory.load("m|torch") is None
+    memory.save("m|torch", 1.2)  # a file that cannot be parsed is rewritten
+    assert memory.load("m|torch") == pytest.approx(1.2)
+    path.write_text(json.dumps({"m|torch": {"ratio": "fast", "at": now[0]}, "x": [1]}))
+    assert memory.load("m|torch") is None and memory.load("x") is None
+
+
+async def test_a_restarted_consumer_starts_from_the_slowdown_its_host_saw_in_service(tmp_path):
+    from PIL import Image
+
+    from consumer.gpu import GpuLoop
+    from consumer.metrics import ConsumerMetrics
+    from consumer.settings import ConsumerSettings
+
+    class Engine:
+        class backend:  # noqa: N801
+            vae_scale_factor = 8
+
+        def generate(self, spec, samples, progress=None, cancelled=None):
+            time.sleep(0.002 + 0.004 * spec.steps / 20 + 0.002 * len(samples) * spec.steps / 20)
+            return [Image.new("RGB", (spec.width, spec.height)) for _ in samples]
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": 8}))
+
+    def loop(max_batch: int = 4) -> GpuLoop:
+        settings = ConsumerSettings(_env_file=None, model=str(tmp_path), max_batch=max_batch,
+                                    speed_memory=tmp_path / "speed.json")
+        return GpuLoop(Engine(), settings, ConsumerMetrics(), outlet=None)
+
+    first = loop()
+    await first.warm_up(str(tmp_path))
+    assert first.slowdown.prior is None  # nothing saved on this host yet
+    ref = first.service_ratio.reference
+    for _ in range(10):  # in service it ran 1.5x what its warm-up predicted
+        first.service_ratio.observe(0.5, 8, 1.5 * ref.batch_s(0.5, 8))
+    first.shutdown()  # remembers
+    second = loop()
+    await second.warm_up(str(tmp_path))
+    assert second.slowdown.prior == pytest.approx(1.5)
+    assert second.factor() == pytest.approx(1.5)  # before its first batch: its ETAs are 1.5x the warm-up model's
+    second.shutdown()
+    other = loop(max_batch=8)  # another batch size: another key
+    await other.warm_up(str(tmp_path))
+    assert other.slowdown.prior is None
+    other.shutdown()
