@@ -516,6 +516,9 @@ class Session:
             text = self.consumer.log_path.read_text(errors="replace")
             block["consumer_log_warnings"] = len(re.findall(r" (?:WARNING|ERROR) ", text))
             block["consumer_redis_outages_logged"] = text.count("Redis unavailable")
+            # consumer/speed.py SpeedMemory: what the consumers before it in this run saved (None: a cold start)
+            prior = re.search(r"this host last ran ([0-9.]+)x slower", text)
+            block["speed_prior"] = float(prior.group(1)) if prior else None
         return block
 
 
@@ -649,6 +652,11 @@ async def weights(ctx: Context) -> dict:
             raise ScenarioError(f"weights: only {len(done)} succeeded in {p.weights_s:.0f}s")
         start, end = done[0][0], done[-1][0]
         lo, hi = start + 0.2 * (end - start), start + 0.8 * (end - start)
+        # Shares count only while both were backlogged: the window ends before a team's last request is served.
+        served = {t: [at for at, tm in done if tm == t] for t in WEIGHTS}
+        exhausted = [max(ats) for ats in served.values() if len(ats) >= per_team]
+        if exhausted:
+            hi = min(hi, min(exhausted) - 1e-6)
         counts = {t: sum(1 for at, tm in done if lo <= at <= hi and tm == t) for t in WEIGHTS}
         served_by_hi = {t: sum(1 for at, tm in done if at <= hi and tm == t) for t in WEIGHTS}
         backlogged = all(served_by_hi[t] < per_team for t in WEIGHTS)
