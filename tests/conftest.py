@@ -154,6 +154,18 @@ def skill_env(
         client.close()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module (`pytest.mark.usefixtures("one_torch_thread")`): on a shared 2-core machine
+    two torch threads run ~100x slower once another process takes a core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion in diffusers format (real CLIP tokenizer, SD geometry), built once."""

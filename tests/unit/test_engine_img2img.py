@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
@@ -20,14 +19,7 @@ from tests.unit.test_engine_cancel import CancelAt  # noqa: E402
 
 SPEC = BatchSpec(width=64, height=64, steps=6, strength=0.5)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two torch threads run ~100x slower once another process takes a core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

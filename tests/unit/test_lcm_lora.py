@@ -15,18 +15,9 @@ from skillgen.runtime.settings import EMBEDDED_MODEL_DIR, REPO_ROOT
 from skillgen.tools import lcm_model
 from skillgen.tools.lcm_model import LcmRecipe, boundary_scalings
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 SHIPPED_LORA = REPO_ROOT / "models" / "skill-icons-lcm" / lcm_model.WEIGHTS_NAME
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two torch threads run ~100x slower once another process takes a core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_boundary_conditions_make_the_consistency_function_the_identity_at_t0():

@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from bench import quality
 from skillgen.inference import load_engine
@@ -12,17 +11,7 @@ from skillgen.inference.engine import BatchSpec, Sample
 from skillgen.runtime.settings import EMBEDDED_MODEL_DIR
 from skillgen.tools.icons import COLORS
 
-pytestmark = pytest.mark.unit
-
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two torch threads run ~100x slower once another process takes a core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
