@@ -107,7 +107,6 @@ def write_random_lora(
     """A LoRA with random (non-zero) up weights, trained by nobody, saved the way diffusers' trainers save one."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import CLIPTextModel
 
@@ -125,7 +124,8 @@ def write_random_lora(
             for param_name, param in module.named_parameters():
                 if "lora_B" in param_name:
                     param.normal_(0, 0.05)  # peft starts B at zero, which would make the adapter a no-op
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        # peft's key names, as trainer/lora.py writes them (diffusers' conversion loses layers for some targets)
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
         configs[f"{name}_lora_adapter_metadata"] = config.to_dict()
     StableDiffusionPipeline.save_lora_weights(str(out), safe_serialization=True, **layers, **configs)
     return Path(out) / "pytorch_lora_weights.safetensors"

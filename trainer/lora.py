@@ -154,13 +154,15 @@ def add_adapters(parts: Components, recipe: LoraRecipe) -> list[torch.nn.Paramet
 
 
 def lora_state_bytes(parts: Components, recipe: LoraRecipe) -> bytes:
-    """The adapter in diffusers' LoRA format, the one `pipe.load_lora_weights` and the consumer read."""
+    """The adapter in diffusers' LoRA file format, the one `pipe.load_lora_weights` and the consumer read, with
+    peft's own key names (`lora_A`/`lora_B`). Not diffusers' `convert_state_dict_to_diffusers`: for targets such as
+    proj_in/proj_out or time_emb_proj it renames only some keys, and `load_lora_weights` then skips the attention
+    layers with a warning (56 of 117 layers of an LCM-style target list lost on the tiny model)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(model) -> dict:
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        return get_peft_model_state_dict(model, save_embedding_layers=False)
 
     unet_layers = layers(parts.unet)
     text_layers = layers(parts.text_encoder) if recipe.text_rank else None

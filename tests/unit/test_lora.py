@@ -103,6 +103,24 @@ def test_targets_and_ranks_are_configurable(tiny, tmp_path):
     assert all(2 in shape for shape in shapes.values())
 
 
+def test_every_targeted_layer_loads_when_attention_and_other_targets_are_mixed(tiny, tmp_path):
+    """diffusers' convert_state_dict_to_diffusers renamed only some keys of such a list, and load_lora_weights then
+    skipped the attention layers with a warning: the file keeps peft's key names."""
+    from peft.tuners.lora import LoraLayer
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "time_emb_proj"]
+    result = train(tiny, tmp_path, 1, LoraRecipe(unet_rank=2, unet_targets=targets, text_rank=0, batch_size=1))
+    weights = tmp_path / "mixed.safetensors"
+    weights.write_bytes(result.weights)
+    with safe_open(str(weights), "pt") as f:
+        written = {k.removeprefix("unet.").split(".lora_A.")[0] for k in f.keys() if ".lora_A." in k}
+    backend = TorchBackend(tiny, device="cpu", precision="fp32")
+    backend.load_adapter("mixed", weights)
+    loaded = {name for name, mod in backend.pipe.unet.named_modules() if isinstance(mod, LoraLayer)}
+    assert loaded == written
+    assert any(name.endswith("attn1.to_q") for name in loaded) and any("proj_in" in n for n in loaded)
+
+
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tiny, tmp_path):
     whole = train(tiny, tmp_path / "whole", 3)
     with pytest.raises(Stopped) as stopped:
