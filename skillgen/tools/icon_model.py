@@ -13,7 +13,8 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,20 @@ def train_icon_model(recipe: IconRecipe, out: Path, log: Callable[[str], None]) 
     return out
 
 
+@contextmanager
+def training_log(out: Path) -> Iterator[Callable[[str], None]]:
+    """A `log(line)` that prints above any progress bar and appends to `out/LOG_NAME` (`out` is created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOG_NAME).open("w") as log_file:
+
+        def log(line: str) -> None:
+            tqdm.write(line)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        yield log
+
+
 def add_arguments(parser) -> None:
     d = IconRecipe()
     parser.add_argument("--out", type=Path, required=True, help="directory to write the diffusers model to")
@@ -214,14 +229,7 @@ def run(args) -> int:
         }
     )
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / LOG_NAME).open("w") as log_file:
-
-        def log(line: str) -> None:
-            tqdm.write(line)
-            log_file.write(line + "\n")
-            log_file.flush()
-
+    with training_log(out) as log:
         train_icon_model(recipe, out, log)
     return 0
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
+from skillgen.tools.icon_model import training_log
 from skillgen.tools.icons import IconDataset
 from trainer.diffusion import TrainSchedule, tokenize, train
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-LOG_NAME = "training_log.txt"
 ADAPTER_NAME = "default"
 # Every linear and conv of the UNet's attention, feed-forward and ResNet blocks, as the LCM-LoRA script targets.
 LCM_TARGETS = (
@@ -251,16 +251,8 @@ def run(args) -> int:
         guidance_min=args.guidance[0], guidance_max=args.guidance[1],
         schedule=d.schedule.model_copy(update={"steps": args.steps, "lr": args.lr, "warmup_steps": warmup}),
     )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / LOG_NAME).open("w") as log_file:
-
-        def log(line: str) -> None:
-            tqdm.write(line)
-            log_file.write(line + "\n")
-            log_file.flush()
-
-        distill_lcm_lora(args.model, recipe, out, log)
+    with training_log(args.out) as log:
+        distill_lcm_lora(args.model, recipe, args.out, log)
     return 0
 
 
