@@ -106,13 +106,17 @@ async def test_a_team_past_its_fast_budget_runs_in_relax_and_events_say_so(skill
 
 async def test_queued_events_carry_a_position_and_an_eta_once_a_batch_is_timed(skill_env, tiny_model, image_policy):  # noqa: F811
     settings = consumer_settings(tiny_model, max_batch=1, max_wait_ms=0)
-    async with Kafka(settings) as kafka, running(settings, FakeEngine(delay_s=0.1), image_policy=image_policy):
+    # 0.4 s a batch: the six publishes below (tens of ms each) stay well ahead of the GPU loop draining them
+    async with Kafka(settings) as kafka, running(settings, FakeEngine(delay_s=0.4), image_policy=image_policy):
         first = await kafka.publish(req("t1", 0), partition=0)
         await kafka.wait_for(lambda k: k.final(first.request_id) is not None)
-        reqs = [await kafka.publish(req("t1", i), partition=0) for i in range(1, 7)]
+        reqs = []
+        for i in range(1, 7):  # each queued before the next is published: positions then follow publish order
+            reqs.append(r := await kafka.publish(req("t1", i), partition=0))
+            await kafka.wait_for(lambda k, rid=r.request_id: any(e.kind == EventKind.queued for e in k.of(rid)))
         await kafka.wait_for(lambda k: k.all_final([r.request_id for r in reqs]))
     queued = [next(e for e in kafka.of(r.request_id) if e.kind == EventKind.queued) for r in reqs]
-    assert [e.queue_position for e in queued][-1] >= 3  # the last waits behind several
+    assert [e.queue_position for e in queued][-1] >= 3, [(e.queue_position, e.eta_s) for e in queued]  # the last waits behind several
     etas = [e.eta_s for e in queued]
     assert all(eta is not None and eta > 0 for eta in etas)
     assert etas[-1] > etas[1]  # later in the queue, later ready
